@@ -1,0 +1,33 @@
+"""pytest setup for the benchmarks (collected only when the path is given: `pytest benchmarks/ ...`).
+
+- collects `bench_*.py` here (the repo's python_files default is test_*.py);
+- puts the repo root and this folder on sys.path (no install needed);
+- `--benchmark-disable` (CI quick mode) runs each benchmark body once; see README.md.
+"""
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for _p in (ROOT, HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and HERE in str(file_path.parent):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "table4: the Table 4 training-time harness")
+
+
+@pytest.fixture
+def quick(request):
+    """True when benchmarks are disabled (each body runs once): keep the work tiny."""
+    return bool(request.config.getoption("benchmark_disable", default=False))

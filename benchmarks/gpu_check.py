@@ -1,0 +1,522 @@
+"""One-command GPU check of the TiSSD kernels: correctness of every path/backend, then timings.
+
+    python benchmarks/gpu_check.py [--json OUT.json] [--md OUT.md] [--budget-s 420] [--skip-check] [--skip-bench]
+                                   [--skip-sweep] [--no-compile] [--no-mamba] [--dtypes fp32,bf16] [--shapes paper,...]
+
+1. Correctness: output and EVERY gradient (x, dt, A, B, C, time_scale, dt_bias, D) of each (path, backend) against the
+   float64 quadratic reference, relative-norm error ||out - ref|| / ||ref||, on awkward shapes (L not a multiple of the
+   chunk, right padding, G < H, headdim 512, both skip modes).
+2. Kernel timings: triton.testing.do_bench medians (ms) of fwd and fwd+bwd for our paths/backends, the torch eager
+   quadratic reference, torch.compile of it and mamba_chunk_scan_combined (best of chunk 32/64/128) at the
+   kernel-issue shapes, fp32 and bf16. Floor = bytes of x, B, C, dt, E read once + y written once at 3.0e12 B/s
+   (the device-to-device copy rate measured on this workplace's H100, DESIGN.md); the fwd+bwd floor additionally
+   reads x, B, C, dt, E and dy once and writes their gradients once.
+3. L sweep at a fixed token count: quadratic vs chunked, prints the crossover and a QUADRATIC_MAX_L suggestion.
+
+The module also holds the shapes and input builders that benchmarks/bench_tissd.py imports.
+No GPU: prints why and exits 0 (nothing to measure here).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for p in (ROOT, HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+COPY_BW = 3.0e12  # B/s: measured H100 device-to-device copy (bytes read + written), DESIGN.md 2026-11-22
+
+# Kernel-issue shapes (b, L, H, P, n, G).
+SHAPES = {
+    "paper": (1024, 20, 8, 64, 64, 8),       # the official MMM4Rec config (max_len 20, 8 heads of 64, d_state 64)
+    "wide-head": (2048, 50, 1, 512, 64, 1),  # one head of 512: mamba's fp32 kernels run out of shared memory
+    "L200": (256, 200, 8, 64, 64, 8),
+    "L1024": (64, 1024, 8, 64, 64, 8),
+}
+L_SWEEP = (20, 50, 100, 200, 500, 1000)
+SWEEP_TOKENS = 65536          # b = SWEEP_TOKENS // L: same bytes (same floor) at every L
+SWEEP_HEADS = (8, 64, 64, 8)  # H, P, n, G of the sweep (the paper's head layout)
+MAMBA_CHUNKS = (32, 64, 128)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def make_inputs(b, L, H, P, n, G, dtype=torch.float32, device="cpu", seed=0, requires_grad=False, lengths=False,
+                with_E=True, with_bias=True, with_D=True):
+    """Random inputs in the ranges the model produces.  x, B, C, dt, E in `dtype`; A, dt_bias, D float32.
+    Returns a dict with keys x, dt, A, B, C, E, dt_bias, D, lengths."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    x = r(b, L, H, P)
+    dt = r(b, L, H) * 0.5
+    A = -(1.0 + 15.0 * u(H))                                   # A = -exp(A_log), A_log = log U(1, 16)
+    B = r(b, L, G, n) / math.sqrt(n)
+    C = r(b, L, G, n) / math.sqrt(n)
+    E = 0.5 + u(b, L, H) if with_E else None                   # time modulation, positive
+    step = torch.exp(math.log(1e-3) + u(H) * (math.log(1e-1) - math.log(1e-3)))
+    dt_bias = step + torch.log(-torch.expm1(-step)) if with_bias else None  # inverse softplus of log-U[1e-3, 1e-1]
+    D = r(H) if with_D else None
+    lens = torch.randint(1, L + 1, (b,), generator=g) if lengths else None
+    if lens is not None:
+        lens[0] = L
+    out = {}
+    for k, v, dt_ in (("x", x, dtype), ("dt", dt, dtype), ("A", A, torch.float32), ("B", B, dtype), ("C", C, dtype),
+                      ("E", E, dtype), ("dt_bias", dt_bias, torch.float32), ("D", D, torch.float32)):
+        if v is None:
+            out[k] = None
+            continue
+        if dtype == torch.float64:
+            dt_ = torch.float64
+        t = v.to(device=device, dtype=dt_)
+        out[k] = t.requires_grad_(requires_grad)
+    out["lengths"] = None if lens is None else lens.to(device)
+    return out
+
+
+def grad_leaves(inp):
+    return [inp[k] for k in ("x", "dt", "A", "B", "C", "E", "dt_bias", "D") if inp.get(k) is not None]
+
+
+def io_bytes(inp):
+    """(fwd bytes, fwd+bwd bytes): inputs x, B, C, dt, E read once + y written once; the backward reads them and
+    dy once more and writes their gradients once."""
+    ins = sum(inp[k].numel() * inp[k].element_size() for k in ("x", "B", "C", "dt", "E") if inp.get(k) is not None)
+    y = inp["x"].numel() * inp["x"].element_size()
+    fwd = ins + y
+    return fwd, fwd + (ins + y) + ins
+
+
+def floor_ms(nbytes):
+    return nbytes / COPY_BW * 1e3
+
+
+# ---------------------------------------------------------------------------------------------------- variants
+def ours(path, backend, chunk_size=64, d_skip="delta"):
+    from mmm4rec_kernels import tissd
+
+    def f(inp):
+        return tissd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], time_scale=inp["E"], dt_bias=inp["dt_bias"],
+                     D=inp["D"], d_skip=d_skip, lengths=inp.get("lengths"), path=path, backend=backend,
+                     chunk_size=chunk_size)
+    return f
+
+
+def torch_reference(compiled=False):
+    from mmm4rec_kernels.reference import tissd_quadratic_ref
+
+    fn = tissd_quadratic_ref
+    if compiled:
+        fn = torch.compile(tissd_quadratic_ref, dynamic=False)
+
+    def f(inp):
+        return fn(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], time_scale=inp["E"], dt_bias=inp["dt_bias"],
+                  D=inp["D"], lengths=inp.get("lengths"))
+    return f
+
+
+def mamba(chunk_size):
+    """None (with the reason in .reason) when mamba_ssm is unavailable."""
+    from _rivals import load_mamba, mamba_call
+
+    fn, why = load_mamba()
+    if fn is None:
+        return None, why
+
+    def f(inp):
+        return mamba_call(fn, inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["E"], inp["dt_bias"],
+                          inp["D"], chunk_size)
+    return f, ""
+
+
+def our_variants(device):
+    """[(name, path, backend)] of our fused paths runnable on this device."""
+    out = []
+    if device.type == "cuda":
+        out += [("ours quadratic/triton", "quadratic", "triton"), ("ours chunked/triton", "chunked", "triton")]
+        try:
+            from mmm4rec_kernels.dispatch import cuda_usable
+            if cuda_usable(device):
+                out.append(("ours quadratic/cuda", "quadratic", "cuda"))
+        except Exception:  # noqa: BLE001
+            pass
+    out += [("ours quadratic/torch", "quadratic", "torch"), ("ours chunked/torch", "chunked", "torch")]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- correctness
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    den = b.norm().item()
+    return (a - b).norm().item() / (den if den > 0 else 1.0)
+
+
+CHECK_CASES = [
+    # name, (b, L, H, P, n, G), kwargs
+    ("pad-L37-G2", (3, 37, 4, 32, 16, 2), dict(lengths=True, d_skip="delta")),
+    ("paper-L20", (4, 20, 8, 64, 64, 8), dict(lengths=False, d_skip="delta")),
+    ("plain-noE", (2, 45, 4, 64, 32, 4), dict(lengths=True, d_skip="plain", with_E=False, with_bias=False)),
+    ("head512", (2, 50, 1, 512, 64, 1), dict(lengths=False, d_skip="delta")),
+    ("L130", (2, 130, 2, 64, 64, 1), dict(lengths=True, d_skip="delta")),
+]
+TOL = {torch.float32: 1e-3, torch.bfloat16: 3e-2}
+
+
+def check_one(path, backend, dtype, shape, opts, device, chunk_size=64, seed=0):
+    """Max relative error over y and every gradient; returns (worst, {name: err})."""
+    from mmm4rec_kernels import tissd
+    from mmm4rec_kernels.reference import tissd_quadratic_ref
+
+    b, L, H, P, n, G = shape
+    mk = dict(with_E=opts.get("with_E", True), with_bias=opts.get("with_bias", True), lengths=opts["lengths"])
+    inp = make_inputs(b, L, H, P, n, G, dtype=dtype, device=device, seed=seed, requires_grad=True, **mk)
+    ref_in = {k: (None if v is None else (v.detach().double().requires_grad_(True) if v.is_floating_point() else v))
+              for k, v in inp.items()}
+    dy = torch.randn(b, L, H, P, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+
+    y = tissd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], time_scale=inp["E"], dt_bias=inp["dt_bias"],
+              D=inp["D"], d_skip=opts["d_skip"], lengths=inp["lengths"], path=path, backend=backend,
+              chunk_size=chunk_size)
+    yr = tissd_quadratic_ref(ref_in["x"], ref_in["dt"], ref_in["A"], ref_in["B"], ref_in["C"],
+                             time_scale=ref_in["E"], dt_bias=ref_in["dt_bias"], D=ref_in["D"], d_skip=opts["d_skip"],
+                             lengths=ref_in["lengths"])
+    names = [k for k in ("x", "dt", "A", "B", "C", "E", "dt_bias", "D") if inp[k] is not None]
+    g = torch.autograd.grad(y, [inp[k] for k in names], dy.to(y.dtype))
+    gr = torch.autograd.grad(yr, [ref_in[k] for k in names], dy.double())
+    errs = {"y": rel_err(y, yr)}
+    errs.update({f"d{k}": rel_err(a, r) for k, a, r in zip(names, g, gr)})
+    worst = max((e if not math.isnan(e) else float("inf")) for e in errs.values())
+    return worst, errs
+
+
+def run_checks(device, dtypes, log):
+    rows, ok = [], True
+    combos = [(p, bk) for _, p, bk in our_variants(device)] + [("auto", "auto"), ("reference", "torch")]
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for path, backend in combos:
+            for cname, shape, opts in CHECK_CASES:
+                if path == "reference" and shape[1] > 64:
+                    continue  # the naive loop is slow and not what we ship; its math is the reference's
+                chunks = (16, 64) if path == "chunked" else (64,)
+                for q in chunks:
+                    label = f"{path}/{backend}" + (f" Q{q}" if path == "chunked" else "")
+                    try:
+                        worst, errs = check_one(path, backend, dtype, shape, opts, device, chunk_size=q)
+                        passed = worst <= TOL[dtype]
+                        detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+                    except Exception as e:  # noqa: BLE001
+                        worst, passed, detail = float("nan"), False, f"{type(e).__name__}: {str(e)[:160]}"
+                    ok &= passed
+                    rows.append(dict(dtype=dname, variant=label, case=cname, worst=worst, passed=passed,
+                                     detail=detail))
+                    log(f"  [{'PASS' if passed else 'FAIL'}] {dname} {label:28s} {cname:12s} worst {worst:.2e}  "
+                        f"{detail}")
+    return ok, rows
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+def do_bench_ms(fn, warmup=25, rep=100):
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def time_variant(f, inp, dy, warmup=25, rep=100):
+    """(fwd ms, fwd+bwd ms); each can be a string saying why it failed."""
+    leaves = grad_leaves(inp)
+
+    def fwd():
+        with torch.no_grad():
+            f(inp)
+
+    def fwd_bwd():
+        y = f(inp)
+        torch.autograd.grad(y, leaves, dy)
+
+    res = []
+    for fn in (fwd, fwd_bwd):
+        try:
+            fn()  # compile / autotune outside the timing
+            torch.cuda.synchronize()
+            res.append(do_bench_ms(fn, warmup, rep))
+        except Exception as e:  # noqa: BLE001
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+            res.append("FAIL " + msg)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+    return tuple(res)
+
+
+def bench_shape(name, shape, dtype_name, device, args, deadline, log):
+    b, L, H, P, n, G = shape
+    dtype = DTYPES[dtype_name]
+    inp = make_inputs(b, L, H, P, n, G, dtype=dtype, device=device, requires_grad=True)
+    dy = torch.randn(b, L, H, P, device=device, dtype=dtype)
+    fb, fbb = io_bytes(inp)
+    rec = dict(shape=name, dims=shape, dtype=dtype_name, fwd_bytes=fb, fwdbwd_bytes=fbb,
+               floor_fwd_ms=floor_ms(fb), floor_fwdbwd_ms=floor_ms(fbb), results={})
+    variants = [(nm, ours(p, bk)) for nm, p, bk in our_variants(device) if not (bk == "torch" and p == "quadratic")]
+    variants.append(("torch eager (reference)", torch_reference(False)))
+    if not args.no_compile:
+        variants.append(("torch.compile(reference)", torch_reference(True)))
+    for nm, f in variants:
+        if time.time() > deadline:
+            rec["results"][nm] = ("skipped: budget", "skipped: budget")
+            continue
+        rec["results"][nm] = time_variant(f, inp, dy, args.warmup, args.rep)
+        log(f"    {name} {dtype_name} {nm:26s} fwd {fmt(rec['results'][nm][0])} fwd+bwd {fmt(rec['results'][nm][1])}")
+    if not args.no_mamba:
+        best = {}
+        for q in MAMBA_CHUNKS:
+            if time.time() > deadline:
+                break
+            f, why = mamba(q)
+            if f is None:
+                rec["results"]["mamba (best chunk)"] = (f"n/a: {why}", f"n/a: {why}")
+                break
+            r = time_variant(f, inp, dy, args.warmup, args.rep)
+            rec["results"][f"mamba Q{q}"] = r
+            log(f"    {name} {dtype_name} mamba Q{q:<20d} fwd {fmt(r[0])} fwd+bwd {fmt(r[1])}")
+            for i in (0, 1):
+                if isinstance(r[i], float) and (i not in best or r[i] < best[i][0]):
+                    best[i] = (r[i], q)
+        if best:
+            rec["results"]["mamba (best chunk)"] = tuple(best[i][0] if i in best else "FAIL" for i in (0, 1))
+            rec["mamba_best_chunk"] = {("fwd", "fwd+bwd")[i]: best[i][1] for i in best}
+    del inp, dy
+    torch.cuda.empty_cache()
+    return rec
+
+
+def fmt(v, width=8):
+    if isinstance(v, float):
+        return f"{v:{width}.3f}"
+    return str(v)[:40]
+
+
+def best_of(results, prefix, i):
+    vals = [r[i] for k, r in results.items() if k.startswith(prefix) and isinstance(r[i], float)]
+    return min(vals) if vals else None
+
+
+def kernel_tables(recs):
+    lines = ["| shape (b,L,H,P,n,G) | dtype | variant | fwd ms | fwd+bwd ms | fwd GB/s | fwd x floor | "
+             "fwd+bwd x floor |", "|---|---|---|---|---|---|---|---|"]
+    for rec in recs:
+        for nm, (f, fb) in rec["results"].items():
+            gbs = f"{rec['fwd_bytes'] / (f * 1e-3) / 1e9:.0f}" if isinstance(f, float) else "-"
+            xf = f"{f / rec['floor_fwd_ms']:.1f}" if isinstance(f, float) else "-"
+            xfb = f"{fb / rec['floor_fwdbwd_ms']:.1f}" if isinstance(fb, float) else "-"
+            lines.append(f"| {rec['shape']} {tuple(rec['dims'])} | {rec['dtype']} | {nm} | {fmt(f).strip()} | "
+                         f"{fmt(fb).strip()} | {gbs} | {xf} | {xfb} |")
+    summary = ["| shape | dtype | floor fwd / fwd+bwd ms | ours best | torch eager | torch.compile | mamba best | "
+               "ours x floor (fwd) | speedup vs eager / compile / mamba (fwd+bwd) |", "|---|---|---|---|---|---|---|---|---|"]
+    for rec in recs:
+        R = rec["results"]
+        o = [best_of(R, "ours", i) for i in (0, 1)]
+        e = [R.get("torch eager (reference)", ("-", "-"))[i] for i in (0, 1)]
+        c = [R.get("torch.compile(reference)", ("-", "-"))[i] for i in (0, 1)]
+        m = [R.get("mamba (best chunk)", ("-", "-"))[i] for i in (0, 1)]
+        pair = lambda v: f"{fmt(v[0]).strip()} / {fmt(v[1]).strip()}"  # noqa: E731
+        sp = lambda other: (f"{other[1] / o[1]:.2f}" if isinstance(other[1], float) and o[1] else "-")  # noqa: E731
+        xf = f"{o[0] / rec['floor_fwd_ms']:.1f}" if o[0] else "-"
+        summary.append(f"| {rec['shape']} | {rec['dtype']} | {rec['floor_fwd_ms']:.3f} / {rec['floor_fwdbwd_ms']:.3f}"
+                       f" | {pair([v if v is not None else '-' for v in o])} | {pair(e)} | {pair(c)} | {pair(m)} | "
+                       f"{xf} | {sp(e)} / {sp(c)} / {sp(m)} |")
+    return lines, summary
+
+
+# ------------------------------------------------------------------------------------------------------- sweep
+def run_sweep(device, dtypes, args, deadline, log):
+    H, P, n, G = SWEEP_HEADS
+    recs = []
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for L in L_SWEEP:
+            b = max(1, SWEEP_TOKENS // L)
+            inp = make_inputs(b, L, H, P, n, G, dtype=dtype, device=device, requires_grad=True)
+            dy = torch.randn(b, L, H, P, device=device, dtype=dtype)
+            rec = dict(L=L, b=b, dtype=dname, floor_fwd_ms=floor_ms(io_bytes(inp)[0]), results={})
+            for nm, p, bk in our_variants(device):
+                if bk == "torch":
+                    continue
+                if time.time() > deadline:
+                    rec["results"][nm] = ("skipped: budget", "skipped: budget")
+                    continue
+                rec["results"][nm] = time_variant(ours(p, bk), inp, dy, args.warmup, args.rep)
+                log(f"    sweep {dname} L={L:5d} b={b:5d} {nm:24s} fwd {fmt(rec['results'][nm][0])} "
+                    f"fwd+bwd {fmt(rec['results'][nm][1])}")
+            recs.append(rec)
+            del inp, dy
+            torch.cuda.empty_cache()
+    return recs
+
+
+def crossover(recs, dname, i):
+    """Largest sweep L where the best quadratic beats the best chunked (None if never), and the first L where
+    chunked wins."""
+    last_q, first_c = None, None
+    for rec in recs:
+        if rec["dtype"] != dname:
+            continue
+        q = best_of(rec["results"], "ours quadratic", i)
+        c = best_of(rec["results"], "ours chunked", i)
+        if q is not None and (c is None or q <= c):
+            last_q = rec["L"]
+        elif c is not None and first_c is None:
+            first_c = rec["L"]
+    return last_q, first_c
+
+
+def sweep_table(recs):
+    lines = ["| dtype | L | b | floor fwd ms | quadratic best fwd / fwd+bwd | chunked best fwd / fwd+bwd | faster "
+             "(fwd+bwd) |", "|---|---|---|---|---|---|---|"]
+    for rec in recs:
+        q = [best_of(rec["results"], "ours quadratic", i) for i in (0, 1)]
+        c = [best_of(rec["results"], "ours chunked", i) for i in (0, 1)]
+        f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        win = "-" if q[1] is None and c[1] is None else (
+            "quadratic" if c[1] is None or (q[1] is not None and q[1] <= c[1]) else "chunked")
+        lines.append(f"| {rec['dtype']} | {rec['L']} | {rec['b']} | {rec['floor_fwd_ms']:.3f} | {f(q[0])} / {f(q[1])}"
+                     f" | {f(c[0])} / {f(c[1])} | {win} |")
+    return lines
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def device_info():
+    info = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, python=platform.python_version())
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        info["triton"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=torch.cuda.get_device_name(0), sms=p.multi_processor_count,
+                    mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="save all results as JSON here")
+    ap.add_argument("--md", help="save the markdown tables here")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop timing new variants after this many seconds")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the reference")
+    ap.add_argument("--no-mamba", action="store_true")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {list(SHAPES)}")
+    ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    deadline = t0 + args.budget_s
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    info = device_info()
+    log(f"# gpu_check {info}")
+    if not torch.cuda.is_available():
+        log("no CUDA device: nothing to check or time here (run `bash benchmarks/run_gpu.sh` on a lent GPU)")
+        return 0
+    device = torch.device("cuda")
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    out = dict(info=info, copy_bw=COPY_BW, checks=None, kernels=[], sweep=[])
+    ok = True
+    try:
+        from mmm4rec_kernels import explain  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        log(f"cannot import mmm4rec_kernels: {e}")
+        return 2
+    from _rivals import load_mamba
+    mfn, why = load_mamba()
+    log(f"mamba_chunk_scan_combined: {'available' if mfn else 'unavailable: ' + why}")
+    log(f"our variants on this device: {[v[0] for v in our_variants(device)]}")
+
+    if not args.skip_check:
+        log("\n## 1. correctness vs float64 reference (relative norm error, y and all grads)")
+        ok, rows = run_checks(device, dtypes, log)
+        out["checks"] = rows
+        log(f"correctness: {'ALL PASS' if ok else 'FAILURES: ' + str(sum(not r['passed'] for r in rows))} "
+            f"({len(rows)} cases, {time.time() - t0:.0f} s)")
+
+    md = []
+    if not args.skip_bench:
+        log("\n## 2. kernel timings (do_bench median ms)")
+        for name in [s for s in args.shapes.split(",") if s]:
+            for dname in dtypes:
+                if time.time() > deadline:
+                    log(f"  budget reached, skipping {name} {dname}")
+                    continue
+                try:
+                    out["kernels"].append(bench_shape(name, SHAPES[name], dname, device, args, deadline, log))
+                except Exception as e:  # noqa: BLE001
+                    log(f"  {name} {dname} failed: {type(e).__name__}: {e}")
+                    traceback.print_exc()
+                    torch.cuda.empty_cache()
+    if not args.skip_sweep:
+        log("\n## 3. L sweep (quadratic vs chunked)")
+        sweep_deadline = max(deadline, time.time() + 60)
+        out["sweep"] = run_sweep(device, dtypes, args, sweep_deadline, log)
+
+    # ------- tables last (the device tool returns the tail of the output)
+    hdr = (f"\n# TiSSD kernels on {info.get('device')} ({info['date']}, torch {info['torch']}, triton "
+           f"{info['triton']}); do_bench median ms; floor = bytes(x,B,C,dt,E read + y write) / {COPY_BW:.1e} B/s "
+           f"(H100 d2d copy); fwd+bwd floor adds dy + inputs read and grads written once; mamba gets dt*E "
+           f"(time scale folded into dt), D*x skip")
+    md.append(hdr)
+    if out["kernels"]:
+        full, summary = kernel_tables(out["kernels"])
+        md += ["\n## all variants"] + full + ["\n## summary"] + summary
+    if out["sweep"]:
+        md += [f"\n## L sweep (b = {SWEEP_TOKENS} // L, H,P,n,G = {SWEEP_HEADS})"] + sweep_table(out["sweep"])
+        for dname in dtypes:
+            for i, what in ((1, "fwd+bwd"), (0, "fwd")):
+                last_q, first_c = crossover(out["sweep"], dname, i)
+                out.setdefault("crossover", {})[f"{dname} {what}"] = dict(last_quadratic_L=last_q,
+                                                                          first_chunked_L=first_c)
+                md.append(f"- crossover {dname} {what}: quadratic wins up to L={last_q}, chunked first wins at "
+                          f"L={first_c}")
+        lq, fc = crossover(out["sweep"], "fp32" if "fp32" in dtypes else dtypes[0], 1)
+        if lq is not None:
+            sugg = lq if fc is None else int(round(math.sqrt(lq * fc)))
+            md.append(f"- suggestion: QUADRATIC_MAX_L = {sugg} (export MMM4REC_QUADRATIC_MAX_L={sugg}; "
+                      f"mmm4rec_kernels/dispatch.py), from the fwd+bwd crossover between L={lq} and L={fc}")
+            out["suggested_quadratic_max_l"] = sugg
+    if out["checks"] is not None:
+        md.append(f"\ncorrectness: {'ALL PASS' if ok else 'FAILURES'} "
+                  f"({sum(r['passed'] for r in out['checks'])}/{len(out['checks'])} cases)")
+        md += [f"- FAIL {r['dtype']} {r['variant']} {r['case']}: {r['detail']}" for r in out["checks"]
+               if not r["passed"]][:20]
+    md.append(f"total {time.time() - t0:.0f} s")
+    text = "\n".join(md)
+    print(text, flush=True)
+    if args.md:
+        with open(args.md, "w") as fh:
+            fh.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=str)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""MMM4Rec: multi-modal sequential recommender with time-aware SSDs (arXiv 2506.02916), a thin model layer.
+
+Data flow for a batch of right-padded histories (b, L <= max_len; inside, everything is padded to max_len):
+    items [b, L] -> text / image embeddings [b, L, N] (frozen features -> adapters (+ id bias) -> Dropout -> LN)
+    times [b, L] -> D [b, H, L]                                      (TimeEncoder)
+    per layer, per stream s in (text, image): h_s, D_s = StreamLayer_s(TiSSD, h_s, D_s)   (TiSSD weights shared)
+    Dco = FourierFilter(D_image, D_text)
+    M = TiCoSSD(h_text, h_image, Dco);  Y = FFN(LN(Dropout(M) + h_image + h_text));  user = Y[len - 1]
+    scores = (user . normalize(text_item) + user . normalize(image_item)) / temperature
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MMM4RecConfig
+from .layers import FeedForward, FourierFilter, StreamLayer, TiCoSSD, TimeEncoder, TiSSD
+
+class ModalityEmbedding(nn.Module):
+    """Frozen item features -> adapter output space [.., N], plus an optional per-item bias table.
+
+    feats [I+1, F] frozen buffer (row 0 = padding) or None (modality absent); mask [I+1] bool (True = has features).
+    Items without features (mask False, or every item when feats is None) get the learned `missing` vector instead of
+    adapter(feats)."""
+
+    def __init__(self, feats, mask, num_rows: int, hidden: int, with_id: bool):
+        super().__init__()
+        self.num_rows = num_rows
+        if feats is not None:
+            feats = torch.as_tensor(feats, dtype=torch.float32)
+            if feats.dim() != 2 or feats.shape[0] != num_rows:
+                raise ValueError(f"features must be [num_items+1={num_rows}, F], got {tuple(feats.shape)}")
+            mask = torch.ones(num_rows, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+            if mask.shape != (num_rows,):
+                raise ValueError(f"feature mask must be [num_items+1={num_rows}], got {tuple(mask.shape)}")
+            self.adapter = nn.Linear(feats.shape[1], hidden)
+        else:
+            mask, self.adapter = None, None
+        # Features are part of the dataset, not of the checkpoint: non-persistent buffers.
+        self.register_buffer("feats", feats, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+        self.missing = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.id_bias = nn.Embedding(num_rows, hidden) if with_id else None
+        if self.id_bias is not None:
+            nn.init.zeros_(self.id_bias.weight)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """items [...] long -> [..., N]."""
+        if self.feats is None:
+            e = self.missing.expand(*items.shape, -1)
+        else:
+            e = torch.where(self.mask[items][..., None], self.adapter(self.feats[items]), self.missing)
+        if self.id_bias is not None:
+            e = e + self.id_bias(items)
+        return e
+
+    def table(self) -> torch.Tensor:
+        """All items [I+1, N] (unnormalised)."""
+        return self(torch.arange(self.num_rows, device=self.missing.device))
+
+
+class MMM4Rec(nn.Module):
+    """MMM4Rec sequential recommender over frozen text / image item features.
+
+    Args:
+        config: MMM4RecConfig.
+        num_items: I; item ids are 1..I, id 0 is padding.
+        text_feats: [I+1, Ft] float tensor, row 0 = padding item.
+        image_feats: [I+1, Fv] float tensor or None (no image modality at all).
+        image_mask: [I+1] bool, True = item has an image; None = every row of image_feats is valid.
+
+    Missing images: items whose image_mask is False, and every item when image_feats is None, use a learned
+    "missing image" vector (a parameter in the adapter output space, shape [hidden]) in place of adapter(image_feat),
+    both in the input sequence and in the item table used for scoring (plus the item's id bias when with_id).
+
+    Features are frozen non-persistent buffers (not parameters, not in state_dict).  The TiSSD of each layer is ONE
+    module applied to both streams (share_tissd=False: one per stream, an ablation); LayerNorms / FFNs are per stream.
+    Every SSD / gated-RMSNorm call goes through mmm4rec_kernels with backend=config.backend, path=config.path.
+    """
+
+    def __init__(self, config: MMM4RecConfig, num_items: int, text_feats, image_feats=None, image_mask=None):
+        super().__init__()
+        c = self.config = config
+        self.num_items = int(num_items)
+        rows = self.num_items + 1
+        if text_feats is None:
+            raise ValueError("text_feats is required")
+        if image_feats is None and image_mask is not None:
+            raise ValueError("image_mask given without image_feats")
+        self.text_emb = ModalityEmbedding(text_feats, None, rows, c.hidden_size, c.with_id)
+        self.image_emb = ModalityEmbedding(image_feats, image_mask, rows, c.hidden_size, c.with_id)
+        self.emb_dropout = nn.Dropout(c.dropout)
+        self.text_in_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.image_in_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+        self.time_encoder = TimeEncoder(c.max_len, c.nheads, c.time_dropout) if c.use_time else None
+        self.tissd = nn.ModuleList(TiSSD(c) for _ in range(c.n_layers))
+        self.tissd_image = None if c.share_tissd else nn.ModuleList(TiSSD(c) for _ in range(c.n_layers))
+        self.text_layers = nn.ModuleList(StreamLayer(c) for _ in range(c.n_layers))
+        self.image_layers = nn.ModuleList(StreamLayer(c) for _ in range(c.n_layers))
+
+        self.fourier = FourierFilter(c.max_len, c.adaptive_filter, c.learnable_filter) if c.use_time else None
+        self.ticossd = TiCoSSD(c)
+        self.co_dropout = nn.Dropout(c.dropout)
+        self.co_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.co_ffn = FeedForward(c.hidden_size, c.ffn_inner, c.dropout, c.layer_norm_eps)
+
+    # ----------------------------------------------------------------------------------------------- encoding
+    def _pad(self, item_seq, time_seq, lengths):
+        """Validate and right-pad to max_len.  Returns item_seq [b, Lm] (0 on padding), time_seq [b, Lm], lengths
+        [b] long, mask [b, Lm]."""
+        Lm = self.config.max_len
+        if item_seq.dim() != 2 or time_seq.shape != item_seq.shape:
+            raise ValueError(f"item_seq and time_seq must both be [b, L], got {tuple(item_seq.shape)} and "
+                             f"{tuple(time_seq.shape)}")
+        b, L = item_seq.shape
+        if L > Lm:
+            raise ValueError(f"sequence length {L} exceeds config.max_len={Lm}; truncate to the last {Lm} items")
+        lengths = lengths.to(device=item_seq.device, dtype=torch.long)
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths must be [b={b}], got {tuple(lengths.shape)}")
+        if bool(((lengths < 1) | (lengths > L)).any()):
+            raise ValueError(f"lengths must lie in [1, {L}]")
+        if L < Lm:
+            item_seq = F.pad(item_seq, (0, Lm - L))
+            time_seq = F.pad(time_seq, (0, Lm - L))
+        mask = torch.arange(Lm, device=item_seq.device)[None, :] < lengths[:, None]
+        return item_seq * mask, time_seq, lengths, mask
+
+    def encode(self, item_seq: torch.Tensor, time_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """User representations.
+
+        item_seq [b, L] long (right padded, 0 = padding), time_seq [b, L] unix seconds of the HISTORY items,
+        lengths [b] long in [1, L] -> user [b, N], the output at position lengths-1.  Padded positions (items and
+        timestamps) have no influence; L < max_len is padded to max_len, L > max_len raises ValueError."""
+        items, times, lengths, mask = self._pad(item_seq, time_seq, lengths)
+        ht = self.text_in_norm(self.emb_dropout(self.text_emb(items)))
+        hv = self.image_in_norm(self.emb_dropout(self.image_emb(items)))
+        Dt = Dv = self.time_encoder(times, mask) if self.time_encoder is not None else None
+        image_tissd = self.tissd if self.tissd_image is None else self.tissd_image
+        for i in range(self.config.n_layers):
+            ht, Dt = self.text_layers[i](self.tissd[i], ht, Dt, mask, lengths)
+            hv, Dv = self.image_layers[i](image_tissd[i], hv, Dv, mask, lengths)
+        Dco = self.fourier(Dv, Dt, mask) if self.fourier is not None else None
+        M = self.ticossd(ht, hv, Dco, mask, lengths)
+        Y = self.co_ffn(self.co_norm(self.co_dropout(M) + hv + ht))
+        return Y[torch.arange(Y.shape[0], device=Y.device), lengths - 1]
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def item_embeddings(self):
+        """(text_items [I+1, N], image_items [I+1, N]), each row L2-normalised."""
+        return F.normalize(self.text_emb.table(), dim=-1), F.normalize(self.image_emb.table(), dim=-1)
+
+    def full_scores(self, user: torch.Tensor) -> torch.Tensor:
+        """user [b, N] -> scores [b, I+1] = (u . text_i + u . image_i) / temperature; column 0 (padding) = -inf."""
+        text_items, image_items = self.item_embeddings()
+        scores = user @ (text_items + image_items).T / self.config.temperature
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def loss(self, item_seq, time_seq, lengths, target, mode: str = "full") -> torch.Tensor:
+        """Cross-entropy of the next item.  target [b] long in [1, I].
+
+        mode "full": softmax over all items.  mode "inbatch": logits against the batch's target items only (labels
+        arange(b)); a column holding the same item as the row's own target is masked (not a false negative)."""
+        user = self.encode(item_seq, time_seq, lengths)
+        target = target.to(device=user.device, dtype=torch.long)
+        if mode == "full":
+            return F.cross_entropy(self.full_scores(user), target)
+        if mode == "inbatch":
+            text_t = F.normalize(self.text_emb(target), dim=-1)
+            image_t = F.normalize(self.image_emb(target), dim=-1)
+            logits = user @ (text_t + image_t).T / self.config.temperature        # [b, b]
+            same = target[:, None] == target[None, :]
+            duplicate = same & ~torch.eye(len(target), dtype=torch.bool, device=user.device)
+            logits = logits.masked_fill(duplicate, float("-inf"))
+            return F.cross_entropy(logits, torch.arange(len(target), device=user.device))
+        raise ValueError(f"mode must be 'full' or 'inbatch', got {mode!r}")
+
+    # ----------------------------------------------------------------------------------------------- transfer
+    @staticmethod
+    def _item_specific(key: str) -> bool:
+        return key.split(".")[-2:-1] == ["id_bias"] or key.split(".")[-1] in ("feats", "mask")
+
+    def state_dict_for_transfer(self) -> dict:
+        """state_dict without item-specific tensors (id bias tables; feature buffers are never in state_dict)."""
+        return {k: v for k, v in self.state_dict().items() if not self._item_specific(k)}
+
+    def load_transfer(self, state: dict):
+        """Load a (pre-trained) state into this model for a new item catalogue.  Item-specific entries in `state`
+        are dropped; this model keeps its own features and id tables.  Returns (missing, unexpected) key lists
+        (missing excludes this model's own item-specific keys)."""
+        kept = {k: v for k, v in state.items() if not self._item_specific(k)}
+        result = self.load_state_dict(kept, strict=False)
+        missing = [k for k in result.missing_keys if not self._item_specific(k)]
+        return missing, list(result.unexpected_keys)

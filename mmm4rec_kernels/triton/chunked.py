@@ -1,0 +1,516 @@
+"""Triton chunked path of the time-aware SSD (TiSSD): O(T (Q + n) P) work, for long sequences.
+
+Token layout and math: see ../CONTRACT.md.  Per sequence and head (Delta, a, cs as in the contract, cs restarted at
+every chunk of Q steps, h the [P, n] state entering the chunk):
+
+    y_i   = sum_{j<=i in chunk} (C_i . B_j) exp(min(cs_i - cs_j, 0)) Delta_j x_j + exp(cs_i) C_i . h[p, :] + skip
+    h_out = exp(cs_L) h + sum_j exp(min(cs_L - cs_j, 0)) Delta_j x_j B_j^T          (L = last step of the chunk)
+
+Kernels (one program per (sequence, head, block of BLOCK_P state rows); rows p of the state are independent, so
+P-blocks never talk to each other; the program walks the chunks of its sequence in order, state in registers):
+    _fwd_kernel     discretization + quadratic form inside the chunk (tl.dot) + state passing; writes y (+ h_T).
+    _bwd_kernel     pass 1 walks forward and stores the chunk-start states (scratch, fp32), pass 2 walks backward
+                    carrying dh [BLOCK_P, n]; writes dx, per-P-block partial dDelta / dB / dC and dA / dD sums.
+    _bwd_dt_kernel  sums the dDelta partials, applies d softplus, writes ddt, dE and per-(sequence, head) ddt_bias.
+Partial buffers are reduced with torch sums (deterministic, no atomics).
+
+Numerics: the chunk cumsum is taken in float64 and kept as an unevaluated pair hi + lo of float32, so that
+cs_i - cs_j = (hi_i - hi_j) + (lo_i - lo_j) stays exact after huge steps (E ~ 1e4 gives |cs| ~ 1e5, where a plain
+float32 difference would lose ~1e-3 absolute); decays of pairs are exp of clamped differences, never
+exp(cs_i) exp(-cs_j).  Everything accumulates in float32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["tissd_chunked_fwd", "tissd_chunked_bwd"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# dot operand types: 0 = float32 (input_precision PRECISION), 1 = bfloat16, 2 = float16 (fp32 accumulation)
+_DOT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _configs():
+    if _INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared jit helpers
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """a [M, K] @ b [K, N] -> fp32 [M, N]; operands rounded to the input dtype for 16-bit inputs."""
+    if DOT == 1:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DOT == 2:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+
+
+@triton.jit
+def _softplus(v):
+    """log(1 + exp(v)) (v > 20 -> v), with an accurate log1p: log1p(e) = log(1+e) * e / ((1+e) - 1)."""
+    e = tl.exp(-tl.abs(v))
+    w = 1.0 + e
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_e)
+
+
+@triton.jit
+def _load_v(dt_ptr, E_ptr, bias_ptr, tok, h, H, ok, HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """v_t = dt_t * E_t + dt_bias for tokens tok [Q] (int64) of head h; returns (v, dt, E), 0 where not ok."""
+    dt = tl.load(dt_ptr + tok * H + h, mask=ok, other=0.0).to(tl.float32)
+    if HAS_E:
+        E = tl.load(E_ptr + tok * H + h, mask=ok, other=0.0).to(tl.float32)
+    else:
+        E = tl.full(dt.shape, 1.0, tl.float32)
+    v = dt * E
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + h).to(tl.float32)
+    return v, dt, E
+
+
+@triton.jit
+def _delta(v, ok, DT_SOFTPLUS: tl.constexpr):
+    """Delta = softplus(v) (or v), forced to 0 on padding steps (they neither decay nor write)."""
+    if DT_SOFTPLUS:
+        d = _softplus(v)
+    else:
+        d = v
+    return tl.where(ok, d, 0.0)
+
+
+@triton.jit
+def _chunk_cumsum(a, Q: tl.constexpr):
+    """a [Q] fp32 -> (hi, lo, hi_L, lo_L): inclusive cumsum cs = hi + lo (float64 scan split into two float32),
+    and its last element cs_L = hi_L + lo_L."""
+    cs = tl.cumsum(a.to(tl.float64), axis=0)
+    hi = cs.to(tl.float32)
+    lo = (cs - hi.to(tl.float64)).to(tl.float32)
+    last = tl.arange(0, Q) == Q - 1
+    hi_L = tl.sum(tl.where(last, hi, 0.0), axis=0)
+    lo_L = tl.sum(tl.where(last, lo, 0.0), axis=0)
+    return hi, lo, hi_L, lo_L
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs(), key=["H", "G", "P", "N", "Q", "BLOCK_P", "BLOCK_N", "DOT"])
+@triton.jit
+def _fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, D_ptr, start_ptr, len_ptr, h0_ptr, y_ptr, hT_ptr,
+    H, G, P, N, n_pb,
+    HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
+    STORE_FINAL: tl.constexpr, D_SKIP_DELTA: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # program -> (sequence, head, P-block); P-block fastest so neighbours share B, C, dt in L2
+    pid = tl.program_id(0)
+    pb = pid % n_pb
+    h = (pid // n_pb) % H
+    seq = (pid // (n_pb * H)).to(tl.int64)
+    g = h // (H // G)
+    start = tl.load(start_ptr + seq).to(tl.int64)
+    length = tl.load(len_ptr + seq).to(tl.int32)
+    A = tl.load(A_ptr + h).to(tl.float32)
+
+    rq = tl.arange(0, Q)
+    rp = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    rn = tl.arange(0, BLOCK_N)
+    p_ok = rp < P
+    n_ok = rn < N
+    causal = rq[:, None] >= rq[None, :]
+    # state, transposed: hT [BLOCK_N, BLOCK_P], hT[k, p] = h[p, k]; stored as [nseq, H, P, N]
+    s_off = (seq * H + h) * P * N
+    s_ptrs = s_off + rp[None, :] * N + rn[:, None]
+    s_mask = n_ok[:, None] & p_ok[None, :]
+    if HAS_H0:
+        hT = tl.load(h0_ptr + s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
+    else:
+        hT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    if HAS_D:
+        Dh = tl.load(D_ptr + h).to(tl.float32)
+
+    for c in range(0, tl.cdiv(length, Q)):
+        t = c * Q + rq
+        ok = t < length
+        tok = start + t                                                            # [Q] int64
+        v, dt, E = _load_v(dt_ptr, E_ptr, bias_ptr, tok, h, H, ok, HAS_E, HAS_BIAS)
+        delta = _delta(v, ok, DT_SOFTPLUS)                                         # [Q]
+        hi, lo, hi_L, lo_L = _chunk_cumsum(A * delta, Q)
+
+        x_ptrs = tok[:, None] * (H * P) + h * P + rp[None, :]
+        xp_ok = ok[:, None] & p_ok[None, :]
+        x = tl.load(x_ptr + x_ptrs, mask=xp_ok, other=0.0).to(tl.float32)          # [Q, BP]
+        bc_ptrs = tok[:, None] * (G * N) + g * N + rn[None, :]
+        bn_ok = ok[:, None] & n_ok[None, :]
+        Bm = tl.load(B_ptr + bc_ptrs, mask=bn_ok, other=0.0)                        # [Q, BN]
+        Cm = tl.load(C_ptr + bc_ptrs, mask=bn_ok, other=0.0)                        # [Q, BN]
+
+        # decay M_ij = exp(min(cs_i - cs_j, 0)) for j <= i
+        diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
+        M = tl.where(causal, tl.exp(tl.minimum(diff, 0.0)), 0.0)                  # [Q, Q]
+        CB = _dot(Cm, tl.trans(Bm), DOT, PRECISION)                                # [Q, Q]  C_i . B_j
+        u = x * delta[:, None]                                                     # [Q, BP] Delta_j x_j
+        y = _dot(CB * M, u, DOT, PRECISION)
+        y += tl.exp(hi + lo)[:, None] * _dot(Cm, hT, DOT, PRECISION)               # exp(cs_i) C_i . h[p, :]
+        if HAS_D:
+            if D_SKIP_DELTA:
+                y += (Dh * delta)[:, None] * x
+            else:
+                y += Dh * x
+        tl.store(y_ptr + x_ptrs, y.to(y_ptr.dtype.element_ty), mask=xp_ok)
+
+        # h <- exp(cs_L) h + sum_j exp(min(cs_L - cs_j, 0)) u_j B_j^T   (as hT += B_w^T [BN, Q] @ u [Q, BP])
+        w = tl.exp(tl.minimum((hi_L - hi) + (lo_L - lo), 0.0))                     # [Q]
+        hT = tl.exp(hi_L + lo_L) * hT + _dot(tl.trans(Bm.to(tl.float32) * w[:, None]), u, DOT, PRECISION)
+
+    if STORE_FINAL:
+        tl.store(hT_ptr + s_ptrs, hT, mask=s_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs(), key=["H", "G", "P", "N", "Q", "BLOCK_P", "BLOCK_N", "DOT"])
+@triton.jit
+def _bwd_kernel(
+    dy_ptr, dhT_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, D_ptr, start_ptr, len_ptr, h0_ptr,
+    states_ptr, dx_ptr, ddelta_ptr, dB_ptr, dC_ptr, dh0_ptr, dA_ptr, dD_ptr,
+    T, H, G, P, N, n_pb, n_chunks,
+    HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, D_SKIP_DELTA: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Outputs (fp32 unless said): dx [T, H, P] (x dtype); ddelta [n_pb, T, H] partial dDelta per P-block;
+    dB, dC [n_pb * H/G, T, G, N] partials (slot pb * H/G + head-in-group); dh0 [nseq, H, P, N];
+    dA, dD [nseq * H * n_pb] partial sums; states [nseq, H, n_chunks, P, N] scratch."""
+    pid = tl.program_id(0)
+    pb = pid % n_pb
+    h = (pid // n_pb) % H
+    seq = (pid // (n_pb * H)).to(tl.int64)
+    R = H // G
+    g = h // R
+    start = tl.load(start_ptr + seq).to(tl.int64)
+    length = tl.load(len_ptr + seq).to(tl.int32)
+    nc = tl.cdiv(length, Q)
+    A = tl.load(A_ptr + h).to(tl.float32)
+
+    rq = tl.arange(0, Q)
+    rp = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    rn = tl.arange(0, BLOCK_N)
+    p_ok = rp < P
+    n_ok = rn < N
+    causal = rq[:, None] >= rq[None, :]
+    s_off = (seq * H + h) * P * N
+    s_ptrs = rp[None, :] * N + rn[:, None]                                         # hT [BN, BP] in a [P, N] block
+    s_mask = n_ok[:, None] & p_ok[None, :]
+    st_off = (seq * H + h) * n_chunks * P * N                                      # chunk-start states scratch
+    if HAS_D:
+        Dh = tl.load(D_ptr + h).to(tl.float32)
+
+    # ---- pass 1: forward state passing, store the state entering every chunk ----
+    if HAS_H0:
+        hT = tl.load(h0_ptr + s_off + s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
+    else:
+        hT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    for c in range(0, nc):
+        tl.store(states_ptr + st_off + c * P * N + s_ptrs, hT, mask=s_mask)
+        t = c * Q + rq
+        ok = t < length
+        tok = start + t
+        v, dt, E = _load_v(dt_ptr, E_ptr, bias_ptr, tok, h, H, ok, HAS_E, HAS_BIAS)
+        delta = _delta(v, ok, DT_SOFTPLUS)
+        hi, lo, hi_L, lo_L = _chunk_cumsum(A * delta, Q)
+        x = tl.load(x_ptr + tok[:, None] * (H * P) + h * P + rp[None, :],
+                    mask=ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+        Bm = tl.load(B_ptr + tok[:, None] * (G * N) + g * N + rn[None, :],
+                     mask=ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.exp(tl.minimum((hi_L - hi) + (lo_L - lo), 0.0))
+        hT = tl.exp(hi_L + lo_L) * hT + _dot(tl.trans(Bm * w[:, None]), x * delta[:, None], DOT, PRECISION)
+    tl.debug_barrier()  # the states written above are read back below by other threads of this program
+
+    # ---- pass 2: reverse sweep carrying dhT [BN, BP] = d loss / d (state leaving the chunk), transposed ----
+    if HAS_DFINAL:
+        dhT = tl.load(dhT_ptr + s_off + s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
+    else:
+        dhT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    dA_acc = tl.zeros([Q], dtype=tl.float32)                                       # per-step partial sums
+    dD_acc = tl.zeros([Q], dtype=tl.float32)
+    slot = (pb * R + h % R).to(tl.int64)                                          # dB / dC partial slot
+    for i in range(0, nc):
+        c = nc - 1 - i
+        t = c * Q + rq
+        ok = t < length
+        tok = start + t
+        v, dt, E = _load_v(dt_ptr, E_ptr, bias_ptr, tok, h, H, ok, HAS_E, HAS_BIAS)
+        delta = _delta(v, ok, DT_SOFTPLUS)
+        hi, lo, hi_L, lo_L = _chunk_cumsum(A * delta, Q)
+        x_ptrs = tok[:, None] * (H * P) + h * P + rp[None, :]
+        xp_ok = ok[:, None] & p_ok[None, :]
+        x = tl.load(x_ptr + x_ptrs, mask=xp_ok, other=0.0).to(tl.float32)          # [Q, BP]
+        dy = tl.load(dy_ptr + x_ptrs, mask=xp_ok, other=0.0).to(tl.float32)        # [Q, BP]
+        bc_ptrs = tok[:, None] * (G * N) + g * N + rn[None, :]
+        bn_ok = ok[:, None] & n_ok[None, :]
+        Bm = tl.load(B_ptr + bc_ptrs, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
+        Cm = tl.load(C_ptr + bc_ptrs, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
+        hT = tl.load(states_ptr + st_off + c * P * N + s_ptrs, mask=s_mask, other=0.0)  # state entering chunk
+
+        diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
+        M = tl.where(causal, tl.exp(tl.minimum(diff, 0.0)), 0.0)                  # decay, [Q, Q]
+        Mg = tl.where(diff <= 0.0, M, 0.0)                                         # d M / d diff (clamp inactive)
+        dL = (hi_L - hi) + (lo_L - lo)
+        w = tl.exp(tl.minimum(dL, 0.0))                                            # decay j -> chunk end, [Q]
+        wg = tl.where(dL <= 0.0, w, 0.0)
+        ecs = tl.exp(hi + lo)                                                      # exp(cs_i), [Q]
+        ecs_L = tl.exp(hi_L + lo_L)
+        CB = _dot(Cm, tl.trans(Bm), DOT, PRECISION)                                # [Q, Q]
+        u = x * delta[:, None]                                                     # [Q, BP]
+
+        # du_j = sum_i S_ij dy_i + w_j dh B_j     (S = CB * M)
+        Bdh = _dot(Bm, dhT, DOT, PRECISION)                                        # [Q, BP] (dh B_j)_p
+        du = _dot(tl.trans(CB * M), dy, DOT, PRECISION) + w[:, None] * Bdh
+        dx = delta[:, None] * du
+        xdy = tl.sum(x * dy, axis=1)                                               # [Q] x_t . dy_t (this block)
+        if HAS_D:
+            if D_SKIP_DELTA:
+                dx += (Dh * delta)[:, None] * dy
+            else:
+                dx += Dh * dy
+        tl.store(dx_ptr + x_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=xp_ok)
+
+        # dC_i = sum_j dG_ij B_j + exp(cs_i) h dy_i ; dB_j = sum_i dG_ij C_i + w_j dh^T u_j ; dG = (dy u^T) * M
+        dyu = _dot(dy, tl.trans(u), DOT, PRECISION)                                # [Q, Q] dy_i . u_j
+        dG = dyu * M
+        dyh = _dot(dy, tl.trans(hT), DOT, PRECISION)                               # [Q, BN] sum_p dy_ip h[p, k]
+        dC = _dot(dG, Bm, DOT, PRECISION) + ecs[:, None] * dyh
+        dB = _dot(tl.trans(dG), Cm, DOT, PRECISION) + w[:, None] * _dot(u, tl.trans(dhT), DOT, PRECISION)
+        part = slot * T * G * N + bc_ptrs
+        tl.store(dC_ptr + part, dC, mask=bn_ok)
+        tl.store(dB_ptr + part, dB, mask=bn_ok)
+
+        # d cs: intra-chunk pairs, the state read (exp(cs_i)), the state written (w_j and exp(cs_L))
+        W = dyu * CB * Mg
+        r = tl.sum(u * Bdh, axis=1)                                                # u_j . (dh B_j)
+        dcs = tl.sum(W, axis=1) - tl.sum(W, axis=0) + ecs * tl.sum(Cm * dyh, axis=1) - wg * r
+        dcs_L = ecs_L * tl.sum(tl.sum(dhT * hT, axis=1), axis=0) + tl.sum(wg * r, axis=0)
+        da = tl.cumsum(dcs, axis=0, reverse=True) + dcs_L                          # a_t enters cs_i for i >= t
+        ddelta = tl.sum(du * x, axis=1) + A * da
+        if HAS_D:
+            if D_SKIP_DELTA:
+                ddelta += Dh * xdy
+                dD_acc += delta * xdy
+            else:
+                dD_acc += xdy
+        tl.store(ddelta_ptr + pb.to(tl.int64) * T * H + tok * H + h, ddelta, mask=ok)
+        dA_acc += delta * da
+
+        # dh (entering the chunk) = exp(cs_L) dh + sum_i exp(cs_i) dy_i C_i^T
+        dhT = ecs_L * dhT + _dot(tl.trans(Cm * ecs[:, None]), dy, DOT, PRECISION)
+
+    if HAS_H0:
+        tl.store(dh0_ptr + s_off + s_ptrs, dhT, mask=s_mask)
+    tl.store(dA_ptr + pid, tl.sum(dA_acc, axis=0))
+    tl.store(dD_ptr + pid, tl.sum(dD_acc, axis=0))
+
+
+@triton.jit
+def _bwd_dt_kernel(
+    ddelta_ptr, dt_ptr, E_ptr, bias_ptr, start_ptr, len_ptr, ddt_ptr, dE_ptr, dbias_ptr,
+    TH, H, n_pb,
+    HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Per (sequence, head): dDelta = sum of the P-block partials; dv = dDelta * sigmoid(v) (softplus);
+    ddt = dv E, dE = dv dt, dbias[seq, h] = sum_t dv."""
+    pid = tl.program_id(0)
+    h = pid % H
+    seq = (pid // H).to(tl.int64)
+    start = tl.load(start_ptr + seq).to(tl.int64)
+    length = tl.load(len_ptr + seq).to(tl.int32)
+    rt = tl.arange(0, BLOCK_T)
+    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c in range(0, tl.cdiv(length, BLOCK_T)):
+        t = c * BLOCK_T + rt
+        ok = t < length
+        tok = start + t
+        dd = tl.zeros([BLOCK_T], dtype=tl.float32)
+        part_ptrs = ddelta_ptr + tok * H + h
+        for k in range(0, n_pb):                                                   # partials [n_pb, T, H]
+            dd += tl.load(part_ptrs, mask=ok, other=0.0)
+            part_ptrs += TH
+        v, dt, E = _load_v(dt_ptr, E_ptr, bias_ptr, tok, h, H, ok, HAS_E, HAS_BIAS)
+        if DT_SOFTPLUS:
+            dv = dd / (1.0 + tl.exp(-v))
+        else:
+            dv = dd
+        dv = tl.where(ok, dv, 0.0)
+        if HAS_E:
+            tl.store(ddt_ptr + tok * H + h, dv * E, mask=ok)
+            tl.store(dE_ptr + tok * H + h, dv * dt, mask=ok)
+        else:
+            tl.store(ddt_ptr + tok * H + h, dv, mask=ok)
+        acc += dv
+    tl.store(dbias_ptr + pid, tl.sum(acc, axis=0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------------------
+def _check(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, initial_states, chunk_size, dy=None,
+           dfinal=None):
+    """Validate the token layout (CONTRACT.md); returns (T, H, P, G, N, nseq)."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [T, H, P], got shape {tuple(x.shape)}")
+    T, H, P = x.shape
+    if x.dtype not in _DOT_CODE:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if B.dim() != 3 or B.shape[0] != T or C.shape != B.shape:
+        raise ValueError(f"B and C must both be [T, G, n] with T={T}, got {tuple(B.shape)} and {tuple(C.shape)}")
+    G, N = B.shape[1], B.shape[2]
+    if G == 0 or H % G != 0:
+        raise ValueError(f"G={G} must divide H={H}")
+    if B.dtype != x.dtype or C.dtype != x.dtype:
+        raise ValueError(f"x, B, C must share one dtype, got {x.dtype}, {B.dtype}, {C.dtype}")
+    for name, t, shape in (("dt", dt, (T, H)), ("E", E, (T, H)), ("A", A, (H,)), ("dt_bias", dt_bias, (H,)),
+                           ("D", D, (H,))):
+        if t is None:
+            if name in ("dt", "A"):
+                raise ValueError(f"{name} is required")
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32, got {t.dtype}")
+    if seq_start.dim() != 1 or seq_len.shape != seq_start.shape:
+        raise ValueError("seq_start and seq_len must be 1-D of the same length [nseq]")
+    if seq_start.dtype != torch.int64 or seq_len.dtype != torch.int32:
+        raise ValueError(f"seq_start must be int64 and seq_len int32, got {seq_start.dtype}, {seq_len.dtype}")
+    nseq = seq_start.shape[0]
+    if not isinstance(max_len, int) or max_len < 0:
+        raise ValueError(f"max_len must be a non-negative python int, got {max_len!r}")
+    if not (isinstance(chunk_size, int) and 16 <= chunk_size <= 128 and chunk_size & (chunk_size - 1) == 0):
+        raise ValueError(f"chunk_size must be a power of 2 in [16, 128], got {chunk_size!r}")
+    if initial_states is not None and tuple(initial_states.shape) != (nseq, H, P, N):
+        raise ValueError(f"initial_states must be [nseq, H, P, n] = {(nseq, H, P, N)}, "
+                         f"got {tuple(initial_states.shape)}")
+    if dy is not None and dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if dfinal is not None and tuple(dfinal.shape) != (nseq, H, P, N):
+        raise ValueError(f"dfinal_states must be [nseq, H, P, n] = {(nseq, H, P, N)}, got {tuple(dfinal.shape)}")
+    devs = {t.device for t in (x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, initial_states, dy, dfinal)
+            if t is not None}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device, got {devs}")
+    return T, H, P, G, N, nseq
+
+
+def _blocks(P, N):
+    """BLOCK_P (state rows per program) and BLOCK_N (whole state width, padded to a power of 2 >= 16)."""
+    block_n = max(16, triton.next_power_of_2(N))
+    block_p = min(64 if block_n <= 64 else 32, max(16, triton.next_power_of_2(P)))
+    return block_p, block_n
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def tissd_chunked_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, *, initial_states=None,
+                      return_final_states=False, chunk_size=64, d_skip_delta, dt_softplus, allow_tf32=False):
+    """Chunked TiSSD forward on the token layout.
+
+    x [T, H, P], dt [T, H], A [H], B/C [T, G, n], E [T, H] or None, dt_bias [H] or None, D [H] or None,
+    seq_start [nseq] int64, seq_len [nseq] int32, max_len int, initial_states [nseq, H, P, n] or None.
+    Returns (y [T, H, P] in x's dtype, final_states [nseq, H, P, n] float32 or None)."""
+    T, H, P, G, N, nseq = _check(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, initial_states,
+                                 chunk_size)
+    x, dt, A, B, C, E, dt_bias, D = map(_c, (x, dt, A, B, C, E, dt_bias, D))
+    seq_start, seq_len = seq_start.contiguous(), seq_len.contiguous()
+    h0 = None if initial_states is None else initial_states.contiguous().float()
+    y = torch.zeros_like(x)
+    final = torch.empty(nseq, H, P, N, device=x.device, dtype=torch.float32) if return_final_states else None
+    if nseq == 0 or H == 0 or P == 0:
+        return y, final
+    block_p, block_n = _blocks(P, N)
+    n_pb = triton.cdiv(P, block_p)
+    dummy = x  # stands in for absent optional pointers (never read: guarded by constexpr flags)
+    _fwd_kernel[(nseq * H * n_pb,)](
+        x, dt, A, B, C, dummy if E is None else E, dummy if dt_bias is None else dt_bias, dummy if D is None else D,
+        seq_start, seq_len, dummy if h0 is None else h0, y, dummy if final is None else final,
+        H, G, P, N, n_pb,
+        HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
+        STORE_FINAL=final is not None, D_SKIP_DELTA=bool(d_skip_delta), DT_SOFTPLUS=bool(dt_softplus),
+        DOT=_DOT_CODE[x.dtype], PRECISION="tf32" if allow_tf32 else "ieee", Q=chunk_size, BLOCK_P=block_p,
+        BLOCK_N=block_n,
+    )
+    return y, final
+
+
+def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, *,
+                      initial_states=None, chunk_size=64, d_skip_delta, dt_softplus, allow_tf32=False):
+    """Chunked TiSSD backward (recomputes everything from the inputs).
+
+    dy [T, H, P] (x's dtype or float32), dfinal_states [nseq, H, P, n] or None; other arguments as the forward.
+    Returns (dx, ddt, dA, dB, dC, dE, ddt_bias, dD, dinitial_states): dx/dB/dC in x's dtype, the rest float32,
+    None for an input that was None."""
+    T, H, P, G, N, nseq = _check(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, initial_states,
+                                 chunk_size, dy=dy, dfinal=dfinal_states)
+    x, dt, A, B, C, E, dt_bias, D, dy = map(_c, (x, dt, A, B, C, E, dt_bias, D, dy))
+    seq_start, seq_len = seq_start.contiguous(), seq_len.contiguous()
+    h0 = None if initial_states is None else initial_states.contiguous().float()
+    dfin = None if dfinal_states is None else dfinal_states.contiguous().float()
+    dev, f32 = x.device, torch.float32
+    block_p, block_n = _blocks(P, N)
+    n_pb = triton.cdiv(P, block_p)
+    R = H // G if G else 1
+    n_chunks = triton.cdiv(max_len, chunk_size)
+
+    dx = torch.zeros_like(x)
+    ddt = torch.zeros(T, H, device=dev, dtype=f32)
+    dE = torch.zeros(T, H, device=dev, dtype=f32) if E is not None else None
+    dh0 = torch.zeros(nseq, H, P, N, device=dev, dtype=f32) if h0 is not None else None
+    if nseq == 0 or H == 0 or P == 0:
+        zH = torch.zeros(H, device=dev, dtype=f32)
+        return (dx, ddt, zH, torch.zeros_like(B), torch.zeros_like(C), dE,
+                None if dt_bias is None else zH.clone(), None if D is None else zH.clone(), dh0)
+
+    ddelta = torch.zeros(n_pb, T, H, device=dev, dtype=f32)
+    dB_part = torch.zeros(n_pb * R, T, G, N, device=dev, dtype=f32)
+    dC_part = torch.zeros(n_pb * R, T, G, N, device=dev, dtype=f32)
+    dA_part = torch.empty(nseq * H * n_pb, device=dev, dtype=f32)
+    dD_part = torch.empty(nseq * H * n_pb, device=dev, dtype=f32)
+    states = torch.empty(nseq * H * n_chunks * P * N, device=dev, dtype=f32)
+    dummy = x
+    _bwd_kernel[(nseq * H * n_pb,)](
+        dy, dummy if dfin is None else dfin, x, dt, A, B, C, dummy if E is None else E,
+        dummy if dt_bias is None else dt_bias, dummy if D is None else D, seq_start, seq_len,
+        dummy if h0 is None else h0, states, dx, ddelta, dB_part, dC_part, dummy if dh0 is None else dh0,
+        dA_part, dD_part,
+        T, H, G, P, N, n_pb, n_chunks,
+        HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
+        HAS_DFINAL=dfin is not None, D_SKIP_DELTA=bool(d_skip_delta), DT_SOFTPLUS=bool(dt_softplus),
+        DOT=_DOT_CODE[x.dtype], PRECISION="tf32" if allow_tf32 else "ieee", Q=chunk_size, BLOCK_P=block_p,
+        BLOCK_N=block_n,
+    )
+    dbias_part = torch.empty(nseq * H, device=dev, dtype=f32)
+    _bwd_dt_kernel[(nseq * H,)](
+        ddelta, dt, dummy if E is None else E, dummy if dt_bias is None else dt_bias, seq_start, seq_len,
+        ddt, dummy if dE is None else dE, dbias_part, T * H, H, n_pb,
+        HAS_E=E is not None, HAS_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus), BLOCK_T=128,
+    )
+    # reduce partials: over P-blocks and the heads of a group (dB, dC), over sequences and P-blocks (dA, dD)
+    dB = (dB_part[0] if dB_part.shape[0] == 1 else dB_part.sum(0)).to(x.dtype)
+    dC = (dC_part[0] if dC_part.shape[0] == 1 else dC_part.sum(0)).to(x.dtype)
+    dA = dA_part.view(nseq, H, n_pb).sum((0, 2))
+    dD = dD_part.view(nseq, H, n_pb).sum((0, 2)) if D is not None else None
+    ddt_bias = dbias_part.view(nseq, H).sum(0) if dt_bias is not None else None
+    return dx, ddt, dA, dB, dC, dE, ddt_bias, dD, dh0

