@@ -307,3 +307,10 @@ def test_triton_backend_matches_torch():
         pytest.skip(f"mmm4rec_kernels Triton kernels not available yet: {type(e).__name__}: {e}")
     assert torch.isfinite(got)
     assert abs(got.item() - ref.item()) <= 1e-4 * abs(ref.item()), (got.item(), ref.item())
+    ref.backward()
+    got.backward()
+    ref_grads = dict(torch_model.named_parameters())
+    for name, p in triton_model.named_parameters():
+        want = ref_grads[name].grad
+        err = (p.grad - want).norm() / want.norm().clamp(min=1e-12)
+        assert err <= 1e-3, f"grad of {name}: relative error {err.item():.2e}"

@@ -138,12 +138,13 @@ class _SSDCore(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(c.d_inner))
         self.out_proj = nn.Linear(c.d_inner, c.hidden_size)
 
-    def _time_scale(self, D, mask):
+    def time_scale(self, D, mask):
+        """D [b, H, L] or None -> (time_scale [b, L, H] or None, D_next [b, H, L] or None)."""
         if self.time is None or D is None:
             return None, None
         return self.time(D, mask)
 
-    def _scan_and_project(self, op, x, dt, B, C, z, time_scale, lengths):
+    def scan_and_project(self, op, x, dt, B, C, z, time_scale, lengths):
         """x [b,L,d_inner], dt [b,L,H], B/C [b,L,G*n], z [b,L,d_inner] -> out [b,L,N] via the kernel `op`."""
         b, L, _ = x.shape
         heads = (b, L, self.H, self.P)
@@ -177,8 +178,8 @@ class TiSSD(nn.Module):
         z, xBC, dt = torch.split(self.in_proj(h), [self.d_inner, self.d_inner + 2 * self.gn, self.H], dim=-1)
         xBC = F.silu(causal_conv(self.conv, xBC.transpose(1, 2))).transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_inner, self.gn, self.gn], dim=-1)
-        time_scale, D_next = self.core._time_scale(D, mask)
-        out = self.core._scan_and_project(mmm4rec_kernels.tissd, x, dt, B, C, z, time_scale, lengths)
+        time_scale, D_next = self.core.time_scale(D, mask)
+        out = self.core.scan_and_project(mmm4rec_kernels.tissd, x, dt, B, C, z, time_scale, lengths)
         return out, D_next
 
 
@@ -207,8 +208,8 @@ class TiCoSSD(nn.Module):
         x, B = torch.split(xB, [self.d_inner, self.gn], dim=-1)
         C = F.silu(causal_conv(self.vision_conv, self.vision_proj(pv).transpose(1, 2))).transpose(1, 2)
         z = self.gate_proj(pt + pv)
-        time_scale, _ = self.core._time_scale(Dco, mask)
-        return self.core._scan_and_project(mmm4rec_kernels.ticossd, x, dt, B, C, z, time_scale, lengths)
+        time_scale, _ = self.core.time_scale(Dco, mask)
+        return self.core.scan_and_project(mmm4rec_kernels.ticossd, x, dt, B, C, z, time_scale, lengths)
 
 
 class ComplexLinear(nn.Module):

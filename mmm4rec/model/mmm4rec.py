@@ -20,27 +20,28 @@ from .layers import FeedForward, FourierFilter, StreamLayer, TiCoSSD, TimeEncode
 class ModalityEmbedding(nn.Module):
     """Frozen item features -> adapter output space [.., N], plus an optional per-item bias table.
 
-    feats [I+1, F] frozen buffer (row 0 = padding) or None (modality absent); mask [I+1] bool (True = has features).
-    Items without features (mask False, or every item when feats is None) get the learned `missing` vector instead of
+    feats [I+1, F] frozen buffer (row 0 = padding) or None (modality absent).  With with_missing (the image modality),
+    items whose mask [I+1] is False, or every item when feats is None, get the learned `missing` vector [N] instead of
     adapter(feats)."""
 
-    def __init__(self, feats, mask, num_rows: int, hidden: int, with_id: bool):
+    def __init__(self, feats, mask, num_rows: int, hidden: int, with_id: bool, with_missing: bool):
         super().__init__()
         self.num_rows = num_rows
         if feats is not None:
             feats = torch.as_tensor(feats, dtype=torch.float32)
             if feats.dim() != 2 or feats.shape[0] != num_rows:
                 raise ValueError(f"features must be [num_items+1={num_rows}, F], got {tuple(feats.shape)}")
-            mask = torch.ones(num_rows, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-            if mask.shape != (num_rows,):
-                raise ValueError(f"feature mask must be [num_items+1={num_rows}], got {tuple(mask.shape)}")
             self.adapter = nn.Linear(feats.shape[1], hidden)
         else:
-            mask, self.adapter = None, None
-        # Features are part of the dataset, not of the checkpoint: non-persistent buffers.
+            self.adapter = None
+        if mask is not None:
+            mask = torch.as_tensor(mask, dtype=torch.bool)
+            if mask.shape != (num_rows,):
+                raise ValueError(f"feature mask must be [num_items+1={num_rows}], got {tuple(mask.shape)}")
+        # Features belong to the dataset, not to the checkpoint: non-persistent buffers.
         self.register_buffer("feats", feats, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
-        self.missing = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.missing = nn.Parameter(torch.randn(hidden) * 0.02) if with_missing else None
         self.id_bias = nn.Embedding(num_rows, hidden) if with_id else None
         if self.id_bias is not None:
             nn.init.zeros_(self.id_bias.weight)
@@ -50,14 +51,17 @@ class ModalityEmbedding(nn.Module):
         if self.feats is None:
             e = self.missing.expand(*items.shape, -1)
         else:
-            e = torch.where(self.mask[items][..., None], self.adapter(self.feats[items]), self.missing)
+            e = self.adapter(self.feats[items])
+            if self.mask is not None:
+                e = torch.where(self.mask[items][..., None], e, self.missing)
         if self.id_bias is not None:
             e = e + self.id_bias(items)
         return e
 
     def table(self) -> torch.Tensor:
         """All items [I+1, N] (unnormalised)."""
-        return self(torch.arange(self.num_rows, device=self.missing.device))
+        device = self.feats.device if self.feats is not None else self.missing.device
+        return self(torch.arange(self.num_rows, device=device))
 
 
 class MMM4Rec(nn.Module):
@@ -88,8 +92,8 @@ class MMM4Rec(nn.Module):
             raise ValueError("text_feats is required")
         if image_feats is None and image_mask is not None:
             raise ValueError("image_mask given without image_feats")
-        self.text_emb = ModalityEmbedding(text_feats, None, rows, c.hidden_size, c.with_id)
-        self.image_emb = ModalityEmbedding(image_feats, image_mask, rows, c.hidden_size, c.with_id)
+        self.text_emb = ModalityEmbedding(text_feats, None, rows, c.hidden_size, c.with_id, with_missing=False)
+        self.image_emb = ModalityEmbedding(image_feats, image_mask, rows, c.hidden_size, c.with_id, with_missing=True)
         self.emb_dropout = nn.Dropout(c.dropout)
         self.text_in_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.image_in_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
@@ -117,11 +121,11 @@ class MMM4Rec(nn.Module):
         b, L = item_seq.shape
         if L > Lm:
             raise ValueError(f"sequence length {L} exceeds config.max_len={Lm}; truncate to the last {Lm} items")
-        lengths = lengths.to(device=item_seq.device, dtype=torch.long)
         if lengths.shape != (b,):
             raise ValueError(f"lengths must be [b={b}], got {tuple(lengths.shape)}")
-        if bool(((lengths < 1) | (lengths > L)).any()):
-            raise ValueError(f"lengths must lie in [1, {L}]")
+        if lengths.device.type == "cpu" and bool(((lengths < 1) | (lengths > L)).any()):  # no host sync on GPU
+            raise ValueError(f"lengths must lie in [1, {L}], got min {int(lengths.min())} max {int(lengths.max())}")
+        lengths = lengths.to(device=item_seq.device, dtype=torch.long)
         if L < Lm:
             item_seq = F.pad(item_seq, (0, Lm - L))
             time_seq = F.pad(time_seq, (0, Lm - L))
@@ -131,8 +135,9 @@ class MMM4Rec(nn.Module):
     def encode(self, item_seq: torch.Tensor, time_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """User representations.
 
-        item_seq [b, L] long (right padded, 0 = padding), time_seq [b, L] unix seconds of the HISTORY items,
-        lengths [b] long in [1, L] -> user [b, N], the output at position lengths-1.  Padded positions (items and
+        item_seq [b, L] long (right padded, 0 = padding), time_seq [b, L] unix seconds of the HISTORY items
+        (pass float64 or int64: float32 rounds 2020s timestamps to 128 s), lengths [b] long in [1, L]
+        -> user [b, N], the output at position lengths-1.  Padded positions (items and
         timestamps) have no influence; L < max_len is padded to max_len, L > max_len raises ValueError."""
         items, times, lengths, mask = self._pad(item_seq, time_seq, lengths)
         ht = self.text_in_norm(self.emb_dropout(self.text_emb(items)))
