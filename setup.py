@@ -35,8 +35,9 @@ def cuda_extensions():
         name="mmm4rec_kernels._cuda",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        # C++20: torch >= 2.10 headers require it (and older torch accepts it)
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"],
+                            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

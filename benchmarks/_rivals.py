@@ -20,7 +20,8 @@ _CACHE: dict = {}
 
 
 def _mamba_package_dir():
-    spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else sys.modules["mamba_ssm"].__spec__
+    """The mamba_ssm package's search path, or None when it is not installed."""
+    spec = importlib.util.find_spec("mamba_ssm")
     if spec is None or not spec.submodule_search_locations:
         return None
     return list(spec.submodule_search_locations)
@@ -32,8 +33,8 @@ def load_mamba():
         return _CACHE["mamba"]
     result = (None, "unknown")
     try:
-        paths = _mamba_package_dir()
-        if paths is None:
+        paths = None if "mamba_ssm" in sys.modules else _mamba_package_dir()
+        if paths is None and "mamba_ssm" not in sys.modules:
             result = (None, "mamba_ssm not installed (see benchmarks/README.md)")
         else:
             if "mamba_ssm" not in sys.modules:

@@ -18,6 +18,8 @@ for _p in (ROOT, HERE):
 
 def pytest_collect_file(file_path, parent):
     if file_path.suffix == ".py" and file_path.name.startswith("bench_") and HERE in str(file_path.parent):
+        if parent.session.isinitpath(file_path):
+            return None  # named on the command line: pytest's python plugin collects it already
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 

@@ -37,7 +37,8 @@ __device__ __forceinline__ float dt_input(const TissdParams& p, int64_t tok, int
 }
 
 // Delta_t and cs_t = sum_{k<=t} A Delta_k into shared dl[], cs[] (0 for t >= len). One thread per step.
-__device__ void discretize_cumsum(const TissdParams& p, int64_t start, int len, int h, float* dl, float* cs) {
+// cs is kept in float64 so that cs_i - cs_j stays exact after huge time gaps (|cs| >> |cs_i - cs_j|).
+__device__ void discretize_cumsum(const TissdParams& p, int64_t start, int len, int h, float* dl, double* cs) {
   const int t = threadIdx.x;
   float delta = 0.f;
   if (t < len) {
@@ -45,10 +46,10 @@ __device__ void discretize_cumsum(const TissdParams& p, int64_t start, int len, 
     delta = p.dt_softplus ? softplus(v) : v;
   }
   dl[t] = delta;
-  cs[t] = p.A[h] * delta;
+  cs[t] = double(p.A[h]) * delta;
   __syncthreads();
   for (int off = 1; off < kThreads; off *= 2) {  // Hillis-Steele inclusive scan
-    const float add = t >= off ? cs[t - off] : 0.f;
+    const double add = t >= off ? cs[t - off] : 0.0;
     __syncthreads();
     cs[t] += add;
     __syncthreads();
@@ -56,10 +57,10 @@ __device__ void discretize_cumsum(const TissdParams& p, int64_t start, int len, 
 }
 
 // buf[t] <- sum_{k>=t} buf[k] (reverse inclusive scan over the block)
-__device__ void reverse_cumsum(float* buf) {
+__device__ void reverse_cumsum(double* buf) {
   const int t = threadIdx.x;
   for (int off = 1; off < kThreads; off *= 2) {
-    const float add = t + off < kThreads ? buf[t + off] : 0.f;
+    const double add = t + off < kThreads ? buf[t + off] : 0.0;
     __syncthreads();
     buf[t] += add;
     __syncthreads();
@@ -67,7 +68,7 @@ __device__ void reverse_cumsum(float* buf) {
 }
 
 // Deterministic block sum (tree in shared scratch[kThreads]); every thread gets the result.
-__device__ float block_sum(float v, float* scratch) {
+__device__ double block_sum(double v, double* scratch) {
   const int t = threadIdx.x;
   scratch[t] = v;
   __syncthreads();
@@ -75,7 +76,7 @@ __device__ float block_sum(float v, float* scratch) {
     if (t < s) scratch[t] += scratch[t + s];
     __syncthreads();
   }
-  const float total = scratch[0];
+  const double total = scratch[0];
   __syncthreads();
   return total;
 }
@@ -125,7 +126,8 @@ template <typename T, int TP, bool kDx>
 __global__ void __launch_bounds__(kThreads) tissd_apply_kernel(const TissdParams p) {
   constexpr int kRowsPerPass = kThreads / TP;   // rows of a [kBL, TP] output tile per pass
   constexpr int kRowsPerThread = kBL / kRowsPerPass;
-  __shared__ float dl[kTissdMaxLen], cs[kTissdMaxLen];
+  __shared__ float dl[kTissdMaxLen];
+  __shared__ double cs[kTissdMaxLen];
   __shared__ float rowK[kBL][kNC + 1], colK[kBL][kNC + 1];
   __shared__ float S[kBL][kBL + 1];
   __shared__ float V[kBL][TP + 1];
@@ -164,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) tissd_apply_kernel(const TissdParams
         const int r = r0 + sr + 8 * m, c = c0 + sc;
         const int i = kDx ? c : r, j = kDx ? r : c;
         const bool ok = j <= i && i < len;
-        S[sr + 8 * m][sc] = ok ? dot[m] * expf(fminf(cs[i] - cs[j], 0.f)) : 0.f;
+        S[sr + 8 * m][sc] = ok ? dot[m] * expf(fminf(float(cs[i] - cs[j]), 0.f)) : 0.f;
       }
       // V[c][:] = Delta_c x_c (forward) or dy_c (dx), this head-dim tile
       load_tile<T, kBL, TP>(V, vsrc, vstride, start, c0, len, p0, p.P, kDx ? nullptr : dl);
@@ -194,13 +196,17 @@ __global__ void __launch_bounds__(kThreads) tissd_apply_kernel(const TissdParams
 // Gradient kernel for everything but dx, one block per (sequence, head). With Q_ij = dy_i . x_j (all of P):
 //   Z_ij = (C_i.B_j) M_ij Q_ij               -> dDelta_j += sum_i Z_ij            (= du_j . x_j)
 //   dG_ij = Q_ij Delta_j M_ij                -> dC_i += sum_j dG_ij B_j, dB_j += sum_i dG_ij C_i
-//   W_ij = Delta_j Z_ij (0 where clamped)    -> dcs_i = sum_j W_ij - sum_k W_ki, da_t = sum_{i>=t} dcs_i
+//   W_ij = Delta_j Z_ij (i != j, 0 where clamped) -> dcs_i = sum_j W_ij - sum_k W_ki, da_t = sum_{i>=t} dcs_i
 //   dDelta_t += A da_t (+ D Q_tt in delta mode), dA += Delta_t da_t, dD += s_t Q_tt
 //   dv = dDelta sigmoid(v), ddt = dv E, dE = dv dt, ddt_bias += dv
 template <typename T>
 __global__ void __launch_bounds__(kThreads) tissd_grad_kernel(const TissdParams p) {
-  __shared__ float dl[kTissdMaxLen], cs[kTissdMaxLen];
-  __shared__ float rowW[kTissdMaxLen], colW[kTissdMaxLen], colZ[kTissdMaxLen], diagQ[kTissdMaxLen];
+  __shared__ float dl[kTissdMaxLen];
+  __shared__ double cs[kTissdMaxLen];
+  // row / column sums of W in float64: W_ij enters rowW_i and colW_j with the same value, so the sums that cancel
+  // in da_t = sum_{i>=t} (rowW_i - colW_i) cancel (almost) exactly, even next to a huge Delta_t (a time gap)
+  __shared__ double rowW[kTissdMaxLen], colW[kTissdMaxLen];
+  __shared__ float colZ[kTissdMaxLen], diagQ[kTissdMaxLen];
   __shared__ float Ck[kBL][kNC + 1], Bk[kBL][kNC + 1];
   __shared__ float Dy[kBL][kPC + 1], Xs[kBL][kPC + 1];
   __shared__ float Gt[kBL][kBL + 1], Zt[kBL][kBL + 1], Wt[kBL][kBL + 1];
@@ -244,11 +250,13 @@ __global__ void __launch_bounds__(kThreads) tissd_grad_kernel(const TissdParams 
         const int r = sr + 8 * m, i = i0 + r, j = j0 + sc;
         float gv = 0.f, zv = 0.f, wv = 0.f;
         if (j <= i && i < len) {
-          const float diff = cs[i] - cs[j];
+          const float diff = float(cs[i] - cs[j]);
           const float M = expf(fminf(diff, 0.f));
           gv = q[m] * dl[j] * M;
           zv = cb[m] * M * q[m];
-          wv = diff <= 0.f ? dl[j] * zv : 0.f;  // clamp(max=0) passes no gradient where diff > 0
+          // W_ii adds to dcs_i and subtracts from it again: leave it out (it is the largest term under strong
+          // decay and would cost precision); clamp(max=0) passes no gradient where diff > 0
+          wv = (i != j && diff <= 0.f) ? dl[j] * zv : 0.f;
           if (i == j) diagQ[i] = q[m];
         }
         Gt[r][sc] = gv;
@@ -258,12 +266,13 @@ __global__ void __launch_bounds__(kThreads) tissd_grad_kernel(const TissdParams 
       __syncthreads();
       // row / column sums of the tile, one thread per row or column (fixed order: deterministic)
       if (t < kBL) {
-        float acc = 0.f;
+        double acc = 0.0;
         for (int c = 0; c < kBL; ++c) acc += Wt[t][c];
         rowW[i0 + t] += acc;
       } else if (t < 2 * kBL) {
         const int c = t - kBL;
-        float aw = 0.f, az = 0.f;
+        double aw = 0.0;
+        float az = 0.f;
         for (int r = 0; r < kBL; ++r) { aw += Wt[r][c]; az += Zt[r][c]; }
         colW[j0 + c] += aw;
         colZ[j0 + c] += az;
@@ -295,15 +304,15 @@ __global__ void __launch_bounds__(kThreads) tissd_grad_kernel(const TissdParams 
 
   // per-step epilogue, thread t = step t
   const bool valid = t < len;
-  const float dcs = valid ? rowW[t] - colW[t] : 0.f;
+  const double dcs = valid ? rowW[t] - colW[t] : 0.0;
   const float dDelta_direct = valid ? colZ[t] : 0.f, qtt = valid ? diagQ[t] : 0.f;
   __syncthreads();
   rowW[t] = dcs;
   __syncthreads();
   reverse_cumsum(rowW);  // da_t = sum_{i>=t} dcs_i
-  const float da = rowW[t];
+  const double da = rowW[t];
   const float A = p.A[h], Dh = p.D ? p.D[h] : 0.f;
-  float dDelta = dDelta_direct + A * da;
+  float dDelta = dDelta_direct + float(A * da);
   if (p.D && p.d_skip_delta) dDelta += Dh * qtt;
   float dv = 0.f;
   if (valid) {
@@ -313,14 +322,14 @@ __global__ void __launch_bounds__(kThreads) tissd_grad_kernel(const TissdParams 
     p.ddt[tok] = p.E ? dv * p.E[tok] : dv;
     if (p.dE) p.dE[tok] = dv * p.dt[tok];
   }
-  const float dA = block_sum(valid ? dl[t] * da : 0.f, colW);
-  const float ddt_bias = block_sum(dv, colW);
-  const float dD = block_sum(valid ? (p.d_skip_delta ? dl[t] : 1.f) * qtt : 0.f, colW);
+  const double dA = block_sum(valid ? dl[t] * da : 0.0, colW);
+  const double ddt_bias = block_sum(dv, colW);
+  const double dD = block_sum(valid ? (p.d_skip_delta ? dl[t] : 1.f) * qtt : 0.f, colW);
   if (t == 0) {
     const int64_t o = int64_t(s) * p.H + h;
-    p.dA_part[o] = dA;
-    if (p.ddt_bias_part) p.ddt_bias_part[o] = ddt_bias;
-    if (p.dD_part) p.dD_part[o] = dD;
+    p.dA_part[o] = float(dA);
+    if (p.ddt_bias_part) p.ddt_bias_part[o] = float(ddt_bias);
+    if (p.dD_part) p.dD_part[o] = float(dD);
   }
 }
 

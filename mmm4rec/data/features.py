@@ -25,7 +25,7 @@ def _tokens(text: str) -> list:
 
 
 def encode_texts_hashed(texts: Sequence[str], dim: int = 768, buckets: int = 1 << 14, seed: int = 0,
-                        batch_size: int = 4096) -> torch.Tensor:
+                        batch_size: int = 512) -> torch.Tensor:
     """Deterministic text vectors: signed hashing of word 1/2-grams into `buckets`, random projection to `dim`.
 
     Args:
@@ -50,8 +50,8 @@ def encode_texts_hashed(texts: Sequence[str], dim: int = 768, buckets: int = 1 <
         n = min(batch_size, len(texts) - lo)
         if not rows:
             continue
-        sp = torch.sparse_coo_tensor(torch.tensor([rows, cols]), torch.tensor(vals), (n, buckets)).coalesce()
-        out[lo:lo + n] = torch.sparse.mm(sp, proj)
+        contrib = proj[torch.tensor(cols)] * torch.tensor(vals)[:, None]  # [nnz, dim]
+        out[lo:lo + n] = torch.zeros(n, dim).index_add_(0, torch.tensor(rows), contrib)
     return torch.nn.functional.normalize(out, dim=1)
 
 

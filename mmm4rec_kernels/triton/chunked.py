@@ -110,7 +110,7 @@ def _fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, D_ptr, start_ptr, len_ptr, h0_ptr, y_ptr, hT_ptr,
     H, G, P, N, n_pb,
     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_FINAL: tl.constexpr, D_SKIP_DELTA: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    STORE_FINAL: tl.constexpr, ITERS: tl.constexpr, D_SKIP_DELTA: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # program -> (sequence, head, P-block); P-block fastest so neighbours share B, C, dt in L2
@@ -139,8 +139,8 @@ def _fwd_kernel(
         hT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
     if HAS_D:
         Dh = tl.load(D_ptr + h).to(tl.float32)
-
-    for c in range(0, tl.cdiv(length, Q)):
+    # chunks of this sequence; ITERS > 0: fixed trip count instead (see _iters), extra chunks are masked no-ops
+    for c in range(0, ITERS if ITERS > 0 else tl.cdiv(length, Q)):
         t = c * Q + rq
         ok = t < length
         tok = start + t                                                            # [Q] int64
@@ -188,7 +188,7 @@ def _bwd_kernel(
     states_ptr, dx_ptr, ddelta_ptr, dB_ptr, dC_ptr, dh0_ptr, dA_ptr, dD_ptr,
     T, H, G, P, N, n_pb, n_chunks,
     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
-    HAS_DFINAL: tl.constexpr, D_SKIP_DELTA: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, ITERS: tl.constexpr, D_SKIP_DELTA: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Outputs (fp32 unless said): dx [T, H, P] (x dtype); ddelta [n_pb, T, H] partial dDelta per P-block;
@@ -202,7 +202,7 @@ def _bwd_kernel(
     g = h // R
     start = tl.load(start_ptr + seq).to(tl.int64)
     length = tl.load(len_ptr + seq).to(tl.int32)
-    nc = tl.cdiv(length, Q)
+    nc = tl.cdiv(length, Q)  # chunks of this sequence (ITERS > 0: fixed trip count instead, see _iters)
     A = tl.load(A_ptr + h).to(tl.float32)
 
     rq = tl.arange(0, Q)
@@ -223,7 +223,7 @@ def _bwd_kernel(
         hT = tl.load(h0_ptr + s_off + s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
     else:
         hT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
-    for c in range(0, nc):
+    for c in range(0, ITERS if ITERS > 0 else nc):
         tl.store(states_ptr + st_off + c * P * N + s_ptrs, hT, mask=s_mask)
         t = c * Q + rq
         ok = t < length
@@ -247,8 +247,8 @@ def _bwd_kernel(
     dA_acc = tl.zeros([Q], dtype=tl.float32)                                       # per-step partial sums
     dD_acc = tl.zeros([Q], dtype=tl.float32)
     slot = (pb * R + h % R).to(tl.int64)                                          # dB / dC partial slot
-    for i in range(0, nc):
-        c = nc - 1 - i
+    for i in range(0, ITERS if ITERS > 0 else nc):
+        c = (ITERS if ITERS > 0 else nc) - 1 - i
         t = c * Q + rq
         ok = t < length
         tok = start + t
@@ -326,8 +326,9 @@ def _bwd_kernel(
 @triton.jit
 def _bwd_dt_kernel(
     ddelta_ptr, dt_ptr, E_ptr, bias_ptr, start_ptr, len_ptr, ddt_ptr, dE_ptr, dbias_ptr,
-    TH, H, n_pb,
-    HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr,
+    TH, H, N_PB: tl.constexpr,
+    HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ITERS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     """Per (sequence, head): dDelta = sum of the P-block partials; dv = dDelta * sigmoid(v) (softplus);
     ddt = dv E, dE = dv dt, dbias[seq, h] = sum_t dv."""
@@ -338,13 +339,13 @@ def _bwd_dt_kernel(
     length = tl.load(len_ptr + seq).to(tl.int32)
     rt = tl.arange(0, BLOCK_T)
     acc = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for c in range(0, tl.cdiv(length, BLOCK_T)):
+    for c in range(0, ITERS if ITERS > 0 else tl.cdiv(length, BLOCK_T)):  # ITERS: see _iters
         t = c * BLOCK_T + rt
         ok = t < length
         tok = start + t
         dd = tl.zeros([BLOCK_T], dtype=tl.float32)
         part_ptrs = ddelta_ptr + tok * H + h
-        for k in range(0, n_pb):                                                   # partials [n_pb, T, H]
+        for k in range(0, N_PB):                                                   # partials [n_pb, T, H]
             dd += tl.load(part_ptrs, mask=ok, other=0.0)
             part_ptrs += TH
         v, dt, E = _load_v(dt_ptr, E_ptr, bias_ptr, tok, h, H, ok, HAS_E, HAS_BIAS)
@@ -420,6 +421,12 @@ def _blocks(P, N):
     return block_p, block_n
 
 
+def _iters(max_len, block):
+    """ITERS constexpr: 0 on GPU (each program loops over its own chunks); under the interpreter, which cannot
+    range() over a runtime scalar, a fixed trip count cdiv(max_len, block) (chunks past a sequence are no-ops)."""
+    return max(1, triton.cdiv(max_len, block)) if _INTERPRET else 0
+
+
 def _c(t):
     return None if t is None else t.contiguous()
 
@@ -448,7 +455,7 @@ def tissd_chunked_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len
         seq_start, seq_len, dummy if h0 is None else h0, y, dummy if final is None else final,
         H, G, P, N, n_pb,
         HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
-        STORE_FINAL=final is not None, D_SKIP_DELTA=bool(d_skip_delta), DT_SOFTPLUS=bool(dt_softplus),
+        STORE_FINAL=final is not None, ITERS=_iters(max_len, chunk_size), D_SKIP_DELTA=bool(d_skip_delta), DT_SOFTPLUS=bool(dt_softplus),
         DOT=_DOT_CODE[x.dtype], PRECISION="tf32" if allow_tf32 else "ieee", Q=chunk_size, BLOCK_P=block_p,
         BLOCK_N=block_n,
     )
@@ -497,7 +504,7 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
         dA_part, dD_part,
         T, H, G, P, N, n_pb, n_chunks,
         HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
-        HAS_DFINAL=dfin is not None, D_SKIP_DELTA=bool(d_skip_delta), DT_SOFTPLUS=bool(dt_softplus),
+        HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, chunk_size), D_SKIP_DELTA=bool(d_skip_delta), DT_SOFTPLUS=bool(dt_softplus),
         DOT=_DOT_CODE[x.dtype], PRECISION="tf32" if allow_tf32 else "ieee", Q=chunk_size, BLOCK_P=block_p,
         BLOCK_N=block_n,
     )
@@ -505,7 +512,8 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
     _bwd_dt_kernel[(nseq * H,)](
         ddelta, dt, dummy if E is None else E, dummy if dt_bias is None else dt_bias, seq_start, seq_len,
         ddt, dummy if dE is None else dE, dbias_part, T * H, H, n_pb,
-        HAS_E=E is not None, HAS_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus), BLOCK_T=128,
+        HAS_E=E is not None, HAS_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus), ITERS=_iters(max_len, 128),
+        BLOCK_T=128,
     )
     # reduce partials: over P-blocks and the heads of a group (dB, dC), over sequences and P-blocks (dA, dD)
     dB = (dB_part[0] if dB_part.shape[0] == 1 else dB_part.sum(0)).to(x.dtype)

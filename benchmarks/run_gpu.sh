@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# One command for a lent GPU (the device tool runs it in the repo root; files under $OUT come back):
+#
+#   bash benchmarks/run_gpu.sh                      # build, gpu_check (check + kernels + sweep), table4, pytest
+#   bash benchmarks/run_gpu.sh build kernels        # any subset of: build kernels table4 pytest bench
+#
+# Device tool call (mamba_ssm is not in the GPU image and the machine has no internet: carry its wheel, see
+# `--prepare` below):   run(command="bash benchmarks/run_gpu.sh", carry=[".whl"], timeout_s=600)
+# The whole default run is planned to end inside the tool's 10-minute limit (RUN_GPU_BUDGET_S, default 570 s);
+# stages that would overrun are cut to the time left. For fuller numbers use two calls:
+#   run(command="bash benchmarks/run_gpu.sh build kernels", ...) then run(command="bash benchmarks/run_gpu.sh
+#   build table4 pytest bench", ...).
+#
+# Here, once, with internet (not on the GPU machine):
+#   bash benchmarks/run_gpu.sh --prepare            # builds the mamba-ssm 2.3.2.post1 wheel (no CUDA ext) into .whl/
+#
+# Outputs ($OUT, else /tmp/mmm4rec_gpu_out): run.log, gpu_check.md, gpu_check.json, table4.json, bench_tissd.json.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+if [ "${1:-}" = "--prepare" ]; then
+    set -e
+    mkdir -p .whl
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    PYBIN=${PYBIN:-python3}
+    MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE "$PYBIN" -m pip wheel --no-deps --no-build-isolation \
+        --no-cache-dir -w .whl mamba-ssm==2.3.2.post1
+    ls -la .whl
+    exit 0
+fi
+
+OUT=${OUT:-/tmp/mmm4rec_gpu_out}
+mkdir -p "$OUT"
+LOG=$OUT/run.log
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+START=$(date +%s)
+BUDGET=${RUN_GPU_BUDGET_S:-570}
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build kernels table4 pytest)
+
+log() { echo "[run_gpu $(($(date +%s) - START))s] $*" | tee -a "$LOG"; }
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+# stage_time WANT: seconds for the next stage, at most WANT and at most what is left (minus a margin).
+stage_time() { local l; l=$(($(left) - 15)); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
+run() {  # run NAME SECONDS CMD...: time-limited, output to the log
+    local name=$1 secs=$2; shift 2
+    if [ "$secs" -lt 20 ]; then log "SKIP $name: only ${secs}s left of the ${BUDGET}s budget"; return 0; fi
+    log "START $name (limit ${secs}s): $*"
+    set -o pipefail
+    timeout --signal=INT --kill-after=10 "$secs" "$@" 2>&1 | tee -a "$LOG"
+    local rc=$?
+    set +o pipefail
+    log "END $name rc=$rc"
+    return 0
+}
+
+log "stages: ${STAGES[*]}; budget ${BUDGET}s; OUT=$OUT"
+nvidia-smi -L 2>&1 | tee -a "$LOG"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__,
+'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1 | tee -a "$LOG"
+
+# mamba_ssm rival: a carried wheel (no internet there)
+if ls .whl/mamba_ssm-*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/mamba_ssm-*.whl 2>&1 | tee -a "$LOG"
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+$PY benchmarks/_rivals.py 2>&1 | tee -a "$LOG"
+
+for stage in "${STAGES[@]}"; do
+    case $stage in
+    build)
+        # Python packages + the CUDA extension (no build isolation: the build must see torch). Sm_90 only here.
+        export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+        export MAX_JOBS=${MAX_JOBS:-16}
+        run build-ext "$(stage_time 240)" $PY setup.py build_ext --inplace
+        $PY -c "import mmm4rec_kernels.cuda as c; print('CUDA extension built:', c.built(), 'available:', c.available())" \
+            2>&1 | tee -a "$LOG"
+        # register the packages + the `mmm4rec` command without building the extension a second time
+        run pip-install "$(stage_time 60)" env MMM4REC_SKIP_CUDA_BUILD=1 $PY -m pip install -q --no-index --no-deps \
+            --no-build-isolation -e .
+        ;;
+    kernels)
+        T=$(stage_time 330)
+        run gpu_check "$T" $PY benchmarks/gpu_check.py --budget-s $((T > 60 ? T - 45 : 15)) \
+            --json "$OUT/gpu_check.json" --md "$OUT/gpu_check.md"
+        ;;
+    table4)
+        run table4 "$(stage_time 180)" $PY -m mmm4rec.bench_table4 --epochs 3 --json "$OUT/table4.json"
+        ;;
+    pytest)
+        run pytest-tests "$(stage_time 150)" $PY -m pytest tests -q -x -m "not slow" -p no:cacheprovider
+        ;;
+    bench)
+        run pytest-bench "$(stage_time 240)" $PY -m pytest benchmarks/bench_tissd.py -k "paper" --benchmark-only \
+            --benchmark-json "$OUT/bench_tissd.json" -p no:cacheprovider -q
+        ;;
+    *)
+        log "unknown stage $stage (build kernels table4 pytest bench)"
+        ;;
+    esac
+done
+log "done in $(($(date +%s) - START))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+[ -f "$OUT/gpu_check.md" ] && tail -n 60 "$OUT/gpu_check.md"
+exit 0

@@ -1,0 +1,71 @@
+"""CUDA backend of the quadratic TiSSD path: thin wrappers over the compiled extension `mmm4rec_kernels._cuda`
+(sources in csrc/; built by `pip install --no-build-isolation .` when torch has CUDA and nvcc is found).
+
+Both functions follow mmm4rec_kernels/CONTRACT.md (token layout, no autograd). The extension is imported lazily:
+importing this module never fails; calling a kernel without the extension raises a RuntimeError saying how to build.
+"""
+from __future__ import annotations
+
+import torch
+
+MAX_LEN = 256  # longest sequence the CUDA quadratic kernels accept (csrc/tissd_quadratic.cuh: kTissdMaxLen)
+
+_ext = None
+_import_error: Exception | None = None
+
+
+def _load():
+    """The compiled extension module, or None (the ImportError is kept for the error message)."""
+    global _ext, _import_error
+    if _ext is None and _import_error is None:
+        try:
+            from mmm4rec_kernels import _cuda
+            _ext = _cuda
+        except ImportError as e:  # not built, or built against another torch
+            _import_error = e
+    return _ext
+
+
+def built() -> bool:
+    """True if the extension imports (it may still lack a device to run on)."""
+    return _load() is not None
+
+
+def available() -> bool:
+    """True if the extension imports and a CUDA device is present."""
+    return built() and torch.cuda.is_available()
+
+
+def _ext_or_raise():
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(
+            "mmm4rec_kernels._cuda is not built (" + str(_import_error) + "). Build it on a machine with CUDA torch "
+            "and nvcc: `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`.")
+    return ext
+
+
+def _check_len(max_len):
+    if max_len > MAX_LEN:
+        raise ValueError(f"CUDA quadratic TiSSD supports max_len <= {MAX_LEN}, got {max_len}; use the chunked path")
+
+
+def tissd_quadratic_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, *,
+                        d_skip_delta: bool, dt_softplus: bool, allow_tf32: bool = False):
+    """y [T, H, P] = sum_{j<=i} (C_i . B_j) exp(min(cs_i - cs_j, 0)) Delta_j x_j + D s_i x_i  (x's dtype).
+    allow_tf32 is accepted for the contract and ignored: the kernels use exact fp32 FMA."""
+    _check_len(max_len)
+    return _ext_or_raise().tissd_quadratic_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, int(max_len),
+                                               bool(d_skip_delta), bool(dt_softplus))
+
+
+def tissd_quadratic_bwd(dy, x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, *,
+                        d_skip_delta: bool, dt_softplus: bool, allow_tf32: bool = False):
+    """(dx, ddt, dA, dB, dC, dE, ddt_bias, dD): dx, dB, dC in x's dtype, the rest float32; None for a None input."""
+    _check_len(max_len)
+    dx, ddt, dA, dB, dC, dE, ddt_bias, dD = _ext_or_raise().tissd_quadratic_bwd(
+        dy.contiguous(), x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, int(max_len), bool(d_skip_delta), bool(dt_softplus))
+    return (dx, ddt, dA, dB, dC,
+            None if E is None else dE,
+            None if dt_bias is None else ddt_bias,
+            None if D is None else dD)
