@@ -99,7 +99,7 @@ def _run(benchmark, name, dims, dtype_name, mode, group, device="cuda"):
     benchmark.extra_info.update(dims="x".join(map(str, dims)), dtype=dtype_name, mode=mode, variant=name,
                                 floor_ms=round(G.floor_ms(nbytes), 4), floor_bytes=nbytes,
                                 floor_note="bytes / 3.0e12 B/s (H100 d2d copy, DESIGN.md)")
-    if benchmark.enabled:
+    if benchmark.enabled or device == "cuda":
         try:
             fn()  # compile / autotune outside the timing
         except Exception as e:  # noqa: BLE001  (e.g. mamba's fp32 headdim-512 OutOfResources): a result, not a crash

@@ -83,15 +83,15 @@ for stage in "${STAGES[@]}"; do
             --no-build-isolation -e .
         ;;
     kernels)
-        T=$(stage_time 330)
+        T=$(stage_time 360)
         run gpu_check "$T" $PY benchmarks/gpu_check.py --budget-s $((T > 60 ? T - 45 : 15)) \
             --json "$OUT/gpu_check.json" --md "$OUT/gpu_check.md"
         ;;
     table4)
-        run table4 "$(stage_time 180)" $PY -m mmm4rec.bench_table4 --epochs 3 --json "$OUT/table4.json"
+        run table4 "$(stage_time 150)" $PY -m mmm4rec.bench_table4 --epochs 3 --json "$OUT/table4.json"
         ;;
     pytest)
-        run pytest-tests "$(stage_time 150)" $PY -m pytest tests -q -x -m "not slow" -p no:cacheprovider
+        run pytest-tests "$(stage_time 120)" $PY -m pytest tests -q -x -m "not slow" -p no:cacheprovider
         ;;
     bench)
         run pytest-bench "$(stage_time 240)" $PY -m pytest benchmarks/bench_tissd.py -k "paper" --benchmark-only \

@@ -64,7 +64,8 @@ def tissd_quadratic_bwd(dy, x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, m
     """(dx, ddt, dA, dB, dC, dE, ddt_bias, dD): dx, dB, dC in x's dtype, the rest float32; None for a None input."""
     _check_len(max_len)
     dx, ddt, dA, dB, dC, dE, ddt_bias, dD = _ext_or_raise().tissd_quadratic_bwd(
-        dy.contiguous(), x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, int(max_len), bool(d_skip_delta), bool(dt_softplus))
+        dy.contiguous(), x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, int(max_len), bool(d_skip_delta),
+        bool(dt_softplus))
     return (dx, ddt, dA, dB, dC,
             None if E is None else dE,
             None if dt_bias is None else ddt_bias,

@@ -60,7 +60,7 @@ def _softplus(v):
     """log(1 + exp(v)) (v > 20 -> v), with an accurate log1p: log1p(e) = log(1+e) * e / ((1+e) - 1)."""
     e = tl.exp(-tl.abs(v))
     w = 1.0 + e
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
     return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_e)
 
 
@@ -298,12 +298,18 @@ def _bwd_kernel(
         tl.store(dC_ptr + part, dC, mask=bn_ok)
         tl.store(dB_ptr + part, dB, mask=bn_ok)
 
-        # d cs: intra-chunk pairs, the state read (exp(cs_i)), the state written (w_j and exp(cs_L))
-        W = dyu * CB * Mg
-        r = tl.sum(u * Bdh, axis=1)                                                # u_j . (dh B_j)
-        dcs = tl.sum(W, axis=1) - tl.sum(W, axis=0) + ecs * tl.sum(Cm * dyh, axis=1) - wg * r
-        dcs_L = ecs_L * tl.sum(tl.sum(dhT * hT, axis=1), axis=0) + tl.sum(wg * r, axis=0)
-        da = tl.cumsum(dcs, axis=0, reverse=True) + dcs_L                          # a_t enters cs_i for i >= t
+        # da_t (a_t enters cs_i for all i >= t of the chunk), summed directly over the decays that contain a_t, so
+        # that large terms of decays not containing it never cancel (stable after huge steps):
+        #   pairs j < t <= i:       sum_{i >= t} sum_{j < t} W_ij,  W_ij = (dy_i . u_j) (C_i . B_j) dM_ij/d diff
+        #   written state (j < t):  sum_{j < t} dw_j r_j,           r_j = u_j . (dh B_j)
+        #   read state (i >= t):    sum_{i >= t} exp(cs_i) dy_i . (h C_i) ;  plus exp(cs_L) <dh, h> for every t
+        W = tl.where(rq[:, None] > rq[None, :], dyu * CB * Mg, 0.0)
+        F = tl.cumsum(W, axis=1)                                                   # F[i, s] = sum_{j <= s} W_ij
+        r = tl.sum(u * Bdh, axis=1)
+        before = tl.sum(tl.where(rq[:, None] > rq[None, :], F, 0.0), axis=0) + tl.cumsum(wg * r, axis=0)  # at s
+        before = tl.sum(tl.where(rq[:, None] == rq[None, :] + 1, before[None, :], 0.0), axis=1)  # s = t - 1
+        da = before + tl.cumsum(ecs * tl.sum(Cm * dyh, axis=1), axis=0, reverse=True)
+        da += ecs_L * tl.sum(tl.sum(dhT * hT, axis=1), axis=0)
         ddelta = tl.sum(du * x, axis=1) + A * da
         if HAS_D:
             if D_SKIP_DELTA:

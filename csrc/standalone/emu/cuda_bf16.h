@@ -8,4 +8,9 @@ inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even
   u += 0x7fff + ((u >> 16) & 1);
   return __nv_bfloat16{uint16_t(u >> 16)};
 }
-inline float __bfloat162float(__nv_bfloat16 b) { uint32_t u = uint32_t(b.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = uint32_t(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
