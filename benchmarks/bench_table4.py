@@ -8,7 +8,7 @@ extra_info holds the paper's Table 4 figures, scaled to our batch count, and the
     MMM4REC_TABLE4_SCALE=0.1 pytest benchmarks/ -k table4 --benchmark-only
     pytest benchmarks/ -k table4 --benchmark-disable                  # CI: Scientific at scale 0.01, 1 small batch
 
-Without a GPU the sizes shrink (scale 0.01, batch 64, 2 batches per epoch): a smoke test of the harness on CPU,
+Without a GPU the sizes shrink (scale 0.01, batch 64 (quick: 32), 2 batches per epoch (quick: 1)): a smoke test of the harness on CPU,
 not a Table 4 figure.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def test_table4(benchmark, dataset, quick):
         kw = dict(batch_size=1024, grad_accum=8, max_batches=None)
     else:
         scale = float(os.environ.get("MMM4REC_TABLE4_SCALE", "0.01"))
-        kw = dict(batch_size=64, grad_accum=8, max_batches=1 if quick else 2)
+        kw = dict(batch_size=32 if quick else 64, grad_accum=8, max_batches=1 if quick else 2)
     epochs = max(2, int(os.environ.get("MMM4REC_TABLE4_EPOCHS", "3")))
     trainer, info = make_trainer(dataset, scale=scale, epochs=epochs, **kw)
 

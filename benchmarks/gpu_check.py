@@ -223,6 +223,11 @@ def run_checks(device, dtypes, log, deadline=float("inf")):
                         worst, errs = check_one(path, backend, dtype, shape, opts, device, chunk_size=q)
                         passed = worst <= TOL[dtype]
                         detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+                    except ValueError as e:  # refused by the argument checks / dispatcher: not a wrong answer
+                        rows.append(dict(dtype=dname, variant=label, case=cname, worst=float("nan"), passed=True,
+                                         skipped=True, detail=f"refused: {str(e)[:160]}"))
+                        log(f"  [n/a ] {dname} {label:28s} {cname:12s} refused: {str(e)[:120]}")
+                        continue
                     except Exception as e:  # noqa: BLE001
                         worst, passed, detail = float("nan"), False, f"{type(e).__name__}: {str(e)[:160]}"
                     ok &= passed
@@ -278,7 +283,7 @@ def time_variant(f, inp, dy, warmup=25, rep=100):
             res.append(do_bench_ms(fn, warmup, rep))
         except Exception as e:  # noqa: BLE001
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-            res.append("FAIL " + msg)
+            res.append(("n/a " if isinstance(e, ValueError) else "FAIL ") + msg)  # ValueError: refused by dispatch
             sync()
             empty_cache()
     return tuple(res)
@@ -553,7 +558,7 @@ def main(argv=None):
         nskip = sum(bool(r.get("skipped")) for r in out["checks"])
         md.append(f"\ncorrectness: {'ALL PASS' if ok else 'FAILURES'} "
                   f"({sum(r['passed'] and not r.get('skipped') for r in out['checks'])}/{len(out['checks']) - nskip} "
-                  f"cases passed" + (f", {nskip} skipped for time" if nskip else "") + ")")
+                  f"cases passed" + (f", {nskip} skipped (time budget or refused by dispatch)" if nskip else "") + ")")
         md += [f"- FAIL {r['dtype']} {r['variant']} {r['case']}: {r['detail']}" for r in out["checks"]
                if not r["passed"]][:20]
     md.append(f"total {time.time() - t0:.0f} s")

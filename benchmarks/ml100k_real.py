@@ -75,7 +75,7 @@ def run(data, use_time: bool, a) -> dict:
                             feat_dim=data.text_feats.shape[1])
     model = build_model(cfg, data)
     tr = Trainer(model, data, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum, epochs=a.epochs,
-                 patience=a.patience, seed=a.seed, device=a.device, progress=not a.quiet,
+                 patience=a.patience, seed=a.seed, device=a.device, progress=not a.quiet, max_batches=a.max_batches,
                  out_dir=os.path.join(a.out, "time" if use_time else "notime") if a.out else None)
     s = tr.fit()
     s["mean_epoch_seconds"] = sum(s["epoch_seconds"]) / max(len(s["epoch_seconds"]), 1)
@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--out", default=None, help="run dir for checkpoints/logs (default: none)")
+    ap.add_argument("--max-batches", type=int, default=None,
+                    help="cap training batches per epoch (a CPU smoke run; numbers are then undertrained)")
     ap.add_argument("--skip-notime", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)

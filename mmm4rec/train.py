@@ -84,7 +84,8 @@ def load_checkpoint(path: str, data, device=None, **config_overrides):
         raise ValueError(f"checkpoint {path} has {meta['num_items']} items, dataset {data.name!r} has "
                          f"{data.num_items}; for another domain use load_pretrained / --init")
     cfg = MMM4RecConfig.from_dict({**meta["model_config"], **config_overrides})
-    data.with_max_len(cfg.max_len) if data.max_len != cfg.max_len else None
+    if data.max_len != cfg.max_len:
+        data.with_max_len(cfg.max_len)
     model = build_model(cfg, data)
     load_model(model, os.path.join(path, "model.safetensors"), strict=True)
     return model.to(resolve_device(device))

@@ -25,7 +25,7 @@ PATHS = ("auto", "quadratic", "chunked", "reference")
 # Longest sequence the auto path sends to the quadratic kernels (documented default until measured on H100/H200).
 QUADRATIC_MAX_L = int(os.environ.get("MMM4REC_QUADRATIC_MAX_L", "256"))
 # Longest sequence the quadratic kernels accept at all (one block holds the whole L x L score tile).
-QUADRATIC_HARD_MAX_L = 512
+QUADRATIC_HARD_MAX_L = 256
 # Per (device class, path): which fused backend measured faster.  Empty until GPU measurements land in
 # benchmarks/RESULTS.md; then e.g. {("H100", "quadratic"): "cuda"}.
 MEASURED_FASTEST: dict = {}

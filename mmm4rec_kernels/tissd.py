@@ -219,7 +219,7 @@ def tissd(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delt
         initial_states: [nseq, H, P, n]; return_final_states: also return the states [nseq, H, P, n] (fp32).
         z, norm_weight: optional gated-RMSNorm epilogue out = RMSNorm(y * SiLU(z)) * norm_weight over H*P channels
             (groups of norm_group_size), z [b, L, H, P] or None, norm_weight [H*P].
-        path: 'auto' | 'quadratic' (O(L^2 N), fused, L <= 512) | 'chunked' (O(L N^2)) | 'reference' (naive loop).
+        path: 'auto' | 'quadratic' (O(L^2 N), fused, L <= 256) | 'chunked' (O(L N^2)) | 'reference' (naive loop).
         backend: 'auto' | 'triton' | 'cuda' (quadratic only) | 'torch'.  `explain(...)` tells what auto picks.
         chunk_size: chunk length Q of the chunked path.  allow_tf32: let fp32 dot products use TF32 on GPU.
     Returns:
@@ -245,6 +245,8 @@ def tissd(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delt
         meta = dict(module=_backend_module(choice), path=choice.path, max_len=max_len, chunk_size=chunk_size,
                     return_final_states=return_final_states,
                     opts=dict(d_skip_delta=d_skip == "delta", dt_softplus=dt_softplus, allow_tf32=allow_tf32))
+        if choice.backend == "triton" and choice.path == "quadratic" and cu_seqlens is None:
+            meta["opts"]["padded"] = True  # right-padded layout: the kernels write the padding zeros themselves
         tok = lambda t, *s: None if t is None else t.reshape(T, *s)  # noqa: E731
         out = _FusedTiSSD.apply(tok(x, H, P), tok(dt, H), A, tok(B, G, n), tok(C, G, n), tok(time_scale, H),
                                 dt_bias, D, initial_states, seq_start, seq_len, meta)

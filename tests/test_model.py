@@ -161,11 +161,16 @@ def test_tissd_shared_between_streams():
     m = make_model()
     assert m.tissd_image is None
     calls = []
-    hook = m.tissd[0].register_forward_hook(lambda mod, args, out: calls.append(mod))
+    hook = m.tissd[0].register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     items, times, lengths, _ = make_batch()
-    m.encode(items, times, lengths)
+    m.eval()
+    user = m.encode(items, times, lengths)
     hook.remove()
-    assert len(calls) == 2 and calls[0] is calls[1]              # one module applied to both streams
+    assert calls == [2 * len(items)]             # one module, one call on the [text; image] batch of 2b sequences
+    # ... which equals applying that one module to each stream separately
+    m.tissd_image = m.tissd
+    torch.testing.assert_close(m.encode(items, times, lengths), user, rtol=1e-5, atol=1e-6)
+    m.tissd_image = None
     tissd_params = {id(p) for p in m.tissd.parameters()}
     assert sum(p.numel() for p in m.tissd.parameters()) == tissd_param_count(c)
     # stream-specific LNs / FFNs are distinct
@@ -211,7 +216,7 @@ def test_use_time_false_passes_no_time_scale(monkeypatch):
     monkeypatch.setattr(mmm4rec_kernels, "ticossd", spy)
     items, times, lengths, _ = make_batch()
     make_model(use_time=False).encode(items, times, lengths)
-    assert len(seen) == 3 and all(t is None for t in seen)
+    assert len(seen) == 2 and all(t is None for t in seen)      # the batched TiSSD call + the cross-SSD
     assert make_model(use_time=False).fourier is None
 
 
@@ -289,7 +294,7 @@ def test_ssd_calls_go_through_mmm4rec_kernels(monkeypatch):
     m = make_model(n_layers=2, path="quadratic")
     items, times, lengths, target = make_batch()
     m.loss(items, times, lengths, target).backward()
-    assert counts == {"tissd": 4, "ticossd": 1}                     # 2 layers x 2 streams + the cross-SSD
+    assert counts == {"tissd": 2, "ticossd": 1}      # 2 layers (both streams batched in one call) + the cross-SSD
     for kw in kwargs_seen:
         assert kw["backend"] == "torch" and kw["path"] == "quadratic" and kw["d_skip"] == "delta"
         assert torch.equal(kw["lengths"], lengths)

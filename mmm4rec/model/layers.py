@@ -283,4 +283,8 @@ class StreamLayer(nn.Module):
 
     def forward(self, tissd: TiSSD, h, D, mask, lengths):
         out, D_next = tissd(h, D, mask, lengths)
-        return self.ffn(self.norm(self.dropout(out) + h)), D_next
+        return self.residual(out, h), D_next
+
+    def residual(self, out, h):
+        """The wrapper alone, for a TiSSD output computed elsewhere: FFN(LN(Dropout(out) + h))."""
+        return self.ffn(self.norm(self.dropout(out) + h))

@@ -143,10 +143,18 @@ class MMM4Rec(nn.Module):
         ht = self.text_in_norm(self.emb_dropout(self.text_emb(items)))
         hv = self.image_in_norm(self.emb_dropout(self.image_emb(items)))
         Dt = Dv = self.time_encoder(times, mask) if self.time_encoder is not None else None
-        image_tissd = self.tissd if self.tissd_image is None else self.tissd_image
         for i in range(self.config.n_layers):
-            ht, Dt = self.text_layers[i](self.tissd[i], ht, Dt, mask, lengths)
-            hv, Dv = self.image_layers[i](image_tissd[i], hv, Dv, mask, lengths)
+            if self.tissd_image is None:
+                # Shared weights: run both streams through ONE TiSSD call on a [2b, ...] batch (one kernel launch
+                # per op instead of two; every op is per-sequence, so this equals two separate calls).
+                both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+                out, D2 = self.tissd[i](both(ht, hv), both(Dt, Dv), both(mask, mask), both(lengths, lengths))
+                out_t, out_v = out.chunk(2)
+                Dt, Dv = (None, None) if D2 is None else D2.chunk(2)
+                ht, hv = self.text_layers[i].residual(out_t, ht), self.image_layers[i].residual(out_v, hv)
+            else:
+                ht, Dt = self.text_layers[i](self.tissd[i], ht, Dt, mask, lengths)
+                hv, Dv = self.image_layers[i](self.tissd_image[i], hv, Dv, mask, lengths)
         Dco = self.fourier(Dv, Dt, mask) if self.fourier is not None else None
         M = self.ticossd(ht, hv, Dco, mask, lengths)
         Y = self.co_ffn(self.co_norm(self.co_dropout(M) + hv + ht))

@@ -35,10 +35,29 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DOT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _configs():
-    if _INTERPRET:
+# fp32 dots: "tf32x3" (three TF32 tensor-core products, ~fp32 accurate) unless allow_tf32 asks for plain "tf32";
+# "ieee" lowers to FMA loops that spill heavily at these tile sizes (checked by compiling for sm_90).
+_FP32_PRECISION = "tf32x3"
+
+
+def _bwd_configs():
+    if _INTERPRET:  # the interpreter runs one config
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+
+
+def _fwd_configs():
+    """The forward has no per-P-block buffers, so BLOCK_P is tuned too (pruned to <= next_pow2(P))."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_P": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_P": bp}, num_warps=w, num_stages=s)
+            for bp in (32, 64) for w in (4, 8) for s in (1, 2)]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    p = max(16, triton.next_power_of_2(named_args["P"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_P"] <= p]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"])]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,17 +84,14 @@ def _softplus(v):
 
 
 @triton.jit
-def _load_v(dt_ptr, E_ptr, bias_ptr, tok, h, H, ok, HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """v_t = dt_t * E_t + dt_bias for tokens tok [Q] (int64) of head h; returns (v, dt, E), 0 where not ok."""
-    dt = tl.load(dt_ptr + tok * H + h, mask=ok, other=0.0).to(tl.float32)
+def _load_v(dt_ptrs, E_ptrs, bias_ptr, offs, ok, HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """v_t = dt_t * E_t + dt_bias at dt_ptrs + offs ([Q] steps of one head); 0 * E + bias where not ok."""
+    v = tl.load(dt_ptrs + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_E:
-        E = tl.load(E_ptr + tok * H + h, mask=ok, other=0.0).to(tl.float32)
-    else:
-        E = tl.full(dt.shape, 1.0, tl.float32)
-    v = dt * E
+        v *= tl.load(E_ptrs + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        v += tl.load(bias_ptr + h).to(tl.float32)
-    return v, dt, E
+        v += tl.load(bias_ptr).to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -104,17 +120,19 @@ def _chunk_cumsum(a, Q: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["H", "G", "P", "N", "Q", "BLOCK_P", "BLOCK_N", "DOT"])
+@triton.autotune(configs=_fwd_configs(), key=["H", "G", "P", "N", "Q", "BLOCK_N", "DOT"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, D_ptr, start_ptr, len_ptr, h0_ptr, y_ptr, hT_ptr,
-    H, G, P, N, n_pb,
+    H, G, P, N,
     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
     STORE_FINAL: tl.constexpr, ITERS: tl.constexpr, D_SKIP_DELTA: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # program -> (sequence, head, P-block); P-block fastest so neighbours share B, C, dt in L2
     pid = tl.program_id(0)
+    n_pb = tl.cdiv(P, BLOCK_P)
     pb = pid % n_pb
     h = (pid // n_pb) % H
     seq = (pid // (n_pb * H)).to(tl.int64)
@@ -128,60 +146,59 @@ def _fwd_kernel(
     rn = tl.arange(0, BLOCK_N)
     p_ok = rp < P
     n_ok = rn < N
-    causal = rq[:, None] >= rq[None, :]
     # state, transposed: hT [BLOCK_N, BLOCK_P], hT[k, p] = h[p, k]; stored as [nseq, H, P, N]
     s_off = (seq * H + h) * P * N
-    s_ptrs = s_off + rp[None, :] * N + rn[:, None]
+    s_idx = rp[None, :] * N + rn[:, None]
     s_mask = n_ok[:, None] & p_ok[None, :]
     if HAS_H0:
-        hT = tl.load(h0_ptr + s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
+        hT = tl.load(h0_ptr + s_off + s_idx, mask=s_mask, other=0.0).to(tl.float32)
     else:
         hT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
     if HAS_D:
         Dh = tl.load(D_ptr + h).to(tl.float32)
     # chunks of this sequence; ITERS > 0: fixed trip count instead (see _iters), extra chunks are masked no-ops
     for c in range(0, ITERS if ITERS > 0 else tl.cdiv(length, Q)):
-        t = c * Q + rq
-        ok = t < length
-        tok = start + t                                                            # [Q] int64
-        v, dt, E = _load_v(dt_ptr, E_ptr, bias_ptr, tok, h, H, ok, HAS_E, HAS_BIAS)
+        ok = c * Q + rq < length                                                   # [Q] valid steps
+        tok0 = start + c * Q                                                       # first token (int64)
+        v = _load_v(dt_ptr + tok0 * H + h, E_ptr + tok0 * H + h, bias_ptr + h, rq * H, ok, HAS_E, HAS_BIAS)
         delta = _delta(v, ok, DT_SOFTPLUS)                                         # [Q]
         hi, lo, hi_L, lo_L = _chunk_cumsum(A * delta, Q)
-
-        x_ptrs = tok[:, None] * (H * P) + h * P + rp[None, :]
-        xp_ok = ok[:, None] & p_ok[None, :]
-        x = tl.load(x_ptr + x_ptrs, mask=xp_ok, other=0.0).to(tl.float32)          # [Q, BP]
-        bc_ptrs = tok[:, None] * (G * N) + g * N + rn[None, :]
+        # decay M_ij = exp(min(cs_i - cs_j, 0)) for j <= i, times C_i . B_j
+        bc_off = rq[:, None] * (G * N) + rn[None, :]
         bn_ok = ok[:, None] & n_ok[None, :]
-        Bm = tl.load(B_ptr + bc_ptrs, mask=bn_ok, other=0.0)                        # [Q, BN]
-        Cm = tl.load(C_ptr + bc_ptrs, mask=bn_ok, other=0.0)                        # [Q, BN]
-
-        # decay M_ij = exp(min(cs_i - cs_j, 0)) for j <= i
+        Bm = tl.load(B_ptr + (tok0 * G + g) * N + bc_off, mask=bn_ok, other=0.0)   # [Q, BN]
+        Cm = tl.load(C_ptr + (tok0 * G + g) * N + bc_off, mask=bn_ok, other=0.0)   # [Q, BN]
         diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-        M = tl.where(causal, tl.exp(tl.minimum(diff, 0.0)), 0.0)                  # [Q, Q]
-        CB = _dot(Cm, tl.trans(Bm), DOT, PRECISION)                                # [Q, Q]  C_i . B_j
-        u = x * delta[:, None]                                                     # [Q, BP] Delta_j x_j
-        y = _dot(CB * M, u, DOT, PRECISION)
-        y += tl.exp(hi + lo)[:, None] * _dot(Cm, hT, DOT, PRECISION)               # exp(cs_i) C_i . h[p, :]
-        if HAS_D:
+        S = tl.where(rq[:, None] >= rq[None, :], tl.exp(tl.minimum(diff, 0.0)), 0.0)
+        S *= _dot(Cm, tl.trans(Bm), DOT, PRECISION)                                # [Q, Q]
+
+        x_off = rq[:, None] * (H * P) + rp[None, :]
+        xp_ok = ok[:, None] & p_ok[None, :]
+        x = tl.load(x_ptr + (tok0 * H + h) * P + x_off, mask=xp_ok, other=0.0).to(tl.float32)  # [Q, BP]
+        if HAS_D:                                                                  # skip: D s_i x_i
             if D_SKIP_DELTA:
-                y += (Dh * delta)[:, None] * x
+                y = (Dh * delta)[:, None] * x
             else:
-                y += Dh * x
-        tl.store(y_ptr + x_ptrs, y.to(y_ptr.dtype.element_ty), mask=xp_ok)
+                y = Dh * x
+        else:
+            y = tl.zeros([Q, BLOCK_P], dtype=tl.float32)
+        u = x * delta[:, None]                                                     # [Q, BP] Delta_j x_j
+        y += _dot(S, u, DOT, PRECISION)
+        y += tl.exp(hi + lo)[:, None] * _dot(Cm, hT, DOT, PRECISION)               # exp(cs_i) C_i . h[p, :]
+        tl.store(y_ptr + (tok0 * H + h) * P + x_off, y.to(y_ptr.dtype.element_ty), mask=xp_ok)
 
         # h <- exp(cs_L) h + sum_j exp(min(cs_L - cs_j, 0)) u_j B_j^T   (as hT += B_w^T [BN, Q] @ u [Q, BP])
         w = tl.exp(tl.minimum((hi_L - hi) + (lo_L - lo), 0.0))                     # [Q]
         hT = tl.exp(hi_L + lo_L) * hT + _dot(tl.trans(Bm.to(tl.float32) * w[:, None]), u, DOT, PRECISION)
 
     if STORE_FINAL:
-        tl.store(hT_ptr + s_ptrs, hT, mask=s_mask)
+        tl.store(hT_ptr + s_off + s_idx, hT, mask=s_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["H", "G", "P", "N", "Q", "BLOCK_P", "BLOCK_N", "DOT"])
+@triton.autotune(configs=_bwd_configs(), key=["H", "G", "P", "N", "Q", "BLOCK_P", "BLOCK_N", "DOT"])
 @triton.jit
 def _bwd_kernel(
     dy_ptr, dhT_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, D_ptr, start_ptr, len_ptr, h0_ptr,
@@ -210,121 +227,116 @@ def _bwd_kernel(
     rn = tl.arange(0, BLOCK_N)
     p_ok = rp < P
     n_ok = rn < N
-    causal = rq[:, None] >= rq[None, :]
-    s_off = (seq * H + h) * P * N
-    s_ptrs = rp[None, :] * N + rn[:, None]                                         # hT [BN, BP] in a [P, N] block
+    s_off = (seq * H + h) * P * N                                                  # [P, N] block of (seq, h)
+    s_idx = rp[None, :] * N + rn[:, None]                                          # hT [BN, BP] inside it
     s_mask = n_ok[:, None] & p_ok[None, :]
-    st_off = (seq * H + h) * n_chunks * P * N                                      # chunk-start states scratch
     if HAS_D:
         Dh = tl.load(D_ptr + h).to(tl.float32)
 
     # ---- pass 1: forward state passing, store the state entering every chunk ----
     if HAS_H0:
-        hT = tl.load(h0_ptr + s_off + s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
+        hT = tl.load(h0_ptr + s_off + s_idx, mask=s_mask, other=0.0).to(tl.float32)
     else:
         hT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
     for c in range(0, ITERS if ITERS > 0 else nc):
-        tl.store(states_ptr + st_off + c * P * N + s_ptrs, hT, mask=s_mask)
-        t = c * Q + rq
-        ok = t < length
-        tok = start + t
-        v, dt, E = _load_v(dt_ptr, E_ptr, bias_ptr, tok, h, H, ok, HAS_E, HAS_BIAS)
+        tl.store(states_ptr + ((seq * H + h) * n_chunks + c) * (P * N) + s_idx, hT, mask=s_mask)  # chunk start
+        ok = c * Q + rq < length
+        tok0 = start + c * Q
+        v = _load_v(dt_ptr + tok0 * H + h, E_ptr + tok0 * H + h, bias_ptr + h, rq * H, ok, HAS_E, HAS_BIAS)
         delta = _delta(v, ok, DT_SOFTPLUS)
         hi, lo, hi_L, lo_L = _chunk_cumsum(A * delta, Q)
-        x = tl.load(x_ptr + tok[:, None] * (H * P) + h * P + rp[None, :],
-                    mask=ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
-        Bm = tl.load(B_ptr + tok[:, None] * (G * N) + g * N + rn[None, :],
+        w = tl.exp(tl.minimum((hi_L - hi) + (lo_L - lo), 0.0)) * delta            # decay to chunk end * Delta
+        Bm = tl.load(B_ptr + (tok0 * G + g) * N + rq[:, None] * (G * N) + rn[None, :],
                      mask=ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        w = tl.exp(tl.minimum((hi_L - hi) + (lo_L - lo), 0.0))
-        hT = tl.exp(hi_L + lo_L) * hT + _dot(tl.trans(Bm * w[:, None]), x * delta[:, None], DOT, PRECISION)
+        x = tl.load(x_ptr + (tok0 * H + h) * P + rq[:, None] * (H * P) + rp[None, :],
+                    mask=ok[:, None] & p_ok[None, :], other=0.0)
+        hT = tl.exp(hi_L + lo_L) * hT + _dot(tl.trans(Bm * w[:, None]), x, DOT, PRECISION)
     tl.debug_barrier()  # the states written above are read back below by other threads of this program
 
     # ---- pass 2: reverse sweep carrying dhT [BN, BP] = d loss / d (state leaving the chunk), transposed ----
     if HAS_DFINAL:
-        dhT = tl.load(dhT_ptr + s_off + s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
+        dhT = tl.load(dhT_ptr + s_off + s_idx, mask=s_mask, other=0.0).to(tl.float32)
     else:
         dhT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
     dA_acc = tl.zeros([Q], dtype=tl.float32)                                       # per-step partial sums
     dD_acc = tl.zeros([Q], dtype=tl.float32)
-    slot = (pb * R + h % R).to(tl.int64)                                          # dB / dC partial slot
+    part_off = (pb * R + h % R).to(tl.int64) * T * G * N                           # dB / dC partial slot
     for i in range(0, ITERS if ITERS > 0 else nc):
         c = (ITERS if ITERS > 0 else nc) - 1 - i
-        t = c * Q + rq
-        ok = t < length
-        tok = start + t
-        v, dt, E = _load_v(dt_ptr, E_ptr, bias_ptr, tok, h, H, ok, HAS_E, HAS_BIAS)
+        ok = c * Q + rq < length
+        tok0 = start + c * Q
+        v = _load_v(dt_ptr + tok0 * H + h, E_ptr + tok0 * H + h, bias_ptr + h, rq * H, ok, HAS_E, HAS_BIAS)
         delta = _delta(v, ok, DT_SOFTPLUS)
         hi, lo, hi_L, lo_L = _chunk_cumsum(A * delta, Q)
-        x_ptrs = tok[:, None] * (H * P) + h * P + rp[None, :]
-        xp_ok = ok[:, None] & p_ok[None, :]
-        x = tl.load(x_ptr + x_ptrs, mask=xp_ok, other=0.0).to(tl.float32)          # [Q, BP]
-        dy = tl.load(dy_ptr + x_ptrs, mask=xp_ok, other=0.0).to(tl.float32)        # [Q, BP]
-        bc_ptrs = tok[:, None] * (G * N) + g * N + rn[None, :]
-        bn_ok = ok[:, None] & n_ok[None, :]
-        Bm = tl.load(B_ptr + bc_ptrs, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
-        Cm = tl.load(C_ptr + bc_ptrs, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
-        hT = tl.load(states_ptr + st_off + c * P * N + s_ptrs, mask=s_mask, other=0.0)  # state entering chunk
-
-        diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-        M = tl.where(causal, tl.exp(tl.minimum(diff, 0.0)), 0.0)                  # decay, [Q, Q]
-        Mg = tl.where(diff <= 0.0, M, 0.0)                                         # d M / d diff (clamp inactive)
         dL = (hi_L - hi) + (lo_L - lo)
         w = tl.exp(tl.minimum(dL, 0.0))                                            # decay j -> chunk end, [Q]
-        wg = tl.where(dL <= 0.0, w, 0.0)
+        wg = tl.where(dL <= 0.0, w, 0.0)                                           # its derivative (clamp off)
         ecs = tl.exp(hi + lo)                                                      # exp(cs_i), [Q]
         ecs_L = tl.exp(hi_L + lo_L)
-        CB = _dot(Cm, tl.trans(Bm), DOT, PRECISION)                                # [Q, Q]
-        u = x * delta[:, None]                                                     # [Q, BP]
+        x_off = (tok0 * H + h) * P + rq[:, None] * (H * P) + rp[None, :]
+        xp_ok = ok[:, None] & p_ok[None, :]
+        x = tl.load(x_ptr + x_off, mask=xp_ok, other=0.0).to(tl.float32)           # [Q, BP]
+        dy = tl.load(dy_ptr + x_off, mask=xp_ok, other=0.0).to(tl.float32)         # [Q, BP]
+        u = x * delta[:, None]                                                     # [Q, BP] Delta_j x_j
+        bc_off = (tok0 * G + g) * N + rq[:, None] * (G * N) + rn[None, :]
+        bn_ok = ok[:, None] & n_ok[None, :]
+        Bm = tl.load(B_ptr + bc_off, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
+        Cm = tl.load(C_ptr + bc_off, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
 
-        # du_j = sum_i S_ij dy_i + w_j dh B_j     (S = CB * M)
-        Bdh = _dot(Bm, dhT, DOT, PRECISION)                                        # [Q, BP] (dh B_j)_p
-        du = _dot(tl.trans(CB * M), dy, DOT, PRECISION) + w[:, None] * Bdh
-        dx = delta[:, None] * du
-        xdy = tl.sum(x * dy, axis=1)                                               # [Q] x_t . dy_t (this block)
-        if HAS_D:
-            if D_SKIP_DELTA:
-                dx += (Dh * delta)[:, None] * dy
-            else:
-                dx += Dh * dy
-        tl.store(dx_ptr + x_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=xp_ok)
-
-        # dC_i = sum_j dG_ij B_j + exp(cs_i) h dy_i ; dB_j = sum_i dG_ij C_i + w_j dh^T u_j ; dG = (dy u^T) * M
+        # decay M_ij = exp(min(cs_i - cs_j, 0)) (j <= i); S_ij = (C_i . B_j) M_ij
+        diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
+        M = tl.where(rq[:, None] >= rq[None, :], tl.exp(tl.minimum(diff, 0.0)), 0.0)
+        S = M * _dot(Cm, tl.trans(Bm), DOT, PRECISION)                            # [Q, Q]
         dyu = _dot(dy, tl.trans(u), DOT, PRECISION)                                # [Q, Q] dy_i . u_j
-        dG = dyu * M
-        dyh = _dot(dy, tl.trans(hT), DOT, PRECISION)                               # [Q, BN] sum_p dy_ip h[p, k]
-        dC = _dot(dG, Bm, DOT, PRECISION) + ecs[:, None] * dyh
-        dB = _dot(tl.trans(dG), Cm, DOT, PRECISION) + w[:, None] * _dot(u, tl.trans(dhT), DOT, PRECISION)
-        part = slot * T * G * N + bc_ptrs
-        tl.store(dC_ptr + part, dC, mask=bn_ok)
-        tl.store(dB_ptr + part, dB, mask=bn_ok)
-
         # da_t (a_t enters cs_i for all i >= t of the chunk), summed directly over the decays that contain a_t, so
         # that large terms of decays not containing it never cancel (stable after huge steps):
-        #   pairs j < t <= i:       sum_{i >= t} sum_{j < t} W_ij,  W_ij = (dy_i . u_j) (C_i . B_j) dM_ij/d diff
+        #   pairs j < t <= i:       sum_{i >= t} sum_{j < t} W_ij,  W_ij = (dy_i . u_j) S_ij where the clamp is off
         #   written state (j < t):  sum_{j < t} dw_j r_j,           r_j = u_j . (dh B_j)
         #   read state (i >= t):    sum_{i >= t} exp(cs_i) dy_i . (h C_i) ;  plus exp(cs_L) <dh, h> for every t
-        W = tl.where(rq[:, None] > rq[None, :], dyu * CB * Mg, 0.0)
+        W = tl.where((rq[:, None] > rq[None, :]) & (diff <= 0.0), dyu * S, 0.0)
+        dG = dyu * M                                                               # d loss / d (C_i . B_j)
         F = tl.cumsum(W, axis=1)                                                   # F[i, s] = sum_{j <= s} W_ij
-        r = tl.sum(u * Bdh, axis=1)
-        before = tl.sum(tl.where(rq[:, None] > rq[None, :], F, 0.0), axis=0) + tl.cumsum(wg * r, axis=0)  # at s
-        before = tl.sum(tl.where(rq[:, None] == rq[None, :] + 1, before[None, :], 0.0), axis=1)  # s = t - 1
-        da = before + tl.cumsum(ecs * tl.sum(Cm * dyh, axis=1), axis=0, reverse=True)
-        da += ecs_L * tl.sum(tl.sum(dhT * hT, axis=1), axis=0)
-        ddelta = tl.sum(du * x, axis=1) + A * da
+        before = tl.sum(tl.where(rq[:, None] > rq[None, :], F, 0.0), axis=0)       # [Q] at s: pairs j <= s < i
+
+        # du_j = sum_i S_ij dy_i + w_j dh B_j ;  dx = Delta du + skip ;  dDelta_j += du_j . x_j
+        Bdh = _dot(Bm, dhT, DOT, PRECISION)                                        # [Q, BP] (dh B_j)_p
+        du = _dot(tl.trans(S), dy, DOT, PRECISION) + w[:, None] * Bdh
+        r = tl.sum(u * Bdh, axis=1)                                                # u_j . (dh B_j)
+        before += tl.cumsum(wg * r, axis=0)
+        ddelta = tl.sum(du * x, axis=1)
+        dx = delta[:, None] * du
         if HAS_D:
+            xdy = tl.sum(x * dy, axis=1)                                           # [Q] x_t . dy_t (this block)
             if D_SKIP_DELTA:
+                dx += (Dh * delta)[:, None] * dy
                 ddelta += Dh * xdy
                 dD_acc += delta * xdy
             else:
+                dx += Dh * dy
                 dD_acc += xdy
-        tl.store(ddelta_ptr + pb.to(tl.int64) * T * H + tok * H + h, ddelta, mask=ok)
+        tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=xp_ok)
+
+        # dC_i = sum_j dG_ij B_j + exp(cs_i) h dy_i ;  dB_j = sum_i dG_ij C_i + w_j dh^T u_j
+        hT = tl.load(states_ptr + ((seq * H + h) * n_chunks + c) * (P * N) + s_idx, mask=s_mask, other=0.0)
+        dyh = _dot(dy, tl.trans(hT), DOT, PRECISION)                               # [Q, BN] sum_p dy_ip h[p, k]
+        dC = _dot(dG, Bm, DOT, PRECISION) + ecs[:, None] * dyh
+        tl.store(dC_ptr + part_off + bc_off, dC, mask=bn_ok)
+        dB = _dot(tl.trans(dG), Cm, DOT, PRECISION) + w[:, None] * _dot(u, tl.trans(dhT), DOT, PRECISION)
+        tl.store(dB_ptr + part_off + bc_off, dB, mask=bn_ok)
+
+        # da = (value at s = t - 1 of `before`) + read-state terms;  dDelta += A da ;  dA += Delta da
+        da = tl.sum(tl.where(rq[:, None] == rq[None, :] + 1, before[None, :], 0.0), axis=1)
+        da += tl.cumsum(ecs * tl.sum(Cm * dyh, axis=1), axis=0, reverse=True)
+        da += ecs_L * tl.sum(tl.sum(dhT * hT, axis=1), axis=0)
+        ddelta += A * da
+        tl.store(ddelta_ptr + pb.to(tl.int64) * T * H + (tok0 + rq) * H + h, ddelta, mask=ok)
         dA_acc += delta * da
 
         # dh (entering the chunk) = exp(cs_L) dh + sum_i exp(cs_i) dy_i C_i^T
         dhT = ecs_L * dhT + _dot(tl.trans(Cm * ecs[:, None]), dy, DOT, PRECISION)
 
     if HAS_H0:
-        tl.store(dh0_ptr + s_off + s_ptrs, dhT, mask=s_mask)
+        tl.store(dh0_ptr + s_off + s_idx, dhT, mask=s_mask)
     tl.store(dA_ptr + pid, tl.sum(dA_acc, axis=0))
     tl.store(dD_ptr + pid, tl.sum(dD_acc, axis=0))
 
@@ -336,7 +348,7 @@ def _bwd_dt_kernel(
     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, ITERS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """Per (sequence, head): dDelta = sum of the P-block partials; dv = dDelta * sigmoid(v) (softplus);
+    """Per (sequence, head): dDelta = sum of the P-block partials [N_PB, T, H]; dv = dDelta * sigmoid(v) (softplus);
     ddt = dv E, dE = dv dt, dbias[seq, h] = sum_t dv."""
     pid = tl.program_id(0)
     h = pid % H
@@ -346,25 +358,25 @@ def _bwd_dt_kernel(
     rt = tl.arange(0, BLOCK_T)
     acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     for c in range(0, ITERS if ITERS > 0 else tl.cdiv(length, BLOCK_T)):  # ITERS: see _iters
-        t = c * BLOCK_T + rt
-        ok = t < length
-        tok = start + t
+        ok = c * BLOCK_T + rt < length
+        off = (start + c * BLOCK_T) * H + h + rt * H                              # token-head offsets
         dd = tl.zeros([BLOCK_T], dtype=tl.float32)
-        part_ptrs = ddelta_ptr + tok * H + h
-        for k in range(0, N_PB):                                                   # partials [n_pb, T, H]
-            dd += tl.load(part_ptrs, mask=ok, other=0.0)
-            part_ptrs += TH
-        v, dt, E = _load_v(dt_ptr, E_ptr, bias_ptr, tok, h, H, ok, HAS_E, HAS_BIAS)
+        parts = ddelta_ptr + off
+        for k in range(0, N_PB):
+            dd += tl.load(parts, mask=ok, other=0.0)
+            parts += TH
+        dt = tl.load(dt_ptr + off, mask=ok, other=0.0)
+        v = _load_v(dt_ptr, E_ptr, bias_ptr + h, off, ok, HAS_E, HAS_BIAS)
         if DT_SOFTPLUS:
-            dv = dd / (1.0 + tl.exp(-v))
+            dv = dd / (1.0 + tl.exp(-v))                                           # d softplus = sigmoid
         else:
             dv = dd
         dv = tl.where(ok, dv, 0.0)
         if HAS_E:
-            tl.store(ddt_ptr + tok * H + h, dv * E, mask=ok)
-            tl.store(dE_ptr + tok * H + h, dv * dt, mask=ok)
+            tl.store(ddt_ptr + off, dv * tl.load(E_ptr + off, mask=ok, other=0.0), mask=ok)
+            tl.store(dE_ptr + off, dv * dt, mask=ok)
         else:
-            tl.store(ddt_ptr + tok * H + h, dv, mask=ok)
+            tl.store(ddt_ptr + off, dv, mask=ok)
         acc += dv
     tl.store(dbias_ptr + pid, tl.sum(acc, axis=0))
 
@@ -420,11 +432,19 @@ def _check(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, initial_s
     return T, H, P, G, N, nseq
 
 
-def _blocks(P, N):
-    """BLOCK_P (state rows per program) and BLOCK_N (whole state width, padded to a power of 2 >= 16)."""
-    block_n = max(16, triton.next_power_of_2(N))
-    block_p = min(64 if block_n <= 64 else 32, max(16, triton.next_power_of_2(P)))
-    return block_p, block_n
+def _block_n(N):
+    """The whole state width n in one tile, padded to a power of 2 >= 16 (tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(N))
+
+
+def _bwd_block_p(P, N):
+    """State rows per backward program.  Fixed (not autotuned): the partial dB / dC / dDelta buffers have one slot
+    per P-block.  64 keeps P = 64 in one block (no partial sums); 32 when n > 64 to bound registers."""
+    return min(64 if N <= 64 else 32, max(16, triton.next_power_of_2(P)))
+
+
+def _precision(allow_tf32):
+    return "tf32" if allow_tf32 else _FP32_PRECISION
 
 
 def _iters(max_len, block):
@@ -453,17 +473,15 @@ def tissd_chunked_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len
     final = torch.empty(nseq, H, P, N, device=x.device, dtype=torch.float32) if return_final_states else None
     if nseq == 0 or H == 0 or P == 0:
         return y, final
-    block_p, block_n = _blocks(P, N)
-    n_pb = triton.cdiv(P, block_p)
     dummy = x  # stands in for absent optional pointers (never read: guarded by constexpr flags)
-    _fwd_kernel[(nseq * H * n_pb,)](
+    _fwd_kernel[lambda meta: (nseq * H * triton.cdiv(P, meta["BLOCK_P"]),)](
         x, dt, A, B, C, dummy if E is None else E, dummy if dt_bias is None else dt_bias, dummy if D is None else D,
         seq_start, seq_len, dummy if h0 is None else h0, y, dummy if final is None else final,
-        H, G, P, N, n_pb,
+        H, G, P, N,
         HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
-        STORE_FINAL=final is not None, ITERS=_iters(max_len, chunk_size), D_SKIP_DELTA=bool(d_skip_delta), DT_SOFTPLUS=bool(dt_softplus),
-        DOT=_DOT_CODE[x.dtype], PRECISION="tf32" if allow_tf32 else "ieee", Q=chunk_size, BLOCK_P=block_p,
-        BLOCK_N=block_n,
+        STORE_FINAL=final is not None, ITERS=_iters(max_len, chunk_size), D_SKIP_DELTA=bool(d_skip_delta),
+        DT_SOFTPLUS=bool(dt_softplus), DOT=_DOT_CODE[x.dtype], PRECISION=_precision(allow_tf32), Q=chunk_size,
+        BLOCK_N=_block_n(N),
     )
     return y, final
 
@@ -482,10 +500,10 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
     h0 = None if initial_states is None else initial_states.contiguous().float()
     dfin = None if dfinal_states is None else dfinal_states.contiguous().float()
     dev, f32 = x.device, torch.float32
-    block_p, block_n = _blocks(P, N)
+    block_p = _bwd_block_p(P, N)
     n_pb = triton.cdiv(P, block_p)
-    R = H // G if G else 1
-    n_chunks = triton.cdiv(max_len, chunk_size)
+    R = H // G
+    n_chunks = max(1, triton.cdiv(max_len, chunk_size))
 
     dx = torch.zeros_like(x)
     ddt = torch.zeros(T, H, device=dev, dtype=f32)
@@ -510,16 +528,16 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
         dA_part, dD_part,
         T, H, G, P, N, n_pb, n_chunks,
         HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
-        HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, chunk_size), D_SKIP_DELTA=bool(d_skip_delta), DT_SOFTPLUS=bool(dt_softplus),
-        DOT=_DOT_CODE[x.dtype], PRECISION="tf32" if allow_tf32 else "ieee", Q=chunk_size, BLOCK_P=block_p,
-        BLOCK_N=block_n,
+        HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, chunk_size), D_SKIP_DELTA=bool(d_skip_delta),
+        DT_SOFTPLUS=bool(dt_softplus), DOT=_DOT_CODE[x.dtype], PRECISION=_precision(allow_tf32), Q=chunk_size,
+        BLOCK_P=block_p, BLOCK_N=_block_n(N),
     )
     dbias_part = torch.empty(nseq * H, device=dev, dtype=f32)
     _bwd_dt_kernel[(nseq * H,)](
         ddelta, dt, dummy if E is None else E, dummy if dt_bias is None else dt_bias, seq_start, seq_len,
         ddt, dummy if dE is None else dE, dbias_part, T * H, H, n_pb,
-        HAS_E=E is not None, HAS_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus), ITERS=_iters(max_len, 128),
-        BLOCK_T=128,
+        HAS_E=E is not None, HAS_BIAS=dt_bias is not None, DT_SOFTPLUS=bool(dt_softplus),
+        ITERS=_iters(max_len, 128), BLOCK_T=128,
     )
     # reduce partials: over P-blocks and the heads of a group (dB, dC), over sequences and P-blocks (dA, dD)
     dB = (dB_part[0] if dB_part.shape[0] == 1 else dB_part.sum(0)).to(x.dtype)

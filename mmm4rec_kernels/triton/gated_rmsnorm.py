@@ -18,7 +18,7 @@ import triton.language as tl
 __all__ = ["gated_rmsnorm_fwd", "gated_rmsnorm_bwd"]
 
 _MAX_GROUP = 65536          # one group must fit one tile
-_TILE = 8192                # elements per program tile (BLOCK_R * BLOCK_G)
+_TILE = 2048                # elements per program tile (BLOCK_R * BLOCK_G): ~8 per thread at 8 warps
 _ROW_BLOCKS = 4             # row blocks per backward program (static loop): fewer dweight partial rows
 
 
@@ -117,7 +117,7 @@ def _layout(y, z, weight, group_size):
 
 
 def _warps(block_r, block_g):
-    return 8 if block_r * block_g >= 4096 else 4
+    return 8 if block_r * block_g >= 2048 else 4
 
 
 def gated_rmsnorm_fwd(y, z, weight, eps, group_size=None):

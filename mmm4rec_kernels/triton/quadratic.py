@@ -5,12 +5,13 @@ Token layout and math: ../CONTRACT.md.  Per sequence and head, with Delta, a, cs
     K_ij = (C_i . B_j) * exp(min(cs_i - cs_j, 0)) * Delta_j          (j <= i, both steps valid)
     y_i  = sum_j K_ij x_j + D * s_i * x_i                            (s_i = Delta_i or 1)
 
-Kernels.  A program owns one (sequence, head): all BLOCK_L rows of the sequence live in one tile and the program
-walks the columns j in blocks of BLOCK_J (one block when L is short, as in the paper's L = 20).
-    _fwd_kernel   grid (sequence, head, P-block).  Discretization, C B^T, decay, K @ x and the skip are fused:
-                  reads x, B, C, dt, E once and writes y once.
-    _bwd_kernel   grid (sequence, head).  Recomputes K block by block; per column block it finishes dx, dB and
-                  everything per token (dDelta -> ddt, dE); dC is accumulated over the column blocks.
+Kernels (BLOCK_L = next power of 2 >= max_len, at least 16; one block of 32 covers the paper's L = 20):
+    _fwd_kernel   grid (sequence, head, P-block x row block).  Flash-style: a program owns BLOCK_T rows and walks
+                  the column blocks up to the diagonal.  Discretization, C B^T, decay, K @ x and the skip are fused:
+                  x, B, C, dt, E are read from HBM once (short L) and y is written once.
+    _bwd_kernel   grid (sequence, head).  All BLOCK_L rows live in one tile; the program walks the column blocks
+                  (BLOCK_J) and, per block, recomputes K, loops over P for dS = dy u^T and du = S^T dy, and finishes
+                  dx, dB and everything per token (dDelta -> ddt, dE, and d a_t); dC accumulates over the blocks.
                   Heads that share a group write per-head dB/dC partials; dA, ddt_bias, dD are per-(sequence, head)
                   partials.  All partials are reduced with torch sums (deterministic, no atomics).
 
@@ -30,7 +31,7 @@ import triton.language as tl
 __all__ = ["tissd_quadratic_fwd", "tissd_quadratic_bwd", "QUADRATIC_MAX_LEN"]
 
 # Longest sequence these kernels accept: the rows of a whole sequence share one tile.  Longer: the chunked path.
-QUADRATIC_MAX_LEN = 512
+QUADRATIC_MAX_LEN = 256
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -41,24 +42,29 @@ _DOT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # ----------------------------------------------------------------------------------------------------------------
 # autotune configs (one config under the interpreter)
 # ----------------------------------------------------------------------------------------------------------------
-def _configs(block_ps, block_js, warps):
+def _configs(tile, block_ps, block_ts, warps):
+    """Configs over BLOCK_P and the sequence tile `tile` (BLOCK_T rows/cols in the forward, BLOCK_J columns in the
+    backward); _prune keeps the 16-warp ones for long sequences only."""
     if _INTERPRET:
-        return [triton.Config({"BLOCK_P": 64, "BLOCK_J": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_J": bj}, num_warps=w, num_stages=s)
-            for bp in block_ps for bj in block_js for w in warps for s in (1, 2)]
+        return [triton.Config({"BLOCK_P": 64, tile: 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_P": bp, tile: bt}, num_warps=w, num_stages=s)
+            for bp in block_ps for bt in block_ts for w in warps + (16,) for s in (1, 2)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles larger than the problem (BLOCK_J > BLOCK_L, BLOCK_P > P rounded up) and the duplicates."""
+    """Clamp tiles to the problem (sequence tile <= BLOCK_L, BLOCK_P <= P rounded up), drop duplicates, and keep
+    16 warps only for long sequences (BLOCK_L >= 128), where the backward's full-row tiles need the registers."""
     args = {**named_args, **kwargs}
     bl, bp_max = args["BLOCK_L"], max(16, triton.next_power_of_2(args["P"]))
     kept, seen = [], set()
     for c in configs:
-        bp, bj = min(c.kwargs["BLOCK_P"], bp_max), min(c.kwargs["BLOCK_J"], bl)
-        key = (bp, bj, c.num_warps, c.num_stages)
-        if key not in seen:
-            seen.add(key)
-            kept.append(triton.Config({"BLOCK_P": bp, "BLOCK_J": bj}, num_warps=c.num_warps, num_stages=c.num_stages))
+        (tile,) = [k for k in c.kwargs if k != "BLOCK_P"]
+        bp, bt = min(c.kwargs["BLOCK_P"], bp_max), min(c.kwargs[tile], bl)
+        key = (bp, bt, c.num_warps, c.num_stages)
+        if key in seen or (c.num_warps == 16 and bl < 128):
+            continue
+        seen.add(key)
+        kept.append(triton.Config({"BLOCK_P": bp, tile: bt}, num_warps=c.num_warps, num_stages=c.num_stages))
     return kept
 
 
@@ -86,7 +92,7 @@ def _softplus(v):
     log1p(e) is taken as log(w) * e / (w - 1) with w = 1 + e, exact also when e is tiny."""
     e = tl.exp(-tl.abs(v))
     w = 1.0 + e
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
     return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_e)
 
 
@@ -138,22 +144,24 @@ def _decay(hi_r, lo_r, rows, hi_c, lo_c, cols, col_ok):
 # ----------------------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs((32, 64, 128), (16, 32, 64), (4, 8)), key=_KEY,
+@triton.autotune(configs=_configs("BLOCK_T", (32, 64, 128), (16, 32, 64), (4, 8)), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, D_ptr, start_ptr, len_ptr, y_ptr,
-    H, G, N, PAD_TO, P: tl.constexpr,
+    H, G, N, MAX_LEN, PAD_TO, P: tl.constexpr,
     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, D_SKIP_DELTA: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """y [T, H, P] for one (sequence, head, P-block); rows [length, PAD_TO) get explicit zeros."""
-    BJ: tl.constexpr = BLOCK_J if BLOCK_J < BLOCK_L else BLOCK_L
-    ONE_BLOCK: tl.constexpr = BJ == BLOCK_L                 # rows == cols: the skip term uses the column tile
+    """y [T, H, P] for one (sequence, head, P-block, block of BT rows): loops over the column blocks j0 <= i0.
+    Rows [length, PAD_TO) get explicit zeros."""
+    BT: tl.constexpr = BLOCK_T if BLOCK_T < BLOCK_L else BLOCK_L
     seq = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    rp = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n_ib = tl.cdiv(MAX_LEN, BT)
+    i0 = (tl.program_id(2) % n_ib) * BT
+    rp = (tl.program_id(2) // n_ib) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = rp < P
     g = h // (H // G)
     start = tl.load(start_ptr + seq).to(tl.int64)
@@ -164,21 +172,28 @@ def _fwd_kernel(
     rn = tl.arange(0, BLOCK_N)
     n_ok = rn < N
 
-    # rows i: the whole sequence
-    rows = tl.arange(0, BLOCK_L)
+    # cs before row i0 (float64, summed block by block as the column loop below does)
+    carry_r = tl.zeros([1], dtype=tl.float64).sum(axis=0)
+    for j0 in range(0, BLOCK_L, BT):
+        if j0 < i0:
+            cols = j0 + tl.arange(0, BT)
+            v_b, dt_b, E_b, delta_b = _discretize(dt_ptr, E_ptr, bias_ptr, start + cols, cols < length, h, H,
+                                                  HAS_E, HAS_BIAS, DT_SOFTPLUS)
+            carry_r += tl.sum((A * delta_b).to(tl.float64), axis=0)
+    rows = i0 + tl.arange(0, BT)
     row_ok = rows < length
-    tok_r = start + rows                                                            # [BL] int64
+    tok_r = start + rows                                                            # [BT] int64
     v_r, dt_r, E_r, delta_r = _discretize(dt_ptr, E_ptr, bias_ptr, tok_r, row_ok, h, H, HAS_E, HAS_BIAS,
                                           DT_SOFTPLUS)
-    hi_r, lo_r = _split(tl.cumsum((A * delta_r).to(tl.float64), axis=0))           # cs_i
+    hi_r, lo_r = _split(carry_r + tl.cumsum((A * delta_r).to(tl.float64), axis=0))  # cs_i
     C = tl.load(C_ptr + tok_r[:, None] * (G * N) + g * N + rn[None, :],
-                mask=row_ok[:, None] & n_ok[None, :], other=0.0)                    # [BL, BN]
+                mask=row_ok[:, None] & n_ok[None, :], other=0.0)                    # [BT, BN]
 
-    acc = tl.zeros([BLOCK_L, BLOCK_P], dtype=tl.float32)
+    acc = tl.zeros([BT, BLOCK_P], dtype=tl.float32)
     carry = tl.zeros([1], dtype=tl.float64).sum(axis=0)                             # cs before column j0
-    for j0 in range(0, BLOCK_L, BJ):                        # static bounds; blocks past the end are skipped
-        if j0 < length:
-            cols = j0 + tl.arange(0, BJ)
+    for j0 in range(0, BLOCK_L, BT):                        # static bounds; blocks past i0 / the end skipped
+        if (j0 <= i0) & (j0 < length):
+            cols = j0 + tl.arange(0, BT)
             col_ok = cols < length
             tok_c = start + cols
             v_c, dt_c, E_c, delta_c = _discretize(dt_ptr, E_ptr, bias_ptr, tok_c, col_ok, h, H, HAS_E, HAS_BIAS,
@@ -188,34 +203,28 @@ def _fwd_kernel(
             carry += tl.sum(a_c, axis=0)
 
             Bj = tl.load(B_ptr + tok_c[:, None] * (G * N) + g * N + rn[None, :],
-                         mask=col_ok[:, None] & n_ok[None, :], other=0.0)          # [BJ, BN]
-            M, flows = _decay(hi_r, lo_r, rows, hi_c, lo_c, cols, col_ok)           # [BL, BJ]
+                         mask=col_ok[:, None] & n_ok[None, :], other=0.0)          # [BT, BN]
+            M, flows = _decay(hi_r, lo_r, rows, hi_c, lo_c, cols, col_ok)           # [BT, BT]
             K = _dot(C, tl.trans(Bj), DOT, PRECISION) * M * delta_c[None, :]        # (C_i . B_j) M_ij Delta_j
             xj = tl.load(x_ptr + tok_c[:, None] * (H * P) + h * P + rp[None, :],
-                         mask=col_ok[:, None] & p_ok[None, :], other=0.0)          # [BJ, BP]
+                         mask=col_ok[:, None] & p_ok[None, :], other=0.0)          # [BT, BP]
             acc += _dot(K, xj, DOT, PRECISION)
-            if HAS_D and ONE_BLOCK:                                                 # y_i += D s_i x_i
-                if D_SKIP_DELTA:
-                    acc += (Dh * delta_c)[:, None] * xj.to(tl.float32)
-                else:
-                    acc += Dh * xj.to(tl.float32)
+            if HAS_D:
+                if j0 == i0:                                                        # diagonal block: y_i += D s_i x_i
+                    if D_SKIP_DELTA:
+                        acc += (Dh * delta_c)[:, None] * xj.to(tl.float32)
+                    else:
+                        acc += Dh * xj.to(tl.float32)
 
-    y_off = tok_r[:, None] * (H * P) + h * P + rp[None, :]
-    if HAS_D and not ONE_BLOCK:                                                     # y_i += D s_i x_i
-        xi = tl.load(x_ptr + y_off, mask=row_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
-        if D_SKIP_DELTA:
-            acc += (Dh * delta_r)[:, None] * xi
-        else:
-            acc += Dh * xi
     # rows past the length hold exact zeros (C, x masked there): stored too when the caller asks (PAD_TO)
     y_ok = (rows < tl.maximum(length, PAD_TO))[:, None] & p_ok[None, :]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+    tl.store(y_ptr + tok_r[:, None] * (H * P) + h * P + rp[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs((32, 64, 128), (16, 32, 64), (4, 8)), key=_KEY,
+@triton.autotune(configs=_configs("BLOCK_J", (32, 64, 128), (16, 32, 64), (4, 8)), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_kernel(
@@ -428,9 +437,11 @@ def tissd_quadratic_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_l
     if nseq == 0 or T == 0 or max_len == 0:
         return y
     meta = _meta(x, max_len, N, E, dt_bias, D, d_skip_delta, dt_softplus, allow_tf32)
-    grid = lambda m: (nseq, H, triton.cdiv(P, m["BLOCK_P"]))  # noqa: E731
+    n_ib = lambda m: triton.cdiv(max_len, min(m["BLOCK_T"], m["BLOCK_L"]))  # noqa: E731  row blocks
+    grid = lambda m: (nseq, H, n_ib(m) * triton.cdiv(P, m["BLOCK_P"]))  # noqa: E731
     _fwd_kernel[grid](x, dt, A, B, C, dt if E is None else E, A if dt_bias is None else dt_bias,
-                      A if D is None else D, seq_start, seq_len, y, H, G, N, max_len if padded else 0, P, **meta)
+                      A if D is None else D, seq_start, seq_len, y, H, G, N, max_len, max_len if padded else 0, P,
+                      **meta)
     return y
 
 
