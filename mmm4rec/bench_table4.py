@@ -141,7 +141,7 @@ def table(results, scale):
         ref = p[0] * r["batches"] / ob  # the paper's time for as many batches as we ran (= p[0] at scale 1)
         lines.append(f"| {r['dataset']} | {r['users']} | {r['items']} | {r['interactions']} | {r['avg_len']} | "
                      f"{r['batches']} | {r['median_s']:.3f} | {r['ms_per_batch']:.1f} | {p[0]} | {p[1]} | {p[2]} | "
-                     f"{ob}, {os_} | {ref:.3f} | {ref / r['median_s']:.2f}x |")
+                     f"{ob}, {os_} | {ref:.3f} | {ref / r['median_s']:.3g}x |")
     return lines
 
 
