@@ -97,7 +97,7 @@ def _run(benchmark, name, dims, dtype_name, mode, group, device="cuda"):
     fb, fbb = G.io_bytes(inp)
     nbytes = fb if mode == "fwd" else fbb
     benchmark.extra_info.update(dims="x".join(map(str, dims)), dtype=dtype_name, mode=mode, variant=name,
-                                floor_ms=round(G.floor_ms(nbytes), 4), floor_bytes=nbytes,
+                                floor_ms=float(f"{G.floor_ms(nbytes):.4g}"), floor_bytes=nbytes,
                                 floor_note="bytes / 3.0e12 B/s (H100 d2d copy, DESIGN.md)")
     if benchmark.enabled or device == "cuda":
         try:
@@ -107,8 +107,8 @@ def _run(benchmark, name, dims, dtype_name, mode, group, device="cuda"):
     benchmark(fn)
     if benchmark.enabled and benchmark.stats is not None:
         med = benchmark.stats.stats.median
-        benchmark.extra_info.update(GBps=round(nbytes / med / 1e9, 1),
-                                    pct_of_floor=round(100.0 * G.floor_ms(nbytes) * 1e-3 / med, 1))
+        benchmark.extra_info.update(GBps=float(f"{nbytes / med / 1e9:.4g}"), x_floor=float(f"{med / (G.floor_ms(nbytes) * 1e-3):.4g}"),
+                                    pct_of_floor=float(f"{100.0 * G.floor_ms(nbytes) * 1e-3 / med:.4g}"))
 
 
 # ------------------------------------------------------------------------------------------------ GPU kernels

@@ -495,6 +495,11 @@ def main(argv=None):
         torch._dynamo.config.accumulated_cache_size_limit = max(1024, torch._dynamo.config.accumulated_cache_size_limit)
     out = dict(info=info, copy_bw=COPY_BW, checks=None, kernels=[], sweep=[])
     ok = True
+
+    def save():  # after every phase/shape, so a run cut short still leaves its numbers
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(out, fh, indent=1, default=str)
     try:
         from mmm4rec_kernels import explain  # noqa: F401
     except Exception as e:  # noqa: BLE001
@@ -509,6 +514,7 @@ def main(argv=None):
         log("\n## 1. correctness vs float64 reference (relative norm error, y and all grads)")
         ok, rows = run_checks(device, dtypes, log, deadline_check)
         out["checks"] = rows
+        save()
         log(f"correctness: {'ALL PASS' if ok else 'FAILURES: ' + str(sum(not r['passed'] for r in rows))} "
             f"({len(rows)} cases, {time.time() - t0:.0f} s)")
 
@@ -522,6 +528,7 @@ def main(argv=None):
                     continue
                 try:
                     out["kernels"].append(bench_shape(name, SHAPES[name], dname, device, args, deadline, log))
+                    save()
                 except Exception as e:  # noqa: BLE001
                     log(f"  {name} {dname} failed: {type(e).__name__}: {e}")
                     traceback.print_exc()
@@ -551,9 +558,13 @@ def main(argv=None):
         lq, fc = crossover(out["sweep"], "fp32" if "fp32" in dtypes else dtypes[0], 1)
         if lq is not None:
             sugg = lq if fc is None else int(round(math.sqrt(lq * fc)))
+            where = (f"the fwd+bwd crossover between L={lq} and L={fc} (geometric mean)" if fc is not None else
+                     f"quadratic winning fwd+bwd at every swept L it ran, up to L={lq}")
             md.append(f"- suggestion: QUADRATIC_MAX_L = {sugg} (export MMM4REC_QUADRATIC_MAX_L={sugg}; "
-                      f"mmm4rec_kernels/dispatch.py), from the fwd+bwd crossover between L={lq} and L={fc}")
+                      f"mmm4rec_kernels/dispatch.py), from {where}")
             out["suggested_quadratic_max_l"] = sugg
+        elif fc is not None:
+            md.append(f"- the chunked kernels win fwd+bwd from the shortest swept L={fc}")
     if out["checks"] is not None:
         nskip = sum(bool(r.get("skipped")) for r in out["checks"])
         md.append(f"\ncorrectness: {'ALL PASS' if ok else 'FAILURES'} "
@@ -567,9 +578,7 @@ def main(argv=None):
     if args.md:
         with open(args.md, "w") as fh:
             fh.write(text + "\n")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1, default=str)
+    save()
     return 0 if ok else 1
 
 

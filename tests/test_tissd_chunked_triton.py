@@ -118,9 +118,9 @@ def check_against_reference(inp, *, chunk_size, d_skip, dt_softplus=True, tol=TO
     return y, fin, g, y_ref, g_ref
 
 
-# (b, L, H, P, n, G, chunk, options): together every value of L {1, 7, 20, 63, 130}, chunk {16, 64},
+# (b, L, H, P, n, G, chunk, options): together every value of L {1, 7, 20, 63, 130}, chunk {16, 64} (and 32, 128),
 # H {1, 8}, P {32, 64, 256}, n {16, 64}, G {1, H}, strong/weak decay, E rand/0/None, skip delta/plain, with and
-# without D, dt_bias, initial states, padding (incl. an empty sequence).
+# without D, dt_bias, initial states, softplus or not, padding (incl. an empty sequence).
 CASES = [
     (2, 1, 1, 32, 16, 1, 16, dict(h0=True)),
     (3, 7, 8, 32, 16, 8, 16, dict(lengths=[7, 3, 0], h0=True, decay="strong")),
@@ -136,6 +136,7 @@ CASES = [
     (2, 130, 8, 32, 16, 8, 64, dict(lengths=[130, 65], d_skip="plain")),
     (1, 130, 1, 256, 64, 1, 64, dict(h0=True, decay="strong")),
     (1, 130, 1, 64, 16, 1, 128, dict(E="zero", bias=True, D=False, h0=True)),
+    (2, 20, 1, 48, 24, 1, 16, dict(lengths=[20, 19], h0=True)),  # P, n not powers of 2 (masked tiles)
 ]
 
 
@@ -182,7 +183,7 @@ def test_padding_garbage_is_ignored():
 def test_packed_layout():
     """cu_seqlens-like layout: sequences at arbitrary token offsets, NaN tokens between them, an empty sequence;
     checked against the recurrent reference on the equivalent right-padded batch."""
-    H, P, n, G, chunk = 8, 32, 16, 2, 16
+    H, P, n, G, chunk = 4, 128, 16, 2, 16  # 2 heads per group and several P-blocks: partial dB / dC sums
     lens, starts, T = [5, 70, 0, 33], [3, 10, 80, 85], 125
     Lmax, nseq = max(lens), len(lens)
     inp = make_inputs(nseq, Lmax, H, P, n, G, seed=11, lengths=lens, h0=True, decay="strong")

@@ -366,17 +366,18 @@ def _bwd_dt_kernel(
             dd += tl.load(parts, mask=ok, other=0.0)
             parts += TH
         dt = tl.load(dt_ptr + off, mask=ok, other=0.0)
-        v = _load_v(dt_ptr, E_ptr, bias_ptr + h, off, ok, HAS_E, HAS_BIAS)
+        E = tl.load(E_ptr + off, mask=ok, other=0.0) if HAS_E else 1.0
+        v = dt * E
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + h)
         if DT_SOFTPLUS:
-            dv = dd / (1.0 + tl.exp(-v))                                           # d softplus = sigmoid
+            dv = dd / (1.0 + tl.exp(-v))                                           # d softplus / dv = sigmoid
         else:
             dv = dd
         dv = tl.where(ok, dv, 0.0)
+        tl.store(ddt_ptr + off, dv * E, mask=ok)                                   # v = dt * E + bias
         if HAS_E:
-            tl.store(ddt_ptr + off, dv * tl.load(E_ptr + off, mask=ok, other=0.0), mask=ok)
             tl.store(dE_ptr + off, dv * dt, mask=ok)
-        else:
-            tl.store(ddt_ptr + off, dv, mask=ok)
         acc += dv
     tl.store(dbias_ptr + pid, tl.sum(acc, axis=0))
 
