@@ -17,7 +17,12 @@ Partial buffers are reduced with torch sums (deterministic, no atomics).
 Numerics: the chunk cumsum is taken in float64 and kept as an unevaluated pair hi + lo of float32, so that
 cs_i - cs_j = (hi_i - hi_j) + (lo_i - lo_j) stays exact after huge steps (E ~ 1e4 gives |cs| ~ 1e5, where a plain
 float32 difference would lose ~1e-3 absolute); decays of pairs are exp of clamped differences, never
-exp(cs_i) exp(-cs_j).  Everything accumulates in float32.
+exp(cs_i) exp(-cs_j).  For the same reason the backward sums d a_t directly over the decays that contain a_t (no
+reverse cumsum of large cancelling terms).  Everything accumulates in float32; fp32 dots use "tf32x3" (~fp32
+accurate on tensor cores), "tf32" with allow_tf32; 16-bit inputs round the dot operands to their dtype.
+
+Interpreter: the Triton interpreter (numpy >= 2) cannot range() over a runtime scalar, so under TRITON_INTERPRET the
+chunk loops get a fixed trip count (ITERS constexpr, see _iters) and chunks past a sequence are masked no-ops.
 """
 from __future__ import annotations
 
@@ -444,6 +449,13 @@ def _bwd_block_p(P, N):
     return min(64 if N <= 64 else 32, max(16, triton.next_power_of_2(P)))
 
 
+def _bwd_chunk(chunk_size):
+    """The backward runs chunks of at most 64 steps: the result does not depend on the chunk size (only rounding
+    does), and at 128 the fp32 backward needs more shared memory than an H100 block has (~230-310 KB, compiled for
+    sm_90) and spills twice as much."""
+    return min(chunk_size, 64)
+
+
 def _precision(allow_tf32):
     return "tf32" if allow_tf32 else _FP32_PRECISION
 
@@ -504,7 +516,8 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
     block_p = _bwd_block_p(P, N)
     n_pb = triton.cdiv(P, block_p)
     R = H // G
-    n_chunks = max(1, triton.cdiv(max_len, chunk_size))
+    Q = _bwd_chunk(chunk_size)
+    n_chunks = max(1, triton.cdiv(max_len, Q))
 
     dx = torch.zeros_like(x)
     ddt = torch.zeros(T, H, device=dev, dtype=f32)
@@ -529,8 +542,8 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
         dA_part, dD_part,
         T, H, G, P, N, n_pb, n_chunks,
         HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
-        HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, chunk_size), D_SKIP_DELTA=bool(d_skip_delta),
-        DT_SOFTPLUS=bool(dt_softplus), DOT=_DOT_CODE[x.dtype], PRECISION=_precision(allow_tf32), Q=chunk_size,
+        HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, Q), D_SKIP_DELTA=bool(d_skip_delta),
+        DT_SOFTPLUS=bool(dt_softplus), DOT=_DOT_CODE[x.dtype], PRECISION=_precision(allow_tf32), Q=Q,
         BLOCK_P=block_p, BLOCK_N=_block_n(N),
     )
     dbias_part = torch.empty(nseq * H, device=dev, dtype=f32)
