@@ -11,43 +11,17 @@ Delta); its skip is D * x (our d_skip="plain").
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import types
+from mmm4rec_kernels.rivals import load_mamba_module
 
 _CACHE: dict = {}
 
 
-def _mamba_package_dir():
-    """The mamba_ssm package's search path, or None when it is not installed."""
-    spec = importlib.util.find_spec("mamba_ssm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return list(spec.submodule_search_locations)
-
-
 def load_mamba():
     """Return (mamba_chunk_scan_combined, "") or (None, why not)."""
-    if "mamba" in _CACHE:
-        return _CACHE["mamba"]
-    result = (None, "unknown")
-    try:
-        paths = None if "mamba_ssm" in sys.modules else _mamba_package_dir()
-        if paths is None and "mamba_ssm" not in sys.modules:
-            result = (None, "mamba_ssm not installed (see benchmarks/README.md)")
-        else:
-            if "mamba_ssm" not in sys.modules:
-                stub = types.ModuleType("mamba_ssm")
-                stub.__path__ = paths          # a namespace-like package: submodules import, __init__ never runs
-                stub.__file__ = None
-                sys.modules["mamba_ssm"] = stub
-            mod = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
-            result = (mod.mamba_chunk_scan_combined, "")
-    except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip the rival, not to crash
-        result = (None, f"mamba_ssm import failed: {type(e).__name__}: {e}")
-    _CACHE["mamba"] = result
-    return result
+    if "mamba" not in _CACHE:
+        mod, why = load_mamba_module("ops.triton.ssd_combined")
+        _CACHE["mamba"] = (mod.mamba_chunk_scan_combined, "") if mod is not None else (None, why)
+    return _CACHE["mamba"]
 
 
 def mamba_call(fn, x, dt, A, B, C, E, dt_bias, D, chunk_size):

@@ -176,6 +176,11 @@ def _run_torch(choice, x, dt, A, B, C, kw, lengths, cu_seqlens, chunk_size):
           "reference": reference.tissd_recurrent_ref}[choice.path]
     if choice.path == "chunked":
         kw = dict(kw, chunk_size=chunk_size)
+    if x.dtype in (torch.float16, torch.bfloat16):  # compute in fp32 like the kernels, return x's dtype
+        up = lambda t: None if t is None else t.float()  # noqa: E731
+        kw = dict(kw, **{k: up(kw[k]) for k in ("time_scale", "dt_bias", "D", "initial_states")})
+        out = _run_torch(choice, up(x), up(dt), up(A), up(B), up(C), kw, lengths, cu_seqlens, chunk_size)
+        return (out[0].to(x.dtype), out[1]) if isinstance(out, tuple) else out.to(x.dtype)
     if cu_seqlens is None:
         return fn(x, dt, A, B, C, lengths=lengths, **kw)
     cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
