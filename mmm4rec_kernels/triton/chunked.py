@@ -32,12 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import DOT_CODE, check_token_layout
+
 __all__ = ["tissd_chunked_fwd", "tissd_chunked_bwd"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # dot operand types: 0 = float32 (input_precision PRECISION), 1 = bfloat16, 2 = float16 (fp32 accumulation)
-_DOT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 # fp32 dots: "tf32x3" (three TF32 tensor-core products, ~fp32 accurate) unless allow_tf32 asks for plain "tf32";
@@ -392,43 +393,14 @@ def _bwd_dt_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 def _check(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, initial_states, chunk_size, dy=None,
            dfinal=None):
-    """Validate the token layout (CONTRACT.md); returns (T, H, P, G, N, nseq)."""
-    if x.dim() != 3:
-        raise ValueError(f"x must be [T, H, P], got shape {tuple(x.shape)}")
-    T, H, P = x.shape
-    if x.dtype not in _DOT_CODE:
-        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-    if B.dim() != 3 or B.shape[0] != T or C.shape != B.shape:
-        raise ValueError(f"B and C must both be [T, G, n] with T={T}, got {tuple(B.shape)} and {tuple(C.shape)}")
-    G, N = B.shape[1], B.shape[2]
-    if G == 0 or H % G != 0:
-        raise ValueError(f"G={G} must divide H={H}")
-    if B.dtype != x.dtype or C.dtype != x.dtype:
-        raise ValueError(f"x, B, C must share one dtype, got {x.dtype}, {B.dtype}, {C.dtype}")
-    for name, t, shape in (("dt", dt, (T, H)), ("E", E, (T, H)), ("A", A, (H,)), ("dt_bias", dt_bias, (H,)),
-                           ("D", D, (H,))):
-        if t is None:
-            if name in ("dt", "A"):
-                raise ValueError(f"{name} is required")
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32, got {t.dtype}")
-    if seq_start.dim() != 1 or seq_len.shape != seq_start.shape:
-        raise ValueError("seq_start and seq_len must be 1-D of the same length [nseq]")
-    if seq_start.dtype != torch.int64 or seq_len.dtype != torch.int32:
-        raise ValueError(f"seq_start must be int64 and seq_len int32, got {seq_start.dtype}, {seq_len.dtype}")
-    nseq = seq_start.shape[0]
-    if not isinstance(max_len, int) or max_len < 0:
-        raise ValueError(f"max_len must be a non-negative python int, got {max_len!r}")
+    """Validate the token layout (CONTRACT.md) and this path's options; returns (T, H, P, G, N, nseq)."""
+    T, H, P, G, N, nseq = check_token_layout(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, dy,
+                                             where="the triton chunked path")
     if not (isinstance(chunk_size, int) and 16 <= chunk_size <= 128 and chunk_size & (chunk_size - 1) == 0):
         raise ValueError(f"chunk_size must be a power of 2 in [16, 128], got {chunk_size!r}")
     if initial_states is not None and tuple(initial_states.shape) != (nseq, H, P, N):
         raise ValueError(f"initial_states must be [nseq, H, P, n] = {(nseq, H, P, N)}, "
                          f"got {tuple(initial_states.shape)}")
-    if dy is not None and dy.shape != x.shape:
-        raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
     if dfinal is not None and tuple(dfinal.shape) != (nseq, H, P, N):
         raise ValueError(f"dfinal_states must be [nseq, H, P, n] = {(nseq, H, P, N)}, got {tuple(dfinal.shape)}")
     devs = {t.device for t in (x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, initial_states, dy, dfinal)
@@ -493,7 +465,7 @@ def tissd_chunked_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len
         H, G, P, N,
         HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
         STORE_FINAL=final is not None, ITERS=_iters(max_len, chunk_size), D_SKIP_DELTA=bool(d_skip_delta),
-        DT_SOFTPLUS=bool(dt_softplus), DOT=_DOT_CODE[x.dtype], PRECISION=_precision(allow_tf32), Q=chunk_size,
+        DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype], PRECISION=_precision(allow_tf32), Q=chunk_size,
         BLOCK_N=_block_n(N),
     )
     return y, final
@@ -543,7 +515,7 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
         T, H, G, P, N, n_pb, n_chunks,
         HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
         HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, Q), D_SKIP_DELTA=bool(d_skip_delta),
-        DT_SOFTPLUS=bool(dt_softplus), DOT=_DOT_CODE[x.dtype], PRECISION=_precision(allow_tf32), Q=Q,
+        DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype], PRECISION=_precision(allow_tf32), Q=Q,
         BLOCK_P=block_p, BLOCK_N=_block_n(N),
     )
     dbias_part = torch.empty(nseq * H, device=dev, dtype=f32)

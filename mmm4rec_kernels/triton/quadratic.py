@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import DOT_CODE, check_token_layout
+
 __all__ = ["tissd_quadratic_fwd", "tissd_quadratic_bwd", "QUADRATIC_MAX_LEN"]
 
 # Longest sequence these kernels accept: the rows of a whole sequence share one tile.  Longer: the chunked path.
@@ -36,7 +38,6 @@ QUADRATIC_MAX_LEN = 256
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # dot operand code: 0 = float32 (input_precision PRECISION), 1 = bfloat16, 2 = float16 (fp32 accumulation)
-_DOT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,47 +363,17 @@ def _bwd_kernel(
 # host wrappers
 # ----------------------------------------------------------------------------------------------------------------
 def _check(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, dy=None):
-    """Validate the token layout (CONTRACT.md); returns (T, H, P, G, N, nseq)."""
-    if x.dim() != 3:
-        raise ValueError(f"x must be [T, H, P], got shape {tuple(x.shape)}")
-    T, H, P = x.shape
-    if x.dtype not in _DOT_CODE:
-        raise ValueError(f"x must be float32, bfloat16 or float16 for the triton quadratic path, got {x.dtype}")
-    if B.dim() != 3 or B.shape != C.shape or B.shape[0] != T:
-        raise ValueError(f"B and C must both be [T={T}, G, n], got B {tuple(B.shape)}, C {tuple(C.shape)}")
-    G, N = B.shape[1], B.shape[2]
-    if G < 1 or H % G:
-        raise ValueError(f"the number of groups G={G} must divide the number of heads H={H}")
-    if B.dtype != x.dtype or C.dtype != x.dtype:
-        raise ValueError(f"B and C must have x's dtype {x.dtype}, got {B.dtype}, {C.dtype}")
+    """Validate the token layout (CONTRACT.md) and this path's limits; returns (T, H, P, G, N, nseq)."""
+    T, H, P, G, N, nseq = check_token_layout(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, dy,
+                                             where="the triton quadratic path")
     if N > 256:
         raise ValueError(f"the triton quadratic path supports d_state n <= 256, got {N}")
-    for name, t, shape in (("dt", dt, (T, H)), ("E", E, (T, H)), ("A", A, (H,)), ("dt_bias", dt_bias, (H,)),
-                           ("D", D, (H,))):
-        if t is None:
-            if name in ("dt", "A"):
-                raise ValueError(f"{name} is required")
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32 (the wrapper casts), got {t.dtype}")
-    if dy is not None and tuple(dy.shape) != (T, H, P):
-        raise ValueError(f"dy must have x's shape {(T, H, P)}, got {tuple(dy.shape)}")
-    if seq_start.dim() != 1 or seq_len.shape != seq_start.shape:
-        raise ValueError(f"seq_start and seq_len must be 1-d of equal length, got {tuple(seq_start.shape)}, "
-                         f"{tuple(seq_len.shape)}")
-    if seq_start.dtype != torch.int64 or seq_len.dtype != torch.int32:
-        raise ValueError(f"seq_start must be int64 and seq_len int32, got {seq_start.dtype}, {seq_len.dtype}")
     if max_len > QUADRATIC_MAX_LEN:
         raise ValueError(f"the triton quadratic path holds a whole sequence in one tile and supports "
                          f"max_len <= {QUADRATIC_MAX_LEN}, got {max_len}: use the chunked path (tissd_chunked_fwd)")
-    if max_len < 0:
-        raise ValueError(f"max_len must be >= 0, got {max_len}")
     for name, t in (("x", x), ("B", B), ("C", C), ("dt", dt), ("E", E), ("dy", dy)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    nseq = seq_start.shape[0]
     if H > 65535:
         raise ValueError(f"at most 65535 heads (grid axis 1), got H={H}")
     return T, H, P, G, N, nseq
@@ -410,7 +381,7 @@ def _check(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, dy=None):
 
 def _meta(x, max_len, N, E, dt_bias, D, d_skip_delta, dt_softplus, allow_tf32):
     return dict(HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None,
-                D_SKIP_DELTA=bool(d_skip_delta), DT_SOFTPLUS=bool(dt_softplus), DOT=_DOT_CODE[x.dtype],
+                D_SKIP_DELTA=bool(d_skip_delta), DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype],
                 PRECISION="tf32" if allow_tf32 else "ieee",
                 BLOCK_L=max(16, triton.next_power_of_2(max_len)), BLOCK_N=max(16, triton.next_power_of_2(N)))
 
