@@ -1,0 +1,26 @@
+"""`python -m mmm4rec_kernels`: which backends this install can use, and what `auto` would pick."""
+import torch
+
+from . import cuda as cuda_backend
+from .dispatch import QUADRATIC_MAX_L, _triton_importable, interpreter_on
+
+
+def main():
+    has_gpu = torch.cuda.is_available()
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), GPU present: {has_gpu}")
+    if _triton_importable():
+        import triton
+        mode = "GPU" if has_gpu else ("interpreter (TRITON_INTERPRET=1)" if interpreter_on() else "needs a GPU")
+        print(f"triton {triton.__version__}: {mode}")
+    else:
+        print("triton: not installed (CUDA tensors fall back to the SLOW torch path; pip install triton)")
+    if cuda_backend.built():
+        print(f"CUDA extension mmm4rec_kernels._cuda: built, {'usable' if has_gpu else 'no GPU to run it'}")
+    else:
+        print("CUDA extension mmm4rec_kernels._cuda: not built (Triton/torch paths only; build it with "
+              "`pip install --no-build-isolation .` where torch has CUDA and nvcc is found)")
+    print(f"path='auto': quadratic for L <= {QUADRATIC_MAX_L} (MMM4REC_QUADRATIC_MAX_L), chunked above or with states")
+
+
+if __name__ == "__main__":
+    main()
