@@ -26,6 +26,7 @@ if [ "${1:-}" = "--prepare" ]; then
     PYBIN=${PYBIN:-python3}
     MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE "$PYBIN" -m pip wheel --no-deps --no-build-isolation \
         --no-cache-dir -w .whl mamba-ssm==2.3.2.post1
+    "$PYBIN" -m pip download --no-deps -d .whl einops   # mamba's ssd_combined imports einops
     ls -la .whl
     exit 0
 fi
@@ -64,7 +65,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 
 # mamba_ssm rival: a carried wheel (no internet there)
 if ls .whl/mamba_ssm-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/mamba_ssm-*.whl 2>&1 | tee -a "$LOG"
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/mamba_ssm-*.whl .whl/einops-*.whl 2>&1 | tee -a "$LOG"
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 $PY benchmarks/_rivals.py 2>&1 | tee -a "$LOG"
