@@ -65,7 +65,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 
 # mamba_ssm rival: a carried wheel (no internet there)
 if ls .whl/mamba_ssm-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/mamba_ssm-*.whl .whl/einops-*.whl 2>&1 | tee -a "$LOG"
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
     export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 $PY benchmarks/_rivals.py 2>&1 | tee -a "$LOG"
