@@ -26,15 +26,11 @@ import statistics
 import sys
 import time
 
+from .data.synthetic import PAPER_DATASETS
+
 # Table 1 (users, items, interactions, avg length) and Table 4 (s/epoch: MMM4Rec, MISSRec, MMSRec) of the paper;
 # official-log batches per epoch at batch 1024 and steady-state with-ID seconds per epoch (DESIGN.md).
-TABLE1 = {
-    "scientific": (8442, 4385, 59427, 7.04),
-    "pantry": (13101, 4898, 126962, 9.69),
-    "instruments": (24962, 9964, 208926, 8.37),
-    "arts": (45486, 21019, 395150, 8.69),
-    "office": (87436, 25986, 684837, 7.84),
-}
+TABLE1 = PAPER_DATASETS  # users, items, interactions, avg length
 TABLE4 = {
     "scientific": (2.07, 2.21, 2.72),
     "pantry": (5.58, 5.97, 6.43),

@@ -25,13 +25,13 @@ import torch
 
 DAY = 86400.0
 
-# Table 1 of the paper: users, items, interactions (downstream domains)
+# Table 1 of the paper: users, items, interactions, average length (downstream domains)
 PAPER_DATASETS = {
-    "scientific": (8442, 4385, 59427),
-    "pantry": (13101, 4898, 126962),
-    "instruments": (24962, 9964, 208926),
-    "arts": (45486, 21019, 395150),
-    "office": (87436, 25986, 684837),
+    "scientific": (8442, 4385, 59427, 7.04),
+    "pantry": (13101, 4898, 126962, 9.69),
+    "instruments": (24962, 9964, 208926, 8.37),
+    "arts": (45486, 21019, 395150, 8.69),
+    "office": (87436, 25986, 684837, 7.84),
 }
 
 
@@ -178,7 +178,7 @@ def make_paper_like(dataset: str, scale: float = 1.0, feat_dim: int = 768, seed:
     key = dataset.lower()
     if key not in PAPER_DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}, expected one of {list(PAPER_DATASETS)}")
-    u, i, m = PAPER_DATASETS[key]
+    u, i, m, _ = PAPER_DATASETS[key]
     u, i, m = max(1, int(u * scale)), max(2, int(i * scale)), int(m * scale)
     m = max(m, 5 * u)
     return make_synthetic_dataset(u, i, m, feat_dim=feat_dim, seed=seed, name=key, **kw)
