@@ -59,6 +59,7 @@ def parse_args(argv):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-tf32", action="store_true", help="plain fp32 matmuls (official: TF32 on)")
     ap.add_argument("--max-batches", type=int, default=None, help="cap batches per epoch (smoke runs)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training loss (Trainer(compile=True))")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="save the results here")
     ap.add_argument("--quiet", action="store_true")
@@ -76,7 +77,7 @@ def parse_args(argv):
 
 
 def make_trainer(name, scale=1.0, batch_size=1024, grad_accum=8, with_id=True, backend="auto", path="auto",
-                 device="auto", tf32=True, max_batches=None, seed=0, epochs=3):
+                 device="auto", tf32=True, max_batches=None, seed=0, epochs=3, compile=False):
     """Synthetic Table 1 domain + official-config model + Trainer (no validation). Returns (trainer, info dict)."""
     from .data.synthetic import make_paper_like
     from .model import MMM4RecConfig
@@ -91,7 +92,7 @@ def make_trainer(name, scale=1.0, batch_size=1024, grad_accum=8, with_id=True, b
     model = build_model(cfg, data, device=dev)
     trainer = Trainer(model, data, lr=1e-4, weight_decay=0.005, batch_size=batch_size, grad_accum=grad_accum,
                       epochs=epochs, mode="full", seed=seed, device=dev, tf32=tf32, progress=False,
-                      validate=False, max_batches=max_batches)
+                      validate=False, max_batches=max_batches, compile=compile)
     nb = len(trainer.train_batches) if max_batches is None else min(max_batches, len(trainer.train_batches))
     info = dict(dataset=name, users=data.num_users, items=data.num_items, interactions=data.num_interactions,
                 avg_len=round(data.num_interactions / max(data.num_users, 1), 2),
@@ -101,12 +102,12 @@ def make_trainer(name, scale=1.0, batch_size=1024, grad_accum=8, with_id=True, b
 
 
 def time_dataset(name, scale=1.0, epochs=3, batch_size=1024, grad_accum=8, with_id=True, backend="auto",
-                 path="auto", device="auto", tf32=True, max_batches=None, seed=0, log=print):
+                 path="auto", device="auto", tf32=True, max_batches=None, seed=0, log=print, compile=False):
     """Run `epochs` epochs of train_epoch(); returns the sizes plus epoch_seconds and their median over 2..E."""
     import torch
 
     trainer, out = make_trainer(name, scale, batch_size, grad_accum, with_id, backend, path, device, tf32,
-                                max_batches, seed, epochs)
+                                max_batches, seed, epochs, compile)
     dev = trainer.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -151,13 +152,13 @@ def main(argv=None) -> int:
     devname = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     info = dict(date=datetime.date.today().isoformat(), device=devname, torch=torch.__version__, scale=a.scale,
                 epochs=a.epochs, batch_size=a.batch_size, grad_accum=a.grad_accum, with_id=not a.no_id,
-                backend=a.backend, path=a.path, tf32=not a.no_tf32, max_batches=a.max_batches,
+                backend=a.backend, path=a.path, tf32=not a.no_tf32, max_batches=a.max_batches, compile=a.compile,
                 image_coverage=IMAGE_COVERAGE, command="mmm4rec bench table4 " + " ".join(argv or sys.argv[1:]))
     log(f"# Table 4 harness: {info}")
     results = []
     for name in a.datasets:
         results.append(time_dataset(name, a.scale, a.epochs, a.batch_size, a.grad_accum, not a.no_id, a.backend,
-                                    a.path, a.device, not a.no_tf32, a.max_batches, a.seed, log))
+                                    a.path, a.device, not a.no_tf32, a.max_batches, a.seed, log, a.compile))
         if a.json:  # after every dataset, so a run cut short still leaves what it measured
             with open(a.json, "w") as f:
                 json.dump(dict(info=info, results=results), f, indent=1)

@@ -53,6 +53,7 @@ def _train_args(p: argparse.ArgumentParser, lr: float, accum: int) -> None:
     g.add_argument("--lr", type=float, default=lr)
     g.add_argument("--weight-decay", type=float, default=0.005)
     g.add_argument("--batch-size", type=int, default=1024)
+    g.add_argument("--compile", action="store_true", help="torch.compile the loss (kernels stay opaque calls)")
     g.add_argument("--grad-accum", type=int, default=accum)
     g.add_argument("--metric", default="ndcg@10")
     g.add_argument("--no-tf32", action="store_true")
@@ -219,7 +220,7 @@ def _train(a, data, mode: str, init: Optional[str] = None, validate: bool = True
     tr = Trainer(model, data, lr=a.lr, weight_decay=a.weight_decay, batch_size=a.batch_size,
                  grad_accum=a.grad_accum, epochs=a.epochs, patience=a.patience, metric=a.metric, mode=mode,
                  seed=a.seed, device=a.device, out_dir=a.out, tf32=not a.no_tf32, progress=not a.quiet,
-                 validate=validate)
+                 validate=validate, compile=a.compile)
     if a.resume and tr.resume():
         print(f"resumed from {a.out}/last at epoch {tr.epoch}")
     print(f"{data.describe()}\ntraining on {tr.device}, {sum(p.numel() for p in model.parameters())} parameters")

@@ -116,13 +116,15 @@ class Trainer:
         tf32: allow TF32 matmuls on CUDA (the official fp32 + TF32 setting).
         validate: False skips validation (pre-training): every epoch counts as the best, no early stop.
         max_batches: cap batches per epoch (smoke tests / timing); None = all.
+        compile: run the loss through torch.compile (the SSD kernels stay opaque calls; the projections, time path,
+            norms and FFNs around them are compiled). Off by default: its GPU effect is not measured yet.
     """
 
     def __init__(self, model, data, *, lr: float = 1e-4, weight_decay: float = 0.005, batch_size: int = 1024,
                  grad_accum: int = 1, epochs: int = 100, patience: int = 10, metric: str = "ndcg@10",
                  mode: str = "full", seed: int = 0, device=None, out_dir: Optional[str] = None, tf32: bool = True,
                  progress: bool = True, eval_batch_size: Optional[int] = None, ks: Sequence[int] = DEFAULT_KS,
-                 validate: bool = True, max_batches: Optional[int] = None):
+                 validate: bool = True, max_batches: Optional[int] = None, compile: bool = False):
         if mode not in ("full", "inbatch"):
             raise ValueError(f"mode must be 'full' or 'inbatch', got {mode!r}")
         if grad_accum < 1 or batch_size < 1 or epochs < 0 or patience < 1:
@@ -145,6 +147,7 @@ class Trainer:
         self.seed, self.out_dir, self.progress = seed, out_dir, progress
         self.eval_batch_size = eval_batch_size or batch_size
         self.ks, self.validate, self.max_batches = tuple(ks), validate, max_batches
+        self.loss_fn = torch.compile(self.model.loss) if compile else self.model.loss
         self.optimizer = torch.optim.NAdam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.train_batches = data.batches("train", batch_size, shuffle=True, seed=seed, device=self.device)
         self.epoch = 0                 # epochs completed
@@ -171,7 +174,7 @@ class Trainer:
         for i, b in enumerate(self.train_batches):
             if i >= nb:
                 break
-            loss = model.loss(b["item_seq"], b["time_seq"], b["lengths"], b["target"], mode=self.mode)
+            loss = self.loss_fn(b["item_seq"], b["time_seq"], b["lengths"], b["target"], mode=self.mode)
             (loss / self.grad_accum).backward()
             total += loss.detach()
             if (i + 1) % self.grad_accum == 0 or i + 1 == nb:

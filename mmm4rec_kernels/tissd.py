@@ -104,6 +104,12 @@ def _backend_module(choice: Choice):
     return importlib.import_module(f"mmm4rec_kernels.triton.{choice.path}")
 
 
+@torch.compiler.disable
+def _apply_fused(*args):
+    """The fused kernels are opaque to torch.compile: a compiled model calls them as they are."""
+    return _FusedTiSSD.apply(*args)
+
+
 class _FusedTiSSD(torch.autograd.Function):
     """Autograd over the token-layout kernels of one backend path (see CONTRACT.md)."""
 
@@ -253,7 +259,7 @@ def tissd(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delt
         if choice.backend == "triton" and choice.path == "quadratic" and cu_seqlens is None:
             meta["opts"]["padded"] = True  # right-padded layout: the kernels write the padding zeros themselves
         tok = lambda t, *s: None if t is None else t.reshape(T, *s)  # noqa: E731
-        out = _FusedTiSSD.apply(tok(x, H, P), tok(dt, H), A, tok(B, G, n), tok(C, G, n), tok(time_scale, H),
+        out = _apply_fused(tok(x, H, P), tok(dt, H), A, tok(B, G, n), tok(C, G, n), tok(time_scale, H),
                                 dt_bias, D, initial_states, seq_start, seq_len, meta)
         if isinstance(out, tuple):
             out = (out[0].view(b, L, H, P), out[1])

@@ -58,6 +58,8 @@ def test_cli_prepare_demo_and_item_texts(tmp_path):
 
 def test_cli_bench_missing_is_clear(capsys, monkeypatch):
     import sys
+    import mmm4rec
     monkeypatch.setitem(sys.modules, "mmm4rec.bench_table4", None)  # simulate the module being absent
+    monkeypatch.delattr(mmm4rec, "bench_table4", raising=False)     # (an earlier import leaves it on the package)
     assert main(["bench", "table4", "--scale", "0.1"]) == 2
     assert "bench_table4" in capsys.readouterr().err
