@@ -9,28 +9,38 @@ import sys
 from setuptools import find_packages, setup
 
 
+# pip runs this file several times (requirements, metadata, wheel): say the CUDA decision once, when building.
+_BUILDING = any(cmd in sys.argv for cmd in ("bdist_wheel", "build_ext", "build", "install", "develop",
+                                            "editable_wheel"))
+
+
+def _say(msg):
+    if _BUILDING:
+        print(msg)
+
+
 def cuda_extensions():
     """Return (ext_modules, cmdclass) for the CUDA extension, or ([], {}) with one printed line saying why not."""
     if os.environ.get("MMM4REC_SKIP_CUDA_BUILD", "0") == "1":
-        print("mmm4rec-kernels: MMM4REC_SKIP_CUDA_BUILD=1, CUDA extension not built (Triton/torch paths only)")
+        _say("mmm4rec-kernels: MMM4REC_SKIP_CUDA_BUILD=1, CUDA extension not built (Triton/torch paths only)")
         return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
-        print("mmm4rec-kernels: torch not importable at build time, CUDA extension not built "
+        _say("mmm4rec-kernels: torch not importable at build time, CUDA extension not built "
               "(Triton/torch paths only; use --no-build-isolation to build it)")
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
-        print("mmm4rec-kernels: torch has no CUDA or nvcc not found, CUDA extension not built "
+        _say("mmm4rec-kernels: torch has no CUDA or nvcc not found, CUDA extension not built "
               "(Triton/torch paths only)")
         return [], {}
     sources = [os.path.join("csrc", f) for f in sorted(os.listdir("csrc")) if f.endswith((".cu", ".cpp"))]
     if not sources:
-        print("mmm4rec-kernels: no CUDA sources in csrc/, CUDA extension not built")
+        _say("mmm4rec-kernels: no CUDA sources in csrc/, CUDA extension not built")
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    print(f"mmm4rec-kernels: building CUDA extension for arch {os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
+    _say(f"mmm4rec-kernels: building CUDA extension for arch {os.environ['TORCH_CUDA_ARCH_LIST']}")
     ext = CUDAExtension(
         name="mmm4rec_kernels._cuda",
         sources=sources,
