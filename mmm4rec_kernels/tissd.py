@@ -119,13 +119,14 @@ class _FusedTiSSD(torch.autograd.Function):
         f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731  small per-head/per-token params
         args = (x.contiguous(), f32(dt), f32(A), B.contiguous(), C.contiguous(), f32(E), f32(dt_bias), f32(D),
                 seq_start, seq_len, max_len)
+        h0_f32 = f32(h0)
         if path == "quadratic":
             y, final = mod.tissd_quadratic_fwd(*args, **opts), None
         else:
-            y, final = mod.tissd_chunked_fwd(*args, initial_states=f32(h0),
+            y, final = mod.tissd_chunked_fwd(*args, initial_states=h0_f32,
                                              return_final_states=meta["return_final_states"],
                                              chunk_size=meta["chunk_size"], **opts)
-        ctx.save_for_backward(*args[:10], h0)
+        ctx.save_for_backward(*args[:10], h0_f32)
         ctx.meta = meta
         ctx.dtypes = [None if t is None else t.dtype for t in (x, dt, A, B, C, E, dt_bias, D, h0)]
         if final is not None:
