@@ -563,6 +563,11 @@ def main(argv=None):
             md.append(f"- suggestion: QUADRATIC_MAX_L = {sugg} (export MMM4REC_QUADRATIC_MAX_L={sugg}; "
                       f"mmm4rec_kernels/dispatch.py), from {where}")
             out["suggested_quadratic_max_l"] = sugg
+            _, P_s, n_s, _ = SWEEP_HEADS
+            disc = (64 * (P_s + n_s) + 4 * P_s * n_s) / ((P_s + n_s) * sugg)
+            md.append(f"- equivalently QUADRATIC_DISCOUNT = {disc:.3f} in the cost model (export "
+                      f"MMM4REC_QUADRATIC_DISCOUNT={disc:.3f}): the crossover then scales with P and n")
+            out["suggested_quadratic_discount"] = round(disc, 4)
         elif fc is not None:
             md.append(f"- the chunked kernels win fwd+bwd from the shortest swept L={fc}")
     if out["checks"] is not None:

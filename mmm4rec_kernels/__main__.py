@@ -2,7 +2,7 @@
 import torch
 
 from . import cuda as cuda_backend
-from .dispatch import QUADRATIC_MAX_L, _triton_importable, interpreter_on
+from .dispatch import _triton_importable, crossover_length, interpreter_on
 
 
 def main():
@@ -19,7 +19,8 @@ def main():
     else:
         print("CUDA extension mmm4rec_kernels._cuda: not built (Triton/torch paths only; build it with "
               "`pip install --no-build-isolation .` where torch has CUDA and nvcc is found)")
-    print(f"path='auto': quadratic for L <= {QUADRATIC_MAX_L} (MMM4REC_QUADRATIC_MAX_L), chunked above or with states")
+    print(f"path='auto': quadratic up to L = {crossover_length(64, 64)} at P = n = 64 "
+          f"({crossover_length(512, 64)} at P = 512), chunked above or with states")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Path and backend choice for the time-aware SSD.
 
-Cost model (per sequence and head, from ../shared/DESIGN.md):
-    quadratic ~ L^2 (P + n)              one fused kernel, no intermediate HBM traffic
-    chunked   ~ L Q (P + n) + 4 L P n    state carried across chunks of Q steps
-For short recommendation histories the quadratic kernel wins; the crossover length is a measured constant per device
-class. Until it is measured on H100/H200 (benchmarks/gpu_check.py prints it) the default is QUADRATIC_MAX_L = 256,
-overridable with the environment variable MMM4REC_QUADRATIC_MAX_L.
+Cost model (work per sequence and head, from ../shared/DESIGN.md), with chunk length Q:
+    quadratic = QUADRATIC_DISCOUNT * L^2 (P + n)     one fused kernel, no intermediate HBM traffic
+    chunked   = L Q (P + n) + 4 L P n                state carried across chunks
+`auto` takes the quadratic path while its cost is not larger, i.e. up to the crossover length
+    L* = (Q (P + n) + 4 P n) / (QUADRATIC_DISCOUNT (P + n))        (crossover_length(P, n)),
+capped by what the quadratic kernels hold in one tile (QUADRATIC_HARD_MAX_L).  QUADRATIC_DISCOUNT is a measured
+constant per device class; until it is measured on H100/H200 (benchmarks/gpu_check.py prints the crossover) it is
+0.75, which puts the P = n = 64 crossover at L = 256.  Environment overrides: MMM4REC_QUADRATIC_DISCOUNT, or
+MMM4REC_QUADRATIC_MAX_L for a fixed threshold regardless of P and n.
 """
 from __future__ import annotations
 
@@ -22,8 +25,12 @@ logger = logging.getLogger("mmm4rec_kernels")
 BACKENDS = ("auto", "triton", "cuda", "torch")
 PATHS = ("auto", "quadratic", "chunked", "reference")
 
-# Longest sequence the auto path sends to the quadratic kernels (documented default until measured on H100/H200).
-QUADRATIC_MAX_L = int(os.environ.get("MMM4REC_QUADRATIC_MAX_L", "256"))
+# Discount of the quadratic cost (it has no intermediate traffic); default until measured on H100/H200.
+QUADRATIC_DISCOUNT = float(os.environ.get("MMM4REC_QUADRATIC_DISCOUNT", "0.75"))
+# Optional fixed threshold that replaces the cost model (None: use the cost model).
+QUADRATIC_MAX_L = int(os.environ["MMM4REC_QUADRATIC_MAX_L"]) if os.environ.get("MMM4REC_QUADRATIC_MAX_L") else None
+# Chunk length the cost model assumes for the chunked path.
+COST_CHUNK = 64
 # Longest sequence the quadratic kernels accept at all (one block holds the whole L x L score tile).
 QUADRATIC_HARD_MAX_L = 256
 # Per (device class, path): which fused backend measured faster.  Empty until GPU measurements land in
@@ -69,6 +76,14 @@ def cuda_usable(device: torch.device) -> bool:
     return cuda_backend.available()
 
 
+def crossover_length(P: int, n: int) -> int:
+    """Longest L for which `auto` picks the quadratic path (head dim P, state size n)."""
+    if QUADRATIC_MAX_L is not None:
+        return min(QUADRATIC_MAX_L, QUADRATIC_HARD_MAX_L)
+    L_star = (COST_CHUNK * (P + n) + 4 * P * n) / (QUADRATIC_DISCOUNT * (P + n))
+    return min(int(L_star), QUADRATIC_HARD_MAX_L)
+
+
 def _device_class(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device)
     for tag in ("H200", "H100", "A100", "L40", "4090"):
@@ -90,12 +105,12 @@ def choose(L: int, P: int, n: int, H: int, dtype: torch.dtype, device: torch.dev
         if has_states:
             path = "chunked"
             reasons.append("initial/final states requested -> chunked")
-        elif L <= QUADRATIC_MAX_L:
-            path = "quadratic"
-            reasons.append(f"L={L} <= QUADRATIC_MAX_L={QUADRATIC_MAX_L} -> quadratic (cost ~L^2(P+n))")
         else:
-            path = "chunked"
-            reasons.append(f"L={L} > QUADRATIC_MAX_L={QUADRATIC_MAX_L} -> chunked (cost ~LQ(P+n)+4LPn)")
+            L_star = crossover_length(P, n)
+            path = "quadratic" if L <= L_star else "chunked"
+            rule = (f"MMM4REC_QUADRATIC_MAX_L={QUADRATIC_MAX_L}" if QUADRATIC_MAX_L is not None else
+                    f"cost model: {QUADRATIC_DISCOUNT}*L^2(P+n) vs LQ(P+n)+4LPn, P={P} n={n} Q={COST_CHUNK}")
+            reasons.append(f"L={L} {'<=' if path == 'quadratic' else '>'} crossover {L_star} ({rule}) -> {path}")
     else:
         reasons.append(f"path={path} requested")
     if path == "quadratic" and has_states:

@@ -93,8 +93,19 @@ def test_explain_and_auto_choice():
     inp = make(L=5, dtype=torch.float32)
     e = mk.explain(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
     assert e["path"] == "quadratic" and e["backend"] == "torch" and "L=5" in e["reason"]
-    long = make(L=mk.QUADRATIC_MAX_L + 1, H=1, P=2, G=1, n=2, dtype=torch.float32)
+    long = make(L=mk.crossover_length(2, 2) + 1, H=1, P=2, G=1, n=2, dtype=torch.float32)
     assert mk.explain(long["x"], long["dt"], long["A"], long["B"], long["C"])["path"] == "chunked"
+
+
+@pytest.mark.parametrize("P,n", [(64, 64), (512, 64), (8, 8), (2, 2)])
+def test_auto_path_follows_the_cost_model(P, n):
+    """quadratic while 0.75 L^2 (P+n) <= L Q (P+n) + 4 L P n (Q = 64), never beyond the kernels' L <= 256."""
+    L_star = mk.crossover_length(P, n)
+    expected = min(256, int((64 * (P + n) + 4 * P * n) / (0.75 * (P + n))))
+    assert L_star == expected
+    for L, path in ((L_star, "quadratic"), (L_star + 1, "chunked")):
+        t = make(L=L, b=1, H=1, P=P, G=1, n=n, dtype=torch.float32)
+        assert mk.explain(t["x"], t["dt"], t["A"], t["B"], t["C"])["path"] == path, (P, n, L)
 
 
 @pytest.mark.parametrize("bad,match", [
