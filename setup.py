@@ -62,7 +62,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["mmm4rec_kernels", "mmm4rec_kernels.*", "mmm4rec", "mmm4rec.*"]),
-    package_data={"mmm4rec_kernels": ["*.md"], "mmm4rec": ["demo/*"]},
+    package_data={"mmm4rec_kernels": ["*.md"]},
     install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors"],
     extras_require={
         "triton": ["triton>=3.0"],
