@@ -258,29 +258,28 @@ class SequentialData:
         return BatchIterator(self.tensors(split, device), batch_size, shuffle=shuffle, seed=seed,
                              drop_last=drop_last)
 
-    def item_index(self, tokens: Sequence) -> np.ndarray:
-        """Raw item tokens -> ids 1..I; an unknown token is a ValueError."""
-        if self._item_index is None:
-            self._item_index = {t: i for i, t in enumerate(self.item_tokens.tolist())}
+    def _lookup(self, kind: str, tokens: Sequence, first_id: int) -> np.ndarray:
+        """Raw tokens -> ids through a lazily built {token: id} map of self.<kind>_tokens; ids below first_id
+        (the padding item) and unknown tokens are a ValueError."""
+        attr = f"_{kind}_index"
+        if getattr(self, attr) is None:
+            setattr(self, attr, {t: i for i, t in enumerate(getattr(self, f"{kind}_tokens").tolist())})
+        index = getattr(self, attr)
         out = []
         for t in tokens:
-            i = self._item_index.get(str(t))
-            if i is None or i == 0:
-                raise ValueError(f"unknown item id {t!r} (not in dataset {self.name!r} after filtering)")
+            i = index.get(str(t))
+            if i is None or i < first_id:
+                raise ValueError(f"unknown {kind} id {t!r} (not in dataset {self.name!r} after filtering)")
             out.append(i)
         return np.asarray(out, dtype=np.int64)
 
+    def item_index(self, tokens: Sequence) -> np.ndarray:
+        """Raw item tokens -> ids 1..I; an unknown token is a ValueError."""
+        return self._lookup("item", tokens, first_id=1)
+
     def user_index(self, tokens: Sequence) -> np.ndarray:
         """Raw user tokens -> user indices 0..U-1; an unknown token is a ValueError."""
-        if self._user_index is None:
-            self._user_index = {t: i for i, t in enumerate(self.user_tokens.tolist())}
-        out = []
-        for t in tokens:
-            i = self._user_index.get(str(t))
-            if i is None:
-                raise ValueError(f"unknown user id {t!r} (not in dataset {self.name!r} after filtering)")
-            out.append(i)
-        return np.asarray(out, dtype=np.int64)
+        return self._lookup("user", tokens, first_id=0)
 
     def user_histories(self, users: np.ndarray, include_test: bool = True) -> Dict[str, torch.Tensor]:
         """Histories to recommend the NEXT item for users (indices): their last max_len items (all of them, test
