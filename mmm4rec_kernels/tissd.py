@@ -167,15 +167,13 @@ def _token_layout(b, L, lengths, cu_seqlens, device):
 
 
 # ------------------------------------------------------------------------------------------------- torch backend
-def _packed_to_padded(t, cu, max_len):
-    """[1, T, ...] packed -> [nseq, max_len, ...] zero-padded, and the gather index to go back."""
-    nseq = cu.numel() - 1
+def _packed_layout(cu, T):
+    """Packed offsets cu [nseq+1] -> (gather index [nseq, max_len] into the T tokens, valid mask, lengths [nseq])."""
     lens = cu[1:] - cu[:-1]
-    pos = torch.arange(max_len, device=t.device)
-    idx = (cu[:-1, None] + pos[None, :]).clamp(max=max(t.shape[1] - 1, 0))
-    valid = pos[None, :] < lens[:, None]
-    out = t[0][idx] * valid.view(nseq, max_len, *([1] * (t.dim() - 2))).to(t.dtype)
-    return out, valid
+    max_len = int(lens.max()) if lens.numel() else 0
+    pos = torch.arange(max_len, device=cu.device)
+    idx = (cu[:-1, None] + pos[None, :]).clamp(max=max(T - 1, 0))
+    return idx, pos[None, :] < lens[:, None], lens
 
 
 def _run_torch(choice, x, dt, A, B, C, kw, lengths, cu_seqlens, chunk_size):
@@ -190,14 +188,13 @@ def _run_torch(choice, x, dt, A, B, C, kw, lengths, cu_seqlens, chunk_size):
         return (out[0].to(x.dtype), out[1]) if isinstance(out, tuple) else out.to(x.dtype)
     if cu_seqlens is None:
         return fn(x, dt, A, B, C, lengths=lengths, **kw)
-    cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
-    max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-    pads = {}
-    for name, t in (("x", x), ("dt", dt), ("B", B), ("C", C), ("time_scale", kw.get("time_scale"))):
-        pads[name] = None if t is None else _packed_to_padded(t, cu, max_len)[0]
-    _, valid = _packed_to_padded(x, cu, max_len)
-    kw = dict(kw, time_scale=pads["time_scale"])
-    out = fn(pads["x"], pads["dt"], A, pads["B"], pads["C"], lengths=(cu[1:] - cu[:-1]), **kw)
+    idx, valid, lens = _packed_layout(cu_seqlens.to(device=x.device, dtype=torch.int64), x.shape[1])
+
+    def pad(t):  # [1, T, ...] packed -> [nseq, max_len, ...], zeros past each sequence
+        return None if t is None else t[0][idx] * valid.view(*valid.shape, *([1] * (t.dim() - 2))).to(t.dtype)
+
+    kw = dict(kw, time_scale=pad(kw.get("time_scale")))
+    out = fn(pad(x), pad(dt), A, pad(B), pad(C), lengths=lens, **kw)
     y, final = (out if isinstance(out, tuple) else (out, None))
     y = y[valid].unsqueeze(0)  # back to [1, T, H, P] (sequences are contiguous and in order)
     return (y, final) if final is not None else y
