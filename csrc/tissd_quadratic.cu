@@ -8,10 +8,10 @@
 // Sequence steps are processed in kBL x kBL tiles of the L x L score matrix staged in shared memory.
 //
 // Inner products (template flag kTC):
-//   kTC = true : tensor cores through nvcuda::wmma, fp32 accumulate. bf16 / fp16 inputs: 16x16x16 bf16 / fp16
-//                MMAs; the masked scores S and the gradient weights dG are rounded to the input type before their
-//                second product (as flash-attention style kernels do). fp32 inputs: 16x16x8 TF32 MMAs (operands
-//                rounded to TF32, 10-bit mantissa); used only when the caller allows TF32.
+//   kTC = true : tensor cores through nvcuda::wmma, fp32 accumulate. bf16 inputs: 16x16x16 bf16 MMAs; the
+//                masked scores S, Delta_j x_j and the gradient weights dG are rounded to bf16 before their product
+//                (as flash-attention style kernels do). fp32 inputs (only when the caller allows TF32) and fp16
+//                inputs (always): 16x16x8 TF32 MMAs, operands rounded to TF32 (10-bit mantissa, fp32 range).
 //   kTC = false: fp32 inputs with TF32 not allowed: exact fp32 FMA loops (no TF32 anywhere).
 // Per 32x32 score tile, warps 0-3 own one 16x16 output tile each; the L x P / L x n products use all 8 warps
 // for P, n >= 64. Reductions are in a fixed order: results are bitwise deterministic run to run.
@@ -32,16 +32,22 @@ namespace {
 namespace wmma = nvcuda::wmma;
 
 constexpr int kThreads = 256;  // threads per block; also one thread per sequence step in scans
+// 2 resident blocks per SM caps registers at 128: spill-free for every kernel on sm_80 / sm_90 (nvcc 13.0 -O3).
+// Without it ptxas aims at 3-4 blocks (64-80 registers) and spills 4-40 bytes in some instantiations; at 3 the fp32
+// gradient kernel spills ~100 bytes (benchmarks/offline_csrc.sh shows the table).
+constexpr int kMinBlocks = 2;
 constexpr int kBL = 32;        // sequence tile: rows/columns of one score tile
 constexpr int kNC = 64;        // d_state chunk loaded at once
 constexpr int kPC = 32;        // head-dim chunk of the gradient kernel's dy_i . x_j product
 static_assert(kThreads == kTissdMaxLen, "scans use one thread per step");
 static_assert(kBL == 32 && kThreads == 256, "tile/warp assignments below assume 8 warps and 32x32 score tiles");
 
-// Element type of the staged operand tiles: the input type on the tensor-core path for 16-bit inputs, else float.
+// Element type of the staged operand tiles: bf16 on the tensor-core path for bf16 inputs, else float (TF32 MMAs on
+// the tensor-core path). fp16 inputs use TF32 too: an fp16 value is exact in TF32 (same 10-bit mantissa), and the
+// intermediate operands (Delta_j x_j, masked scores, dG) keep the fp32 range; in fp16 they overflowed (65504) after
+// time gaps of ~1e4 in the emulator check.
 template <typename T, bool kTC> struct OperandOf { using type = float; };
 template <> struct OperandOf<__nv_bfloat16, true> { using type = __nv_bfloat16; };
-template <> struct OperandOf<__half, true> { using type = __half; };
 
 // Row pitch (elements) of a staged tile with K columns. Tensor cores: +16 bytes (WMMA wants a multiple of 16 bytes;
 // the shift spreads rows over the banks). Scalar fp32: +1 (odd pitch, conflict-free column reads).
@@ -197,7 +203,7 @@ __device__ void score_tile(const TissdParams& p, const T* rowM, const T* colM, i
 //     dx_j = Delta_j sum_i (C_i.B_j) M_ij dy_i + D s_j dy_j
 // Grid: (nseq * H, ceil(P / TP)); block: kThreads.
 template <typename T, int TP, bool kDx, bool kTC>
-__global__ void __launch_bounds__(kThreads) tissd_apply_kernel(const TissdParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_apply_kernel(const TissdParams p) {
   using TS = typename OperandOf<T, kTC>::type;
   constexpr bool kSopAliased = std::is_same<TS, float>::value;  // fp32 operands: mask the scores in place
   constexpr int ldk = pitch<TS, kTC, kNC>, lds = pitch<TS, kTC, kBL>, ldv = pitch<TS, kTC, TP>;
@@ -297,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) tissd_apply_kernel(const TissdParams
 //   dDelta_t += A da_t (+ D Q_tt in delta mode), dA += Delta_t da_t, dD += s_t Q_tt
 //   dv = dDelta sigmoid(v), ddt = dv E, dE = dv dt, ddt_bias += dv
 template <typename T, bool kTC>
-__global__ void __launch_bounds__(kThreads) tissd_grad_kernel(const TissdParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_grad_kernel(const TissdParams p) {
   using TS = typename OperandOf<T, kTC>::type;
   constexpr int ldk = pitch<TS, kTC, kNC>, ldp = pitch<TS, kTC, kPC>, ldg = pitch<TS, kTC, kBL>;
   constexpr int lda = pitch<float, kTC, kBL>, ldn = pitch<float, kTC, kNC>;
@@ -508,7 +514,8 @@ void launch_bwd(const TissdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-// 16-bit inputs always run on tensor cores; fp32 inputs on TF32 tensor cores only when p.allow_tf32.
+// 16-bit inputs always run on tensor cores (bf16 MMAs, or TF32 for fp16); fp32 inputs on TF32 tensor cores only when
+// p.allow_tf32, else on the exact fp32 FMA path.
 template <typename T>
 cudaError_t tissd_quadratic_fwd_launch(const TissdParams& p, cudaStream_t stream) {
   cudaError_t err = check_params(p);

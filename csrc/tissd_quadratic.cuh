@@ -37,7 +37,7 @@ struct TissdParams {
   bool d_skip_delta = true;         // s_t = Delta_t (official) or 1 (mamba_ssm)
   bool dt_softplus = true;
   bool allow_tf32 = false;          // fp32 inputs: TF32 tensor cores (true) or exact fp32 FMA (false); 16-bit
-                                    // inputs always use bf16 / fp16 tensor cores with fp32 accumulation
+                                    // inputs always use tensor cores (bf16 MMAs; TF32 MMAs for fp16), fp32 accumulate
   // forward output
   void* y = nullptr;                // [T, H, P], zero-filled by the caller
   // backward input / outputs (all zero-filled by the caller)
