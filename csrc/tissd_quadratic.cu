@@ -345,35 +345,52 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_grad_kernel(const 
   const int sc = t % kBL, sr = t / kBL;                 // score-tile element (sr + 8 m, sc)
   const int nk = t % kNC, nrow = t / kNC;               // [kBL, kNC] element (nrow + 4 m, nk)
   constexpr int kNRowsPerPass = kThreads / kNC;
-  const int qtm = warp / 2, qtn = warp % 2;             // tensor cores: warps 0-3 own a 16x16 tile of Q
+  const int qtm = (warp % 4) / 2, qtn = warp % 2;       // tensor cores: warp's 16x16 tile of C.B (0-3) / Q (4-7)
   const int ntm = warp / 4, ntn = warp % 4;             // tensor cores: warp's 16x16 tile of a [kBL, kNC] result
 
   for (int it = 0; it < ntiles; ++it) {
     const int i0 = it * kBL;
     for (int jt = 0; jt <= it; ++jt) {
       const int j0 = jt * kBL;
-      score_tile<T, kTC>(p, Cg, Bg, start, i0, j0, len, Ck, Bk, Sacc);  // Sacc = C_i . B_j
-      // Qacc = dy_i . x_j over P in kPC chunks
-      FragAcc<TS> qacc;
-      float q[4] = {0.f, 0.f, 0.f, 0.f};
-      if constexpr (kTC) wmma::fill_fragment(qacc, 0.f);
-      for (int k0 = 0; k0 < p.P; k0 += kPC) {
-        load_tile<T, TS, kBL, kPC>(Dy, ldp, dyh, vstride, start, i0, len, k0, p.P);
-        load_tile<T, TS, kBL, kPC>(Xs, ldp, xh, vstride, start, j0, len, k0, p.P);
-        __syncthreads();
-        if constexpr (kTC) {
-          if (warp < 4) warp_mma<TS, false, true>(qacc, Dy + qtm * 16 * ldp, ldp, Xs + qtn * 16 * ldp, ldp, kPC);
-        } else {
+      if constexpr (kTC) {
+        // Sacc = C_i . B_j on warps 0-3 and Qacc = dy_i . x_j on warps 4-7, staged together: step s loads n-chunk s
+        // (if any) and P-chunk s (if any). Leaves the last n-chunk in Ck / Bk, as score_tile does.
+        const int nsteps_n = (p.N + kNC - 1) / kNC, nsteps_p = (p.P + kPC - 1) / kPC;
+        const int nsteps = nsteps_n > nsteps_p ? nsteps_n : nsteps_p;
+        const bool cb_warp = warp < 4;
+        FragAcc<TS> acc;
+        wmma::fill_fragment(acc, 0.f);
+        for (int step = 0; step < nsteps; ++step) {
+          if (step < nsteps_n) {
+            load_tile<T, TS, kBL, kNC>(Ck, ldk, Cg, bstride, start, i0, len, step * kNC, p.N);
+            load_tile<T, TS, kBL, kNC>(Bk, ldk, Bg, bstride, start, j0, len, step * kNC, p.N);
+          }
+          if (step < nsteps_p) {
+            load_tile<T, TS, kBL, kPC>(Dy, ldp, dyh, vstride, start, i0, len, step * kPC, p.P);
+            load_tile<T, TS, kBL, kPC>(Xs, ldp, xh, vstride, start, j0, len, step * kPC, p.P);
+          }
+          __syncthreads();
+          if (cb_warp && step < nsteps_n)
+            warp_mma<TS, false, true>(acc, Ck + qtm * 16 * ldk, ldk, Bk + qtn * 16 * ldk, ldk, kNC);
+          if (!cb_warp && step < nsteps_p)
+            warp_mma<TS, false, true>(acc, Dy + qtm * 16 * ldp, ldp, Xs + qtn * 16 * ldp, ldp, kPC);
+          __syncthreads();
+        }
+        float* dst = cb_warp ? Sacc : Qacc;
+        wmma::store_matrix_sync(dst + qtm * 16 * lda + qtn * 16, acc, lda, wmma::mem_row_major);
+      } else {
+        score_tile<T, kTC>(p, Cg, Bg, start, i0, j0, len, Ck, Bk, Sacc);  // Sacc = C_i . B_j
+        float q[4] = {0.f, 0.f, 0.f, 0.f};                                   // Qacc = dy_i . x_j over P
+        for (int k0 = 0; k0 < p.P; k0 += kPC) {
+          load_tile<T, TS, kBL, kPC>(Dy, ldp, dyh, vstride, start, i0, len, k0, p.P);
+          load_tile<T, TS, kBL, kPC>(Xs, ldp, xh, vstride, start, j0, len, k0, p.P);
+          __syncthreads();
           for (int k = 0; k < kPC; ++k) {
             const float xv = Xs[sc * ldp + k];
             for (int m = 0; m < 4; ++m) q[m] += Dy[(sr + 8 * m) * ldp + k] * xv;
           }
+          __syncthreads();
         }
-        __syncthreads();
-      }
-      if constexpr (kTC) {
-        if (warp < 4) wmma::store_matrix_sync(Qacc + qtm * 16 * lda + qtn * 16, qacc, lda, wmma::mem_row_major);
-      } else {
         for (int m = 0; m < 4; ++m) Qacc[(sr + 8 * m) * lda + sc] = q[m];
       }
       __syncthreads();
