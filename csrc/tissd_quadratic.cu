@@ -13,8 +13,9 @@
 //                (as flash-attention style kernels do). fp32 inputs (only when the caller allows TF32) and fp16
 //                inputs (always): 16x16x8 TF32 MMAs, operands rounded to TF32 (10-bit mantissa, fp32 range).
 //   kTC = false: fp32 inputs with TF32 not allowed: exact fp32 FMA loops (no TF32 anywhere).
-// Per 32x32 score tile, warps 0-3 own one 16x16 output tile each; the L x P / L x n products use all 8 warps
-// for P, n >= 64. Reductions are in a fixed order: results are bitwise deterministic run to run.
+// All 8 warps take part in every product: a 32x32 score tile is split into four 16x16 tiles x two k halves (apply)
+// or C.B on warps 0-3 next to dy.x on warps 4-7 (grad); the L x P / L x n products give each warp a 16x16 tile
+// (TP = 32: warps 0-3 only). Reductions are in a fixed order: results are bitwise deterministic run to run.
 // Needs sm_80+ (bf16 / TF32 WMMA). No fast-math intrinsics: expf / log1pf are the accurate libdevice versions.
 #include <mma.h>
 
@@ -162,24 +163,26 @@ __device__ void load_tile(TS* tile, int ld, const T* src, int64_t stride, int64_
 
 // Sacc[r * lda + c] = rowM_{r0 + r} . colM_{c0 + c} over all n (float), for the kBL x kBL tile. rowM / colM point
 // at the group column of B or C (row stride G n). Stages n in kNC chunks through rowK / colK and leaves the last
-// chunk there. Ends without a barrier: __syncthreads() before reading Sacc.
+// chunk there. Tensor cores: warps 0-3 sum the first half of each chunk into Sacc, warps 4-7 the second half into
+// Sacc2 (the score is Sacc + Sacc2); scalar: Sacc2 is unused. Ends without a barrier: __syncthreads() before reading.
 template <typename T, bool kTC, typename TS>
 __device__ void score_tile(const TissdParams& p, const T* rowM, const T* colM, int64_t start, int r0, int c0, int len,
-                           TS* rowK, TS* colK, float* Sacc) {
+                           TS* rowK, TS* colK, float* Sacc, float* Sacc2) {
   constexpr int ldk = pitch<TS, kTC, kNC>, lda = pitch<float, kTC, kBL>;
   const int64_t stride = int64_t(p.G) * p.N;
   if constexpr (kTC) {
-    const int warp = threadIdx.x / 32, tm = warp / 2, tn = warp % 2;  // warps 0-3: 16x16 tile (tm, tn)
+    const int warp = threadIdx.x / 32, tm = (warp % 4) / 2, tn = warp % 2, kh = warp / 4;  // tile (tm, tn), k half
     FragAcc<TS> acc;
     wmma::fill_fragment(acc, 0.f);
     for (int k0 = 0; k0 < p.N; k0 += kNC) {
       load_tile<T, TS, kBL, kNC>(rowK, ldk, rowM, stride, start, r0, len, k0, p.N);
       load_tile<T, TS, kBL, kNC>(colK, ldk, colM, stride, start, c0, len, k0, p.N);
       __syncthreads();
-      if (warp < 4) warp_mma<TS, false, true>(acc, rowK + tm * 16 * ldk, ldk, colK + tn * 16 * ldk, ldk, kNC);
+      warp_mma<TS, false, true>(acc, rowK + tm * 16 * ldk + kh * (kNC / 2), ldk,
+                                colK + tn * 16 * ldk + kh * (kNC / 2), ldk, kNC / 2);
       __syncthreads();
     }
-    if (warp < 4) wmma::store_matrix_sync(Sacc + tm * 16 * lda + tn * 16, acc, lda, wmma::mem_row_major);
+    wmma::store_matrix_sync((kh ? Sacc2 : Sacc) + tm * 16 * lda + tn * 16, acc, lda, wmma::mem_row_major);
   } else {
     const int c = threadIdx.x % kBL, rbase = threadIdx.x / kBL;  // rows rbase + 8 m, column c
     float dot[4] = {0.f, 0.f, 0.f, 0.f};
@@ -217,6 +220,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_apply_kernel(const
   __shared__ __align__(128) TS rowK[kBL * ldk];
   __shared__ __align__(128) TS colK[kBL * ldk];
   __shared__ __align__(128) float Sacc[kBL * lda];                 // raw scores C.B (then masked, fp32 operands)
+  __shared__ __align__(128) float Sacc2[kTC ? kBL * lda : 1];       // tensor cores: second k-half of C.B
   __shared__ __align__(128) TS Sop_own[kSopAliased ? 1 : kBL * lds];  // masked scores as 16-bit MMA operand
   __shared__ __align__(128) TS V[kBL * ldv];
   __shared__ __align__(128) float Out[kTC ? kBL * ldo : 1];         // tensor-core accumulators, for the epilogue
@@ -252,14 +256,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_apply_kernel(const
     const int ct_lo = kDx ? rt : 0, ct_hi = kDx ? ntiles - 1 : rt;
     for (int ct = ct_lo; ct <= ct_hi; ++ct) {
       const int c0 = ct * kBL;
-      score_tile<T, kTC>(p, rowM, colM, start, r0, c0, len, rowK, colK, Sacc);
+      score_tile<T, kTC>(p, rowM, colM, start, r0, c0, len, rowK, colK, Sacc, Sacc2);
       __syncthreads();
       // S[r][c] = (C.B) M_ij, causal (j <= i) and inside the sequence; same thread reads and writes an element
       for (int m = 0; m < 4; ++m) {
         const int rr = sr + 8 * m, r = r0 + rr, c = c0 + sc;
         const int i = kDx ? c : r, j = kDx ? r : c;
         const bool ok = j <= i && i < len;
-        const float v = ok ? Sacc[rr * lda + sc] * expf(fminf(float(cs[i] - cs[j]), 0.f)) : 0.f;
+        const float cb = kTC ? Sacc[rr * lda + sc] + Sacc2[rr * lda + sc] : Sacc[rr * lda + sc];
+        const float v = ok ? cb * expf(fminf(float(cs[i] - cs[j]), 0.f)) : 0.f;
         Sop[rr * lds + sc] = from_float<TS>(v);
       }
       // V[c][:] = Delta_c x_c (forward) or dy_c (dx), this head-dim tile
@@ -379,7 +384,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_grad_kernel(const 
         float* dst = cb_warp ? Sacc : Qacc;
         wmma::store_matrix_sync(dst + qtm * 16 * lda + qtn * 16, acc, lda, wmma::mem_row_major);
       } else {
-        score_tile<T, kTC>(p, Cg, Bg, start, i0, j0, len, Ck, Bk, Sacc);  // Sacc = C_i . B_j
+        score_tile<T, kTC>(p, Cg, Bg, start, i0, j0, len, Ck, Bk, Sacc, nullptr);  // Sacc = C_i . B_j
         float q[4] = {0.f, 0.f, 0.f, 0.f};                                   // Qacc = dy_i . x_j over P
         for (int k0 = 0; k0 < p.P; k0 += kPC) {
           load_tile<T, TS, kBL, kPC>(Dy, ldp, dyh, vstride, start, i0, len, k0, p.P);
