@@ -55,11 +55,12 @@ def pretty(mangled):
         return name
     kern, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
     dtype = {"float": "fp32", "__nv_bfloat16": "bf16", "__half": "fp16"}.get(args[0], args[0])
+    flag = lambda k: len(args) > k and args[k] == "true"  # builds before the kTC flag: exact FMA
     if kern == "tissd_apply_kernel":
-        tp, dx, tc = args[1], args[2] == "true", args[3] == "true"
+        tp, dx, tc = args[1], flag(2), flag(3)
         what = f"{'apply dx' if dx else 'apply fwd'} TP={tp}"
     else:
-        tc, what = args[1] == "true", "grad"
+        tc, what = flag(1), "grad"
     path = ("tf32 TC" if dtype == "fp32" else "TC") if tc else "exact FMA"
     return f"{what} {dtype} {path}"
 
