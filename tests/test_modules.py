@@ -139,29 +139,37 @@ def test_block_matches_float64_reference_fwd_and_grads(name, with_time):
         assert rel(g, g_r) < 1e-4, (nm, rel(g, g_r))
 
 
+@pytest.mark.parametrize("path", ["quadratic", "chunked"])
 @pytest.mark.parametrize("with_time", [False, True])
-def test_triton_and_torch_backends_agree(with_time):
-    """Triton (interpreter on CPU, fp32) vs torch backend: forward and every gradient within 1e-4."""
+def test_triton_torch_and_float64_reference_agree(path, with_time):
+    """Triton (interpreter on CPU, fp32) vs torch backend vs float64 reference: forward and every gradient, 1e-4."""
     pytest.importorskip("triton")
     from mmm4rec_kernels.dispatch import triton_usable
     if not triton_usable(torch.device("cpu")) and not torch.cuda.is_available():
         pytest.skip("triton needs CUDA or TRITON_INTERPRET=1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    h = torch.randn(2, 6, SMALL["d_model"], generator=torch.Generator().manual_seed(4)).to(dev)
-    t = stamps(2, 6).to(dev) if with_time else None
-    lengths = torch.tensor([6, 4], device=dev)
-    outs = []
+    L = 6 if path == "quadratic" else 18    # the Triton chunked path takes chunk_size >= 16: cross one boundary
+    h = torch.randn(2, L, SMALL["d_model"], generator=torch.Generator().manual_seed(4))
+    t = stamps(2, L) if with_time else None
+    lengths = torch.tensor([L, 4])
+    dy = torch.randn(2, L, SMALL["d_model"], generator=torch.Generator().manual_seed(9))
+    results = {}
     for backend in ("torch", "triton"):
-        m = block(backend=backend, d_skip="delta").to(dev)
-        hh = h.clone().requires_grad_()
-        y = m(hh, t, lengths=lengths)
-        grads = torch.autograd.grad(y, [hh, *m.parameters()], torch.ones_like(y), allow_unused=True)
-        outs.append((y, grads))
-    (y0, g0), (y1, g1) = outs
-    assert rel(y1, y0) < 1e-4
-    for a, b in zip(g1, g0):
-        if b is not None:
-            assert rel(a, b) < 1e-4
+        m = block(backend=backend, path=path, chunk_size=16).to(dev)
+        hh = h.clone().to(dev).requires_grad_()
+        y = m(hh, None if t is None else t.to(dev), lengths=lengths.to(dev))
+        grads = torch.autograd.grad(y, [hh, *m.parameters()], dy.to(dev), allow_unused=True)
+        results[backend] = (y.cpu(), [None if g is None else g.cpu() for g in grads])
+    m64 = block(path=path, chunk_size=16).double()
+    h64 = h.double().requires_grad_()
+    y_r = block_ref(m64, h64, t, lengths)
+    g_r = torch.autograd.grad(y_r, [h64, *m64.parameters()], dy.double(), allow_unused=True)
+    results["float64"] = (y_r, g_r)
+    (y0, g0), (y1, g1) = results["torch"], results["triton"]
+    assert rel(y1, y0) < 1e-4 and rel(y1, y_r) < 1e-4
+    for a, b, r in zip(g1, g0, g_r):
+        if r is not None and r.norm() > 0:
+            assert rel(a, b) < 1e-4 and rel(a, r) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------- mamba_ssm references
