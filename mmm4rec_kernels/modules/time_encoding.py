@@ -10,9 +10,11 @@ CausalTimeEncoding (default, "paper"): MMM4Rec's TiSSD time path (DESIGN.md step
     1. gap_i (dropout in training, like the paper's time dropout)
     2. causal standardisation over the sequence so far (prefix statistics over positions 0..i, float64):
            mu_i = mean(gap_0..gap_i),  var_i = mean(gap_0^2..gap_i^2) - mu_i^2,
-           s_i  = (gap_i - mu_i) / sqrt(max(var_i, 0) + eps)          (eps = 1e-5 in squared time units)
+           s_i  = (gap_i - mu_i) / sqrt(max(var_i, 0) + eps * m2_i + 1e-30),   m2_i = mean(gap_0^2..gap_i^2)
+       eps = 1e-5 is relative to the mean squared gap, so s is exactly unit-free: seconds, days or min-max
+       normalised times (RecBole's normalize_all) give the same s.  Equal gaps give s = 0; s_0 = 0 always.
        The paper normalises with a LayerNorm over the whole padded sequence (future positions included); prefix
-       statistics give the same scale-free signal (seconds or days give the same s) without looking ahead.
+       statistics give a scale-free signal without looking ahead.
     3. per-head affine D_h,i = s_i * scale_h + shift_h            (replaces the paper's per-position affine)
     4. alpha = Tanhshrink(mix2(SiLU(mix1(D))))  with mix1, mix2 Linear(H, H) per position   (the paper's L x L
        linears mix positions; here the mixing is across heads, so nothing depends on max_len or the future)
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from .conv import CausalDepthwiseConv1d
 
-STD_EPS = 1e-5
+STD_EPS = 1e-5      # relative to the mean squared gap (see step 2 above)
 
 
 @dataclass
@@ -119,9 +121,9 @@ class CausalTimeEncoding(_TimeEncodingBase):
         self.conv2 = CausalDepthwiseConv1d(nheads, d_conv, **kw)
 
     def _standardise(self, gap, count, gap_sum, gap_sq_sum):
-        mean = gap_sum / count
-        var = (gap_sq_sum / count - mean * mean).clamp(min=0.0)
-        return (gap - mean) / torch.sqrt(var + self.eps)
+        mean, mean_sq = gap_sum / count, gap_sq_sum / count
+        var = (mean_sq - mean * mean).clamp(min=0.0)
+        return (gap - mean) / torch.sqrt(var + self.eps * mean_sq + 1e-30)
 
     def _modulation(self, s):
         """s [..., 1] float -> E [..., H] (steps 3-4 without the convs)."""
