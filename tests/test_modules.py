@@ -346,6 +346,22 @@ def test_step_equals_full_forward_and_prefill_continues(kw, with_time):
             x_t = h[torch.arange(b), pos]
             y_t, state = m.step(x_t, None if t is None else t[torch.arange(b), pos], state)
             assert rel(y_t, full[torch.arange(b), pos]) < 1e-5
+        # the same prefill from a left-padded batch and from a packed batch gives the same state
+        left_h, left_t = torch.zeros_like(h), None if t is None else torch.zeros_like(t)
+        mask = torch.zeros(b, L, dtype=torch.bool)
+        for i, n in enumerate(lengths.tolist()):
+            left_h[i, L - n:], mask[i, L - n:] = h[i, :n], True
+            if t is not None:
+                left_t[i, L - n:] = t[i, :n]
+        _, s_left = m(left_h, left_t, attention_mask=mask, return_state=True)
+        packed_h = torch.cat([h[i, :n] for i, n in enumerate(lengths.tolist())])[None]
+        packed_t = None if t is None else torch.cat([t[i, :n] for i, n in enumerate(lengths.tolist())])[None]
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        _, s_pack = m(packed_h, packed_t, cu_seqlens=cu, return_state=True)
+        x_t, t_t = h[torch.arange(b), lengths], None if t is None else t[torch.arange(b), lengths]
+        for s in (s_left, s_pack):
+            y_t, _ = m.step(x_t, t_t, s)
+            assert rel(y_t, full[torch.arange(b), lengths]) < 1e-5
 
 
 def test_conv_step_and_window():

@@ -56,7 +56,7 @@ class TimeAwareSSD(nn.Module):
         lengths [b] (right padding) or attention_mask [b, L] (1 = valid; right OR left padding) or
         cu_seqlens [nseq+1] with hidden [1, T, d_model] (packed); time_gaps [b, L] instead of timestamps.
         Returns [b, L, d_model] with 0 on padded positions; with return_state=True also the SSDState after each
-        sequence's last valid event (for `step`; needs lengths or no padding, not attention_mask/cu_seqlens).
+        sequence's last valid event (for `step`; one row per sequence, also for left-padded and packed input).
     allocate_state(batch) -> SSDState (empty history);  step(x_t [b, d_model], t_t [b] or None, state)
         -> (y_t [b, d_model], new state): one new event per sequence, O(1), equal to the full forward."""
 
@@ -104,9 +104,6 @@ class TimeAwareSSD(nn.Module):
         if timestamps is not None and time_gaps is not None:
             raise ValueError("pass timestamps or time_gaps, not both")
         layout = SequenceLayout.build(b, L, hidden.device, lengths, attention_mask, cu_seqlens)
-        if return_state and layout.index is not None:
-            raise ValueError("return_state needs lengths (right padding) or no padding; shift left-padded or packed "
-                             "input to right padding first")
         out, state = self._forward_working(layout.pad(hidden), layout.pad(timestamps), layout.pad(time_gaps),
                                            layout.lengths, return_state)
         out = layout.unpad(out)
