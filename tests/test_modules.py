@@ -392,3 +392,15 @@ def test_init_ssd_params_ranges_flags_and_model_layer_equivalence():
         assert torch.equal(ours, theirs)
     groups = no_weight_decay_param_groups(block(), 0.1)
     assert len(groups[1]["params"]) == 3 + 0 and groups[1]["weight_decay"] == 0.0
+
+
+def test_float64_module_steps_in_float64():
+    m = block(backend="torch").double().eval()
+    h = torch.randn(2, 9, SMALL["d_model"], dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    t = stamps(2, 9)
+    with torch.no_grad():
+        full, state = m(h, t), m.allocate_state(2)
+        assert state.ssm.dtype == torch.float64
+        for i in range(9):
+            y_t, state = m.step(h[:, i], t[:, i], state)
+            assert rel(y_t, full[:, i]) < 1e-12

@@ -24,7 +24,8 @@ RMSNORM_EPS = 1e-5
 class SSDState:
     """Incremental-inference state of one TimeAwareSSD for a batch of b sequences (O(1) in the sequence length).
 
-    conv [b, conv_dim, d_conv-1]: the last inputs of the causal conv; ssm [b, H, P, n] float32: the SSD state;
+    conv [b, conv_dim, d_conv-1]: the last inputs of the causal conv; ssm [b, H, P, n]: the SSD state (fp32, fp64
+    for an fp64 module);
     time: the time encoding's state (last timestamp, prefix statistics, its conv windows) or None."""
     conv: torch.Tensor
     ssm: torch.Tensor
@@ -122,7 +123,7 @@ class TimeAwareSSD(nn.Module):
             time_scale, time_state = enc if return_state else (enc, None)
         x4, z4 = x.reshape(b, L, H, P), z.reshape(b, L, H, P)
         fused_norm = self.rmsnorm and not self.norm_before_gate and not self.D_has_hdim
-        out = tissd(x4, dt, -torch.exp(self.A_log.float()), B.reshape(b, L, G, n), C.reshape(b, L, G, n),
+        out = tissd(x4, dt, -torch.exp(self.A_log.to(self._compute_dtype())), B.reshape(b, L, G, n), C.reshape(b, L, G, n),
                     time_scale=time_scale, dt_bias=self.dt_bias, D=None if self.D_has_hdim else self.D,
                     d_skip=self.d_skip, dt_softplus=True, lengths=lengths, return_final_states=return_state,
                     z=z4 if fused_norm else None, norm_weight=self.norm.weight if fused_norm else None,
@@ -136,12 +137,18 @@ class TimeAwareSSD(nn.Module):
         out = self.out_proj(y.reshape(b, L, self.d_inner))
         state = None
         if return_state:
-            state = SSDState(self.conv1d.window_from(xBC_in.transpose(1, 2), lengths), ssm.float(), time_state)
+            state = SSDState(self.conv1d.window_from(xBC_in.transpose(1, 2), lengths), ssm.to(self._compute_dtype()),
+                             time_state)
         return out, state
 
+    def _compute_dtype(self):
+        """fp64 for an fp64 module, else fp32 (the SSD math of fp16/bf16 modules runs in fp32, as in the kernels)."""
+        return torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
+
     def _delta(self, dt, time_scale):
-        v = dt.float() if time_scale is None else dt.float() * time_scale.float()
-        return F.softplus(v + self.dt_bias.float())
+        ct = self._compute_dtype()
+        v = dt.to(ct) if time_scale is None else dt.to(ct) * time_scale.to(ct)
+        return F.softplus(v + self.dt_bias.to(ct))
 
     def _hdim_skip(self, x4, dt, time_scale):
         """D [H, P] skip done here (tissd takes D [H]): D * Delta * x ('delta') or D * x ('plain'); x4 [..., H, P]."""
@@ -160,7 +167,7 @@ class TimeAwareSSD(nn.Module):
     def allocate_state(self, batch: int, device=None) -> SSDState:
         """Empty history for `batch` sequences."""
         dev = device or self.A_log.device
-        ssm = torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=dev, dtype=torch.float32)
+        ssm = torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=dev, dtype=self._compute_dtype())
         time = self.time_encoding.allocate_state(batch, device=dev) if self.time_encoding is not None else None
         return SSDState(self.conv1d.allocate_window(batch, device=dev), ssm, time)
 
@@ -179,14 +186,16 @@ class TimeAwareSSD(nn.Module):
             if state.time is None:
                 raise ValueError("state has no time-encoding state: allocate it with this module's allocate_state")
             time_scale, time_state = self.time_encoding.step(t_t, state.time)
-        delta = self._delta(dt, time_scale)                                        # [b, H] fp32
-        A = -torch.exp(self.A_log.float())
-        x3 = x.reshape(b, H, P).float()
-        Bh = B.reshape(b, G, n).float().repeat_interleave(H // G, dim=1)          # [b, H, n]
-        Ch = C.reshape(b, G, n).float().repeat_interleave(H // G, dim=1)
-        ssm = torch.exp(delta * A)[..., None, None] * state.ssm + (delta[..., None] * x3)[..., None] * Bh[:, :, None, :]
+        ct = self._compute_dtype()
+        delta = self._delta(dt, time_scale)                                        # [b, H] fp32 (fp64)
+        A = -torch.exp(self.A_log.to(ct))
+        x3 = x.reshape(b, H, P).to(ct)
+        Bh = B.reshape(b, G, n).to(ct).repeat_interleave(H // G, dim=1)           # [b, H, n]
+        Ch = C.reshape(b, G, n).to(ct).repeat_interleave(H // G, dim=1)
+        ssm = torch.exp(delta * A)[..., None, None] * state.ssm.to(ct) + \
+            (delta[..., None] * x3)[..., None] * Bh[:, :, None, :]
         y = torch.einsum("bhpn,bhn->bhp", ssm, Ch)
-        D = self.D.float().view(H, P) if self.D_has_hdim else self.D.float()[:, None]
+        D = self.D.to(ct).view(H, P) if self.D_has_hdim else self.D.to(ct)[:, None]
         y = y + D * (delta[..., None] if self.d_skip == "delta" else 1.0) * x3
         y = self._gate(y.reshape(b, self.d_inner).to(x_t.dtype), z)
         return self.out_proj(y), SSDState(conv, ssm, time_state)
