@@ -27,7 +27,7 @@ MODELS = ("SASRec", "TimeAwareSSDRec-time", "TimeAwareSSDRec-notime")
 
 def common_config(args, checkpoint_dir):
     return dict(
-        seed=args.seed, reproducibility=True, device="cpu" if args.device == "cpu" else "cuda", use_gpu=args.device != "cpu",
+        seed=args.seed, reproducibility=True, device=args.device, use_gpu=args.device != "cpu",
         epochs=args.epochs, stopping_step=args.stopping_step, train_batch_size=args.batch_size, eval_batch_size=4096,
         learning_rate=args.lr, MAX_ITEM_LIST_LENGTH=args.max_len, loss_type="CE", train_neg_sample_args=None,
         eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},

@@ -48,8 +48,8 @@ class SequenceLayout:
             return SequenceLayout(b, L, lengths, None, None)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (b, L):
-                raise ValueError(f"attention_mask must be a tensor of shape ({b}, {L}), got "
-                                 f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask}")
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+                raise ValueError(f"attention_mask must be a tensor of shape ({b}, {L}), got {got}")
             mask = attention_mask.to(device) != 0
             n_valid = mask.sum(1)
             start = torch.where(n_valid > 0, mask.to(torch.int8).argmax(1), torch.zeros_like(n_valid))
@@ -67,7 +67,8 @@ class SequenceLayout:
             if b != 1:
                 raise ValueError(f"cu_seqlens needs a packed batch hidden [1, T, ...], got batch {b}")
             if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != L or bool((cu[1:] < cu[:-1]).any()):
-                raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={L}, got {cu.tolist()[:8]}")
+                raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={L}, "
+                                 f"got {cu.tolist()[:8]}")
             n_valid = cu[1:] - cu[:-1]
             Lw = max(int(n_valid.max()), 1)
             pw = torch.arange(Lw, device=device)

@@ -35,7 +35,7 @@ class SSDState:
 class TimeAwareSSD(nn.Module):
     """Mamba2-like mixer with a time-aware SSD: hidden [b, L, d_model] (+ timestamps [b, L]) -> [b, L, d_model].
 
-        in_proj: d_model -> [z (d_inner) | xBC (d_inner + 2 G n) | dt (H)],   d_inner = expand * d_model, H = d_inner / P
+        in_proj: d_model -> [z (d_inner) | xBC (d_inner + 2 G n) | dt (H)],  d_inner = expand * d_model, H = d_inner/P
         xBC = SiLU(causal depthwise conv_k(xBC));  x [b, L, H, P], B, C [b, L, G, n]
         time_scale = time_encoding(timestamps) [b, L, H]   (None without timestamps: a plain Mamba2 mixer)
         y = tissd(x, dt, A=-exp(A_log), B, C, time_scale, dt_bias, D):  Delta = softplus(dt * time_scale + dt_bias),
@@ -77,7 +77,8 @@ class TimeAwareSSD(nn.Module):
         if ngroups < 1 or self.nheads % ngroups:
             raise ValueError(f"ngroups={ngroups} must divide the number of heads {self.nheads}")
         if d_skip not in ("delta", "plain"):
-            raise ValueError(f"d_skip must be 'delta' (D * Delta * x, MMM4Rec) or 'plain' (D * x, Mamba2), got {d_skip!r}")
+            raise ValueError(f"d_skip must be 'delta' (D * Delta * x, MMM4Rec) or 'plain' (D * x, Mamba2), "
+                             f"got {d_skip!r}")
         self.d_conv, self.chunk_size, self.D_has_hdim, self.d_skip = d_conv, chunk_size, D_has_hdim, d_skip
         self.rmsnorm, self.norm_before_gate, self.path, self.backend = rmsnorm, norm_before_gate, path, backend
         self.conv_dim = self.d_inner + 2 * ngroups * d_state
@@ -123,7 +124,8 @@ class TimeAwareSSD(nn.Module):
             time_scale, time_state = enc if return_state else (enc, None)
         x4, z4 = x.reshape(b, L, H, P), z.reshape(b, L, H, P)
         fused_norm = self.rmsnorm and not self.norm_before_gate and not self.D_has_hdim
-        out = tissd(x4, dt, -torch.exp(self.A_log.to(self._compute_dtype())), B.reshape(b, L, G, n), C.reshape(b, L, G, n),
+        A = -torch.exp(self.A_log.to(self._compute_dtype()))
+        out = tissd(x4, dt, A, B.reshape(b, L, G, n), C.reshape(b, L, G, n),
                     time_scale=time_scale, dt_bias=self.dt_bias, D=None if self.D_has_hdim else self.D,
                     d_skip=self.d_skip, dt_softplus=True, lengths=lengths, return_final_states=return_state,
                     z=z4 if fused_norm else None, norm_weight=self.norm.weight if fused_norm else None,
