@@ -1,7 +1,6 @@
 """TimeAwareSSD: a Mamba2-style mixer block whose scan is the time-aware SSD (`mmm4rec_kernels.tissd`)."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +13,6 @@ from .layout import SequenceLayout
 from .norm import GatedRMSNorm
 from .params import init_ssd_params
 from .time_encoding import TimeState, make_time_encoding
-
-logger = logging.getLogger("mmm4rec_kernels")
 
 RMSNORM_EPS = 1e-5
 
