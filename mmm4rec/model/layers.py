@@ -208,7 +208,7 @@ class TiSSD(nn.Module):
 class TiCoSSD(nn.Module):
     """Cross-modal time-aware SSD: x, B, dt_raw read the aligned text stream, C the aligned vision stream.
 
-    forward(pt [b, L, N], pv [b, L, N], Dco [b, H, L] or None, mask, lengths) -> M [b, L, N].
+    forward(pt [b, L, N], pv [b, L, N], Dco [b, H, L] or None, mask [b, L] or None, lengths) -> M [b, L, N].
     text in_proj N -> [x | B | dt_raw], vision in_proj N -> C (G * n), gate z = Linear(pt + pv) (d_inner); the same
     causal dwconv + SiLU as TiSSD on x|B (text) and C (vision); time path driven by Dco (no update); the scan runs in
     `mmm4rec_kernels.ticossd`; gated RMSNorm; out_proj."""
