@@ -8,6 +8,9 @@ histories (max_len 20, lengths uniform in 1..20).  CPU-ms per sample = process C
 batch size; wall ms per step is printed beside it.  Variants are measured in interleaved rounds (A B A B ...) and the
 median over rounds is reported, so a machine shared with other work biases every variant alike.
 
+"RecBole SASRec" (when recbole is installed): RecBole's SASRec with its default settings (2 layers, 2 heads, inner
+256, dropout 0.5, CE over all items) at the case's hidden size, on the same item ids (no features, no time).
+
 "previous" is mmm4rec/model/ at --previous (default a4d5b78, before issue 15/12) read with `git show` into a
 temporary package; it runs on the current mmm4rec_kernels.  Both use backend=torch, path=quadratic and the same
 sizes; with_id=True in both (the official setting).
@@ -79,6 +82,35 @@ def build(package, case: dict, seed: int = 0):
     return model, torch.optim.NAdam(model.parameters(), lr=1e-4, weight_decay=0.005)
 
 
+class SASRecStep(torch.nn.Module):
+    """RecBole's SASRec behind our loss(items, times, lengths, target) signature (times unused)."""
+
+    def __init__(self, num_items: int, hidden: int, max_len: int = 20):
+        super().__init__()
+        from recbole.model.sequential_recommender.sasrec import SASRec
+
+        class Catalogue:                                              # what SequentialRecommender asks the dataset
+            def num(self, field):
+                return num_items + 1
+
+        config = dict(USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", LIST_SUFFIX="_list",
+                      ITEM_LIST_LENGTH_FIELD="item_length", NEG_PREFIX="neg_", MAX_ITEM_LIST_LENGTH=max_len,
+                      device="cpu", n_layers=2, n_heads=2, hidden_size=hidden, inner_size=256,
+                      hidden_dropout_prob=0.5, attn_dropout_prob=0.5, hidden_act="gelu", layer_norm_eps=1e-12,
+                      initializer_range=0.02, loss_type="CE")
+        self.sasrec = SASRec(config, Catalogue())
+
+    def loss(self, items, times, lengths, target):
+        s = self.sasrec
+        return s.calculate_loss({s.ITEM_SEQ: items, s.ITEM_SEQ_LEN: lengths, s.POS_ITEM_ID: target})
+
+
+def build_sasrec(case: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    model = SASRecStep(case["items"], case["sizes"].get("hidden_size", 256)).train()
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
 def step(model, opt, batch):
     opt.zero_grad(set_to_none=True)
     model.loss(*batch).backward()
@@ -109,23 +141,34 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2, help="steps per round and variant")
     ap.add_argument("--previous", default="a4d5b78", help="git commit of the previous model ('' = none)")
+    ap.add_argument("--no-sasrec", dest="sasrec", action="store_false", help="skip RecBole SASRec")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     sys.path.insert(0, ROOT)
     import mmm4rec.model as now
     prev = load_previous_model(a.previous) if a.previous else None
+    try:
+        import recbole  # noqa: F401
+        with_sasrec = a.sasrec
+    except ImportError:
+        with_sasrec = False
+        print("recbole not installed: no SASRec rows")
     print(f"torch {torch.__version__}, {a.threads} thread(s), batch {a.batch_size}, {a.rounds} rounds x {a.steps} "
           f"steps, median; previous = {a.previous if prev else 'n/a'}")
-    print("| case | variant | CPU-ms / sample | wall ms / step | vs previous |")
+    print("| case | variant | CPU-ms / sample | wall ms / step | now vs |")
     print("|---|---|---|---|---|")
     for name in a.cases:
         case = CASES[name]
         variants = {"now": build(now, case)}
         if prev is not None:
             variants["previous"] = build(prev, case)
+        if with_sasrec:
+            variants["RecBole SASRec"] = build_sasrec(case)
         res = measure(variants, make_batch(case["items"], a.batch_size), a.rounds, a.steps)
         for v, (cpu_ms, wall_ms) in res.items():
             ratio = f"{cpu_ms / res['previous'][0]:.2f}x" if "previous" in res and v == "now" else ""
+            if v == "now" and "RecBole SASRec" in res:
+                ratio += f"{'; ' if ratio else ''}{cpu_ms / res['RecBole SASRec'][0]:.2f}x SASRec"
             print(f"| {name} | {v} | {cpu_ms:.2f} | {wall_ms:.0f} | {ratio} |", flush=True)
     return 0
 
