@@ -243,3 +243,16 @@ def test_deviation_switches():
     rows = torch.arange(NUM_ITEMS + 1)
     torch.testing.assert_close(raw.image_emb(rows), raw.image_emb.adapter(raw.image_emb.feats) +
                                raw.image_emb.id_bias(rows))
+
+
+def test_full_loss_gathers_inputs_from_the_scored_tables():
+    """loss(mode="full") runs the adapters once over the catalogue and gathers the inputs from that table: same
+    loss and gradients as encoding from the per-position adapters."""
+    m = make_model(init="torch").eval()
+    items, times, lengths, target = make_batch()
+    m.loss(items, times, lengths, target).backward()
+    fast = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    F.cross_entropy(m.full_scores(m.encode(items, times, lengths)), target).backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)

@@ -171,19 +171,27 @@ class MMM4Rec(nn.Module):
         mask = torch.arange(Lm, device=item_seq.device)[None, :] < lengths[:, None]
         return item_seq * mask, time_seq, lengths, mask
 
-    def encode(self, item_seq: torch.Tensor, time_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def encode(self, item_seq: torch.Tensor, time_seq: torch.Tensor, lengths: torch.Tensor,
+               item_tables=None) -> torch.Tensor:
         """User representations.
 
         item_seq [b, L] long (right padded, 0 = padding), time_seq [b, L] unix seconds of the HISTORY items
         (pass float64 or int64: float32 rounds 2020s timestamps to 128 s), lengths [b] long in [1, L]
         -> user [b, N], the output at position lengths-1.  Padded positions (items and, with mask_time_padding,
-        timestamps) have no influence; L < max_len is padded to max_len, L > max_len raises ValueError."""
+        timestamps) have no influence; L < max_len is padded to max_len, L > max_len raises ValueError.
+        item_tables: optional (text [I+1, N], image [I+1, N]) from ModalityEmbedding.table(); the inputs are then
+        gathered from them (same values: adapter(feats)[items] = adapter(feats[items])) instead of running the
+        adapters on b*L feature rows — loss(mode="full") passes the tables it scores with."""
         c = self.config
         items, times, lengths, mask = self._pad(item_seq, time_seq, lengths)
         tmask = mask if c.mask_time_padding else None                  # None: the time path sees padding (official)
         from_text = self.image_stream_from_text
-        ht = self.text_in_norm(self.emb_dropout(self.text_emb(items)))
-        hv = None if from_text else self.image_in_norm(self.emb_dropout(self.image_emb(items)))
+        text_in = self.text_emb(items) if item_tables is None else item_tables[0][items]
+        ht = self.text_in_norm(self.emb_dropout(text_in))
+        hv = None
+        if not from_text:
+            image_in = self.image_emb(items) if item_tables is None else item_tables[1][items]
+            hv = self.image_in_norm(self.emb_dropout(image_in))
         Dt = Dv = None
         if self.time_encoder is not None:
             D = self.time_encoder(times, tmask, copies=1 if from_text else 2)
@@ -224,14 +232,15 @@ class MMM4Rec(nn.Module):
         return self.co_ffn[i](self.co_norm[i](self.co_dropout(M) + pv + pt))
 
     # ------------------------------------------------------------------------------------------------ scoring
-    def item_embeddings(self):
-        """(text_items [I+1, N], image_items [I+1, N]), each row L2-normalised."""
-        return F.normalize(self.text_emb.table(), dim=-1), F.normalize(self.image_emb.table(), dim=-1)
+    def item_embeddings(self, item_tables=None):
+        """(text_items [I+1, N], image_items [I+1, N]), each row L2-normalised (of item_tables when given)."""
+        text, image = item_tables if item_tables is not None else (self.text_emb.table(), self.image_emb.table())
+        return F.normalize(text, dim=-1), F.normalize(image, dim=-1)
 
-    def full_scores(self, user: torch.Tensor) -> torch.Tensor:
+    def full_scores(self, user: torch.Tensor, item_tables=None) -> torch.Tensor:
         """user [b, N] -> scores [b, I+1] = (u . text_i + u . image_i) / temperature; column 0 (padding) = -inf
-        (exclude_padding_item=False: scored like any item, official)."""
-        text_items, image_items = self.item_embeddings()
+        (exclude_padding_item=False: scored like any item, official).  item_tables: as in encode."""
+        text_items, image_items = self.item_embeddings(item_tables)
         scores = user @ (text_items + image_items).T / self.config.temperature
         if self.config.exclude_padding_item:
             scores[:, 0] = float("-inf")
@@ -243,10 +252,12 @@ class MMM4Rec(nn.Module):
         mode "full": softmax over all items.  mode "inbatch": logits against the batch's target items only (labels
         arange(b)); with inbatch_mask_duplicates a column holding the same item as the row's own target is masked
         (not a false negative; official: not masked)."""
+        if mode == "full":                     # one adapter pass over the catalogue serves the inputs and the scores
+            tables = (self.text_emb.table(), self.image_emb.table())
+            user = self.encode(item_seq, time_seq, lengths, item_tables=tables)
+            return F.cross_entropy(self.full_scores(user, tables), target.to(device=user.device, dtype=torch.long))
         user = self.encode(item_seq, time_seq, lengths)
         target = target.to(device=user.device, dtype=torch.long)
-        if mode == "full":
-            return F.cross_entropy(self.full_scores(user), target)
         if mode == "inbatch":
             text_t = F.normalize(self.text_emb(target), dim=-1)
             image_t = F.normalize(self.image_emb(target), dim=-1)
