@@ -147,7 +147,7 @@ class MMM4Rec(nn.Module):
                                     for _ in range(n_cross))
         if c.init == "official":
             init_official_(self)
-        self._register_load_state_dict_pre_hook(self._upgrade_state)
+        self.register_load_state_dict_pre_hook(self._upgrade_state)
 
     # ----------------------------------------------------------------------------------------------- encoding
     def _pad(self, item_seq, time_seq, lengths):
@@ -271,7 +271,7 @@ class MMM4Rec(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- transfer
     @staticmethod
-    def _upgrade_state(state_dict, prefix, *_args):
+    def _upgrade_state(_module, state_dict, prefix, *_args):
         """load_state_dict pre-hook: rename keys of the pre-per-layer layout ("ticossd.x" -> "ticossd.0.x", same for
         fourier / co_norm / co_ffn), in place.  Such a state holds ONE cross block; a per_layer model with
         n_layers > 1 then reports the other layers' cross blocks as missing keys."""
