@@ -9,13 +9,14 @@ No SSD math lives here: every scan (and its gated-RMSNorm epilogue) goes through
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import mmm4rec_kernels
+# Shared with the drop-in layers (mmm4rec_kernels.modules): the mamba-like (A_log, dt_bias, D) init and the causal
+# depthwise conv (an nn.Conv1d: same state_dict keys as before).
+from mmm4rec_kernels.modules import CausalDepthwiseConv1d, init_ssd_params
 
 from .config import MMM4RecConfig
 
@@ -56,15 +57,6 @@ class MaskedLayerNormL(nn.Module):
 
     def forward(self, x, mask):
         return masked_layer_norm_l(x, mask, self.weight, self.bias, self.eps)
-
-
-def causal_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """Depthwise causal conv along the last axis: x [b, C, L] -> [b, C, L] (conv has padding k-1)."""
-    return conv(x)[..., : x.shape[-1]]
-
-
-def depthwise_conv(channels: int, kernel: int) -> nn.Conv1d:
-    return nn.Conv1d(channels, channels, kernel, groups=channels, padding=kernel - 1)
 
 
 class TimeEncoder(nn.Module):
@@ -112,8 +104,8 @@ class TimeModulation(nn.Module):
         super().__init__()
         self.mix1 = nn.Linear(max_len, max_len)
         self.mix2 = nn.Linear(max_len, max_len)
-        self.conv1 = depthwise_conv(nheads, d_conv)
-        self.conv2 = depthwise_conv(nheads, d_conv)
+        self.conv1 = CausalDepthwiseConv1d(nheads, d_conv)
+        self.conv2 = CausalDepthwiseConv1d(nheads, d_conv)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.with_update = with_update
         if with_update:
@@ -127,21 +119,12 @@ class TimeModulation(nn.Module):
             hidden = hidden * m
         alpha = F.tanhshrink(self.mix2(hidden))
         E = D * alpha if mask is None else D * alpha * m
-        E2 = F.silu(causal_conv(self.conv2, F.silu(causal_conv(self.conv1, E))))
+        E2 = F.silu(self.conv2(F.silu(self.conv1(E))))
         D_next = None
         if self.with_update:
             g = torch.sigmoid(self.gate(self.dropout(D)))                # [b, H, 1]
             D_next = self.norm(torch.lerp(E2, D, g), mask)               # g * D + (1 - g) * E2
         return E2.transpose(1, 2), D_next
-
-
-def init_ssd_params(nheads: int):
-    """(A_log, dt_bias, D) per head: A = -exp(A_log), A_log = log U(1, 16); dt_bias = softplus^-1(dt),
-    dt log-uniform in [1e-3, 1e-1]; D (skip) = 1."""
-    A_log = torch.log(torch.empty(nheads).uniform_(1.0, 16.0))
-    dt = torch.exp(torch.empty(nheads).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
-    dt_bias = dt + torch.log(-torch.expm1(-dt))                           # inverse softplus
-    return nn.Parameter(A_log), nn.Parameter(dt_bias), nn.Parameter(torch.ones(nheads))
 
 
 class _SSDCore(nn.Module):
@@ -193,12 +176,12 @@ class TiSSD(nn.Module):
         self.d_inner, self.gn, self.H = c.d_inner, c.ngroups * c.d_state, c.nheads
         conv_dim = c.d_inner + 2 * self.gn
         self.in_proj = nn.Linear(c.hidden_size, c.d_inner + conv_dim + c.nheads)
-        self.conv = depthwise_conv(conv_dim, c.d_conv)
+        self.conv = CausalDepthwiseConv1d(conv_dim, c.d_conv)
         self.core = _SSDCore(c, time_update=True)
 
     def forward(self, h, D, mask, lengths):
         z, xBC, dt = torch.split(self.in_proj(h), [self.d_inner, self.d_inner + 2 * self.gn, self.H], dim=-1)
-        xBC = F.silu(causal_conv(self.conv, xBC.transpose(1, 2))).transpose(1, 2)
+        xBC = F.silu(self.conv(xBC.transpose(1, 2))).transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_inner, self.gn, self.gn], dim=-1)
         time_scale, D_next = self.core.time_scale(D, mask)
         out = self.core.scan_and_project(mmm4rec_kernels.tissd, x, dt, B, C, z, time_scale, lengths)
@@ -220,15 +203,15 @@ class TiCoSSD(nn.Module):
         self.text_proj = nn.Linear(c.hidden_size, c.d_inner + self.gn + c.nheads)
         self.vision_proj = nn.Linear(c.hidden_size, self.gn)
         self.gate_proj = nn.Linear(c.hidden_size, c.d_inner)
-        self.text_conv = depthwise_conv(c.d_inner + self.gn, c.d_conv)
-        self.vision_conv = depthwise_conv(self.gn, c.d_conv)
+        self.text_conv = CausalDepthwiseConv1d(c.d_inner + self.gn, c.d_conv)
+        self.vision_conv = CausalDepthwiseConv1d(self.gn, c.d_conv)
         self.core = _SSDCore(c, time_update=False)
 
     def forward(self, pt, pv, Dco, mask, lengths):
         xB, dt = torch.split(self.text_proj(pt), [self.d_inner + self.gn, self.H], dim=-1)
-        xB = F.silu(causal_conv(self.text_conv, xB.transpose(1, 2))).transpose(1, 2)
+        xB = F.silu(self.text_conv(xB.transpose(1, 2))).transpose(1, 2)
         x, B = torch.split(xB, [self.d_inner, self.gn], dim=-1)
-        C = F.silu(causal_conv(self.vision_conv, self.vision_proj(pv).transpose(1, 2))).transpose(1, 2)
+        C = F.silu(self.vision_conv(self.vision_proj(pv).transpose(1, 2))).transpose(1, 2)
         z = self.gate_proj(pt + pv)
         time_scale, _ = self.core.time_scale(Dco, mask)
         return self.core.scan_and_project(mmm4rec_kernels.ticossd, x, dt, B, C, z, time_scale, lengths)
