@@ -113,7 +113,7 @@ def test_auto_path_follows_the_cost_model(P, n):
     (dict(dt=torch.randn(2, 7, 3)), "dt must have shape"),
     (dict(A=torch.randn(3, dtype=torch.float64)), "A must have shape"),
     (dict(B=torch.randn(2, 7, 3, 4, dtype=torch.float64), C=torch.randn(2, 7, 3, 4, dtype=torch.float64)), "must divide"),
-    (dict(B=torch.randn(2, 7, 2, 4)), "B and C must have x's dtype|must both have shape"),
+    (dict(B=torch.zeros(2, 7, 2, 4, dtype=torch.int32)), "B must be a floating"),  # other float dtypes are cast
     (dict(time_scale=torch.randn(2, 6, 4, dtype=torch.float64)), "time_scale must have"),
     (dict(D=torch.randn(5, dtype=torch.float64)), "D must have shape"),
     (dict(x=torch.zeros(2, 7, 4, 8, dtype=torch.int64)), "x must be a floating"),
