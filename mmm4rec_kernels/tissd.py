@@ -18,7 +18,7 @@ import logging
 import torch
 
 from . import reference, torch_backend
-from .dispatch import Choice, choose
+from .dispatch import Choice, choose, torch_allows_tf32
 from .gated_rmsnorm import gated_rmsnorm
 
 logger = logging.getLogger("mmm4rec_kernels")
@@ -314,7 +314,8 @@ def tissd(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delt
             'reference' (naive float64 recurrence).  Dispatch uses the longest sequence (packed / CPU lengths).
         backend: 'auto' | 'triton' | 'cuda' (quadratic only) | 'torch'.  `explain(...)` tells what auto picks.
         chunk_size: positive int, chunk length Q of the chunked path (Triton: a power of 2 in [16, 128]).
-        allow_tf32: None (default) follows torch.backends.cuda.matmul.allow_tf32; True lets fp32 dots use plain
+        allow_tf32: None (default) follows torch's matmul setting (torch.backends.cuda.matmul.allow_tf32 /
+            fp32_precision == 'tf32'; the official MMM4Rec trains fp32 with TF32 on); True lets fp32 dots use plain
             TF32 on GPU; False keeps them ~fp32-exact.
     Returns:
         y [b, L, H, P] in x's dtype, or (y, final_states) when return_final_states.
@@ -324,7 +325,7 @@ def tissd(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delt
                            allow_tf32)
     b, L, H, P, G, n, nseq, longest = shapes
     if allow_tf32 is None:
-        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+        allow_tf32 = torch_allows_tf32()
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("tissd b=%d L=%d (longest %d) H=%d P=%d G=%d n=%d %s -> path=%s backend=%s (%s)", b, L, longest,
                      H, P, G, n, x.dtype, choice.path, choice.backend, choice.reason)

@@ -284,12 +284,17 @@ def test_allow_tf32_none_follows_torch_matmul_flag(monkeypatch, flag):
         return real(*args)
 
     monkeypatch.setattr(tissd_module, "_apply_fused", spy)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", flag)
-    inp = make32(L=5)
-    call(inp, backend="triton")
-    assert seen["allow_tf32"] is flag
-    call(inp, backend="triton", allow_tf32=not flag)
-    assert seen["allow_tf32"] is (not flag)
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = flag
+        inp = make32(L=5)
+        call(inp, backend="triton")
+        assert seen["allow_tf32"] is flag
+        call(inp, backend="triton", allow_tf32=not flag)
+        assert seen["allow_tf32"] is (not flag)
+    finally:
+        matmul.allow_tf32 = before
 
 
 def test_quadratic_limit_is_declared_once():
