@@ -4,6 +4,7 @@ import torch
 
 import mmm4rec_kernels as mk
 from mmm4rec_kernels import reference as ref
+from mmm4rec_kernels.dispatch import QUADRATIC_HARD_MAX_L
 from mmm4rec_kernels.rivals import load_mamba_module
 
 
@@ -99,9 +100,9 @@ def test_explain_and_auto_choice():
 
 @pytest.mark.parametrize("P,n", [(64, 64), (512, 64), (8, 8), (2, 2)])
 def test_auto_path_follows_the_cost_model(P, n):
-    """quadratic while 0.75 L^2 (P+n) <= L Q (P+n) + 4 L P n (Q = 64), never beyond the kernels' L <= 256."""
+    """quadratic while 0.75 L^2 (P+n) <= L Q (P+n) + 4 L P n (Q = 64), never beyond the kernels' QUADRATIC_HARD_MAX_L."""
     L_star = mk.crossover_length(P, n)
-    expected = min(256, int((64 * (P + n) + 4 * P * n) / (0.75 * (P + n))))
+    expected = min(QUADRATIC_HARD_MAX_L, int((64 * (P + n) + 4 * P * n) / (0.75 * (P + n))))
     assert L_star == expected
     for L, path in ((L_star, "quadratic"), (L_star + 1, "chunked")):
         t = make(L=L, b=1, H=1, P=P, G=1, n=n, dtype=torch.float32)
