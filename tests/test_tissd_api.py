@@ -180,3 +180,19 @@ def test_torch_backend_half_inputs(path):
     y = call(half, path=path, d_skip="plain", chunk_size=4)
     assert y.dtype == torch.bfloat16
     assert rel(y.double(), call(inp, d_skip="plain", path="reference")) < 3e-2
+
+
+def test_z_gate_and_per_channel_D_match_mamba_ssm():
+    """mamba_ssm semantics: z without a norm gates the output (y * SiLU(z)); D may be [H, P]."""
+    combined, why = load_mamba_module("ops.triton.ssd_combined")
+    if combined is None:
+        pytest.skip(why)
+    inp = make(b=2, L=32, H=4, P=8, G=2, n=4, seed=6)
+    D = torch.randn(4, 8, dtype=torch.float64)
+    z = torch.randn(2, 32, 4, 8, dtype=torch.float64)
+    y_m = combined.ssd_chunk_scan_combined_ref(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 16, D=D, z=z,
+                                                dt_bias=inp["dt_bias"], dt_softplus=True)
+    for path in ("quadratic", "chunked"):
+        y = mk.tissd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], dt_bias=inp["dt_bias"], D=D, z=z,
+                     d_skip="plain", path=path, chunk_size=16)
+        assert rel(y, y_m) < 1e-6, path
