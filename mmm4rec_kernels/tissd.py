@@ -234,8 +234,8 @@ def _token_layout(b, L, lengths, cu_seqlens, longest, device):
     return seq_start, seq_len.contiguous(), longest, longest == L
 
 
-def _token_mask(b, L, lengths, cu_seqlens, device):
-    """[b, L] bool, True on valid steps (None when every step is valid: packed or unpadded)."""
+def _token_mask(b, L, lengths, device):
+    """[b, L] bool, True on valid steps (None when every step is valid: packed or unpadded).  No host sync."""
     if lengths is None:
         return None
     return reference.valid_mask(lengths, b, L, device)
@@ -347,7 +347,7 @@ def tissd(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delt
         y, final = _run_fused(choice, x, dt, A, B, C, time_scale, dt_bias, D_kernel, d_skip, dt_softplus, lengths,
                               cu_seqlens, initial_states, return_final_states, chunk_size, allow_tf32, shapes)
 
-    mask = _token_mask(b, L, lengths, cu_seqlens, x.device)
+    mask = _token_mask(b, L, lengths, x.device)
     if D is not None and D.dim() == 2:
         y = _skip_per_channel(y, x, dt, time_scale, dt_bias, D, d_skip, dt_softplus, mask)
     if z is not None:

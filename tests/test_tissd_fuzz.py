@@ -55,7 +55,8 @@ def _cases():
             if layout == "full":
                 lens = (L,) * nseq
             states = rng.random() < 0.4
-            out.append(Case(backend, PS[i % 5], NS[(i + 2 * k) % 4], H, rng.choice([g for g in (1, 2, 4) if H % g == 0]),
+            G = rng.choice([g for g in (1, 2, 4) if H % g == 0])
+            out.append(Case(backend, PS[i % 5], NS[(i + 2 * k) % 4], H, G,
                             lens, layout, states, rng.choice(("none", "norm", "gate")), rng.choice(("delta", "plain")),
                             rng.random() < 0.3, "chunked" if states else rng.choice(("auto", "quadratic", "chunked")),
                             rng.choice((16, 32)), 1000 + 10 * i + k))
