@@ -6,7 +6,9 @@ oracle's quadratic / chunked forms run in the input dtype, which is what `backen
 
 Prints one line per (shape, path, pass): median ms of the old and the new path and the median over repetitions of the
 ratio new / old (< 1: faster), old and new timed alternately so that load from other processes hits both alike.
-Both sides get identical fp32 inputs with right padding (lengths = L and L // 2).  Timings on a shared machine are
+Both sides get identical fp32 inputs with right padding (lengths = L and L // 2); the backward uses a dense random
+cotangent (y.sum().backward() would pass an expanded one, which made matmul-based backwards ~17x slower on CPU:
+torch_backend uses einsums, which do not have that trap).  Timings on a shared machine are
 noisy: compare the ratio within one run."""
 from __future__ import annotations
 
@@ -80,9 +82,10 @@ def main(argv=None):
                                 impl(path, d, lengths, args.chunk)
                     else:
                         leaves = {k: v.clone().requires_grad_() for k, v in d.items()}
+                        dy = torch.randn(d["x"].shape, generator=torch.Generator().manual_seed(1))
 
-                        def step(impl=impl, leaves=leaves):
-                            impl(path, leaves, lengths, args.chunk).sum().backward()
+                        def step(impl=impl, leaves=leaves, dy=dy):  # a dense cotangent, as a real loss gives
+                            impl(path, leaves, lengths, args.chunk).backward(dy)
                     steps.append(step)
                 ms_old, ms_new, ratio = timed_pair(*steps, args.reps)
                 print(f"{name:<14} {path:<10} {mode:<8} {ms_old:9.2f} {ms_new:9.2f} {ratio:8.2f}", flush=True)

@@ -9,7 +9,7 @@ Unlike `reference.py` (the float64 oracle the tests trust), this is product code
   reaches a valid output or a gradient of a valid input (NaN * 0 = NaN, where(mask, NaN, 0) = 0);
 - fp16 / bf16 inputs are computed in float32, float64 inputs in float64; y comes back in x's dtype, states in the
   compute dtype (float32 for fp32/half inputs);
-- no Python loop over time steps: the quadratic form is batched matmuls, the chunked form batches all chunks and passes
+- no Python loop over time steps: the quadratic form is batched einsums, the chunked form batches all chunks and passes
   the states between chunks with one (nchunks+1)^2 decay matrix.
 
 Shapes (padded batch): x [b, L, H, P], dt / time_scale [b, L, H], A / dt_bias [H], D [H] or [H, P],
@@ -65,45 +65,51 @@ def step_sizes(dt, E, dt_bias, dt_softplus, mask):
 
 
 # ------------------------------------------------------------------------------------------------ the two forms
-def _intra(Cg, Bg, u, a64, H):
-    """Quadratic form on blocks: sum_{j<=i} (C_i . B_j) exp(seg_ij) u_j.
+# All tensors stay in the natural [batch, step, head, ...] layout; heads are viewed as (G, H/G) so B and C are never
+# repeated per head.  Contractions are einsums: unlike matmul on transposed views, their backward stays fast when
+# the incoming gradient is an expanded tensor (e.g. from y.sum()), where matmul fell back to one GEMM per matrix.
+def _intra(C, B, u, a64):
+    """Quadratic form on blocks: y_i = sum_{j<=i} (C_i . B_j) exp(seg_ij) u_j.
 
-    Cg, Bg [N, G, Q, n]; u [N, H, Q, P]; a64 [N, H, Q] float64.  Returns [N, H, Q, P]."""
-    N, G, Q, _ = Cg.shape
-    P = u.shape[-1]
-    cb = torch.matmul(Cg, Bg.transpose(-1, -2))                            # [N, G, Q, Q]  C_i . B_j
-    decay = decay_matrix(a64, u.dtype).view(N, G, H // G, Q, Q)            # [N, G, H/G, Q, Q]
-    scores = (cb[:, :, None] * decay).view(N, H, Q, Q)
-    return torch.matmul(scores, u)                                        # [N, H, Q, P]
+    C, B [N, Q, G, n]; u [N, Q, H, P]; a64 [N, Q, H] float64.  Returns [N, Q, H, P]."""
+    N, Q, G, _ = C.shape
+    H, P = u.shape[2], u.shape[3]
+    cb = torch.einsum("zign,zjgn->zgij", C, B)                            # [N, G, Q, Q]  C_i . B_j
+    decay = decay_matrix(a64.transpose(1, 2), u.dtype).reshape(N, G, H // G, Q, Q)
+    y = torch.einsum("zghij,zjghp->zighp", cb[:, :, None] * decay, u.reshape(N, Q, G, H // G, P))
+    return y.reshape(N, Q, H, P)
 
 
-def _heads_first(x, delta, B, C):
-    """[b, L, ...] -> head-major: u = Delta x [b, H, L, P], B, C [b, G, L, n]."""
-    u = (x * delta[..., None]).transpose(1, 2)
-    return u, B.transpose(1, 2), C.transpose(1, 2)
+def _state_term(C, h, decay_from_start):
+    """exp(cs_i) C_i . h  for C [N, Q, G, n], h [N, H, P, n], decay_from_start [N, Q, H] -> [N, Q, H, P]."""
+    N, Q, G, n = C.shape
+    H, P = h.shape[1], h.shape[2]
+    y = torch.einsum("zign,zghpn->zighp", C, h.reshape(N, G, H // G, P, n)).reshape(N, Q, H, P)
+    return y * decay_from_start[..., None]
+
+
+def _written_state(u, B, w):
+    """sum_j w_j u_j B_j^T for u [N, Q, H, P], B [N, Q, G, n], w [N, Q, H] -> [N, H, P, n]."""
+    N, Q, H, P = u.shape
+    G, n = B.shape[2], B.shape[3]
+    uw = (u * w[..., None]).reshape(N, Q, G, H // G, P)
+    return torch.einsum("zjghp,zjgn->zghpn", uw, B).reshape(N, H, P, n)
 
 
 def quadratic_form(x, delta, a64, B, C, initial_states=None, return_final_states=False):
     """y [b, L, H, P] (without the D skip) of the quadratic form; optional states h0 / h_T [b, H, P, n]."""
-    b, L, H, P = x.shape
-    G = B.shape[2]
-    u, Bg, Cg = _heads_first(x, delta, B, C)
-    y = _intra(Cg, Bg, u, a64.transpose(1, 2), H)                         # [b, H, L, P]
-    if initial_states is None and not return_final_states:
-        return y.transpose(1, 2), None
-    cs = torch.cumsum(a64, dim=1).transpose(1, 2)                          # [b, H, L] float64, decay from step 0
+    u = x * delta[..., None]                                              # Delta_j x_j
+    y = _intra(C, B, u, a64)
     h0 = initial_states
     if h0 is not None:                                                    # y_i += exp(cs_i) C_i . h0
-        Ch = Cg.repeat_interleave(H // G, dim=1)                          # [b, H, L, n]
-        y = y + torch.exp(cs.to(x.dtype))[..., None] * torch.matmul(Ch, h0.transpose(-1, -2))
+        y = y + _state_term(C, h0, torch.exp(torch.cumsum(a64, dim=1).to(x.dtype)))
     final = None
     if return_final_states:                                               # h_T = sum_j exp(tail_j) u_j B_j^T (+ h0)
-        w = torch.exp(exclusive_tail_sum(a64.transpose(1, 2)).to(x.dtype))  # [b, H, L]
-        Bh = Bg.repeat_interleave(H // G, dim=1)
-        final = torch.matmul((u * w[..., None]).transpose(-1, -2), Bh)    # [b, H, P, n]
+        tail = exclusive_tail_sum(a64.transpose(1, 2)).transpose(1, 2)    # [b, L, H] decay from j to the end
+        final = _written_state(u, B, torch.exp(tail.to(x.dtype)))
         if h0 is not None:
             final = final + torch.exp(a64.sum(1).to(x.dtype))[..., None, None] * h0
-    return y.transpose(1, 2), final
+    return y, final
 
 
 def chunked_form(x, delta, a64, B, C, chunk_size, initial_states=None, return_final_states=False):
@@ -121,27 +127,21 @@ def chunked_form(x, delta, a64, B, C, chunk_size, initial_states=None, return_fi
     pad = nc * Q - L                                                      # padded tail steps: a = 0, u = 0, B = C = 0
     if pad:
         x, delta, a64, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, delta, a64, B, C))
-    u, Bg, Cg = _heads_first(x, delta, B, C)                       # u [b, H, Lp, P], Bg/Cg [b, G, Lp, n]
-    # blocks [b, nc, head, Q, ...] -> flatten (b, nc) into the batch of the quadratic form
-    blk = lambda t: t.reshape(b, t.shape[1], nc, Q, t.shape[-1]).transpose(1, 2)  # noqa: E731
-    ub, Bb, Cb = blk(u), blk(Bg), blk(Cg)                                 # [b, nc, *, Q, *]
-    ab = a64.transpose(1, 2).reshape(b, H, nc, Q).transpose(1, 2)         # [b, nc, H, Q] float64
-    y = _intra(Cb.reshape(b * nc, G, Q, n), Bb.reshape(b * nc, G, Q, n), ub.reshape(b * nc, H, Q, P),
-               ab.reshape(b * nc, H, Q), H).view(b, nc, H, Q, P)
-    # state written by each chunk (at its end)
-    w = torch.exp(exclusive_tail_sum(ab).to(x.dtype))                     # [b, nc, H, Q]
-    Bh = Bb.repeat_interleave(H // G, dim=2)                              # [b, nc, H, Q, n]
-    Ch = Cb.repeat_interleave(H // G, dim=2)
-    states = torch.matmul((ub * w[..., None]).transpose(-1, -2), Bh)      # [b, nc, H, P, n]
+    N = b * nc                                                            # chunks flattened into the batch
+    u = (x * delta[..., None]).reshape(N, Q, H, P)
+    Bc, Cc, ac = B.reshape(N, Q, G, n), C.reshape(N, Q, G, n), a64.reshape(N, Q, H)
+    y = _intra(Cc, Bc, u, ac)                                             # [N, Q, H, P]
+    tail = exclusive_tail_sum(ac.transpose(1, 2)).transpose(1, 2)         # [N, Q, H] decay from j to chunk end
+    states = _written_state(u, Bc, torch.exp(tail.to(x.dtype))).reshape(b, nc, H, P, n)
     h0 = initial_states if initial_states is not None else states.new_zeros(b, H, P, n)
     states = torch.cat([h0[:, None], states], dim=1)                      # [b, nc+1, H, P, n]
-    totals = F.pad(ab.sum(-1).transpose(1, 2), (1, 0))                    # [b, H, nc+1]: 0, chunk totals
+    totals = F.pad(ac.sum(1).reshape(b, nc, H).transpose(1, 2), (1, 0))     # [b, H, nc+1]: 0, chunk totals
     passing = decay_matrix(totals, x.dtype)                               # [b, H, nc+1, nc+1]
-    # entering[c] = sum_{c' <= c} passing[c, c'] states[c']  (c indexes the state before chunk c, c = nc: final)
+    # entering[c] = sum_{c' <= c} passing[c, c'] states[c']  (the state before chunk c; c = nc: the final state)
     entering = torch.einsum("bhcd,bdhpn->bchpn", passing, states)        # [b, nc+1, H, P, n]
-    cs = torch.exp(torch.cumsum(ab, dim=-1).to(x.dtype))                  # [b, nc, H, Q] decay from chunk start
-    y = y + cs[..., None] * torch.matmul(Ch, entering[:, :nc].transpose(-1, -2))
-    y = y.transpose(1, 2).reshape(b, H, nc * Q, P)[:, :, :L].transpose(1, 2)
+    from_start = torch.exp(torch.cumsum(ac, dim=1).to(x.dtype))           # [N, Q, H] decay from chunk start
+    y = y + _state_term(Cc, entering[:, :nc].reshape(N, H, P, n), from_start)
+    y = y.reshape(b, nc * Q, H, P)[:, :L]
     return y, (entering[:, nc] if return_final_states else None)
 
 
