@@ -347,7 +347,8 @@ def tissd(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delt
         y, final = _run_fused(choice, x, dt, A, B, C, time_scale, dt_bias, D_kernel, d_skip, dt_softplus, lengths,
                               cu_seqlens, initial_states, return_final_states, chunk_size, allow_tf32, shapes)
 
-    mask = _token_mask(b, L, lengths, x.device)
+    need_mask = (D is not None and D.dim() == 2) or z is not None
+    mask = _token_mask(b, L, lengths, x.device) if need_mask else None  # no extra launch on the plain GPU path
     if D is not None and D.dim() == 2:
         y = _skip_per_channel(y, x, dt, time_scale, dt_bias, D, d_skip, dt_softplus, mask)
     if z is not None:

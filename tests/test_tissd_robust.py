@@ -170,6 +170,8 @@ def test_half_inputs_on_torch_backend_compute_in_fp32():
 @pytest.mark.parametrize("backend,path", BACKENDS + [("torch", "reference")])
 def test_empty_batches(b, L, backend, path):
     inp = make32(b=b, L=L, seed=0)
+    e = mk.explain(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], backend=backend, path=path)
+    assert (e["backend"], e["path"]) == (backend, path)
     y = call(inp, backend=backend, path=path)
     assert y.shape == (b, L, 2, 4) and y.dtype == torch.float32
     if path != "quadratic":
