@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import torch
 
-MAX_LEN = 256  # longest sequence the CUDA quadratic kernels accept (csrc/tissd_quadratic.cuh: kTissdMaxLen)
+from .dispatch import QUADRATIC_HARD_MAX_L
+
+# longest sequence the CUDA quadratic kernels accept (csrc/tissd_quadratic.cuh: kTissdMaxLen, declared once in dispatch)
+MAX_LEN = QUADRATIC_HARD_MAX_L
 
 _ext = None
 _import_error: Exception | None = None
