@@ -39,6 +39,7 @@ class Case:
     packed: bool = False           # sequences at irregular token offsets with uncovered tokens between them
     fill: str = "big"              # what uncovered tokens hold: big (1e6) | rand (random)
     padded: bool = False           # padded=True: kernels write the padding zeros into uninitialised outputs
+    split: object = None           # backward: None = by shape, True = the three-pass split, False = fused
     seed: int = 0
 
 
@@ -141,7 +142,7 @@ def run_kernels(c: Case, inp, lengths, dy, dtype=torch.float32, fill=None, fill_
             seq_start.to(DEVICE), seq_len.to(DEVICE), c.L)
     opts = dict(d_skip_delta=c.d_skip == "delta", dt_softplus=c.dt_softplus, padded=c.padded)
     y = tissd_quadratic_fwd(*args, **opts)
-    grads = dict(zip(GRAD_NAMES, tissd_quadratic_bwd(dyt, *args, **opts)))
+    grads = dict(zip(GRAD_NAMES, tissd_quadratic_bwd(dyt, *args, **opts, split=c.split)))
     return y, grads, (seq_start, seq_len, T)
 
 
@@ -195,6 +196,14 @@ CASES = {
     "nosoftplus_plain_noE": Case(L=7, H=1, P=64, n=16, dt_softplus=False, d_skip="plain", has_E=False),
     "packed_H8_G1": Case(L=20, H=8, P=32, n=16, G=1, lengths=(20, 1, 7, 13, 0, 20), packed=True),
     "packed_L63_rand": Case(L=63, H=1, P=64, n=16, lengths=(63, 2, 40), packed=True, fill="rand"),
+    # the split backward (column / row / token passes) on short shapes too: shared groups, gaps, packed, plain
+    "split_paper_G=1_strong": Case(L=20, H=8, P=64, n=64, G=1, lengths=(20, 9), regime="strong", padded=True,
+                                   split=True),
+    "split_L63_gaps": Case(L=63, H=1, P=32, n=64, lengths=(63, 1, 30), regime="gaps", padded=True, split=True),
+    "split_packed_plain_nosoftplus": Case(L=20, H=2, P=32, n=16, G=1, lengths=(20, 1, 7, 0), packed=True,
+                                          d_skip="plain", dt_softplus=False, split=True),
+    "split_L20_P256_no_D": Case(L=20, H=2, P=256, n=16, G=2, lengths=(3, 20), has_D=False, split=True),
+    "fused_L130": Case(L=130, H=1, P=32, n=16, lengths=(130, 77), padded=True, split=False),
 }
 
 

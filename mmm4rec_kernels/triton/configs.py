@@ -1,0 +1,90 @@
+"""Pinned launch configs of the Triton kernels, chosen from the offline sm_90 compile table
+(benchmarks/offline_sm90.py: registers, spills, shared memory, occupancy at the benchmark shapes).
+
+A GPU run starts timing at once: each kernel gets ONE config per shape class, no autotune sweep.  Autotuning is an
+opt-in (env MMM4REC_AUTOTUNE=1, read at import): then the kernels are wrapped in triton.autotune over `candidates`
+and the pinned config is only the first candidate.
+
+    pick(kernel, **shape) -> {"BLOCK_...": int, ..., "num_warps": int, "num_stages": int}
+
+`OVERRIDE[kernel]` (a dict of the same form) replaces the pinned choice: the offline table's `--sweep` uses it to
+compile candidate configs through the package's own launch code.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+__all__ = ["AUTOTUNE", "INTERPRET", "OVERRIDE", "pick", "candidates", "autotune", "launch"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# opt-in autotuning (never under the interpreter, which runs one config)
+AUTOTUNE = os.environ.get("MMM4REC_AUTOTUNE") == "1" and not INTERPRET
+OVERRIDE: dict[str, dict] = {}
+
+
+def _cfg(num_warps, num_stages=1, **blocks):
+    return dict(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+def pick(kernel: str, *, BLOCK_L: int = 0, P: int = 0, N: int = 0, DOT: int = 0, Q: int = 0) -> dict:
+    """The pinned config of `kernel` for this shape class (BLOCK_L = padded sequence tile, P head dim, N state
+    size padded, DOT 0 fp32 / 1 bf16 / 2 fp16, Q chunk)."""
+    if kernel in OVERRIDE:
+        return dict(OVERRIDE[kernel])
+    wide = P > 128
+    if kernel == "quadratic_fwd":
+        # rows x columns tile BT, P-block; 4 warps keep the [BT, BP] accumulator small
+        bt = min(BLOCK_L, 64 if BLOCK_L >= 128 else 32)
+        return _cfg(4, 1, BLOCK_T=bt, BLOCK_P=64 if wide else max(16, min(64, triton.next_power_of_2(P))))
+    if kernel == "quadratic_bwd_fused":
+        # whole sequence in one program (BLOCK_L <= 64, P <= 128): column blocks of 16-32
+        return _cfg(4, 1, BLOCK_J=min(BLOCK_L, 32), BLOCK_P=min(64, max(16, triton.next_power_of_2(P))))
+    if kernel == "quadratic_bwd_dx":
+        return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 32), BLOCK_J=min(BLOCK_L, 32),
+                    BLOCK_P=min(64, max(16, triton.next_power_of_2(P))))
+    if kernel == "quadratic_bwd_dbc":
+        return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 32), BLOCK_J=min(BLOCK_L, 32),
+                    BLOCK_P=min(64, max(16, triton.next_power_of_2(P))))
+    if kernel == "chunked_fwd":
+        return _cfg(4, 1, BLOCK_P=32)
+    if kernel == "chunked_bwd":
+        return _cfg(4, 1)
+    raise ValueError(f"no pinned config for kernel {kernel!r}")
+
+
+def candidates(kernel: str) -> list[dict]:
+    """Autotune / sweep candidates of `kernel` (the offline table compiles these with --sweep)."""
+    if kernel == "quadratic_fwd":
+        return [_cfg(w, s, BLOCK_T=bt, BLOCK_P=bp) for bp in (32, 64) for bt in (16, 32, 64)
+                for w in (4, 8) for s in (1, 2)]
+    if kernel == "quadratic_bwd_fused":
+        return [_cfg(w, 1, BLOCK_J=bj, BLOCK_P=bp) for bp in (32, 64) for bj in (16, 32) for w in (4, 8)]
+    if kernel in ("quadratic_bwd_dx", "quadratic_bwd_dbc"):
+        return [_cfg(w, s, BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bp) for bp in (32, 64) for bi in (16, 32, 64)
+                for bj in (16, 32) for w in (4, 8) for s in (1, 2)]
+    if kernel == "chunked_fwd":
+        return [_cfg(w, s, BLOCK_P=bp) for bp in (32, 64) for w in (4, 8) for s in (1, 2)]
+    if kernel == "chunked_bwd":
+        return [_cfg(w, s) for w in (4, 8) for s in (1, 2)]
+    raise ValueError(f"no candidates for kernel {kernel!r}")
+
+
+def autotune(kernel: str, key: list[str], prune=None):
+    """Decorator: triton.autotune over candidates(kernel) when MMM4REC_AUTOTUNE=1, else the plain kernel."""
+    def deco(fn):
+        if not AUTOTUNE:
+            return fn
+        configs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                                 num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in candidates(kernel)]
+        return triton.autotune(configs=configs, key=key,
+                               prune_configs_by=None if prune is None else {"early_config_prune": prune})(fn)
+    return deco
+
+
+def launch(kernel_fn, grid, args, meta: dict, cfg: dict):
+    """kernel_fn[grid](*args, **meta, **cfg); under autotune the tuner supplies the config (cfg dropped)."""
+    if AUTOTUNE and isinstance(kernel_fn, triton.runtime.Autotuner):
+        return kernel_fn[grid](*args, **meta)
+    return kernel_fn[grid](*args, **meta, **cfg)
