@@ -104,13 +104,13 @@ def floor_ms(nbytes):
 
 
 # ---------------------------------------------------------------------------------------------------- variants
-def ours(path, backend, chunk_size=64, d_skip="delta"):
+def ours(path, backend, chunk_size=64, d_skip="delta", allow_tf32=False):
     from mmm4rec_kernels import tissd
 
     def f(inp):
         return tissd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], time_scale=inp["E"], dt_bias=inp["dt_bias"],
                      D=inp["D"], d_skip=d_skip, lengths=inp.get("lengths"), path=path, backend=backend,
-                     chunk_size=chunk_size)
+                     chunk_size=chunk_size, allow_tf32=allow_tf32)
     return f
 
 
@@ -174,9 +174,10 @@ CHECK_CASES = [
     ("L130", (2, 130, 2, 64, 64, 1), dict(lengths=True, d_skip="delta")),
 ]
 TOL = {torch.float32: 1e-3, torch.bfloat16: 3e-2}
+TOL_TF32 = 1e-2   # fp32 inputs, TF32 dots (10-bit mantissa products, fp32 accumulation)
 
 
-def check_one(path, backend, dtype, shape, opts, device, chunk_size=64, seed=0):
+def check_one(path, backend, dtype, shape, opts, device, chunk_size=64, seed=0, allow_tf32=False):
     """Max relative error over y and every gradient; returns (worst, {name: err})."""
     from mmm4rec_kernels import tissd
     from mmm4rec_kernels.reference import tissd_quadratic_ref
@@ -190,7 +191,7 @@ def check_one(path, backend, dtype, shape, opts, device, chunk_size=64, seed=0):
 
     y = tissd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], time_scale=inp["E"], dt_bias=inp["dt_bias"],
               D=inp["D"], d_skip=opts["d_skip"], lengths=inp["lengths"], path=path, backend=backend,
-              chunk_size=chunk_size)
+              chunk_size=chunk_size, allow_tf32=allow_tf32)
     yr = tissd_quadratic_ref(ref_in["x"], ref_in["dt"], ref_in["A"], ref_in["B"], ref_in["C"],
                              time_scale=ref_in["E"], dt_bias=ref_in["dt_bias"], D=ref_in["D"], d_skip=opts["d_skip"],
                              lengths=ref_in["lengths"])
@@ -205,23 +206,28 @@ def check_one(path, backend, dtype, shape, opts, device, chunk_size=64, seed=0):
 
 def run_checks(device, dtypes, log, deadline=float("inf")):
     rows, ok = [], True
-    combos = [(p, bk) for _, p, bk in our_variants(device)] + [("auto", "auto"), ("reference", "torch")]
-    for path, backend in combos:
+    combos = [(p, bk, False) for _, p, bk in our_variants(device)] + [("auto", "auto", False),
+                                                                        ("reference", "torch", False)]
+    combos += [(p, bk, True) for _, p, bk in our_variants(device) if bk == "triton"]  # fp32 with TF32 dots
+    for path, backend, tf32 in combos:
         for dname in dtypes:
             dtype = DTYPES[dname]
+            if tf32 and dtype != torch.float32:
+                continue
             for cname, shape, opts in CHECK_CASES:
                 if path == "reference" and shape[1] > 64:
                     continue  # the naive loop is slow and not what we ship; its math is the reference's
                 chunks = (16, 64) if path == "chunked" else (64,)
                 for q in chunks:
-                    label = f"{path}/{backend}" + (f" Q{q}" if path == "chunked" else "")
+                    label = f"{path}/{backend}" + (f" Q{q}" if path == "chunked" else "") + (" tf32" if tf32 else "")
                     if time.time() > deadline:
                         rows.append(dict(dtype=dname, variant=label, case=cname, worst=float("nan"), passed=True,
                                          skipped=True, detail="skipped: time budget"))
                         continue
                     try:
-                        worst, errs = check_one(path, backend, dtype, shape, opts, device, chunk_size=q)
-                        passed = worst <= TOL[dtype]
+                        worst, errs = check_one(path, backend, dtype, shape, opts, device, chunk_size=q,
+                                                allow_tf32=tf32)
+                        passed = worst <= (TOL_TF32 if tf32 else TOL[dtype])
                         detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
                     except ValueError as e:  # refused by the argument checks / dispatcher: not a wrong answer
                         rows.append(dict(dtype=dname, variant=label, case=cname, worst=float("nan"), passed=True,
@@ -298,6 +304,9 @@ def bench_shape(name, shape, dtype_name, device, args, deadline, log):
     rec = dict(shape=name, dims=shape, dtype=dtype_name, fwd_bytes=fb, fwdbwd_bytes=fbb,
                floor_fwd_ms=floor_ms(fb), floor_fwdbwd_ms=floor_ms(fbb), results={})
     variants = [(nm, ours(p, bk)) for nm, p, bk in our_variants(device) if not (bk == "torch" and p == "quadratic")]
+    if dtype == torch.float32:  # the official MMM4Rec trains fp32 with TF32 matmuls: time our TF32 dots too
+        variants += [(nm + " tf32", ours(p, bk, allow_tf32=True)) for nm, p, bk in our_variants(device)
+                     if bk == "triton"]
     variants.append(("torch eager (reference)", torch_reference(False)))
     for nm, f in variants:
         if time.time() > deadline:

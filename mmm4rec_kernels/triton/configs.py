@@ -28,25 +28,35 @@ def _cfg(num_warps, num_stages=1, **blocks):
     return dict(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-def pick(kernel: str, *, BLOCK_L: int = 0, P: int = 0, N: int = 0, DOT: int = 0, Q: int = 0) -> dict:
-    """The pinned config of `kernel` for this shape class (BLOCK_L = padded sequence tile, P head dim, N state
-    size padded, DOT 0 fp32 / 1 bf16 / 2 fp16, Q chunk)."""
+def pick(kernel: str, *, BLOCK_L: int = 0, P: int = 0, N: int = 0, PREC: str = "bf16", Q: int = 0) -> dict:
+    """The pinned config of `kernel` for this shape class: BLOCK_L = padded sequence tile, P head dim, N state
+    size padded, PREC = dot flavour ("bf16" / "fp16" for 16-bit inputs, else the fp32 input_precision "ieee",
+    "tf32" or "tf32x3"), Q chunk.  Values from the offline sm_90 table (RESULTS.md, 2026-12-02): the spill-free
+    config with the fewest waves at the benchmark shapes (paper L=20, wide head P=512, L=200, L=1024)."""
     if kernel in OVERRIDE:
         return dict(OVERRIDE[kernel])
-    wide = P > 128
+    wide = P > 128                               # several P-blocks per (sequence, head)
+    long = BLOCK_L >= 128
+    bp = min(64, max(16, triton.next_power_of_2(P)))
     if kernel == "quadratic_fwd":
-        # rows x columns tile BT, P-block; 4 warps keep the [BT, BP] accumulator small
-        bt = min(BLOCK_L, 64 if BLOCK_L >= 128 else 32)
-        return _cfg(4, 1, BLOCK_T=bt, BLOCK_P=64 if wide else max(16, min(64, triton.next_power_of_2(P))))
+        # rows x columns tile BT x BT, P-block BP; "ieee" dots (FMA) need the smaller P-block at P = 512
+        return _cfg(4, 1, BLOCK_T=min(BLOCK_L, 16 if (long and PREC == "tf32") else 32),
+                    BLOCK_P=min(bp, 32) if (wide and PREC == "ieee") else bp)
     if kernel == "quadratic_bwd_fused":
-        # whole sequence in one program (BLOCK_L <= 64, P <= 128): column blocks of 16-32
-        return _cfg(4, 1, BLOCK_J=min(BLOCK_L, 32), BLOCK_P=min(64, max(16, triton.next_power_of_2(P))))
+        # whole sequence in one program (BLOCK_L <= 64, P <= 128)
+        if PREC == "ieee":
+            return _cfg(8, 1, BLOCK_J=min(BLOCK_L, 16), BLOCK_P=bp)
+        if PREC in ("tf32", "tf32x3"):
+            return _cfg(4, 1, BLOCK_J=min(BLOCK_L, 16), BLOCK_P=min(bp, 32))
+        return _cfg(4, 1, BLOCK_J=min(BLOCK_L, 32), BLOCK_P=bp)
     if kernel == "quadratic_bwd_dx":
-        return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 32), BLOCK_J=min(BLOCK_L, 32),
-                    BLOCK_P=min(64, max(16, triton.next_power_of_2(P))))
+        if wide:
+            if PREC in ("bf16", "fp16"):
+                return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 32), BLOCK_J=min(BLOCK_L, 16), BLOCK_P=bp)
+            return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 16), BLOCK_J=min(BLOCK_L, 32), BLOCK_P=bp)
+        return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 16), BLOCK_J=min(BLOCK_L, 32 if PREC == "tf32" else 16), BLOCK_P=bp)
     if kernel == "quadratic_bwd_dbc":
-        return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 32), BLOCK_J=min(BLOCK_L, 32),
-                    BLOCK_P=min(64, max(16, triton.next_power_of_2(P))))
+        return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 16), BLOCK_J=min(BLOCK_L, 16), BLOCK_P=bp)
     if kernel == "chunked_fwd":
         return _cfg(4, 1, BLOCK_P=32)
     if kernel == "chunked_bwd":

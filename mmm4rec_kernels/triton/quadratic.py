@@ -663,7 +663,8 @@ def _alloc(padded, T, nseq, max_len):
 
 
 def _shape_class(meta, P, N):
-    return dict(BLOCK_L=meta["BLOCK_L"], P=P, N=meta["BLOCK_N"], DOT=meta["DOT"])
+    prec = {1: "bf16", 2: "fp16"}.get(meta["DOT"], meta["PRECISION"])
+    return dict(BLOCK_L=meta["BLOCK_L"], P=P, N=meta["BLOCK_N"], PREC=prec)
 
 
 def tissd_quadratic_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, *,
