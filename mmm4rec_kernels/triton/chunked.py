@@ -395,17 +395,15 @@ def _block_n(N):
     return max(16, triton.next_power_of_2(N))
 
 
-def _bwd_block_p(P, N):
-    """State rows per backward program.  Fixed (not autotuned): the partial dB / dC / dDelta buffers have one slot
-    per P-block.  64 keeps P = 64 in one block (no partial sums); 32 when n > 64 to bound registers."""
-    return min(64 if N <= 64 else 32, max(16, triton.next_power_of_2(P)))
-
-
-def _bwd_chunk(chunk_size):
-    """The backward runs chunks of at most 64 steps: the result does not depend on the chunk size (only rounding
-    does), and at 128 the fp32 backward needs more shared memory than an H100 block has (~230-310 KB, compiled for
-    sm_90) and spills twice as much."""
-    return min(chunk_size, 64)
+def _plan(kernel, x, P, N, chunk_size, precision):
+    """(Q, BLOCK_P or None, launch config) from configs.pick: the kernels run chunks of Q = min(chunk_size, Q_MAX)
+    steps (the result does not depend on the chunk size, only rounding does; smaller chunks keep the Q x Q tiles
+    of the backward in registers), BLOCK_P state rows per program (backward: fixed, the partial dB / dC / dDelta
+    buffers have one slot per P-block)."""
+    cfg = configs.pick(kernel, P=P, N=_block_n(N), PREC=_prec_class(x, precision), Q=chunk_size)
+    q = min(chunk_size, cfg.pop("Q_MAX", chunk_size))
+    bp = cfg.pop("BLOCK_P", None) if kernel == "chunked_bwd" else None
+    return q, None if bp is None else min(bp, max(16, triton.next_power_of_2(P))), cfg
 
 
 def _precision(allow_tf32, fp32_precision=None):
@@ -451,11 +449,12 @@ def tissd_chunked_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len
     if nseq == 0 or H == 0 or P == 0:
         return y, final
     dummy = x  # stands in for absent optional pointers (never read: guarded by constexpr flags)
+    precision = _precision(allow_tf32, fp32_precision)
+    Q, _, cfg = _plan("chunked_fwd", x, P, N, chunk_size, precision)
     meta = dict(HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
-                STORE_FINAL=final is not None, ITERS=_iters(max_len, chunk_size), D_SKIP_DELTA=bool(d_skip_delta),
-                DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype],
-                PRECISION=_precision(allow_tf32, fp32_precision), Q=chunk_size, BLOCK_N=_block_n(N))
-    cfg = configs.pick("chunked_fwd", P=P, N=_block_n(N), PREC=_prec_class(x, meta["PRECISION"]), Q=chunk_size)
+                STORE_FINAL=final is not None, ITERS=_iters(max_len, Q), D_SKIP_DELTA=bool(d_skip_delta),
+                DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype], PRECISION=precision, Q=Q,
+                BLOCK_N=_block_n(N))
     configs.launch(
         _fwd_kernel, lambda m: (nseq * H * triton.cdiv(P, m["BLOCK_P"]),),
         (x, dt, A, B, C, dummy if E is None else E, dummy if dt_bias is None else dt_bias, dummy if D is None else D,
@@ -479,10 +478,10 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
     h0 = None if initial_states is None else initial_states.contiguous().float()
     dfin = None if dfinal_states is None else dfinal_states.contiguous().float()
     dev, f32 = x.device, torch.float32
-    block_p = _bwd_block_p(P, N)
+    precision = _precision(allow_tf32, fp32_precision)
+    Q, block_p, cfg = _plan("chunked_bwd", x, P, N, chunk_size, precision)
     n_pb = triton.cdiv(P, block_p)
     R = H // G
-    Q = _bwd_chunk(chunk_size)
     n_chunks = max(1, triton.cdiv(max_len, Q))
 
     dx = torch.zeros_like(x)
@@ -507,8 +506,7 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
     meta = dict(HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
                 HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, Q), D_SKIP_DELTA=bool(d_skip_delta),
                 DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype],
-                PRECISION=_precision(allow_tf32, fp32_precision), Q=Q, BLOCK_P=block_p, BLOCK_N=_block_n(N))
-    cfg = configs.pick("chunked_bwd", P=P, N=_block_n(N), PREC=_prec_class(x, meta["PRECISION"]), Q=Q)
+                PRECISION=precision, Q=Q, BLOCK_P=block_p, BLOCK_N=_block_n(N))
     configs.launch(
         _bwd_kernel, (nseq * H * n_pb,),
         (dy, dummy if dfin is None else dfin, x, dt, A, B, C, dummy if E is None else E,

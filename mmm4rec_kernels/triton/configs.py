@@ -7,7 +7,7 @@ and the pinned config is only the first candidate.
 
     pick(kernel, **shape) -> {"BLOCK_...": int, ..., "num_warps": int, "num_stages": int}
 
-`OVERRIDE[kernel]` (a dict of the same form) replaces the pinned choice: the offline table's `--sweep` uses it to
+`OVERRIDE[kernel]` (a dict of the same form) overrides keys of the pinned choice: the offline table's `--sweep` uses it to
 compile candidate configs through the package's own launch code.
 """
 from __future__ import annotations
@@ -33,8 +33,10 @@ def pick(kernel: str, *, BLOCK_L: int = 0, P: int = 0, N: int = 0, PREC: str = "
     size padded, PREC = dot flavour ("bf16" / "fp16" for 16-bit inputs, else the fp32 input_precision "ieee",
     "tf32" or "tf32x3"), Q chunk.  Values from the offline sm_90 table (RESULTS.md, 2026-12-02): the spill-free
     config with the fewest waves at the benchmark shapes (paper L=20, wide head P=512, L=200, L=1024)."""
-    if kernel in OVERRIDE:
-        return dict(OVERRIDE[kernel])
+    return {**_pinned(kernel, BLOCK_L, P, PREC), **OVERRIDE.get(kernel, {})}
+
+
+def _pinned(kernel, BLOCK_L, P, PREC):
     wide = P > 128                               # several P-blocks per (sequence, head)
     long = BLOCK_L >= 128
     bp = min(64, max(16, triton.next_power_of_2(P)))
@@ -56,11 +58,20 @@ def pick(kernel: str, *, BLOCK_L: int = 0, P: int = 0, N: int = 0, PREC: str = "
             return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 16), BLOCK_J=min(BLOCK_L, 32), BLOCK_P=bp)
         return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 16), BLOCK_J=min(BLOCK_L, 32 if PREC == "tf32" else 16), BLOCK_P=bp)
     if kernel == "quadratic_bwd_dbc":
-        return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 16), BLOCK_J=min(BLOCK_L, 16), BLOCK_P=bp)
+        if PREC == "ieee":
+            return _cfg(8, 1, BLOCK_I=min(BLOCK_L, 16), BLOCK_J=min(BLOCK_L, 16), BLOCK_P=bp if wide else min(bp, 32))
+        return _cfg(4, 1, BLOCK_I=min(BLOCK_L, 32), BLOCK_J=min(BLOCK_L, 16),
+                    BLOCK_P=min(bp, 32) if (wide or PREC == "tf32") else bp)
     if kernel == "chunked_fwd":
-        return _cfg(4, 1, BLOCK_P=32)
+        # Q_MAX caps the chunk the kernel runs (the user's chunk_size above it is run in smaller chunks)
+        return _cfg(4, 1, BLOCK_P=32, Q_MAX=16 if PREC == "tf32x3" else 64)
     if kernel == "chunked_bwd":
-        return _cfg(4, 1)
+        # chunks of 16 keep the Q x Q tiles and the [n, BLOCK_P] states in registers; BLOCK_P = 64 (= P at the
+        # benchmark shapes) needs no partial dB / dC / dDelta buffers.  tf32x3 (three products per dot) still
+        # spills a little in every config tried (36 B at best, the one waiver of the offline gate).
+        if PREC == "tf32x3":
+            return _cfg(8, 1, BLOCK_P=16, Q_MAX=16)
+        return _cfg(8, 1, BLOCK_P=64, Q_MAX=16)
     raise ValueError(f"no pinned config for kernel {kernel!r}")
 
 
@@ -77,7 +88,7 @@ def candidates(kernel: str) -> list[dict]:
     if kernel == "chunked_fwd":
         return [_cfg(w, s, BLOCK_P=bp) for bp in (32, 64) for w in (4, 8) for s in (1, 2)]
     if kernel == "chunked_bwd":
-        return [_cfg(w, s) for w in (4, 8) for s in (1, 2)]
+        return [_cfg(w, s) for w in (4, 8) for s in (1, 2)]   # Q and BLOCK_P stay pinned (buffer layout)
     raise ValueError(f"no candidates for kernel {kernel!r}")
 
 
