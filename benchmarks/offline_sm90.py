@@ -35,8 +35,9 @@ import sys
 import tempfile
 import time
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for real (must precede every triton import)
-os.environ.pop("MMM4REC_AUTOTUNE", None)  # the pinned configs are what ships
+if __name__ == "__main__":  # compile for real, pinned configs: before triton and the package are imported
+    os.environ.pop("TRITON_INTERPRET", None)  # (triton reads it at import; an importer keeps its own mode)
+    os.environ.pop("MMM4REC_AUTOTUNE", None)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 for _p in (ROOT, HERE):
@@ -290,6 +291,10 @@ def markdown(rows) -> str:
 
 
 def main(argv=None):
+    from triton import knobs
+    if knobs.runtime.interpret or os.environ.get("MMM4REC_AUTOTUNE") == "1":
+        raise SystemExit("offline_sm90: run it as a script (python benchmarks/offline_sm90.py): it must import triton "
+                         "without TRITON_INTERPRET and the package without MMM4REC_AUTOTUNE")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
