@@ -295,6 +295,41 @@ def time_variant(f, inp, dy, warmup=25, rep=100):
     return tuple(res)
 
 
+def bench_quadratic_bwd_variants(device, log):
+    """Kernel-level do_bench of the quadratic backward at the paper shape: the fused one-program-per-(sequence,
+    head) kernel (what ships at L <= 32) vs the split passes, bf16 / fp32+TF32 / exact fp32.  Decides
+    quadratic.uses_fused_bwd on real hardware.  Returns markdown lines."""
+    from mmm4rec_kernels.triton.quadratic import tissd_quadratic_bwd
+    b, L, H, P, n, G = SHAPES["paper"]
+    T = b * L
+    lines = ["| dtype | fused ms | split ms | split / fused |", "|---|---|---|---|"]
+    for label, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp32 tf32", torch.float32, True),
+                               ("fp32", torch.float32, False)):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        mk = lambda *sh, dt=dtype: torch.randn(*sh, generator=g).to(device=device, dtype=dt)  # noqa: E731
+        x, dy, B, C = mk(T, H, P), mk(T, H, P), mk(T, G, n) / 8, mk(T, G, n) / 8
+        dt, E = mk(T, H, dt=torch.float32) * 0.5, mk(T, H, dt=torch.float32).abs()
+        A = -torch.rand(H, generator=g).to(device) * 15 - 1
+        bias, D = torch.zeros(H, device=device), torch.ones(H, device=device)
+        seq_start = torch.arange(b, device=device, dtype=torch.int64) * L
+        seq_len = torch.full((b,), L, device=device, dtype=torch.int32)
+        ms = []
+        for split in (False, True):
+            fn = lambda split=split: tissd_quadratic_bwd(  # noqa: E731
+                dy, x, dt, A, B, C, E, bias, D, seq_start, seq_len, L, d_skip_delta=True, dt_softplus=True,
+                allow_tf32=tf32, padded=True, split=split)
+            try:
+                fn()
+                sync()
+                ms.append(do_bench_ms(fn))
+            except Exception as e:  # noqa: BLE001
+                ms.append(float("nan"))
+                log(f"  quadratic bwd split={split} {label}: {type(e).__name__}: {str(e)[:120]}")
+        lines.append(f"| {label} | {ms[0]:.4f} | {ms[1]:.4f} | {ms[1] / ms[0]:.2f} |")
+        log("  " + lines[-1])
+    return lines
+
+
 def bench_shape(name, shape, dtype_name, device, args, deadline, log):
     b, L, H, P, n, G = shape
     dtype = DTYPES[dtype_name]
@@ -542,6 +577,13 @@ def main(argv=None):
                     log(f"  {name} {dname} failed: {type(e).__name__}: {e}")
                     traceback.print_exc()
                     empty_cache()
+    bwd_variants = []
+    if not args.skip_bench and device.type == "cuda" and time.time() < deadline:
+        log("\n## 2b. quadratic backward at the paper shape: fused vs split (kernel only)")
+        try:
+            bwd_variants = bench_quadratic_bwd_variants(device, log)
+        except Exception as e:  # noqa: BLE001
+            log(f"  failed: {type(e).__name__}: {e}")
     if not args.skip_sweep:
         log("\n## 3. L sweep (quadratic vs chunked)")
         out["sweep"] = run_sweep(device, dtypes, args, deadline_sweep, log)
@@ -555,6 +597,8 @@ def main(argv=None):
     if out["kernels"]:
         full, summary = kernel_tables(out["kernels"])
         md += ["\n## all variants"] + full + ["\n## summary"] + summary
+    if bwd_variants:
+        md += ["\n## quadratic backward, paper shape, kernel only (fused ships at L <= 32)"] + bwd_variants
     if out["sweep"]:
         md += [f"\n## L sweep (b = {SWEEP_TOKENS} // L, H,P,n,G = {SWEEP_HEADS})"] + sweep_table(out["sweep"])
         for dname in dtypes:

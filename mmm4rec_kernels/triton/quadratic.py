@@ -5,20 +5,29 @@ Token layout and math: ../CONTRACT.md.  Per sequence and head, with Delta, a, cs
     K_ij = (C_i . B_j) * exp(min(cs_i - cs_j, 0)) * Delta_j          (j <= i, both steps valid)
     y_i  = sum_j K_ij x_j + D * s_i * x_i                            (s_i = Delta_i or 1)
 
-Kernels (BLOCK_L = next power of 2 >= max_len, at least 16; one block of 32 covers the paper's L = 20):
-    _fwd_kernel   grid (sequence, head, P-block x row block).  Flash-style: a program owns BLOCK_T rows and walks
-                  the column blocks up to the diagonal.  Discretization, C B^T, decay, K @ x and the skip are fused:
-                  x, B, C, dt, E are read from HBM once (short L) and y is written once.
-    _bwd_kernel   grid (sequence, head).  All BLOCK_L rows live in one tile; the program walks the column blocks
-                  (BLOCK_J) and, per block, recomputes K, loops over P for dS = dy u^T and du = S^T dy, and finishes
-                  dx, dB and everything per token (dDelta -> ddt, dE, and d a_t); dC accumulates over the blocks.
-                  Heads that share a group write per-head dB/dC partials; dA, ddt_bias, dD are per-(sequence, head)
-                  partials.  All partials are reduced with torch sums (deterministic, no atomics).
+Kernels (BLOCK_L = next power of 2 >= max_len, at least 16; one block of 32 covers the paper's L = 20; launch
+configs pinned per shape class in configs.py, from the offline sm_90 table benchmarks/offline_sm90.py):
+    _fwd_kernel   1-d grid, (sequence, head) major, row block fastest.  Flash-style: a program owns BLOCK_T rows
+                  and one P-block and walks the column blocks up to the diagonal.  Discretization, C B^T, decay,
+                  K @ x and the skip are fused: x, B, C, dt, E are read from HBM once (short L), y written once.
+    _bwd_fused_kernel  grid (sequence, head), short sequences (uses_fused_bwd).  All BLOCK_L rows live in one tile;
+                  the program walks the column blocks (BLOCK_J) and, per block, recomputes K, loops over P for
+                  dS = dy u^T and du = S^T dy, and finishes dx, dB and everything per token (dDelta -> ddt, dE,
+                  d a_t); dC accumulates over the blocks.
+    split backward (longer sequences, wide heads), no program holds a whole sequence:
+      _bwd_dx_kernel  column blocks x P-blocks, walking the row blocks at or below the diagonal (masked blocks
+                      skipped): du = S^T dy -> dx, per-P-block dDelta partials, dB (P-block 0).
+      _bwd_dc_kernel  row blocks walking the column blocks up to the diagonal, dy kept on chip when P <= BLOCK_P:
+                      dS = dy u^T -> dC, this row block's share of d a_t.
+      _bwd_dt_kernel  per (sequence, head): sums the partials, dDelta -> ddt, dE; dA, ddt_bias, dD partials.
+    Heads that share a group write per-head dB/dC partials; dA, ddt_bias, dD are per-(sequence, head) partials.
+    All partials are reduced with sums (deterministic, no atomics).
 
 Numerics: cs is a float64 scan kept as hi + lo float32, so cs_i - cs_j = (hi_i - hi_j) + (lo_i - lo_j) stays
 accurate after huge steps (E ~ 1e4); decays are exp of clamped differences, never exp(cs_i) * exp(-cs_j).
 d a_t is summed directly over the pairs it touches (j < t <= i), without cancelling row/column sums.
-Accumulation is float32; fp32 dots use input_precision="ieee" unless allow_tf32.
+Accumulation is float32; fp32 dots use input_precision="ieee" (exact) unless allow_tf32 ("tf32", tensor cores);
+fp32_precision= overrides.  dt, E, A, dt_bias, D may be any float dtype (cast on load).
 """
 from __future__ import annotations
 
@@ -649,9 +658,11 @@ def block_l(max_len: int) -> int:
 
 
 def uses_fused_bwd(max_len: int, P: int) -> bool:
-    """The one-program-per-(sequence, head) backward runs for short sequences and narrow heads (its tiles hold
-    the whole sequence: BLOCK_L <= 64, P <= 128); otherwise the split backward (column, row and token passes)."""
-    return block_l(max_len) <= 64 and P <= 128
+    """The one-program-per-(sequence, head) backward runs for short sequences and narrow heads (its tiles hold the
+    whole sequence): BLOCK_L <= 32 and P <= 64, the paper's class, where it is spill-free on sm_90 and reads every
+    input once; otherwise the split backward (column, row and token passes).  (At BLOCK_L = 64 the fused kernel
+    spills 128-172 B in bf16: offline sm_90 table.)"""
+    return block_l(max_len) <= 32 and P <= 64
 
 
 def _alloc(padded, T, nseq, max_len):
