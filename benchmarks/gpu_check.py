@@ -219,7 +219,8 @@ def run_checks(device, dtypes, log, deadline=float("inf")):
                     continue  # the naive loop is slow and not what we ship; its math is the reference's
                 chunks = (16, 64) if path == "chunked" else (64,)
                 for q in chunks:
-                    label = f"{path}/{backend}" + (f" Q{q}" if path == "chunked" else "") + (" tf32" if tf32 else "")
+                    label = (f"{path}/{backend}" + (f" Q{q}" if path == "chunked" else "")
+                             + (" tf32" if tf32 else ""))
                     if time.time() > deadline:
                         rows.append(dict(dtype=dname, variant=label, case=cname, worst=float("nan"), passed=True,
                                          skipped=True, detail="skipped: time budget"))

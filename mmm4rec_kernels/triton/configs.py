@@ -3,12 +3,14 @@
 
 A GPU run starts timing at once: each kernel gets ONE config per shape class, no autotune sweep.  Autotuning is an
 opt-in (env MMM4REC_AUTOTUNE=1, read at import): then the kernels are wrapped in triton.autotune over `candidates`
-and the pinned config is only the first candidate.
+(the pinned block sizes and warps are then unused;
+the chunked kernels keep their pinned chunk cap Q_MAX and backward BLOCK_P, which shape their buffers).
 
     pick(kernel, **shape) -> {"BLOCK_...": int, ..., "num_warps": int, "num_stages": int}
+    (chunked kernels also get Q_MAX, the longest chunk they run, and the backward its BLOCK_P)
 
-`OVERRIDE[kernel]` (a dict of the same form) overrides keys of the pinned choice: the offline table's `--sweep` uses it to
-compile candidate configs through the package's own launch code.
+`OVERRIDE[kernel]` (a dict of the same form) overrides keys of the pinned choice: the offline table's `--sweep`
+uses it to compile candidate configs through the package's own launch code.
 """
 from __future__ import annotations
 
@@ -83,8 +85,9 @@ def candidates(kernel: str) -> list[dict]:
     if kernel == "quadratic_bwd_fused":
         return [_cfg(w, 1, BLOCK_J=bj, BLOCK_P=bp) for bp in (32, 64) for bj in (16, 32) for w in (4, 8)]
     if kernel in ("quadratic_bwd_dx", "quadratic_bwd_dbc"):
-        return [_cfg(w, s, BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bp) for bp in (32, 64) for bi in (16, 32, 64)
-                for bj in (16, 32) for w in (4, 8) for s in (1, 2)]
+        # block sizes shape the partial buffers and the grid (set by the host): autotune warps and stages only;
+        # the offline sweep (OVERRIDE) covers the block sizes
+        return [_cfg(w, s) for w in (4, 8) for s in (1, 2)]
     if kernel == "chunked_fwd":
         return [_cfg(w, s, BLOCK_P=bp) for bp in (32, 64) for w in (4, 8) for s in (1, 2)]
     if kernel == "chunked_bwd":
@@ -99,13 +102,16 @@ def autotune(kernel: str, key: list[str], prune=None):
             return fn
         configs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                                  num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in candidates(kernel)]
-        return triton.autotune(configs=configs, key=key,
-                               prune_configs_by=None if prune is None else {"early_config_prune": prune})(fn)
+        tuner = triton.autotune(configs=configs, key=key,
+                                prune_configs_by=None if prune is None else {"early_config_prune": prune})(fn)
+        tuner.mmm4rec_tuned = {k for c in candidates(kernel) for k in c}   # keys the tuner supplies
+        return tuner
     return deco
 
 
 def launch(kernel_fn, grid, args, meta: dict, cfg: dict):
-    """kernel_fn[grid](*args, **meta, **cfg); under autotune the tuner supplies the config (cfg dropped)."""
-    if AUTOTUNE and isinstance(kernel_fn, triton.runtime.Autotuner):
-        return kernel_fn[grid](*args, **meta)
+    """kernel_fn[grid](*args, **meta, **cfg); under autotune the tuner supplies its keys (dropped from cfg)."""
+    tuned = getattr(kernel_fn, "mmm4rec_tuned", None)
+    if tuned is not None:
+        cfg = {k: v for k, v in cfg.items() if k not in tuned}
     return kernel_fn[grid](*args, **meta, **cfg)
