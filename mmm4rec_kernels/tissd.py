@@ -12,6 +12,7 @@ cu_seqlens[-1] = T), as in mamba_ssm.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 
@@ -185,9 +186,12 @@ class _FusedTiSSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, E, dt_bias, D, h0, seq_start, seq_len, meta):
         mod, path, max_len, opts = meta["module"], meta["path"], meta["max_len"], meta["opts"]
-        f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731  small per-head/per-token params
-        args = (x.contiguous(), f32(dt), f32(A), B.contiguous(), C.contiguous(), f32(E), f32(dt_bias), f32(D),
-                seq_start, seq_len, max_len)
+        f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+        # small per-head / per-token params: the Triton kernels cast any float dtype on load (no extra torch
+        # kernels); the CUDA extension takes float32
+        small = (lambda t: None if t is None else t.contiguous()) if meta["backend"] == "triton" else f32  # noqa
+        args = (x.contiguous(), small(dt), small(A), B.contiguous(), C.contiguous(), small(E), small(dt_bias),
+                small(D), seq_start, seq_len, max_len)
         h0_f32 = f32(h0)
         if path == "quadratic":
             y, final = mod.tissd_quadratic_fwd(*args, **opts), None
@@ -226,12 +230,20 @@ def _token_layout(b, L, lengths, cu_seqlens, longest, device):
     if cu_seqlens is not None:
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
         return cu[:-1].contiguous(), (cu[1:] - cu[:-1]).to(torch.int32).contiguous(), longest, False
-    seq_start = torch.arange(b, device=device, dtype=torch.int64) * L
+    seq_start, full_len = _padded_layout(b, L, device)
     if lengths is None:
-        seq_len = torch.full((b,), L, device=device, dtype=torch.int32)
+        seq_len = full_len
     else:
-        seq_len = lengths.to(device=device, dtype=torch.int32).clamp(0, L)  # no host sync on GPU
-    return seq_start, seq_len.contiguous(), longest, longest == L
+        seq_len = lengths.to(device=device, dtype=torch.int32).clamp(0, L).contiguous()  # no host sync on GPU
+    return seq_start, seq_len, longest, longest == L
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_layout(b, L, device):
+    """seq_start = arange(b) * L (int64) and seq_len = L (int32) for a [b, L] batch, built once per shape (never
+    written to: the kernels and autograd only read them)."""
+    return (torch.arange(b, device=device, dtype=torch.int64) * L,
+            torch.full((b,), L, device=device, dtype=torch.int32))
 
 
 def _token_mask(b, L, lengths, device):
@@ -246,7 +258,7 @@ def _run_fused(choice, x, dt, A, B, C, time_scale, dt_bias, D, d_skip, dt_softpl
     b, L, H, P, G, n, nseq, longest = shapes
     seq_start, seq_len, max_len, exact_padded = _token_layout(b, L, lengths, cu_seqlens, longest, x.device)
     T = b * L
-    meta = dict(module=_backend_module(choice), path=choice.path, max_len=max_len, chunk_size=chunk_size,
+    meta = dict(module=_backend_module(choice), backend=choice.backend, path=choice.path, max_len=max_len, chunk_size=chunk_size,
                 return_final_states=return_final_states,
                 opts=dict(d_skip_delta=d_skip == "delta", dt_softplus=dt_softplus, allow_tf32=allow_tf32))
     if choice.backend == "triton" and choice.path == "quadratic" and exact_padded:

@@ -35,13 +35,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import QUADRATIC_HARD_MAX_L
 from . import configs
 from .layout import DOT_CODE, check_token_layout
 
 __all__ = ["tissd_quadratic_fwd", "tissd_quadratic_bwd", "QUADRATIC_MAX_LEN", "fp32_precision_of"]
 
 # Longest sequence these kernels accept: the rows of a whole sequence share one tile.  Longer: the chunked path.
-QUADRATIC_MAX_LEN = 256
+# Declared once, in dispatch.py.
+QUADRATIC_MAX_LEN = QUADRATIC_HARD_MAX_L
 
 _KEY = ["BLOCK_L", "H", "G", "P", "N", "DOT", "PRECISION"]
 
