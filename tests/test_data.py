@@ -28,7 +28,7 @@ def test_read_atomic_types():
     assert item_texts(items, text_fields=["movie_title", "class"])["x2"] == "Second Story. Drama"
     with open(os.path.join(FIX, "tiny.inter"), "rb") as f:
         assert read_atomic(f.read(), fields=["item_id"])["item_id"].tolist()[0] == "x3"
-    with pytest.raises(ValueError, match="not in atomic header"):
+    with pytest.raises(ValueError, match="tiny.inter: no column .nope."):
         read_atomic(os.path.join(FIX, "tiny.inter"), fields=["nope"])
     with pytest.raises(ValueError, match="type"):
         read_atomic(b"user_id:token\titem_id:weird\nu\ti\n")
