@@ -342,7 +342,7 @@ def _load_matrix(load_matrix, path, flag):
     try:
         return load_matrix(path)
     except ValueError as e:
-        raise ValueError(f"{flag} {e}") from None
+        raise ValueError(f"{flag} {e}" if path in str(e) else f"{flag} {path}: {e}") from None
     except Exception as e:  # truncated / foreign file
         raise ValueError(f"{flag} {path} cannot be read ({type(e).__name__}: {e})") from None
 
