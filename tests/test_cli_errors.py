@@ -324,11 +324,14 @@ def test_sigint_subprocess(ws, tmp_path):
     r = str(tmp_path / "r")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.Popen([sys.executable, "-m", "mmm4rec", "finetune", "--data", ws["data"], "--out", r,
-                          "--epochs", "1000", *SMALL[:-4], "--batch-size", "8", "--grad-accum", "1"],
+                          "--epochs", "1000", "--checkpoint-every", "0.0001", *SMALL[:-4], "--batch-size", "8",
+                          "--grad-accum", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for line in p.stdout:  # wait until training started
-        if "batches/epoch" in line:
-            break
+    import time
+    t0 = time.time()
+    while not os.path.exists(os.path.join(r, "last", "trainer.pt")):  # training runs (last/ after every step)
+        assert p.poll() is None and time.time() - t0 < 120, p.stderr.read()
+        time.sleep(0.1)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
