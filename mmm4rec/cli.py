@@ -517,13 +517,13 @@ def cmd_evaluate(a) -> int:
     from .train import evaluate_model, popularity_metrics
     data, model = _load(a)
     t0 = time.perf_counter()
-    res = {"model": evaluate_model(model, data, a.split, a.batch_size, progress=not a.quiet,
-                                   exclude_seen=a.exclude_seen)}
+    res = {"model" + (" (exclude seen)" if a.exclude_seen else ""):
+           evaluate_model(model, data, a.split, a.batch_size, progress=not a.quiet, exclude_seen=a.exclude_seen)}
     secs = time.perf_counter() - t0
     if a.popularity:
         res["popularity"] = popularity_metrics(data, a.split)
         res["popularity (exclude seen)"] = popularity_metrics(data, a.split, exclude_seen=True)
-    _print_metrics(res, a.split + (" (exclude seen)" if a.exclude_seen else ""))
+    _print_metrics(res, a.split)
     _say(f"({data.num_samples(a.split)} users evaluated in {secs:.1f} s)")
     if a.json:
         with open(a.json, "w") as f:

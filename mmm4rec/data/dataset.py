@@ -225,6 +225,8 @@ class SequentialData:
         return cls.from_interactions(cols[user_field], cols[item_field], times, name=name, **kw)
 
     def _build_splits(self) -> None:
+        """Record each split's (user, target position); the padded history matrices are built on first use of a
+        split (evaluation never pays for the large training split)."""
         counts = np.diff(self.seq_offsets)
         starts = self.seq_offsets[:-1]
         uidx = np.arange(len(counts), dtype=np.int64)
@@ -233,16 +235,19 @@ class SequentialData:
         n_train = np.where(full, counts - 3, np.maximum(counts - 1, 0))
         t_user = np.repeat(uidx, n_train)
         t_pos = np.repeat(starts, n_train) + 1 + _segment_positions(n_train)
-        targets = {"train": (t_user, t_pos),
-                   "valid": (uidx[full], starts[full] + counts[full] - 2),
-                   "test": (uidx[full], starts[full] + counts[full] - 1)}
-        for split, (u, pos) in targets.items():
-            h = gather_histories(self.seq_items, self.seq_times, pos, starts[u], self.max_len)
-            h["target"] = self.seq_items[pos]
-            h["user"] = u
-            h["target_pos"] = pos.astype(np.int64)
-            self._splits[split] = h
+        self._targets = {"train": (t_user, t_pos),
+                         "valid": (uidx[full], starts[full] + counts[full] - 2),
+                         "test": (uidx[full], starts[full] + counts[full] - 1)}
+        self._splits = {}
         self._device_cache.clear()
+
+    def _materialise(self, split: str) -> Dict[str, np.ndarray]:
+        u, pos = self._targets[split]
+        h = gather_histories(self.seq_items, self.seq_times, pos, self.seq_offsets[:-1][u], self.max_len)
+        h["target"] = self.seq_items[pos]
+        h["user"] = u
+        h["target_pos"] = pos.astype(np.int64)
+        return h
 
     # ------------------------------------------------------------------ access
     @property
@@ -260,11 +265,15 @@ class SequentialData:
     def split(self, split: str) -> Dict[str, np.ndarray]:
         """numpy arrays of one split: item_seq [N,L], time_seq [N,L], lengths [N], target [N], user [N]."""
         if split not in self._splits:
-            raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
+            if split not in self._targets:
+                raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
+            self._splits[split] = self._materialise(split)
         return self._splits[split]
 
     def num_samples(self, split: str) -> int:
-        return len(self.split(split)["target"])
+        if split not in self._targets:
+            raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
+        return len(self._targets[split][0])
 
     def tensors(self, split: str, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
         """The split as torch tensors on `device` (cached): item_seq long [N,L], time_seq float32 [N,L],
