@@ -506,7 +506,7 @@ class Trainer:
             ax2.set_ylabel(f"valid {self.metric}")
             if self.best_epoch:
                 lines.append(ax2.axvline(self.best_epoch, color="tab:blue", ls=":", lw=1,
-                                         label=f"best (epoch {self.best_epoch})"))
+                                         label=f"best (epoch {self.best_epoch:.3g})"))
         ax.legend(lines, [ln.get_label() for ln in lines], loc="best", fontsize=8)
         ax.set_title(f"{self.data.name}: convergence")
         fig.tight_layout()
