@@ -178,6 +178,10 @@ def c_unknown_flag(ws, t):
     return ["evaluate", "--checkpoint", ws["ckpt"], "--data", ws["data"], "--frobnicate"]
 
 
+def c_negative_threads(ws, t):
+    return ["evaluate", "--checkpoint", ws["ckpt"], "--data", ws["data"], "--threads", "-1"]
+
+
 def c_import_official_missing(ws, t):
     return ["import-official", str(t / "official.pth"), "--out", str(t / "o")]
 
@@ -209,6 +213,7 @@ CASES = [
     (c_unknown_user, r"recommend: error: unknown user id 'nobody'"),
     (c_users_and_history, r"recommend: error: give either --users or --history"),
     (c_unknown_flag, r"mmm4rec: error: unrecognized arguments: --frobnicate"),
+    (c_negative_threads, r"evaluate: error: --threads must be >= 0, got -1"),
     (c_import_official_missing, r"import-official: error: .*(official\.pth: no such file|mmm4rec\.official is "
                                 r"not available)"),
 ]
@@ -226,6 +231,13 @@ def test_error_table(ws, tmp_path, capsys, build, pattern):
     assert lines and lines[-1].startswith("mmm4rec"), err
     assert re.search(pattern, lines[-1]), lines[-1]
     assert len([ln for ln in lines if ": error:" in ln]) == 1, err
+
+
+def test_choose_threads():
+    from mmm4rec.cli import choose_threads
+    assert choose_threads(3) == (3, "--threads")
+    n, why = choose_threads(0)
+    assert n >= 1 and why.startswith("auto")
 
 
 def test_debug_shows_the_exception(ws, tmp_path):
