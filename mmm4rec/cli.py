@@ -436,8 +436,14 @@ def _check_out(out: str, resume: bool, overwrite: bool, files=RUN_FILES) -> None
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a directory")
     found = [f for f in files if os.path.exists(os.path.join(out, f))]
-    if not found or resume:
+    if not found:
         return
+    if resume:
+        if any(os.path.exists(os.path.join(out, d, "trainer.pt")) for d in ("last", "last.old")):
+            return
+        if not overwrite:
+            raise ValueError(f"--resume: {out} holds run files ({', '.join(found)}) but no last/trainer.pt to "
+                             "resume from; pass --overwrite to start a new run there")
     if not overwrite:
         raise ValueError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it or "
                          "--overwrite to replace it")

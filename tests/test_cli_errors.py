@@ -113,6 +113,12 @@ def c_corrupt_trainer_pt(ws, t):
     return ["finetune", "--data", ws["data"], "--out", str(r), "--resume", "--epochs", "2", *SMALL]
 
 
+def c_resume_without_last(ws, t):
+    r = _copy(ws["run"], t / "r")
+    shutil.rmtree(os.path.join(r, "last"))
+    return ["finetune", "--data", ws["data"], "--out", str(r), "--resume", *SMALL]
+
+
 def c_no_cuda(ws, t):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -200,6 +206,7 @@ CASES = [
     (c_epochs_zero, r"finetune: error: argument --epochs: --epochs must be >= 1"),
     (c_existing_run, r"finetune: error: --out .*run already holds a run .*--resume.*--overwrite"),
     (c_corrupt_trainer_pt, r"finetune: error: .*last/trainer\.pt is corrupted"),
+    (c_resume_without_last, r"finetune: error: --resume: .*no last/trainer\.pt.*--overwrite"),
     (c_no_cuda, r"finetune: error: --device cuda: .*no usable CUDA"),
     (c_time_budget_zero, r"finetune: error: argument --time-budget: --time-budget must be > 0"),
     (c_bad_model_flags, r"finetune: error: model flags: .*headdim"),
