@@ -308,7 +308,7 @@ def _report_drops(stats: dict, kcore: int, short_users: str) -> None:
 
 
 def cmd_prepare(a) -> int:
-    from .data import SequentialData, attach_features, encode_texts, item_texts, load_matrix, read_atomic, read_mapping
+    from .data import SequentialData, attach_features, encode_texts, item_texts, load_matrix, read_atomic
     if a.demo:
         syn = _demo_dataset(a.demo_size, a.seed, a.feat_dim)
         data = syn.to_sequential(max_len=a.max_len, kcore=a.kcore, short_users=a.short_users)
