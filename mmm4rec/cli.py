@@ -431,7 +431,8 @@ def _train_settings(a, cmd: str) -> dict:
     return s
 
 
-def _check_out(out: str, resume: bool, overwrite: bool, files=RUN_FILES) -> None:
+def _check_out(out: str, resume: bool, overwrite: bool, files=RUN_FILES,
+               hint: str = "pass --resume to continue it or --overwrite to replace it") -> None:
     """An existing run is never replaced silently: --resume continues it, --overwrite removes its run files."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a directory")
@@ -445,8 +446,7 @@ def _check_out(out: str, resume: bool, overwrite: bool, files=RUN_FILES) -> None
             raise ValueError(f"--resume: {out} holds run files ({', '.join(found)}) but no last/trainer.pt to "
                              "resume from; pass --overwrite to start a new run there")
     if not overwrite:
-        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}); pass --resume to continue it or "
-                         "--overwrite to replace it")
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}); {hint}")
     for f in found:
         p = os.path.join(out, f)
         shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
@@ -676,7 +676,8 @@ def cmd_import_official(a) -> int:
         raise ValueError(f"mmm4rec.official is not available in this install ({e})") from None
     if not os.path.exists(a.ckpt):
         raise ValueError(f"{a.ckpt}: no such file")
-    _check_out(a.out, False, a.overwrite, files=("model.safetensors", "config.json"))
+    _check_out(a.out, False, a.overwrite, files=("model.safetensors", "config.json"),
+               hint="pass --overwrite to replace it")
     res = official.import_official(a.ckpt, a.out)
     _say(f"converted {a.ckpt} -> {a.out}" + (f": {res}" if res else ""))
     return 0
@@ -699,7 +700,7 @@ def cmd_demo(a) -> int:
     from .data import SequentialData
     from .train import evaluate_model, popularity_metrics
     t0 = time.perf_counter()
-    _check_out(a.out, False, a.overwrite)
+    _check_out(a.out, False, a.overwrite, hint="pass --overwrite to replace it or --out DIR for a new run")
     if os.path.exists(os.path.join(a.data, "meta.json")):
         _say(f"[1/4] using the prepared demo data in {a.data}")
     else:
