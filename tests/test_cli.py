@@ -66,3 +66,20 @@ def test_cli_bench_missing_is_clear(capsys, monkeypatch):
     monkeypatch.delattr(mmm4rec, "bench_table4", raising=False)     # (an earlier import leaves it on the package)
     assert main(["bench", "table4", "--scale", "0.1"]) == 2
     assert "bench_table4" in capsys.readouterr().err
+
+
+def test_cli_demo_main_job(tmp_path, capsys, monkeypatch):
+    """`mmm4rec demo` end to end on a tiny stand-in for the built-in data: data, run files, metrics, top-k, plot."""
+    import mmm4rec.cli as cli
+    monkeypatch.setattr(cli, "_demo_dataset", lambda size, seed, dim: make_synthetic_dataset(
+        60, 30, 500, feat_dim=12, seed=0, name="demo"))
+    r, d = str(tmp_path / "run"), str(tmp_path / "data")
+    assert main(["demo", "--out", r, "--data", d, "--epochs", "1", "--k", "5", "--quiet", "--device", "cpu",
+                 "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "[4/4] top-5 for user" in out and "popularity (exclude seen) test" in out and "preset cpu" in out
+    for f in ("best/model.safetensors", "last/trainer.pt", "log.json", "summary.json", "convergence.png",
+              "demo_metrics.json"):
+        assert os.path.exists(os.path.join(r, f)), f
+    assert main(["demo", "--out", r, "--data", d, "--epochs", "1", "--quiet", "--device", "cpu"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
