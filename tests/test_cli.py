@@ -46,11 +46,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "unknown user" in capsys.readouterr().err
 
 
-def test_cli_prepare_demo_and_item_texts(tmp_path):
+def test_cli_prepare_demo_and_item_texts(tmp_path, capsys):
     assert main(["prepare", "--demo", "--demo-size", "tiny", "--feat-dim", "8", "--out", str(tmp_path / "demo")]) == 0
     fix = os.path.join(os.path.dirname(__file__), "fixtures")
+    capsys.readouterr()
     assert main(["prepare", "--inter", os.path.join(fix, "tiny.inter"), "--item", os.path.join(fix, "tiny.item"),
                  "--encoder", "hashed", "--feat-dim", "8", "--kcore", "0", "--out", str(tmp_path / "t")]) == 0
+    err = capsys.readouterr().err   # users c (2 interactions) and d (1) are dropped, and x5 (only d had it)
+    assert "dropped 2 users with fewer than 3 interactions" in err and "dropped 1 items that only those" in err
     from mmm4rec.data import SequentialData
     t = SequentialData.load(str(tmp_path / "t"))
     assert t.text_feats.shape == (5, 8) and t.image_feats is None
@@ -63,3 +66,20 @@ def test_cli_bench_missing_is_clear(capsys, monkeypatch):
     monkeypatch.delattr(mmm4rec, "bench_table4", raising=False)     # (an earlier import leaves it on the package)
     assert main(["bench", "table4", "--scale", "0.1"]) == 2
     assert "bench_table4" in capsys.readouterr().err
+
+
+def test_cli_demo_main_job(tmp_path, capsys, monkeypatch):
+    """`mmm4rec demo` end to end on a tiny stand-in for the built-in data: data, run files, metrics, top-k, plot."""
+    import mmm4rec.cli as cli
+    monkeypatch.setattr(cli, "_demo_dataset", lambda size, seed, dim: make_synthetic_dataset(
+        60, 30, 500, feat_dim=12, seed=0, name="demo"))
+    r, d = str(tmp_path / "run"), str(tmp_path / "data")
+    assert main(["demo", "--out", r, "--data", d, "--epochs", "1", "--k", "5", "--quiet", "--device", "cpu",
+                 "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "[4/4] top-5 for user" in out and "popularity (exclude seen) test" in out and "preset cpu" in out
+    for f in ("best/model.safetensors", "last/trainer.pt", "log.json", "summary.json", "convergence.png",
+              "demo_metrics.json"):
+        assert os.path.exists(os.path.join(r, f)), f
+    assert main(["demo", "--out", r, "--data", d, "--epochs", "1", "--quiet", "--device", "cpu"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
