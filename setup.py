@@ -46,8 +46,9 @@ def cuda_extensions():
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
         # C++20: torch >= 2.10 headers require it (and older torch accepts it)
+        # no --use_fast_math: IEEE div/sqrt, denormals, accurate expf (mmm4rec_kernels/cuda.py says what the build does)
         extra_compile_args={"cxx": ["-O3", "-std=c++20"],
-                            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
+                            "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

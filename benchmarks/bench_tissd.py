@@ -47,12 +47,12 @@ def _inputs(key, dims, dtype, device):
 def _variant(name):
     """name -> callable(inp) -> y, or pytest.skip with the reason."""
     if name.startswith("ours-"):
-        path, backend = name[5:].split("-")
+        path, backend, *tf32 = name[5:].split("-")   # "...-tf32": fp32 inputs with TF32 dot products
         try:
             from mmm4rec_kernels import explain
         except Exception as e:  # noqa: BLE001
             pytest.skip(f"mmm4rec_kernels not importable: {e}")
-        return G.ours(path, backend), (path, backend, explain)
+        return G.ours(path, backend, allow_tf32=bool(tf32)), (path, backend, explain)
     if name == "torch-eager":
         return G.torch_reference(False), None
     if name == "torch-compile":
@@ -112,7 +112,8 @@ def _run(benchmark, name, dims, dtype_name, mode, group, device="cuda"):
 
 
 # ------------------------------------------------------------------------------------------------ GPU kernels
-GPU_VARIANTS = ["ours-quadratic-triton", "ours-chunked-triton", "ours-quadratic-cuda", "ours-chunked-torch",
+GPU_VARIANTS = ["ours-quadratic-triton", "ours-chunked-triton", "ours-quadratic-triton-tf32",
+                "ours-chunked-triton-tf32", "ours-quadratic-cuda", "ours-chunked-torch",
                 "torch-eager", "torch-compile", "mamba-Q32", "mamba-Q64", "mamba-Q128"]
 
 
@@ -127,6 +128,8 @@ def test_kernel(benchmark, shape, dtype_name, mode, variant):
         from mmm4rec_kernels.dispatch import cuda_usable
         if not cuda_usable(torch.device("cuda")):
             pytest.skip("CUDA extension mmm4rec_kernels._cuda not built")
+    if variant.endswith("-tf32") and dtype_name != "fp32":
+        pytest.skip("TF32 applies to fp32 inputs only")
     _run(benchmark, variant, G.SHAPES[shape], dtype_name, mode, group=f"{shape} {G.SHAPES[shape]} {dtype_name} {mode}")
 
 

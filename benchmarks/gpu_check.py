@@ -104,13 +104,13 @@ def floor_ms(nbytes):
 
 
 # ---------------------------------------------------------------------------------------------------- variants
-def ours(path, backend, chunk_size=64, d_skip="delta"):
+def ours(path, backend, chunk_size=64, d_skip="delta", allow_tf32=False):
     from mmm4rec_kernels import tissd
 
     def f(inp):
         return tissd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], time_scale=inp["E"], dt_bias=inp["dt_bias"],
                      D=inp["D"], d_skip=d_skip, lengths=inp.get("lengths"), path=path, backend=backend,
-                     chunk_size=chunk_size)
+                     chunk_size=chunk_size, allow_tf32=allow_tf32)
     return f
 
 
@@ -174,9 +174,10 @@ CHECK_CASES = [
     ("L130", (2, 130, 2, 64, 64, 1), dict(lengths=True, d_skip="delta")),
 ]
 TOL = {torch.float32: 1e-3, torch.bfloat16: 3e-2}
+TOL_TF32 = 1e-2   # fp32 inputs, TF32 dots (10-bit mantissa products, fp32 accumulation)
 
 
-def check_one(path, backend, dtype, shape, opts, device, chunk_size=64, seed=0):
+def check_one(path, backend, dtype, shape, opts, device, chunk_size=64, seed=0, allow_tf32=False):
     """Max relative error over y and every gradient; returns (worst, {name: err})."""
     from mmm4rec_kernels import tissd
     from mmm4rec_kernels.reference import tissd_quadratic_ref
@@ -190,7 +191,7 @@ def check_one(path, backend, dtype, shape, opts, device, chunk_size=64, seed=0):
 
     y = tissd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], time_scale=inp["E"], dt_bias=inp["dt_bias"],
               D=inp["D"], d_skip=opts["d_skip"], lengths=inp["lengths"], path=path, backend=backend,
-              chunk_size=chunk_size)
+              chunk_size=chunk_size, allow_tf32=allow_tf32)
     yr = tissd_quadratic_ref(ref_in["x"], ref_in["dt"], ref_in["A"], ref_in["B"], ref_in["C"],
                              time_scale=ref_in["E"], dt_bias=ref_in["dt_bias"], D=ref_in["D"], d_skip=opts["d_skip"],
                              lengths=ref_in["lengths"])
@@ -205,23 +206,29 @@ def check_one(path, backend, dtype, shape, opts, device, chunk_size=64, seed=0):
 
 def run_checks(device, dtypes, log, deadline=float("inf")):
     rows, ok = [], True
-    combos = [(p, bk) for _, p, bk in our_variants(device)] + [("auto", "auto"), ("reference", "torch")]
-    for path, backend in combos:
+    combos = [(p, bk, False) for _, p, bk in our_variants(device)] + [("auto", "auto", False),
+                                                                        ("reference", "torch", False)]
+    combos += [(p, bk, True) for _, p, bk in our_variants(device) if bk == "triton"]  # fp32 with TF32 dots
+    for path, backend, tf32 in combos:
         for dname in dtypes:
             dtype = DTYPES[dname]
+            if tf32 and dtype != torch.float32:
+                continue
             for cname, shape, opts in CHECK_CASES:
                 if path == "reference" and shape[1] > 64:
                     continue  # the naive loop is slow and not what we ship; its math is the reference's
                 chunks = (16, 64) if path == "chunked" else (64,)
                 for q in chunks:
-                    label = f"{path}/{backend}" + (f" Q{q}" if path == "chunked" else "")
+                    label = (f"{path}/{backend}" + (f" Q{q}" if path == "chunked" else "")
+                             + (" tf32" if tf32 else ""))
                     if time.time() > deadline:
                         rows.append(dict(dtype=dname, variant=label, case=cname, worst=float("nan"), passed=True,
                                          skipped=True, detail="skipped: time budget"))
                         continue
                     try:
-                        worst, errs = check_one(path, backend, dtype, shape, opts, device, chunk_size=q)
-                        passed = worst <= TOL[dtype]
+                        worst, errs = check_one(path, backend, dtype, shape, opts, device, chunk_size=q,
+                                                allow_tf32=tf32)
+                        passed = worst <= (TOL_TF32 if tf32 else TOL[dtype])
                         detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
                     except ValueError as e:  # refused by the argument checks / dispatcher: not a wrong answer
                         rows.append(dict(dtype=dname, variant=label, case=cname, worst=float("nan"), passed=True,
@@ -289,6 +296,41 @@ def time_variant(f, inp, dy, warmup=25, rep=100):
     return tuple(res)
 
 
+def bench_quadratic_bwd_variants(device, log):
+    """Kernel-level do_bench of the quadratic backward at the paper shape: the fused one-program-per-(sequence,
+    head) kernel (what ships at L <= 32) vs the split passes, bf16 / fp32+TF32 / exact fp32.  Decides
+    quadratic.uses_fused_bwd on real hardware.  Returns markdown lines."""
+    from mmm4rec_kernels.triton.quadratic import tissd_quadratic_bwd
+    b, L, H, P, n, G = SHAPES["paper"]
+    T = b * L
+    lines = ["| dtype | fused ms | split ms | split / fused |", "|---|---|---|---|"]
+    for label, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp32 tf32", torch.float32, True),
+                               ("fp32", torch.float32, False)):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        mk = lambda *sh, dt=dtype: torch.randn(*sh, generator=g).to(device=device, dtype=dt)  # noqa: E731
+        x, dy, B, C = mk(T, H, P), mk(T, H, P), mk(T, G, n) / 8, mk(T, G, n) / 8
+        dt, E = mk(T, H, dt=torch.float32) * 0.5, mk(T, H, dt=torch.float32).abs()
+        A = -torch.rand(H, generator=g).to(device) * 15 - 1
+        bias, D = torch.zeros(H, device=device), torch.ones(H, device=device)
+        seq_start = torch.arange(b, device=device, dtype=torch.int64) * L
+        seq_len = torch.full((b,), L, device=device, dtype=torch.int32)
+        ms = []
+        for split in (False, True):
+            fn = lambda split=split: tissd_quadratic_bwd(  # noqa: E731
+                dy, x, dt, A, B, C, E, bias, D, seq_start, seq_len, L, d_skip_delta=True, dt_softplus=True,
+                allow_tf32=tf32, padded=True, split=split)
+            try:
+                fn()
+                sync()
+                ms.append(do_bench_ms(fn))
+            except Exception as e:  # noqa: BLE001
+                ms.append(float("nan"))
+                log(f"  quadratic bwd split={split} {label}: {type(e).__name__}: {str(e)[:120]}")
+        lines.append(f"| {label} | {ms[0]:.4f} | {ms[1]:.4f} | {ms[1] / ms[0]:.2f} |")
+        log("  " + lines[-1])
+    return lines
+
+
 def bench_shape(name, shape, dtype_name, device, args, deadline, log):
     b, L, H, P, n, G = shape
     dtype = DTYPES[dtype_name]
@@ -298,6 +340,9 @@ def bench_shape(name, shape, dtype_name, device, args, deadline, log):
     rec = dict(shape=name, dims=shape, dtype=dtype_name, fwd_bytes=fb, fwdbwd_bytes=fbb,
                floor_fwd_ms=floor_ms(fb), floor_fwdbwd_ms=floor_ms(fbb), results={})
     variants = [(nm, ours(p, bk)) for nm, p, bk in our_variants(device) if not (bk == "torch" and p == "quadratic")]
+    if dtype == torch.float32:  # the official MMM4Rec trains fp32 with TF32 matmuls: time our TF32 dots too
+        variants += [(nm + " tf32", ours(p, bk, allow_tf32=True)) for nm, p, bk in our_variants(device)
+                     if bk == "triton"]
     variants.append(("torch eager (reference)", torch_reference(False)))
     for nm, f in variants:
         if time.time() > deadline:
@@ -533,6 +578,13 @@ def main(argv=None):
                     log(f"  {name} {dname} failed: {type(e).__name__}: {e}")
                     traceback.print_exc()
                     empty_cache()
+    bwd_variants = []
+    if not args.skip_bench and device.type == "cuda" and time.time() < deadline:
+        log("\n## 2b. quadratic backward at the paper shape: fused vs split (kernel only)")
+        try:
+            bwd_variants = bench_quadratic_bwd_variants(device, log)
+        except Exception as e:  # noqa: BLE001
+            log(f"  failed: {type(e).__name__}: {e}")
     if not args.skip_sweep:
         log("\n## 3. L sweep (quadratic vs chunked)")
         out["sweep"] = run_sweep(device, dtypes, args, deadline_sweep, log)
@@ -546,6 +598,8 @@ def main(argv=None):
     if out["kernels"]:
         full, summary = kernel_tables(out["kernels"])
         md += ["\n## all variants"] + full + ["\n## summary"] + summary
+    if bwd_variants:
+        md += ["\n## quadratic backward, paper shape, kernel only (fused ships at L <= 32)"] + bwd_variants
     if out["sweep"]:
         md += [f"\n## L sweep (b = {SWEEP_TOKENS} // L, H,P,n,G = {SWEEP_HEADS})"] + sweep_table(out["sweep"])
         for dname in dtypes:

@@ -15,6 +15,9 @@
 #   bash benchmarks/run_gpu.sh --prepare            # builds the mamba-ssm 2.3.2.post1 wheel (no CUDA ext) into .whl/
 #
 # Outputs ($OUT, else /tmp/mmm4rec_gpu_out): run.log, gpu_check.md, gpu_check.json, table4.json, bench_tissd.json.
+# The Triton kernels run pinned launch configs (mmm4rec_kernels/triton/configs.py, from the offline sm_90 table):
+# one compile per kernel, no autotune sweep, so timing starts within seconds. MMM4REC_AUTOTUNE=1 turns autotuning on
+# (slow first calls: 4-48 configs per kernel). gpu_check times fp32 both exact and with TF32 dots ("... tf32" rows).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -58,7 +61,8 @@ run() {  # run NAME SECONDS CMD...: time-limited, output to the log
     return 0
 }
 
-log "stages: ${STAGES[*]}; budget ${BUDGET}s; OUT=$OUT"
+export MMM4REC_AUTOTUNE=${MMM4REC_AUTOTUNE:-0}
+log "stages: ${STAGES[*]}; budget ${BUDGET}s; OUT=$OUT; MMM4REC_AUTOTUNE=$MMM4REC_AUTOTUNE"
 nvidia-smi -L 2>&1 | tee -a "$LOG"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__,
 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1 | tee -a "$LOG"

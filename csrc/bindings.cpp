@@ -1,4 +1,5 @@
 // Thin torch binding of the quadratic TiSSD CUDA kernels: extension `mmm4rec_kernels._cuda`.
+// allow_tf32 (fp32 inputs only): TF32 tensor cores instead of exact fp32 FMA; bf16 / fp16 always use tensor cores.
 // Checks tensors, allocates zero-filled outputs, calls the launchers on the current stream, and sums the
 // per-(sequence, head) partials with torch (deterministic). Python-level API: mmm4rec_kernels/cuda.py.
 #include <ATen/cuda/CUDAContext.h>
@@ -34,7 +35,7 @@ const float* opt_ptr(const OptTensor& t, const char* name, std::initializer_list
 mmm4rec::TissdParams make_params(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
                                  const Tensor& C, const OptTensor& E, const OptTensor& dt_bias,
                                  const OptTensor& D, const Tensor& seq_start, const Tensor& seq_len,
-                                 int64_t max_len, bool d_skip_delta, bool dt_softplus) {
+                                 int64_t max_len, bool d_skip_delta, bool dt_softplus, bool allow_tf32) {
   check_cuda(x, "x", x.scalar_type(), 3);
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
@@ -76,6 +77,7 @@ mmm4rec::TissdParams make_params(const Tensor& x, const Tensor& dt, const Tensor
   p.max_len = int(max_len);
   p.d_skip_delta = d_skip_delta;
   p.dt_softplus = dt_softplus;
+  p.allow_tf32 = allow_tf32;
   return p;
 }
 
@@ -95,8 +97,9 @@ void dispatch(at::ScalarType dtype, Fn&& fn) {
 Tensor tissd_quadratic_fwd(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
                            const OptTensor& E, const OptTensor& dt_bias, const OptTensor& D,
                            const Tensor& seq_start, const Tensor& seq_len, int64_t max_len, bool d_skip_delta,
-                           bool dt_softplus) {
-  auto p = make_params(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, d_skip_delta, dt_softplus);
+                           bool dt_softplus, bool allow_tf32) {
+  auto p = make_params(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, d_skip_delta, dt_softplus,
+                       allow_tf32);
   const c10::cuda::CUDAGuard guard(x.device());  // after the checks: x is a CUDA tensor
   Tensor y = at::zeros_like(x);  // padding tokens stay 0
   p.y = y.data_ptr();
@@ -112,8 +115,9 @@ std::vector<Tensor> tissd_quadratic_bwd(const Tensor& dy, const Tensor& x, const
                                         const Tensor& B, const Tensor& C, const OptTensor& E,
                                         const OptTensor& dt_bias, const OptTensor& D, const Tensor& seq_start,
                                         const Tensor& seq_len, int64_t max_len, bool d_skip_delta,
-                                        bool dt_softplus) {
-  auto p = make_params(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, d_skip_delta, dt_softplus);
+                                        bool dt_softplus, bool allow_tf32) {
+  auto p = make_params(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, d_skip_delta, dt_softplus,
+                       allow_tf32);
   const c10::cuda::CUDAGuard guard(x.device());  // after the checks: x is a CUDA tensor
   check_cuda(dy, "dy", x.scalar_type(), 3);
   TORCH_CHECK(dy.sizes() == x.sizes(), "dy must have x's shape");
@@ -158,11 +162,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tissd_quadratic_fwd", &tissd_quadratic_fwd, "y = TiSSD quadratic forward (token layout)",
         py::arg("x"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("E"), py::arg("dt_bias"),
         py::arg("D"), py::arg("seq_start"), py::arg("seq_len"), py::arg("max_len"), py::arg("d_skip_delta"),
-        py::arg("dt_softplus"));
+        py::arg("dt_softplus"), py::arg("allow_tf32"));
   m.def("tissd_quadratic_bwd", &tissd_quadratic_bwd,
         "(dx, ddt, dA, dB, dC, dE, ddt_bias, dD) = TiSSD quadratic backward (token layout)", py::arg("dy"),
         py::arg("x"), py::arg("dt"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("E"), py::arg("dt_bias"),
         py::arg("D"), py::arg("seq_start"), py::arg("seq_len"), py::arg("max_len"), py::arg("d_skip_delta"),
-        py::arg("dt_softplus"));
+        py::arg("dt_softplus"), py::arg("allow_tf32"));
   m.attr("max_len") = mmm4rec::kTissdMaxLen;
 }

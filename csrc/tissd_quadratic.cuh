@@ -8,6 +8,7 @@
 //   Delta_t = softplus(dt_t E_t + dt_bias), cs_t = sum_{k<=t} A Delta_k,
 //   y_i = sum_{j<=i} (C_i . B_j) exp(min(cs_i - cs_j, 0)) Delta_j x_j + D s_i x_i  (s = Delta or 1).
 // Padding tokens are never read or written: callers allocate outputs zero-filled.
+// Requires sm_80 or newer (bf16 / TF32 tensor cores).
 #pragma once
 
 #include <cstdint>
@@ -35,6 +36,8 @@ struct TissdParams {
   int max_len = 0;                  // >= every seq_len, <= kTissdMaxLen
   bool d_skip_delta = true;         // s_t = Delta_t (official) or 1 (mamba_ssm)
   bool dt_softplus = true;
+  bool allow_tf32 = false;          // fp32 inputs: TF32 tensor cores (true) or exact fp32 FMA (false); 16-bit
+                                    // inputs always use tensor cores (bf16 MMAs; TF32 MMAs for fp16), fp32 accumulate
   // forward output
   void* y = nullptr;                // [T, H, P], zero-filled by the caller
   // backward input / outputs (all zero-filled by the caller)

@@ -2,7 +2,7 @@
 import torch
 
 from . import cuda as cuda_backend
-from .dispatch import _triton_importable, crossover_length, interpreter_on
+from .dispatch import QUADRATIC_HARD_MAX_L, _triton_importable, crossover_length, interpreter_on, torch_allows_tf32
 
 
 def main():
@@ -19,8 +19,10 @@ def main():
     else:
         print("CUDA extension mmm4rec_kernels._cuda: not built (Triton/torch paths only; build it with "
               "`pip install --no-build-isolation .` where torch has CUDA and nvcc is found)")
-    print(f"path='auto': quadratic up to L = {crossover_length(64, 64)} at P = n = 64 "
-          f"({crossover_length(512, 64)} at P = 512), chunked above or with states")
+    print("torch backend: always available (CPU tensors, float64, or no triton; float64 decay sums, where-masking)")
+    print(f"path='auto': quadratic up to a longest sequence of {crossover_length(64, 64)} at P = n = 64 "
+          f"({crossover_length(512, 64)} at P = 512; kernel limit {QUADRATIC_HARD_MAX_L}), chunked above or with states")
+    print(f"allow_tf32=None follows torch's matmul TF32 setting: currently {torch_allows_tf32()}")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,19 @@ def _triton_importable() -> bool:
         return False
 
 
+def torch_allows_tf32() -> bool:
+    """What torch's own fp32 matmuls do: torch.backends.cuda.matmul.fp32_precision == 'tf32' (new API) or
+    allow_tf32 (legacy API).  `allow_tf32=None` in tissd follows this."""
+    m = torch.backends.cuda.matmul
+    try:
+        precision = getattr(m, "fp32_precision", "none")
+        if precision != "none":
+            return precision == "tf32"
+        return bool(m.allow_tf32)
+    except RuntimeError:  # torch refuses to read a mix of the legacy and the new API
+        return False
+
+
 def triton_usable(device: torch.device) -> bool:
     return _triton_importable() and (device.type == "cuda" or (device.type == "cpu" and interpreter_on()))
 

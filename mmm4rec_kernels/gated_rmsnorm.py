@@ -31,7 +31,9 @@ class _GatedRMSNormTriton(torch.autograd.Function):
 def gated_rmsnorm(y, z, weight, eps=1e-5, group_size=None, backend="auto"):
     """out = RMSNorm(y * SiLU(z)) * weight over groups of `group_size` channels (None = all d).
 
-    y, z: [..., d] (z may be None: plain RMSNorm); weight [d]. backend 'auto' | 'triton' | 'torch'."""
+    y, z: [..., d] (z may be None: plain RMSNorm); weight [d]. backend 'auto' | 'triton' | 'torch'.
+    dtypes: z and weight may be any float dtype (z is cast to y's dtype); the result has y's dtype; the torch path
+    computes fp16/bf16 in float32."""
     d = y.shape[-1]
     if weight.shape != (d,):
         raise ValueError(f"weight must have shape ({d},), got {tuple(weight.shape)}")
@@ -41,7 +43,11 @@ def gated_rmsnorm(y, z, weight, eps=1e-5, group_size=None, backend="auto"):
         raise ValueError(f"group_size={group_size} must divide the channel count {d}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if z is not None:
+        z = z.to(y.dtype)
     use_triton = backend == "triton" or (backend == "auto" and y.device.type == "cuda" and triton_usable(y.device))
     if use_triton and y.dtype != torch.float64:
         return _GatedRMSNormTriton.apply(y, z, weight, eps, group_size if group_size is not None else d)
-    return gated_rmsnorm_ref(y, z, weight, eps, group_size)
+    cd = torch.float64 if y.dtype == torch.float64 else torch.float32
+    up = lambda t: None if t is None else t.to(cd)  # noqa: E731
+    return gated_rmsnorm_ref(up(y), up(z), up(weight), eps, group_size).to(y.dtype)

@@ -9,7 +9,7 @@ Shapes (batched, right-padded layout):
     B  [b, L, G, n]   input projection, G divides H (head h uses group h // (H // G))
     C  [b, L, G, n]   output projection
     E  [b, L, H]      time modulation (time_scale); None = no modulation
-    dt_bias [H], D [H] optional
+    dt_bias [H], D [H] or [H, P] optional
     lengths [b]       valid prefix length per sequence (right padding); None = all L valid
 
 Math (one sequence, one head):
@@ -75,7 +75,7 @@ def _skip(y, x, delta, D, d_skip):
     if D is None:
         return y
     scale = delta[..., None] if d_skip == "delta" else 1.0
-    return y + D[:, None] * scale * x
+    return y + (D[:, None] if D.dim() == 1 else D) * scale * x       # D [H] or [H, P]
 
 
 def tissd_quadratic_ref(x, dt, A, B, C, time_scale=None, dt_bias=None, D=None, d_skip="delta",
@@ -95,7 +95,7 @@ def tissd_quadratic_ref(x, dt, A, B, C, time_scale=None, dt_bias=None, D=None, d
     if not return_final_states:
         return y
     # h_T = exp(cs_T) h0 + sum_j exp(cs_T - cs_j) Delta_j x_j B_j^T ; cs_T = total decay over the valid prefix
-    total = cs[:, -1, :]                                         # padded steps have a = 0
+    total = a.sum(1)                                             # cs_T (padded steps have a = 0; L = 0 -> 0)
     w = torch.exp((total[:, None, :] - cs).clamp(max=0.0))       # [b, L, H]
     final = torch.einsum("blh,blhp,blhn->bhpn", w, u, Bh)
     if initial_states is not None:
@@ -115,7 +115,7 @@ def tissd_recurrent_ref(x, dt, A, B, C, time_scale=None, dt_bias=None, D=None, d
         h = torch.exp(a[:, t])[..., None, None] * h + \
             (delta[:, t, :, None] * xm[:, t])[..., None] * Bh[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", h, Ch[:, t]))
-    y = torch.stack(ys, dim=1)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)   # L = 0: nothing to stack
     y = _skip(y, xm, delta, D, d_skip) * mask[..., None, None].to(y.dtype)
     return (y, h) if return_final_states else y
 
@@ -141,7 +141,7 @@ def tissd_chunked_ref(x, dt, A, B, C, time_scale=None, dt_bias=None, D=None, d_s
         ys.append(yc)
         w = torch.exp((cs[:, -1:, :] - cs).clamp(max=0.0))                   # decay from j to chunk end
         h = torch.exp(cs[:, -1])[..., None, None] * h + torch.einsum("blh,blhp,blhn->bhpn", w, uc, Bc)
-    y = torch.cat(ys, dim=1)
+    y = torch.cat(ys, dim=1) if ys else x.new_zeros(x.shape)     # L = 0: nothing to concatenate
     y = _skip(y, xm, delta, D, d_skip) * mask[..., None, None].to(y.dtype)
     return (y, h) if return_final_states else y
 

@@ -4,6 +4,7 @@ import torch
 
 import mmm4rec_kernels as mk
 from mmm4rec_kernels import reference as ref
+from mmm4rec_kernels.dispatch import QUADRATIC_HARD_MAX_L
 from mmm4rec_kernels.rivals import load_mamba_module
 
 
@@ -99,9 +100,9 @@ def test_explain_and_auto_choice():
 
 @pytest.mark.parametrize("P,n", [(64, 64), (512, 64), (8, 8), (2, 2)])
 def test_auto_path_follows_the_cost_model(P, n):
-    """quadratic while 0.75 L^2 (P+n) <= L Q (P+n) + 4 L P n (Q = 64), never beyond the kernels' L <= 256."""
+    """quadratic while 0.75 L^2 (P+n) <= L Q (P+n) + 4 L P n (Q = 64), never beyond the kernels' QUADRATIC_HARD_MAX_L."""
     L_star = mk.crossover_length(P, n)
-    expected = min(256, int((64 * (P + n) + 4 * P * n) / (0.75 * (P + n))))
+    expected = min(QUADRATIC_HARD_MAX_L, int((64 * (P + n) + 4 * P * n) / (0.75 * (P + n))))
     assert L_star == expected
     for L, path in ((L_star, "quadratic"), (L_star + 1, "chunked")):
         t = make(L=L, b=1, H=1, P=P, G=1, n=n, dtype=torch.float32)
@@ -113,7 +114,7 @@ def test_auto_path_follows_the_cost_model(P, n):
     (dict(dt=torch.randn(2, 7, 3)), "dt must have shape"),
     (dict(A=torch.randn(3, dtype=torch.float64)), "A must have shape"),
     (dict(B=torch.randn(2, 7, 3, 4, dtype=torch.float64), C=torch.randn(2, 7, 3, 4, dtype=torch.float64)), "must divide"),
-    (dict(B=torch.randn(2, 7, 2, 4)), "B and C must have x's dtype|must both have shape"),
+    (dict(B=torch.zeros(2, 7, 2, 4, dtype=torch.int32)), "B must be a floating"),  # other float dtypes are cast
     (dict(time_scale=torch.randn(2, 6, 4, dtype=torch.float64)), "time_scale must have"),
     (dict(D=torch.randn(5, dtype=torch.float64)), "D must have shape"),
     (dict(x=torch.zeros(2, 7, 4, 8, dtype=torch.int64)), "x must be a floating"),
@@ -179,3 +180,19 @@ def test_torch_backend_half_inputs(path):
     y = call(half, path=path, d_skip="plain", chunk_size=4)
     assert y.dtype == torch.bfloat16
     assert rel(y.double(), call(inp, d_skip="plain", path="reference")) < 3e-2
+
+
+def test_z_gate_and_per_channel_D_match_mamba_ssm():
+    """mamba_ssm semantics: z without a norm gates the output (y * SiLU(z)); D may be [H, P]."""
+    combined, why = load_mamba_module("ops.triton.ssd_combined")
+    if combined is None:
+        pytest.skip(why)
+    inp = make(b=2, L=32, H=4, P=8, G=2, n=4, seed=6)
+    D = torch.randn(4, 8, dtype=torch.float64)
+    z = torch.randn(2, 32, 4, 8, dtype=torch.float64)
+    y_m = combined.ssd_chunk_scan_combined_ref(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 16, D=D, z=z,
+                                                dt_bias=inp["dt_bias"], dt_softplus=True)
+    for path in ("quadratic", "chunked"):
+        y = mk.tissd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], dt_bias=inp["dt_bias"], D=D, z=z,
+                     d_skip="plain", path=path, chunk_size=16)
+        assert rel(y, y_m) < 1e-6, path

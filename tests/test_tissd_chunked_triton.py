@@ -253,8 +253,8 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="divide"):
         tissd_chunked_fwd(*bad, **kw)
     bad = list(args)
-    bad[1] = bad[1].double()
-    with pytest.raises(ValueError, match="dt must be float32"):
+    bad[1] = bad[1].to(torch.int32)  # any float dtype is fine (cast in the kernels), integers are not
+    with pytest.raises(ValueError, match="dt must be a float tensor"):
         tissd_chunked_fwd(*bad, **kw)
     bad = list(args)
     bad[9] = bad[9].long()
@@ -276,3 +276,50 @@ def test_bf16_cuda(chunk):
     assert rel_err(y, y_ref) < 2e-2 and rel_err(fin, fin_ref) < 2e-2
     for name in GRAD_NAMES:
         assert rel_err(g[name], g_ref[name]) < 3e-2, name
+
+
+def test_precision_flag_reaches_the_kernels(monkeypatch):
+    """fp32 dots: "tf32x3" by default (~fp32 accurate on tensor cores), "tf32" with allow_tf32, an explicit
+    fp32_precision wins; unknown values raise."""
+    from mmm4rec_kernels.triton import chunked
+
+    seen = []
+    launch = chunked.configs.launch
+
+    def spy(kernel_fn, grid, args, meta, cfg):
+        seen.append(meta["PRECISION"])
+        return launch(kernel_fn, grid, args, meta, cfg)
+    monkeypatch.setattr(chunked.configs, "launch", spy)
+    inp = make_inputs(1, 7, 1, 32, 16, 1, seed=3)
+    tok, seq = token_layout(inp)
+    args = (tok["x"], tok["dt"], inp["A"], tok["B"], tok["C"], tok["E"], inp["dt_bias"], inp["D"],
+            seq["seq_start"], seq["seq_len"], seq["max_len"])
+    kw = dict(chunk_size=16, d_skip_delta=True, dt_softplus=True)
+    for opts, want in ((dict(), "tf32x3"), (dict(allow_tf32=True), "tf32"),
+                       (dict(allow_tf32=True, fp32_precision="ieee"), "ieee")):
+        seen.clear()
+        tissd_chunked_fwd(*args, **kw, **opts)
+        tissd_chunked_bwd(tok["dy"], None, *args, **kw, **opts)
+        assert seen == [want, want], (opts, seen)
+    with pytest.raises(ValueError, match="fp32_precision"):
+        tissd_chunked_fwd(*args, **kw, fp32_precision="bf16")
+
+
+def test_small_parameters_in_any_float_dtype():
+    """dt, E, A, dt_bias, D in float64: cast on load in every kernel (ddt/dE pass included); same results."""
+    inp = make_inputs(2, 20, 2, 32, 16, 1, seed=11, lengths=[20, 9])
+    tok, seq = token_layout(inp)
+    kw = dict(chunk_size=16, d_skip_delta=True, dt_softplus=True)
+
+    def run(cast):
+        args = (tok["x"], cast(tok["dt"]), cast(inp["A"]), tok["B"], tok["C"], cast(tok["E"]), cast(inp["dt_bias"]),
+                cast(inp["D"]), seq["seq_start"], seq["seq_len"], seq["max_len"])
+        y, _ = tissd_chunked_fwd(*args, **kw)
+        return (y,) + tuple(tissd_chunked_bwd(tok["dy"], None, *args, **kw))
+
+    ref = run(lambda t: t)
+    out = run(lambda t: t.double())
+    for a, b in zip(out, ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and rel_err(a, b) < 1e-6

@@ -17,7 +17,10 @@ if not tcuda.built():
     pytest.skip("mmm4rec_kernels._cuda not built (pip install --no-build-isolation -e .)", allow_module_level=True)
 
 DEV = "cuda"
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+# relative-norm tolerances vs float64 (CPU emulator of the same kernels: fp32 <= 6e-6, TF32 <= 2.3e-3,
+# bf16 <= 2.5e-3, fp16 <= 4e-4; csrc/standalone/emulate_check.sh --full)
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+TOL_TF32 = 1e-2
 GRAD_NAMES = ("dx", "ddt", "dA", "dB", "dC", "dE", "ddt_bias", "dD")
 
 
@@ -65,7 +68,7 @@ def reference(inp, dy, d_skip, dt_softplus):
     return y.detach(), [None if leaf[k] is None else leaf[k].grad for k in names]
 
 
-def run_cuda(inp, dy, d_skip, dt_softplus):
+def run_cuda(inp, dy, d_skip, dt_softplus, allow_tf32=False):
     """Kernels on the padded batch viewed as tokens: T = b L, seq_start = arange(b) L, seq_len = lengths."""
     b, L, H, P = inp["x"].shape
     G, n = inp["B"].shape[2:]
@@ -74,19 +77,19 @@ def run_cuda(inp, dy, d_skip, dt_softplus):
     seq_len = inp["lengths"].to(torch.int32)
     args = (tok(inp["x"]), tok(inp["dt"]), inp["A"], tok(inp["B"]), tok(inp["C"]), tok(inp["E"]), inp["dt_bias"],
             inp["D"], seq_start, seq_len, L)
-    kw = dict(d_skip_delta=d_skip == "delta", dt_softplus=dt_softplus)
+    kw = dict(d_skip_delta=d_skip == "delta", dt_softplus=dt_softplus, allow_tf32=allow_tf32)
     y = tcuda.tissd_quadratic_fwd(*args, **kw).reshape(b, L, H, P)
     grads = tcuda.tissd_quadratic_bwd(tok(dy), *args, **kw)
     shapes = [(b, L, H, P), (b, L, H), (H,), (b, L, G, n), (b, L, G, n), (b, L, H), (H,), (H,)]
     return y, [None if g_ is None else g_.reshape(s) for g_, s in zip(grads, shapes)]
 
 
-def check(inp, d_skip="delta", dt_softplus=True, seed=1):
+def check(inp, d_skip="delta", dt_softplus=True, seed=1, allow_tf32=False):
     dtype = inp["x"].dtype
     dy = torch.randn(inp["x"].shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEV)
     y_ref, g_ref = reference(inp, dy, d_skip, dt_softplus)
-    y, g = run_cuda(inp, dy, d_skip, dt_softplus)
-    tol = TOL[dtype]
+    y, g = run_cuda(inp, dy, d_skip, dt_softplus, allow_tf32)
+    tol = TOL_TF32 if allow_tf32 and dtype == torch.float32 else TOL[dtype]
     assert y.dtype == dtype
     errs = {"y": rel_err(y, y_ref)}
     for name, got, want in zip(GRAD_NAMES, g, g_ref):
@@ -183,3 +186,32 @@ def test_too_long_raises():
     inp = make_inputs(1, 257, 1, 1, 32, 16, torch.float32, lengths=False)
     with pytest.raises(ValueError):
         run_cuda(inp, torch.zeros_like(inp["x"]), "delta", True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", ["normal", "strong", "gaps"])
+@pytest.mark.parametrize("L,P,n", [(20, 64, 64), (130, 256, 16), (63, 48, 96)])
+def test_tf32(decay, L, P, n):
+    """fp32 inputs on TF32 tensor cores (allow_tf32=True) stay within TOL_TF32 of float64."""
+    check(make_inputs(3, L, 4, 2, P, n, torch.float32, decay=decay, seed=L + P), allow_tf32=True)
+
+
+@pytest.mark.gpu
+def test_tf32_flag_selects_the_path():
+    """allow_tf32 reaches the kernels: TF32 results differ from the exact fp32 ones, but only by TF32 rounding."""
+    inp = make_inputs(2, 40, 2, 2, 64, 64, torch.float32, seed=17)
+    dy = torch.randn(inp["x"].shape, device=DEV)
+    y_exact, g_exact = run_cuda(inp, dy, "delta", True, allow_tf32=False)
+    y_tf32, g_tf32 = run_cuda(inp, dy, "delta", True, allow_tf32=True)
+    assert not torch.equal(y_exact, y_tf32)
+    assert rel_err(y_tf32, y_exact.double()) < TOL_TF32
+    for name, a, b in zip(GRAD_NAMES, g_tf32, g_exact):
+        assert rel_err(a, b.double()) < TOL_TF32, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", ["normal", "strong"])
+@pytest.mark.parametrize("L", [20, 130])
+def test_fp16(decay, L):
+    """fp16 inputs (TF32 MMAs inside). No time-gap case here: D Delta x alone can exceed fp16's 65504 in y."""
+    check(make_inputs(2, L, 4, 2, 64, 64, torch.float16, decay=decay, seed=L + 1))

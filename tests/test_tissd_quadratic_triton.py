@@ -39,6 +39,7 @@ class Case:
     packed: bool = False           # sequences at irregular token offsets with uncovered tokens between them
     fill: str = "big"              # what uncovered tokens hold: big (1e6) | rand (random)
     padded: bool = False           # padded=True: kernels write the padding zeros into uninitialised outputs
+    split: object = None           # backward: None = by shape, True = the three-pass split, False = fused
     seed: int = 0
 
 
@@ -129,7 +130,7 @@ def from_tokens(t, seq_start, seq_len, L):
     return out
 
 
-def run_kernels(c: Case, inp, lengths, dy, dtype=torch.float32, fill=None, fill_seed=0):
+def run_kernels(c: Case, inp, lengths, dy, dtype=torch.float32, fill=None, fill_seed=0, allow_tf32=False):
     """Kernel forward + backward on the token layout; returns (y, grads dict, layout)."""
     seq_start, seq_len, T = token_layout(c, lengths)
     gen = torch.Generator().manual_seed(fill_seed)
@@ -139,19 +140,19 @@ def run_kernels(c: Case, inp, lengths, dy, dtype=torch.float32, fill=None, fill_
     dyt = tok(dy).to(dtype)
     args = (x, tok(inp["dt"]), vec(inp["A"]), B, C, tok(inp["E"]), vec(inp["dt_bias"]), vec(inp["D"]),
             seq_start.to(DEVICE), seq_len.to(DEVICE), c.L)
-    opts = dict(d_skip_delta=c.d_skip == "delta", dt_softplus=c.dt_softplus, padded=c.padded)
+    opts = dict(d_skip_delta=c.d_skip == "delta", dt_softplus=c.dt_softplus, padded=c.padded, allow_tf32=allow_tf32)
     y = tissd_quadratic_fwd(*args, **opts)
-    grads = dict(zip(GRAD_NAMES, tissd_quadratic_bwd(dyt, *args, **opts)))
+    grads = dict(zip(GRAD_NAMES, tissd_quadratic_bwd(dyt, *args, **opts, split=c.split)))
     return y, grads, (seq_start, seq_len, T)
 
 
-def check_case(c: Case, tol=1e-4):
+def check_case(c: Case, tol=1e-4, allow_tf32=False):
     """Kernel y and all gradients vs the float64 reference (relative-norm error < tol); exact zeros off-sequence."""
     inp, lengths = make_inputs(c)
     dy = torch.randn(len(lengths), c.L, c.H, c.P, generator=torch.Generator().manual_seed(c.seed + 7),
                      dtype=torch.float64)
     ref_y, ref_g = reference(c, inp, lengths, dy)
-    y, grads, (seq_start, seq_len, T) = run_kernels(c, inp, lengths, dy)
+    y, grads, (seq_start, seq_len, T) = run_kernels(c, inp, lengths, dy, allow_tf32=allow_tf32)
     pad = ~covered(seq_start, seq_len, T)
 
     assert y.dtype == torch.float32 and y.shape == (T, c.H, c.P)
@@ -195,12 +196,79 @@ CASES = {
     "nosoftplus_plain_noE": Case(L=7, H=1, P=64, n=16, dt_softplus=False, d_skip="plain", has_E=False),
     "packed_H8_G1": Case(L=20, H=8, P=32, n=16, G=1, lengths=(20, 1, 7, 13, 0, 20), packed=True),
     "packed_L63_rand": Case(L=63, H=1, P=64, n=16, lengths=(63, 2, 40), packed=True, fill="rand"),
+    # the split backward (column / row / token passes) on short shapes too: shared groups, gaps, packed, plain
+    "split_paper_G=1_strong": Case(L=20, H=8, P=64, n=64, G=1, lengths=(20, 9), regime="strong", padded=True,
+                                   split=True),
+    "split_L63_gaps": Case(L=63, H=1, P=32, n=64, lengths=(63, 1, 30), regime="gaps", padded=True, split=True),
+    "split_packed_plain_nosoftplus": Case(L=20, H=2, P=32, n=16, G=1, lengths=(20, 1, 7, 0), packed=True,
+                                          d_skip="plain", dt_softplus=False, split=True),
+    "split_L20_P256_no_D": Case(L=20, H=2, P=256, n=16, G=2, lengths=(3, 20), has_D=False, split=True),
+    "fused_L130": Case(L=130, H=1, P=32, n=16, lengths=(130, 77), padded=True, split=False),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_quadratic_fp32_matches_reference(name):
     check_case(CASES[name])
+
+
+@pytest.mark.parametrize("name", ["paper_G=H", "split_L63_gaps"])
+def test_quadratic_tf32_matches_reference(name):
+    """allow_tf32=True: TF32 dot products (10-bit mantissa) on GPU, so a looser tolerance that still catches a wrong
+    term (those are O(1) off); the interpreter computes exactly."""
+    check_case(CASES[name], tol=1e-2, allow_tf32=True)
+
+
+def test_precision_flag_reaches_every_kernel(monkeypatch):
+    """allow_tf32 / fp32_precision become the kernels' PRECISION constexpr: "tf32" with allow_tf32, exact "ieee"
+    without, an explicit fp32_precision wins; unknown values raise."""
+    seen = []
+    launch = quadratic.configs.launch
+
+    def spy(kernel_fn, grid, args, meta, cfg):
+        seen.append(meta["PRECISION"])
+        return launch(kernel_fn, grid, args, meta, cfg)
+    monkeypatch.setattr(quadratic.configs, "launch", spy)
+    c = Case(L=7, H=1, P=32, n=16)
+    inp, lengths = make_inputs(c)
+    dy = torch.randn(len(lengths), c.L, c.H, c.P, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for tf32, want in ((True, "tf32"), (False, "ieee")):
+        seen.clear()
+        run_kernels(c, inp, lengths, dy, allow_tf32=tf32)
+        assert seen and set(seen) == {want}, (tf32, seen)
+    seq_start, seq_len, T = token_layout(c, lengths)
+    x, dt, B = torch.zeros(T, 1, 32), torch.zeros(T, 1), torch.zeros(T, 1, 16)
+    args = (x, dt, -torch.ones(1), B, B, None, None, None, seq_start, seq_len.to(torch.int32), c.L)
+    seen.clear()
+    tissd_quadratic_bwd(x, *args, d_skip_delta=True, dt_softplus=True, allow_tf32=True, fp32_precision="tf32x3",
+                        split=True)
+    assert seen and set(seen) == {"tf32x3"}
+    with pytest.raises(ValueError, match="fp32_precision"):
+        tissd_quadratic_fwd(*args, d_skip_delta=True, dt_softplus=True, fp32_precision="fp64")
+
+
+def test_small_parameters_in_any_float_dtype():
+    """dt, E, A, dt_bias, D may come in float64 / bfloat16: the kernels cast on load (the wrapper need not)."""
+    c = Case(L=20, H=2, P=32, n=16, G=1, lengths=(20, 9))
+    inp, lengths = make_inputs(c)
+    dy = torch.randn(len(lengths), c.L, c.H, c.P, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y32, g32, (seq_start, seq_len, T) = run_kernels(c, inp, lengths, dy)
+    x = to_tokens(inp["x"], seq_start, seq_len, T, "big", None)
+    B = to_tokens(inp["B"], seq_start, seq_len, T, "big", None)
+    C = to_tokens(inp["C"], seq_start, seq_len, T, "big", None)
+    dyt = to_tokens(dy, seq_start, seq_len, T, "big", None)
+    small = dict(dt=to_tokens(inp["dt"], seq_start, seq_len, T, "big", None).double(),
+                 E=to_tokens(inp["E"], seq_start, seq_len, T, "big", None).double(),
+                 A=inp["A"].to(DEVICE), dt_bias=inp["dt_bias"].to(DEVICE), D=inp["D"].to(DEVICE))  # float64
+    args = (x, small["dt"], small["A"], B, C, small["E"], small["dt_bias"], small["D"], seq_start.to(DEVICE),
+            seq_len.to(DEVICE), c.L)
+    opts = dict(d_skip_delta=True, dt_softplus=True)
+    y = tissd_quadratic_fwd(*args, **opts)
+    grads = tissd_quadratic_bwd(dyt, *args, **opts)
+    assert rel(y, y32) < 1e-6
+    for name, g in zip(GRAD_NAMES, grads):
+        assert g.dtype == (torch.float32 if name not in ("dx", "dB", "dC") else x.dtype), name
+        assert rel(g, g32[name]) < 1e-5, name
 
 
 def test_padding_garbage_does_not_change_valid_results():

@@ -3,6 +3,7 @@
 //   ./tissd_cuda_check              all checks + timing
 //   ./tissd_cuda_check --no-timing  checks only (--quick: the first few cases only)
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -10,6 +11,7 @@
 #include <cstdlib>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../tissd_quadratic.cuh"
@@ -30,9 +32,15 @@ using mmm4rec_ref::Problem;
 template <typename T> T to_elem(double v);
 template <> float to_elem<float>(double v) { return float(v); }
 template <> __nv_bfloat16 to_elem<__nv_bfloat16>(double v) { return __float2bfloat16(float(v)); }
+template <> __half to_elem<__half>(double v) { return __float2half(float(v)); }
 template <typename T> double from_elem(T v);
 template <> double from_elem<float>(float v) { return v; }
 template <> double from_elem<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> double from_elem<__half>(__half v) { return __half2float(v); }
+
+template <typename T> const char* type_name(bool tf32) {
+  return sizeof(T) == 4 ? (tf32 ? "tf32" : "fp32") : std::is_same<T, __half>::value ? "fp16" : "bf16";
+}
 
 // device buffer holding `host` converted to T; host values are replaced by their T-rounded copies
 template <typename T>
@@ -119,8 +127,9 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
   return pb;
 }
 
+// fp32 inputs: exact FMA path (allow_tf32 = false) or TF32 tensor cores; 16-bit inputs: always tensor cores.
 template <typename T>
-bool run_case(const Case& c, std::mt19937& rng, double tol) {
+bool run_case(const Case& c, std::mt19937& rng, double tol, bool allow_tf32 = false) {
   Problem pb = make_problem(c, rng);
   const size_t TH = size_t(pb.T) * c.H, THP = TH * c.P, TGN = size_t(pb.T) * c.G * c.N, THN = TH * c.N;
   T* x = upload<T>(pb.x);
@@ -143,7 +152,7 @@ bool run_case(const Case& c, std::mt19937& rng, double tol) {
   p.x = x; p.dt = dt; p.A = A; p.B = B; p.C = C; p.E = c.has_E ? E : nullptr; p.dt_bias = bias; p.D = D;
   p.seq_start = seq_start; p.seq_len = seq_len;
   p.nseq = c.nseq; p.H = c.H; p.G = c.G; p.P = c.P; p.N = c.N; p.max_len = c.L;
-  p.d_skip_delta = c.d_skip_delta; p.dt_softplus = c.dt_softplus;
+  p.d_skip_delta = c.d_skip_delta; p.dt_softplus = c.dt_softplus; p.allow_tf32 = allow_tf32;
   p.y = zeros<T>(THP);
   p.dy = dy; p.dx = zeros<T>(THP);
   p.dB_head = zeros<float>(THN); p.dC_head = zeros<float>(THN);
@@ -193,7 +202,7 @@ bool run_case(const Case& c, std::mt19937& rng, double tol) {
     }
   }
   std::printf("%-4s nseq=%-3d L=%-3d H=%d G=%d P=%-3d n=%-3d %s skip=%s sp=%d E=%d shift=%-5g max_rel=%.2e %s%s\n",
-              sizeof(T) == 4 ? "fp32" : "bf16", c.nseq, c.L, c.H, c.G, c.P, c.N, c.packed ? "packed" : "padded",
+              type_name<T>(allow_tf32), c.nseq, c.L, c.H, c.G, c.P, c.N, c.packed ? "packed" : "padded",
               c.d_skip_delta ? "delta" : "plain", int(c.dt_softplus), int(c.has_E), c.dt_shift, worst,
               ok ? "ok" : "FAIL", detail.c_str());
   for (void* ptr : {(void*)x, (void*)dy, (void*)B, (void*)C, (void*)dt, (void*)E, (void*)A, (void*)bias, (void*)D,
@@ -205,7 +214,7 @@ bool run_case(const Case& c, std::mt19937& rng, double tol) {
 
 // ms per call of the forward and of forward + backward (including the zero fills the binding does)
 template <typename T>
-void time_shape(int nseq, int L, int H, int G, int P, int N) {
+void time_shape(int nseq, int L, int H, int G, int P, int N, bool allow_tf32 = false) {
   const size_t T_ = size_t(nseq) * L, TH = T_ * H, THP = TH * P, TGN = T_ * G * N, THN = TH * N;
   std::vector<double> h_x(THP, 0.5), h_B(TGN, 0.1), h_dt(TH, 0.0), h_A(H, -1.0), h_bias(H, -3.0), h_D(H, 1.0),
       h_E(TH, 1.0);
@@ -225,7 +234,7 @@ void time_shape(int nseq, int L, int H, int G, int P, int N) {
   CUDA_OK(cudaMemcpy(d_start, starts.data(), nseq * sizeof(int64_t), cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemcpy(d_len, lens.data(), nseq * sizeof(int32_t), cudaMemcpyHostToDevice));
   p.seq_start = d_start; p.seq_len = d_len;
-  p.nseq = nseq; p.H = H; p.G = G; p.P = P; p.N = N; p.max_len = L;
+  p.nseq = nseq; p.H = H; p.G = G; p.P = P; p.N = N; p.max_len = L; p.allow_tf32 = allow_tf32;
   p.y = zeros<T>(THP); p.dx = zeros<T>(THP);
   p.dB_head = zeros<float>(THN); p.dC_head = zeros<float>(THN);
   p.ddt = zeros<float>(TH); p.dE = zeros<float>(TH);
@@ -258,9 +267,11 @@ void time_shape(int nseq, int L, int H, int G, int P, int N) {
   CUDA_OK(cudaEventSynchronize(b));
   CUDA_OK(cudaEventElapsedTime(&ms_fb, a, b));
   std::printf("time %s (b,L,H,P,n,G)=(%d,%d,%d,%d,%d,%d): fwd %.3f ms, fwd+bwd %.3f ms\n",
-              sizeof(T) == 4 ? "fp32" : "bf16", nseq, L, H, P, N, G, ms_f / iters, ms_fb / iters);
+              type_name<T>(allow_tf32), nseq, L, H, P, N, G, ms_f / iters, ms_fb / iters);
   CUDA_OK(cudaDeviceSynchronize());
 }
+
+constexpr double kTolFp32 = 1e-5, kTolTf32 = 1e-2, kTolBf16 = 1e-2, kTolFp16 = 5e-3;
 
 int main(int argc, char** argv) {
   bool timing = true, quick = false;
@@ -290,8 +301,12 @@ int main(int argc, char** argv) {
   };
   bool ok = true;
   const size_t ncases = quick ? 4 : cases.size();
-  for (size_t i = 0; i < ncases; ++i) ok &= run_case<float>(cases[i], rng, 1e-4);
-  for (size_t i = 0; i < ncases; ++i) ok &= run_case<__nv_bfloat16>(cases[i], rng, 1e-2);
+  // relative-norm tolerances vs float64: exact fp32 FMA; TF32 (10-bit mantissa operands); bf16 (8-bit) and fp16
+  // (11-bit) inputs whose masked scores / gradient weights are also rounded to the input type for the second MMA
+  for (size_t i = 0; i < ncases; ++i) ok &= run_case<float>(cases[i], rng, kTolFp32);
+  for (size_t i = 0; i < ncases; ++i) ok &= run_case<float>(cases[i], rng, kTolTf32, /*allow_tf32=*/true);
+  for (size_t i = 0; i < ncases; ++i) ok &= run_case<__nv_bfloat16>(cases[i], rng, kTolBf16);
+  for (size_t i = 0; i < ncases; ++i) ok &= run_case<__half>(cases[i], rng, kTolFp16);
   // error code beyond the length limit
   TissdParams bad;
   bad.nseq = 1; bad.H = 1; bad.G = 1; bad.P = 1; bad.N = 1; bad.max_len = mmm4rec::kTissdMaxLen + 1;
@@ -301,10 +316,14 @@ int main(int argc, char** argv) {
   }
   if (timing) {  // the paper's shape (b, L, H, P, n, G) = (1024, 20, 8, 64, 64, 8), a large batch, a wide head
     time_shape<float>(1024, 20, 8, 8, 64, 64);
+    time_shape<float>(1024, 20, 8, 8, 64, 64, /*allow_tf32=*/true);
     time_shape<__nv_bfloat16>(1024, 20, 8, 8, 64, 64);
     time_shape<float>(8192, 20, 8, 8, 64, 64);
+    time_shape<float>(8192, 20, 8, 8, 64, 64, /*allow_tf32=*/true);
     time_shape<__nv_bfloat16>(8192, 20, 8, 8, 64, 64);
     time_shape<float>(2048, 50, 1, 1, 512, 64);
+    time_shape<float>(2048, 50, 1, 1, 512, 64, /*allow_tf32=*/true);
+    time_shape<__nv_bfloat16>(2048, 50, 1, 1, 512, 64);
   }
   std::printf("%s\n", ok ? "ALL OK" : "FAILURES");
   return ok ? 0 : 1;

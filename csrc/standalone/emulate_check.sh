@@ -21,6 +21,6 @@ out, count = re.subn(r'(\w+<[^;<>]*>)<<<(.*?)>>>\((\w+)\);', r'emu_launch(\1, \2
 assert count > 0, "no kernel launches found"
 open(sys.argv[2], "w").write(out)
 PY
-g++ -std=c++20 -O2 -pthread -I"$here/emu" -I"$work/csrc" "$work/csrc/tissd_quadratic.cpp" \
+g++ -std=c++20 -O2 -fno-strict-aliasing -pthread -I"$here/emu" -I"$work/csrc" "$work/csrc/tissd_quadratic.cpp" \
     "$work/csrc/standalone/check_tissd.cpp" -o "$work/check_emu"
 if [ "${1:-}" = "--full" ]; then "$work/check_emu" --no-timing; else "$work/check_emu" --no-timing --quick; fi

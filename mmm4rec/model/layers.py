@@ -9,28 +9,35 @@ No SSD math lives here: every scan (and its gated-RMSNorm epilogue) goes through
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import mmm4rec_kernels
+# Shared with the drop-in layers (mmm4rec_kernels.modules): the mamba-like (A_log, dt_bias, D) init and the causal
+# depthwise conv (an nn.Conv1d: same state_dict keys as before).
+from mmm4rec_kernels.modules import CausalDepthwiseConv1d, init_ssd_params
 
 from .config import MMM4RecConfig
 
-# eps of the L-axis LayerNorms on time signals.  The hidden LNs use config.layer_norm_eps (1e-12); a time signal can
-# be (almost) constant along a short history, where eps 1e-12 would amplify gradients by up to 1e6.
-TIME_LN_EPS = 1e-5
-# eps of the gated RMSNorm after the SSD (mamba_ssm default).
-RMSNORM_EPS = 1e-5
+def init_official_(module: nn.Module, std: float = 0.02) -> None:
+    """The official initialisation pass: every nn.Linear weight ~ N(0, std), every Linear bias 0 (in place).
+    Everything else (convs, LayerNorms, SSD parameters, item biases) keeps its own init."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
-def masked_layer_norm_l(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def masked_layer_norm_l(x: torch.Tensor, mask, weight: torch.Tensor, bias: torch.Tensor,
                         eps: float) -> torch.Tensor:
     """LayerNorm over the sequence axis using valid positions only; padded outputs are 0.
 
-    x [b, H, L], mask [b, L] bool, weight/bias [L] (per-position affine).  Returns [b, H, L]."""
+    x [b, H, L], mask [b, L] bool or None (None: a plain LayerNorm over all L positions, the official behaviour),
+    weight/bias [L] (per-position affine).  Returns [b, H, L]."""
+    if mask is None:
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     m = mask[:, None, :].to(x.dtype)                                   # [b, 1, L]
     count = m.sum(-1, keepdim=True).clamp(min=1.0)
     mean = (x * m).sum(-1, keepdim=True) / count
@@ -42,7 +49,7 @@ def masked_layer_norm_l(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tenso
 class MaskedLayerNormL(nn.Module):
     """LayerNorm along L (per-position affine, statistics over valid positions only).  [b, H, L] -> [b, H, L]."""
 
-    def __init__(self, max_len: int, eps: float = TIME_LN_EPS):
+    def __init__(self, max_len: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(max_len))
         self.bias = nn.Parameter(torch.zeros(max_len))
@@ -52,77 +59,72 @@ class MaskedLayerNormL(nn.Module):
         return masked_layer_norm_l(x, mask, self.weight, self.bias, self.eps)
 
 
-def causal_conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-    """Depthwise causal conv along the last axis: x [b, C, L] -> [b, C, L] (conv has padding k-1)."""
-    return conv(x)[..., : x.shape[-1]]
-
-
-def depthwise_conv(channels: int, kernel: int) -> nn.Conv1d:
-    return nn.Conv1d(channels, channels, kernel, groups=channels, padding=kernel - 1)
-
-
 class TimeEncoder(nn.Module):
     """TiSSD step 3: raw timestamps -> normalised time-difference signal.
 
-    time_seq [b, L] (unix seconds of the history items, any float/int dtype), mask [b, L] -> D [b, H, L]:
-    d_0 = 0, d_i = t_i - t_{i-1} (computed in float64, so float64/int64 second stamps keep full precision),
-    padded positions 0; Dropout; LayerNorm over L on valid positions; repeated over the H heads."""
+    forward(time_seq [b, L] unix seconds (any float/int dtype), mask [b, L] bool or None, copies) -> D [copies*b, H, L]:
+    d_0 = 0, d_i = t_i - t_{i-1} (differences taken in float64, then cast to the model's dtype: float64 models keep
+    full precision), padded positions 0 when mask is given (mask None: padded differences enter as given, the
+    official behaviour); Dropout (one mask per copy: the official code encodes the time once per stream); LayerNorm
+    over L (on valid positions when masked); repeated over the H heads (a view)."""
 
-    def __init__(self, max_len: int, nheads: int, dropout: float):
+    def __init__(self, max_len: int, nheads: int, dropout: float, eps: float):
         super().__init__()
         self.nheads = nheads
         self.dropout = nn.Dropout(dropout)
-        self.norm = MaskedLayerNormL(max_len)
+        self.norm = MaskedLayerNormL(max_len, eps)
 
-    def forward(self, time_seq, mask):
+    def forward(self, time_seq, mask, copies: int = 1):
         t = time_seq.to(torch.float64)
-        d = torch.zeros_like(t)
-        d[:, 1:] = t[:, 1:] - t[:, :-1]
-        d = (d * mask).to(torch.float32)                                  # padding injects nothing
-        d = self.dropout(d)[:, None, :]                                   # [b, 1, L]
-        return self.norm(d, mask).expand(-1, self.nheads, -1)
+        d = F.pad(t[:, 1:] - t[:, :-1], (1, 0))                             # [b, L], d_0 = 0
+        if mask is not None:
+            d = d * mask                                                    # padding injects nothing
+        d = d.to(self.norm.weight.dtype)
+        if copies > 1:
+            d = d.repeat(copies, 1)
+            mask = None if mask is None else mask.repeat(copies, 1)
+        D = self.norm(self.dropout(d)[:, None, :], mask)                    # [copies*b, 1, L]
+        return D.expand(-1, self.nheads, -1)
 
 
 class TimeModulation(nn.Module):
     """TiSSD steps 4 and 8: the per-head time scale E2 that enters the discretisation, and the next time signal.
 
-        alpha  = Tanhshrink(Lin_LL(SiLU(Lin_LL(D))))      along L   (hidden masked to valid positions)
+        alpha  = Tanhshrink(Lin_LL(SiLU(Lin_LL(Drop(D)))))   along L   (hidden masked to valid positions)
         E      = D * alpha
-        E2     = SiLU(dwconv(SiLU(dwconv(E))))              causal, over the H channels
-        g      = sigmoid(Lin_{L->1}(D)) ;  D_next = LN_L(g * D + (1 - g) * E2)   (only if with_update)
+        E2     = SiLU(dwconv(SiLU(dwconv(E))))                causal, over the H channels
+        g      = sigmoid(Lin_{L->1}(Drop(D))) ;  D_next = LN_L(g * D + (1 - g) * E2)   (only if with_update)
 
-    forward(D [b, H, L], mask [b, L]) -> (time_scale [b, L, H], D_next [b, H, L] or None)."""
+    Drop is the official time dropout before the MLP and before the gate (two independent masks; p = 0 skips it).
+    forward(D [b, H, L], mask [b, L] or None) -> (time_scale [b, L, H], D_next [b, H, L] or None); mask None: no
+    masking (official)."""
 
-    def __init__(self, max_len: int, nheads: int, d_conv: int, with_update: bool = True):
+    def __init__(self, max_len: int, nheads: int, d_conv: int, with_update: bool = True, dropout: float = 0.0,
+                 eps: float = 1e-12):
         super().__init__()
         self.mix1 = nn.Linear(max_len, max_len)
         self.mix2 = nn.Linear(max_len, max_len)
-        self.conv1 = depthwise_conv(nheads, d_conv)
-        self.conv2 = depthwise_conv(nheads, d_conv)
+        self.conv1 = CausalDepthwiseConv1d(nheads, d_conv)
+        self.conv2 = CausalDepthwiseConv1d(nheads, d_conv)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.with_update = with_update
         if with_update:
             self.gate = nn.Linear(max_len, 1)
-            self.norm = MaskedLayerNormL(max_len)
+            self.norm = MaskedLayerNormL(max_len, eps)
 
     def forward(self, D, mask):
-        m = mask[:, None, :].to(D.dtype)
-        alpha = F.tanhshrink(self.mix2(F.silu(self.mix1(D)) * m))
-        E = D * alpha * m
-        E2 = F.silu(causal_conv(self.conv2, F.silu(causal_conv(self.conv1, E))))
+        hidden = F.silu(self.mix1(self.dropout(D)))
+        if mask is not None:
+            m = mask[:, None, :].to(D.dtype)
+            hidden = hidden * m
+        alpha = F.tanhshrink(self.mix2(hidden))
+        E = D * alpha if mask is None else D * alpha * m
+        E2 = F.silu(self.conv2(F.silu(self.conv1(E))))
         D_next = None
         if self.with_update:
-            g = torch.sigmoid(self.gate(D))                               # [b, H, 1]
-            D_next = self.norm(g * D + (1.0 - g) * E2, mask)
+            g = torch.sigmoid(self.gate(self.dropout(D)))                # [b, H, 1]
+            D_next = self.norm(torch.lerp(E2, D, g), mask)               # g * D + (1 - g) * E2
         return E2.transpose(1, 2), D_next
-
-
-def init_ssd_params(nheads: int):
-    """(A_log, dt_bias, D) per head: A = -exp(A_log), A_log = log U(1, 16); dt_bias = softplus^-1(dt),
-    dt log-uniform in [1e-3, 1e-1]; D (skip) = 1."""
-    A_log = torch.log(torch.empty(nheads).uniform_(1.0, 16.0))
-    dt = torch.exp(torch.empty(nheads).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
-    dt_bias = dt + torch.log(-torch.expm1(-dt))                           # inverse softplus
-    return nn.Parameter(A_log), nn.Parameter(dt_bias), nn.Parameter(torch.ones(nheads))
 
 
 class _SSDCore(nn.Module):
@@ -134,12 +136,14 @@ class _SSDCore(nn.Module):
         self.H, self.P, self.G, self.n = c.nheads, c.headdim, c.ngroups, c.d_state
         self.backend, self.path = c.backend, c.path
         self.A_log, self.dt_bias, self.D = init_ssd_params(c.nheads)
-        self.time = TimeModulation(c.max_len, c.nheads, c.d_conv, with_update=time_update) if c.use_time else None
+        self.time = (TimeModulation(c.max_len, c.nheads, c.d_conv, with_update=time_update,
+                                    dropout=c.time_mlp_dropout, eps=c.time_ln_eps) if c.use_time else None)
         self.norm_weight = nn.Parameter(torch.ones(c.d_inner))
+        self.norm_eps, self.norm_group_size = c.rmsnorm_eps, c.d_inner // c.norm_groups
         self.out_proj = nn.Linear(c.d_inner, c.hidden_size)
 
     def time_scale(self, D, mask):
-        """D [b, H, L] or None -> (time_scale [b, L, H] or None, D_next [b, H, L] or None)."""
+        """D [b, H, L] or None, mask [b, L] or None -> (time_scale [b, L, H] or None, D_next [b, H, L] or None)."""
         if self.time is None or D is None:
             return None, None
         return self.time(D, mask)
@@ -152,18 +156,19 @@ class _SSDCore(nn.Module):
                B.reshape(b, L, self.G, self.n), C.reshape(b, L, self.G, self.n),
                time_scale=time_scale, dt_bias=self.dt_bias, D=self.D, d_skip="delta", dt_softplus=True,
                lengths=lengths, backend=self.backend, path=self.path,
-               # gated RMSNorm epilogue (step 7), normalised in groups of d_inner / G channels (Mamba-2 convention)
-               z=z.reshape(heads), norm_weight=self.norm_weight, norm_eps=RMSNORM_EPS,
-               norm_group_size=self.H * self.P // self.G)
+               # gated RMSNorm epilogue (step 7): official one group over all d_inner channels, eps 1e-12
+               z=z.reshape(heads), norm_weight=self.norm_weight, norm_eps=self.norm_eps,
+               norm_group_size=self.norm_group_size)
         return self.out_proj(y.reshape(b, L, -1))
 
 
 class TiSSD(nn.Module):
     """Time-aware SSD block (DESIGN.md TiSSD steps 1-8).
 
-    forward(h [b, L, N], D [b, H, L] or None, mask [b, L], lengths [b]) -> (out [b, L, N], D_next [b, H, L] or None).
+    forward(h [b, L, N], D [b, H, L] or None, mask [b, L] or None, lengths [b]) -> (out [b, L, N], D_next or None).
     in_proj N -> [z | x B C | dt_raw]; causal dwconv + SiLU on xBC; Delta = softplus(dt_raw * E2 + dt_bias) and the
-    scan run inside `mmm4rec_kernels.tissd`; y = RMSNorm(y * SiLU(z)) * w (groups of d_inner / G); out_proj."""
+    scan run inside `mmm4rec_kernels.tissd`; y = RMSNorm(y * SiLU(z)) * w (config.rmsnorm_groups groups); out_proj.
+    `mask` only steers the time path (None = unmasked, official); the scan always uses `lengths`."""
 
     def __init__(self, config: MMM4RecConfig):
         super().__init__()
@@ -171,12 +176,12 @@ class TiSSD(nn.Module):
         self.d_inner, self.gn, self.H = c.d_inner, c.ngroups * c.d_state, c.nheads
         conv_dim = c.d_inner + 2 * self.gn
         self.in_proj = nn.Linear(c.hidden_size, c.d_inner + conv_dim + c.nheads)
-        self.conv = depthwise_conv(conv_dim, c.d_conv)
+        self.conv = CausalDepthwiseConv1d(conv_dim, c.d_conv)
         self.core = _SSDCore(c, time_update=True)
 
     def forward(self, h, D, mask, lengths):
         z, xBC, dt = torch.split(self.in_proj(h), [self.d_inner, self.d_inner + 2 * self.gn, self.H], dim=-1)
-        xBC = F.silu(causal_conv(self.conv, xBC.transpose(1, 2))).transpose(1, 2)
+        xBC = F.silu(self.conv(xBC.transpose(1, 2))).transpose(1, 2)
         x, B, C = torch.split(xBC, [self.d_inner, self.gn, self.gn], dim=-1)
         time_scale, D_next = self.core.time_scale(D, mask)
         out = self.core.scan_and_project(mmm4rec_kernels.tissd, x, dt, B, C, z, time_scale, lengths)
@@ -186,7 +191,7 @@ class TiSSD(nn.Module):
 class TiCoSSD(nn.Module):
     """Cross-modal time-aware SSD: x, B, dt_raw read the aligned text stream, C the aligned vision stream.
 
-    forward(pt [b, L, N], pv [b, L, N], Dco [b, H, L] or None, mask, lengths) -> M [b, L, N].
+    forward(pt [b, L, N], pv [b, L, N], Dco [b, H, L] or None, mask [b, L] or None, lengths) -> M [b, L, N].
     text in_proj N -> [x | B | dt_raw], vision in_proj N -> C (G * n), gate z = Linear(pt + pv) (d_inner); the same
     causal dwconv + SiLU as TiSSD on x|B (text) and C (vision); time path driven by Dco (no update); the scan runs in
     `mmm4rec_kernels.ticossd`; gated RMSNorm; out_proj."""
@@ -198,15 +203,15 @@ class TiCoSSD(nn.Module):
         self.text_proj = nn.Linear(c.hidden_size, c.d_inner + self.gn + c.nheads)
         self.vision_proj = nn.Linear(c.hidden_size, self.gn)
         self.gate_proj = nn.Linear(c.hidden_size, c.d_inner)
-        self.text_conv = depthwise_conv(c.d_inner + self.gn, c.d_conv)
-        self.vision_conv = depthwise_conv(self.gn, c.d_conv)
+        self.text_conv = CausalDepthwiseConv1d(c.d_inner + self.gn, c.d_conv)
+        self.vision_conv = CausalDepthwiseConv1d(self.gn, c.d_conv)
         self.core = _SSDCore(c, time_update=False)
 
     def forward(self, pt, pv, Dco, mask, lengths):
         xB, dt = torch.split(self.text_proj(pt), [self.d_inner + self.gn, self.H], dim=-1)
-        xB = F.silu(causal_conv(self.text_conv, xB.transpose(1, 2))).transpose(1, 2)
+        xB = F.silu(self.text_conv(xB.transpose(1, 2))).transpose(1, 2)
         x, B = torch.split(xB, [self.d_inner, self.gn], dim=-1)
-        C = F.silu(causal_conv(self.vision_conv, self.vision_proj(pv).transpose(1, 2))).transpose(1, 2)
+        C = F.silu(self.vision_conv(self.vision_proj(pv).transpose(1, 2))).transpose(1, 2)
         z = self.gate_proj(pt + pv)
         time_scale, _ = self.core.time_scale(Dco, mask)
         return self.core.scan_and_project(mmm4rec_kernels.ticossd, x, dt, B, C, z, time_scale, lengths)
@@ -232,7 +237,8 @@ class FourierFilter(nn.Module):
         Fv = rfft(Dv), Ft = rfft(Dt)                  over L, norm='ortho', K = L//2 + 1 bins per head
         adaptive:  Fv' = CL1(Fv) * Fv,  Ft' = CL2(Ft) * Ft      (else Fv' = Fv, Ft' = Ft)
         learnable: Dco = irfft(CL3(Fv' + Ft'), n=L)              (else irfft(Fv' + Ft'))
-    forward(Dv [b, H, L], Dt [b, H, L], mask [b, L]) -> Dco [b, H, L], padded positions 0."""
+    forward(Dv [b, H, L], Dt [b, H, L], mask [b, L] or None) -> Dco [b, H, L], padded positions 0 (mask None: not
+    masked, official)."""
 
     def __init__(self, max_len: int, adaptive: bool = True, learnable: bool = True):
         super().__init__()
@@ -251,7 +257,7 @@ class FourierFilter(nn.Module):
         if self.cl_co is not None:
             fused = self.cl_co(fused)
         Dco = torch.fft.irfft(fused, n=self.max_len, norm="ortho")
-        return Dco * mask[:, None, :].to(Dco.dtype)
+        return Dco if mask is None else Dco * mask[:, None, :].to(Dco.dtype)
 
 
 class FeedForward(nn.Module):
@@ -269,17 +275,18 @@ class FeedForward(nn.Module):
 
 
 class StreamLayer(nn.Module):
-    """Per-stream wrapper around a (possibly shared) TiSSD: h = LN(Dropout(out) + h); h = FFN(h).
+    """Per-stream wrapper around a (possibly shared) TiSSD: h = LN(Dropout(out) + h); h = FFN(h) if with_ffn.
 
     The TiSSD is passed in at call time so that the text and image streams can apply ONE module (shared weights)
-    while keeping their own LayerNorm and FFN.  forward(tissd, h, D, mask, lengths) -> (h, D_next)."""
+    while keeping their own LayerNorm (and FFN).  The official vision stream has no FFN (with_ffn=False).
+    forward(tissd, h, D, mask, lengths) -> (h, D_next)."""
 
-    def __init__(self, config: MMM4RecConfig):
+    def __init__(self, config: MMM4RecConfig, with_ffn: bool = True):
         super().__init__()
         c = config
         self.dropout = nn.Dropout(c.dropout)
         self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.ffn = FeedForward(c.hidden_size, c.ffn_inner, c.dropout, c.layer_norm_eps)
+        self.ffn = FeedForward(c.hidden_size, c.ffn_inner, c.dropout, c.layer_norm_eps) if with_ffn else None
 
     def forward(self, tissd: TiSSD, h, D, mask, lengths):
         out, D_next = tissd(h, D, mask, lengths)
@@ -287,4 +294,5 @@ class StreamLayer(nn.Module):
 
     def residual(self, out, h):
         """The wrapper alone, for a TiSSD output computed elsewhere: FFN(LN(Dropout(out) + h))."""
-        return self.ffn(self.norm(self.dropout(out) + h))
+        h = self.norm(self.dropout(out) + h)
+        return h if self.ffn is None else self.ffn(h)

@@ -2,20 +2,39 @@
 
 Data flow for a batch of right-padded histories (b, L <= max_len; inside, everything is padded to max_len):
     items [b, L] -> text / image embeddings [b, L, N] (frozen features -> adapters (+ id bias) -> Dropout -> LN)
-    times [b, L] -> D [b, H, L]                                      (TimeEncoder)
-    per layer, per stream s in (text, image): h_s, D_s = StreamLayer_s(TiSSD, h_s, D_s)   (TiSSD weights shared)
-    Dco = FourierFilter(D_image, D_text)
-    M = TiCoSSD(h_text, h_image, Dco);  Y = FFN(LN(Dropout(M) + h_image + h_text));  user = Y[len - 1]
+    times [b, L] -> Dt, Dv [b, H, L]                                  (TimeEncoder, one dropout mask per stream)
+    per layer i (stacking="per_layer", the official order):
+        out_t, out_v, Dt', Dv' = TiSSD_i([h_text; h_image], [Dt; Dv])    ONE batched call, shared weights
+        Pt = FFN(LN(Drop(out_t) + h_text));  Pv = LN(Drop(out_v) + h_image)   (+ FFN if vision_ffn)
+        Dco = FourierFilter_i(Dv', Dt');  M = TiCoSSD_i(Pt, Pv, Dco);  Y = FFN(LN(Drop(M) + Pv + Pt))
+        next layer: h_text = Pt, h_image = Y, Dt = Dt', Dv = Dv'
+    user = Y[len - 1] of the last layer
     scores = (user . normalize(text_item) + user . normalize(image_item)) / temperature
+stacking="streams_first" (our earlier layout): all TiSSD layers per stream first, then one Fourier/TiCoSSD/FFN.
+
+Without an image modality (image_feats None, or no item has an image) and absent_images="text_stream", the vision
+stream starts as a copy of the text stream: its input embedding, time signal and first TiSSD output (dropout masks
+included) are the text stream's, so the first layer runs the TiSSD on b sequences, not 2b; the vision stream keeps its
+own LayerNorm from there and later layers run both streams (their inputs differ).
 """
 from __future__ import annotations
+
+import logging
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MMM4RecConfig
-from .layers import FeedForward, FourierFilter, StreamLayer, TiCoSSD, TimeEncoder, TiSSD
+from .layers import FeedForward, FourierFilter, StreamLayer, TiCoSSD, TimeEncoder, TiSSD, init_official_
+
+logger = logging.getLogger(__name__)
+
+# Modules that became per-layer lists when stacking="per_layer" arrived: old state keys "<name>.<param>" now live at
+# "<name>.0.<param>" (see MMM4Rec._upgrade_state).
+_PER_LAYER_CROSS = ("fourier", "ticossd", "co_norm", "co_ffn")
+_LEGACY_KEY = re.compile(r"^(%s)\.(?!\d)" % "|".join(_PER_LAYER_CROSS))
 
 class ModalityEmbedding(nn.Module):
     """Frozen item features -> adapter output space [.., N], plus an optional per-item bias table.
@@ -24,9 +43,10 @@ class ModalityEmbedding(nn.Module):
     items whose mask [I+1] is False, or every item when feats is None, get the learned `missing` vector [N] instead of
     adapter(feats)."""
 
-    def __init__(self, feats, mask, num_rows: int, hidden: int, with_id: bool, with_missing: bool):
+    def __init__(self, feats, mask, num_rows: int, hidden: int, with_id: bool, with_missing: bool,
+                 learned_missing: bool = True):
         super().__init__()
-        self.num_rows = num_rows
+        self.num_rows, self.hidden = num_rows, hidden
         if feats is not None:
             feats = torch.as_tensor(feats, dtype=torch.float32)
             if feats.dim() != 2 or feats.shape[0] != num_rows:
@@ -41,7 +61,10 @@ class ModalityEmbedding(nn.Module):
         # Features belong to the dataset, not to the checkpoint: non-persistent buffers.
         self.register_buffer("feats", feats, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
-        self.missing = nn.Parameter(torch.randn(hidden) * 0.02) if with_missing else None
+        # learned_missing=False (official): items without an image use adapter(their feature row) like any other item,
+        # and a dataset without images uses a zero vector.
+        self.use_mask = learned_missing
+        self.missing = nn.Parameter(torch.randn(hidden) * 0.02) if with_missing and learned_missing else None
         self.id_bias = nn.Embedding(num_rows, hidden) if with_id else None
         if self.id_bias is not None:
             nn.init.zeros_(self.id_bias.weight)
@@ -49,10 +72,11 @@ class ModalityEmbedding(nn.Module):
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items [...] long -> [..., N]."""
         if self.feats is None:
-            e = self.missing.expand(*items.shape, -1)
+            e = (self.missing.expand(*items.shape, -1) if self.missing is not None else
+                 torch.zeros(*items.shape, self.hidden, device=items.device))
         else:
             e = self.adapter(self.feats[items])
-            if self.mask is not None:
+            if self.mask is not None and self.use_mask:
                 e = torch.where(self.mask[items][..., None], e, self.missing)
         if self.id_bias is not None:
             e = e + self.id_bias(items)
@@ -60,7 +84,8 @@ class ModalityEmbedding(nn.Module):
 
     def table(self) -> torch.Tensor:
         """All items [I+1, N] (unnormalised)."""
-        device = self.feats.device if self.feats is not None else self.missing.device
+        device = (self.feats.device if self.feats is not None else self.missing.device if self.missing is not None
+                  else self.id_bias.weight.device if self.id_bias is not None else None)
         return self(torch.arange(self.num_rows, device=device))
 
 
@@ -81,6 +106,8 @@ class MMM4Rec(nn.Module):
     Features are frozen non-persistent buffers (not parameters, not in state_dict).  The TiSSD of each layer is ONE
     module applied to both streams (share_tissd=False: one per stream, an ablation); LayerNorms / FFNs are per stream.
     Every SSD / gated-RMSNorm call goes through mmm4rec_kernels with backend=config.backend, path=config.path.
+    config.init="official" draws every Linear from N(0, 0.02) with zero bias.  State dicts saved before the per-layer
+    cross blocks existed ("ticossd.x" instead of "ticossd.0.x") are renamed on load, with a warning.
     """
 
     def __init__(self, config: MMM4RecConfig, num_items: int, text_feats, image_feats=None, image_mask=None):
@@ -93,22 +120,34 @@ class MMM4Rec(nn.Module):
         if image_feats is None and image_mask is not None:
             raise ValueError("image_mask given without image_feats")
         self.text_emb = ModalityEmbedding(text_feats, None, rows, c.hidden_size, c.with_id, with_missing=False)
-        self.image_emb = ModalityEmbedding(image_feats, image_mask, rows, c.hidden_size, c.with_id, with_missing=True)
+        self.image_emb = ModalityEmbedding(image_feats, image_mask, rows, c.hidden_size, c.with_id, with_missing=True,
+                                           learned_missing=c.learned_missing_image)
+        # Does any item have an image?  If not (and absent_images="text_stream"), the vision stream starts as the text
+        # stream and the first TiSSD runs on b sequences instead of 2b (see the module docstring).
+        has_images = image_feats is not None and (self.image_emb.mask is None or bool(self.image_emb.mask[1:].any()))
+        self.image_stream_from_text = not has_images and c.absent_images == "text_stream"
         self.emb_dropout = nn.Dropout(c.dropout)
         self.text_in_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.image_in_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-        self.time_encoder = TimeEncoder(c.max_len, c.nheads, c.time_dropout) if c.use_time else None
+        self.time_encoder = TimeEncoder(c.max_len, c.nheads, c.time_dropout, c.time_ln_eps) if c.use_time else None
         self.tissd = nn.ModuleList(TiSSD(c) for _ in range(c.n_layers))
         self.tissd_image = None if c.share_tissd else nn.ModuleList(TiSSD(c) for _ in range(c.n_layers))
         self.text_layers = nn.ModuleList(StreamLayer(c) for _ in range(c.n_layers))
-        self.image_layers = nn.ModuleList(StreamLayer(c) for _ in range(c.n_layers))
+        self.image_layers = nn.ModuleList(StreamLayer(c, with_ffn=c.vision_ffn) for _ in range(c.n_layers))
 
-        self.fourier = FourierFilter(c.max_len, c.adaptive_filter, c.learnable_filter) if c.use_time else None
-        self.ticossd = TiCoSSD(c)
+        # cross blocks: one per layer (official) or one after the stream stacks
+        n_cross = c.n_layers if c.stacking == "per_layer" else 1
+        self.fourier = (nn.ModuleList(FourierFilter(c.max_len, c.adaptive_filter, c.learnable_filter)
+                                      for _ in range(n_cross)) if c.use_time else None)
+        self.ticossd = nn.ModuleList(TiCoSSD(c) for _ in range(n_cross))
         self.co_dropout = nn.Dropout(c.dropout)
-        self.co_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.co_ffn = FeedForward(c.hidden_size, c.ffn_inner, c.dropout, c.layer_norm_eps)
+        self.co_norm = nn.ModuleList(nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps) for _ in range(n_cross))
+        self.co_ffn = nn.ModuleList(FeedForward(c.hidden_size, c.ffn_inner, c.dropout, c.layer_norm_eps)
+                                    for _ in range(n_cross))
+        if c.init == "official":
+            init_official_(self)
+        self.register_load_state_dict_pre_hook(self._upgrade_state)
 
     # ----------------------------------------------------------------------------------------------- encoding
     def _pad(self, item_seq, time_seq, lengths):
@@ -132,66 +171,117 @@ class MMM4Rec(nn.Module):
         mask = torch.arange(Lm, device=item_seq.device)[None, :] < lengths[:, None]
         return item_seq * mask, time_seq, lengths, mask
 
-    def encode(self, item_seq: torch.Tensor, time_seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def encode(self, item_seq: torch.Tensor, time_seq: torch.Tensor, lengths: torch.Tensor,
+               item_tables=None) -> torch.Tensor:
         """User representations.
 
         item_seq [b, L] long (right padded, 0 = padding), time_seq [b, L] unix seconds of the HISTORY items
         (pass float64 or int64: float32 rounds 2020s timestamps to 128 s), lengths [b] long in [1, L]
-        -> user [b, N], the output at position lengths-1.  Padded positions (items and
-        timestamps) have no influence; L < max_len is padded to max_len, L > max_len raises ValueError."""
+        -> user [b, N], the output at position lengths-1.  Padded positions (items and, with mask_time_padding,
+        timestamps) have no influence; L < max_len is padded to max_len, L > max_len raises ValueError.
+        item_tables: optional (text [I+1, N], image [I+1, N]) from ModalityEmbedding.table(); the inputs are then
+        gathered from them (same values: adapter(feats)[items] = adapter(feats[items])) instead of running the
+        adapters on b*L feature rows — loss(mode="full") passes the tables it scores with."""
+        c = self.config
         items, times, lengths, mask = self._pad(item_seq, time_seq, lengths)
-        ht = self.text_in_norm(self.emb_dropout(self.text_emb(items)))
-        hv = self.image_in_norm(self.emb_dropout(self.image_emb(items)))
-        Dt = Dv = self.time_encoder(times, mask) if self.time_encoder is not None else None
-        for i in range(self.config.n_layers):
-            if self.tissd_image is None:
-                # Shared weights: run both streams through ONE TiSSD call on a [2b, ...] batch (one kernel launch
-                # per op instead of two; every op is per-sequence, so this equals two separate calls).
-                both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
-                out, D2 = self.tissd[i](both(ht, hv), both(Dt, Dv), both(mask, mask), both(lengths, lengths))
-                out_t, out_v = out.chunk(2)
-                Dt, Dv = (None, None) if D2 is None else D2.chunk(2)
-                ht, hv = self.text_layers[i].residual(out_t, ht), self.image_layers[i].residual(out_v, hv)
-            else:
-                ht, Dt = self.text_layers[i](self.tissd[i], ht, Dt, mask, lengths)
-                hv, Dv = self.image_layers[i](self.tissd_image[i], hv, Dv, mask, lengths)
-        Dco = self.fourier(Dv, Dt, mask) if self.fourier is not None else None
-        M = self.ticossd(ht, hv, Dco, mask, lengths)
-        Y = self.co_ffn(self.co_norm(self.co_dropout(M) + hv + ht))
-        return Y[torch.arange(Y.shape[0], device=Y.device), lengths - 1]
+        tmask = mask if c.mask_time_padding else None                  # None: the time path sees padding (official)
+        from_text = self.image_stream_from_text
+        text_in = self.text_emb(items) if item_tables is None else item_tables[0][items]
+        ht = self.text_in_norm(self.emb_dropout(text_in))
+        hv = None
+        if not from_text:
+            image_in = self.image_emb(items) if item_tables is None else item_tables[1][items]
+            hv = self.image_in_norm(self.emb_dropout(image_in))
+        Dt = Dv = None
+        if self.time_encoder is not None:
+            D = self.time_encoder(times, tmask, copies=1 if from_text else 2)
+            Dt, Dv = (D, None) if from_text else D.chunk(2)
+        for i in range(c.n_layers):
+            # hv None: the vision stream equals the text stream so far (no images): one TiSSD output serves both
+            out_t, out_v, Dt, Dv = self._tissd(i, ht, hv, Dt, Dv, tmask, lengths)
+            hv = self.image_layers[i].residual(out_v, ht if hv is None else hv)
+            ht = self.text_layers[i].residual(out_t, ht)
+            if c.stacking == "per_layer":
+                hv = self._cross(i, ht, hv, Dt, Dv, tmask, lengths)      # the fused output feeds the vision input
+        if c.stacking == "streams_first":
+            hv = self._cross(0, ht, hv, Dt, Dv, tmask, lengths)
+        return hv[torch.arange(hv.shape[0], device=hv.device), lengths - 1]
+
+    def _tissd(self, i, ht, hv, Dt, Dv, tmask, lengths):
+        """Layer i's TiSSD on both streams -> (out_t, out_v, Dt_next, Dv_next).  hv None: text stream only (out_v and
+        Dv_next are the text stream's).  Shared weights: ONE call on the [text; image] batch of 2b sequences (every
+        op is per-sequence, so this equals two calls)."""
+        tissd = self.tissd[i]
+        if hv is None:
+            out_t, Dt = tissd(ht, Dt, tmask, lengths)
+            return out_t, out_t, Dt, Dt
+        if self.tissd_image is not None:
+            out_t, Dt = tissd(ht, Dt, tmask, lengths)
+            out_v, Dv = self.tissd_image[i](hv, Dv, tmask, lengths)
+            return out_t, out_v, Dt, Dv
+        both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        out, D2 = tissd(both(ht, hv), both(Dt, Dv), both(tmask, tmask), both(lengths, lengths))
+        out_t, out_v = out.chunk(2)
+        Dt, Dv = (None, None) if D2 is None else D2.chunk(2)
+        return out_t, out_v, Dt, Dv
+
+    def _cross(self, i, pt, pv, Dt, Dv, tmask, lengths):
+        """Cross block i: Dco = Fourier(Dv, Dt); M = TiCoSSD(pt, pv, Dco); Y = FFN(LN(Drop(M) + pv + pt))."""
+        Dco = self.fourier[i](Dv, Dt, tmask) if self.fourier is not None else None
+        M = self.ticossd[i](pt, pv, Dco, tmask, lengths)
+        return self.co_ffn[i](self.co_norm[i](self.co_dropout(M) + pv + pt))
 
     # ------------------------------------------------------------------------------------------------ scoring
-    def item_embeddings(self):
-        """(text_items [I+1, N], image_items [I+1, N]), each row L2-normalised."""
-        return F.normalize(self.text_emb.table(), dim=-1), F.normalize(self.image_emb.table(), dim=-1)
+    def item_embeddings(self, item_tables=None):
+        """(text_items [I+1, N], image_items [I+1, N]), each row L2-normalised (of item_tables when given)."""
+        text, image = item_tables if item_tables is not None else (self.text_emb.table(), self.image_emb.table())
+        return F.normalize(text, dim=-1), F.normalize(image, dim=-1)
 
-    def full_scores(self, user: torch.Tensor) -> torch.Tensor:
-        """user [b, N] -> scores [b, I+1] = (u . text_i + u . image_i) / temperature; column 0 (padding) = -inf."""
-        text_items, image_items = self.item_embeddings()
+    def full_scores(self, user: torch.Tensor, item_tables=None) -> torch.Tensor:
+        """user [b, N] -> scores [b, I+1] = (u . text_i + u . image_i) / temperature; column 0 (padding) = -inf
+        (exclude_padding_item=False: scored like any item, official).  item_tables: as in encode."""
+        text_items, image_items = self.item_embeddings(item_tables)
         scores = user @ (text_items + image_items).T / self.config.temperature
-        scores[:, 0] = float("-inf")
+        if self.config.exclude_padding_item:
+            scores[:, 0] = float("-inf")
         return scores
 
     def loss(self, item_seq, time_seq, lengths, target, mode: str = "full") -> torch.Tensor:
         """Cross-entropy of the next item.  target [b] long in [1, I].
 
         mode "full": softmax over all items.  mode "inbatch": logits against the batch's target items only (labels
-        arange(b)); a column holding the same item as the row's own target is masked (not a false negative)."""
+        arange(b)); with inbatch_mask_duplicates a column holding the same item as the row's own target is masked
+        (not a false negative; official: not masked)."""
+        if mode == "full":                     # one adapter pass over the catalogue serves the inputs and the scores
+            tables = (self.text_emb.table(), self.image_emb.table())
+            user = self.encode(item_seq, time_seq, lengths, item_tables=tables)
+            return F.cross_entropy(self.full_scores(user, tables), target.to(device=user.device, dtype=torch.long))
         user = self.encode(item_seq, time_seq, lengths)
         target = target.to(device=user.device, dtype=torch.long)
-        if mode == "full":
-            return F.cross_entropy(self.full_scores(user), target)
         if mode == "inbatch":
             text_t = F.normalize(self.text_emb(target), dim=-1)
             image_t = F.normalize(self.image_emb(target), dim=-1)
             logits = user @ (text_t + image_t).T / self.config.temperature        # [b, b]
-            same = target[:, None] == target[None, :]
-            duplicate = same & ~torch.eye(len(target), dtype=torch.bool, device=user.device)
-            logits = logits.masked_fill(duplicate, float("-inf"))
+            if self.config.inbatch_mask_duplicates:
+                same = target[:, None] == target[None, :]
+                duplicate = same & ~torch.eye(len(target), dtype=torch.bool, device=user.device)
+                logits = logits.masked_fill(duplicate, float("-inf"))
             return F.cross_entropy(logits, torch.arange(len(target), device=user.device))
         raise ValueError(f"mode must be 'full' or 'inbatch', got {mode!r}")
 
     # ----------------------------------------------------------------------------------------------- transfer
+    @staticmethod
+    def _upgrade_state(_module, state_dict, prefix, *_args):
+        """load_state_dict pre-hook: rename keys of the pre-per-layer layout ("ticossd.x" -> "ticossd.0.x", same for
+        fourier / co_norm / co_ffn), in place.  Such a state holds ONE cross block; a per_layer model with
+        n_layers > 1 then reports the other layers' cross blocks as missing keys."""
+        old = [k for k in state_dict if k.startswith(prefix) and _LEGACY_KEY.match(k[len(prefix):])]
+        if old:
+            logger.warning("MMM4Rec: upgrading %d state keys of the single-cross-block layout (e.g. %s -> %s)",
+                           len(old), old[0], prefix + _LEGACY_KEY.sub(r"\1.0.", old[0][len(prefix):], count=1))
+            for k in old:
+                state_dict[prefix + _LEGACY_KEY.sub(r"\1.0.", k[len(prefix):], count=1)] = state_dict.pop(k)
+
     @staticmethod
     def _item_specific(key: str) -> bool:
         return key.split(".")[-2:-1] == ["id_bias"] or key.split(".")[-1] in ("feats", "mask")

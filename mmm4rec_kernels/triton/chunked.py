@@ -26,17 +26,16 @@ chunk loops get a fixed trip count (ITERS constexpr, see _iters) and chunks past
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import configs
 from .layout import DOT_CODE, check_token_layout
 
 __all__ = ["tissd_chunked_fwd", "tissd_chunked_bwd"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = configs.INTERPRET
 
 # dot operand types: 0 = float32 (input_precision PRECISION), 1 = bfloat16, 2 = float16 (fp32 accumulation)
 
@@ -44,26 +43,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # fp32 dots: "tf32x3" (three TF32 tensor-core products, ~fp32 accurate) unless allow_tf32 asks for plain "tf32";
 # "ieee" lowers to FMA loops that spill heavily at these tile sizes (checked by compiling for sm_90).
 _FP32_PRECISION = "tf32x3"
-
-
-def _bwd_configs():
-    if _INTERPRET:  # the interpreter runs one config
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
-
-
-def _fwd_configs():
-    """The forward has no per-P-block buffers, so BLOCK_P is tuned too (pruned to <= next_pow2(P))."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_P": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_P": bp}, num_warps=w, num_stages=s)
-            for bp in (32, 64) for w in (4, 8) for s in (1, 2)]
-
-
-def _prune_fwd(configs, named_args, **kwargs):
-    p = max(16, triton.next_power_of_2(named_args["P"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_P"] <= p]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_P"])]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,8 +105,9 @@ def _chunk_cumsum(a, Q: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_fwd_configs(), key=["H", "G", "P", "N", "Q", "BLOCK_N", "DOT"],
-                 prune_configs_by={"early_config_prune": _prune_fwd})
+@configs.autotune("chunked_fwd", key=["H", "G", "P", "N", "Q", "BLOCK_N", "DOT", "PRECISION"],
+                  prune=lambda cs, named_args, **kw: [c for c in cs if c.kwargs["BLOCK_P"] <= max(
+                      16, triton.next_power_of_2(named_args["P"]))] or cs[:1])
 @triton.jit
 def _fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, D_ptr, start_ptr, len_ptr, h0_ptr, y_ptr, hT_ptr,
@@ -204,7 +184,7 @@ def _fwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_bwd_configs(), key=["H", "G", "P", "N", "Q", "BLOCK_P", "BLOCK_N", "DOT"])
+@configs.autotune("chunked_bwd", key=["H", "G", "P", "N", "Q", "BLOCK_P", "BLOCK_N", "DOT", "PRECISION"])
 @triton.jit
 def _bwd_kernel(
     dy_ptr, dhT_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, D_ptr, start_ptr, len_ptr, h0_ptr,
@@ -326,9 +306,9 @@ def _bwd_kernel(
         hT = tl.load(states_ptr + ((seq * H + h) * n_chunks + c) * (P * N) + s_idx, mask=s_mask, other=0.0)
         dyh = _dot(dy, tl.trans(hT), DOT, PRECISION)                               # [Q, BN] sum_p dy_ip h[p, k]
         dC = _dot(dG, Bm, DOT, PRECISION) + ecs[:, None] * dyh
-        tl.store(dC_ptr + part_off + bc_off, dC, mask=bn_ok)
+        tl.store(dC_ptr + part_off + bc_off, dC.to(dC_ptr.dtype.element_ty), mask=bn_ok)
         dB = _dot(tl.trans(dG), Cm, DOT, PRECISION) + w[:, None] * _dot(u, tl.trans(dhT), DOT, PRECISION)
-        tl.store(dB_ptr + part_off + bc_off, dB, mask=bn_ok)
+        tl.store(dB_ptr + part_off + bc_off, dB.to(dB_ptr.dtype.element_ty), mask=bn_ok)
 
         # da = (value at s = t - 1 of `before`) + read-state terms;  dDelta += A da ;  dA += Delta da
         da = tl.sum(tl.where(rq[:, None] == rq[None, :] + 1, before[None, :], 0.0), axis=1)
@@ -371,11 +351,11 @@ def _bwd_dt_kernel(
         for k in range(0, N_PB):
             dd += tl.load(parts, mask=ok, other=0.0)
             parts += TH
-        dt = tl.load(dt_ptr + off, mask=ok, other=0.0)
-        E = tl.load(E_ptr + off, mask=ok, other=0.0) if HAS_E else 1.0
+        dt = tl.load(dt_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        E = tl.load(E_ptr + off, mask=ok, other=0.0).to(tl.float32) if HAS_E else 1.0
         v = dt * E
         if HAS_BIAS:
-            v += tl.load(bias_ptr + h)
+            v += tl.load(bias_ptr + h).to(tl.float32)
         if DT_SOFTPLUS:
             dv = dd / (1.0 + tl.exp(-v))                                           # d softplus / dv = sigmoid
         else:
@@ -415,21 +395,30 @@ def _block_n(N):
     return max(16, triton.next_power_of_2(N))
 
 
-def _bwd_block_p(P, N):
-    """State rows per backward program.  Fixed (not autotuned): the partial dB / dC / dDelta buffers have one slot
-    per P-block.  64 keeps P = 64 in one block (no partial sums); 32 when n > 64 to bound registers."""
-    return min(64 if N <= 64 else 32, max(16, triton.next_power_of_2(P)))
+def _plan(kernel, x, P, N, chunk_size, precision):
+    """(Q, BLOCK_P or None, launch config) from configs.pick: the kernels run chunks of Q = min(chunk_size, Q_MAX)
+    steps (the result does not depend on the chunk size, only rounding does; smaller chunks keep the Q x Q tiles
+    of the backward in registers), BLOCK_P state rows per program (backward: fixed, the partial dB / dC / dDelta
+    buffers have one slot per P-block)."""
+    cfg = configs.pick(kernel, P=P, N=_block_n(N), PREC=_prec_class(x, precision), Q=chunk_size)
+    q = min(chunk_size, cfg.pop("Q_MAX", chunk_size))
+    bp = cfg.pop("BLOCK_P", None) if kernel == "chunked_bwd" else None
+    return q, None if bp is None else min(bp, max(16, triton.next_power_of_2(P))), cfg
 
 
-def _bwd_chunk(chunk_size):
-    """The backward runs chunks of at most 64 steps: the result does not depend on the chunk size (only rounding
-    does), and at 128 the fp32 backward needs more shared memory than an H100 block has (~230-310 KB, compiled for
-    sm_90) and spills twice as much."""
-    return min(chunk_size, 64)
+def _precision(allow_tf32, fp32_precision=None):
+    """fp32 dot precision: fp32_precision when given ("ieee" | "tf32" | "tf32x3"), else "tf32" with allow_tf32
+    and "tf32x3" without (~fp32 accurate on tensor cores)."""
+    if fp32_precision is None:
+        return "tf32" if allow_tf32 else _FP32_PRECISION
+    if fp32_precision not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(f"fp32_precision must be 'ieee', 'tf32', 'tf32x3' or None, got {fp32_precision!r}")
+    return fp32_precision
 
 
-def _precision(allow_tf32):
-    return "tf32" if allow_tf32 else _FP32_PRECISION
+def _prec_class(x, precision):
+    """configs.pick's PREC: "bf16" / "fp16" for 16-bit inputs, else the fp32 dot precision."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(x.dtype, precision)
 
 
 def _iters(max_len, block):
@@ -443,7 +432,8 @@ def _c(t):
 
 
 def tissd_chunked_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, *, initial_states=None,
-                      return_final_states=False, chunk_size=64, d_skip_delta, dt_softplus, allow_tf32=False):
+                      return_final_states=False, chunk_size=64, d_skip_delta, dt_softplus, allow_tf32=False,
+                      fp32_precision=None):
     """Chunked TiSSD forward on the token layout.
 
     x [T, H, P], dt [T, H], A [H], B/C [T, G, n], E [T, H] or None, dt_bias [H] or None, D [H] or None,
@@ -459,20 +449,23 @@ def tissd_chunked_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len
     if nseq == 0 or H == 0 or P == 0:
         return y, final
     dummy = x  # stands in for absent optional pointers (never read: guarded by constexpr flags)
-    _fwd_kernel[lambda meta: (nseq * H * triton.cdiv(P, meta["BLOCK_P"]),)](
-        x, dt, A, B, C, dummy if E is None else E, dummy if dt_bias is None else dt_bias, dummy if D is None else D,
-        seq_start, seq_len, dummy if h0 is None else h0, y, dummy if final is None else final,
-        H, G, P, N,
-        HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
-        STORE_FINAL=final is not None, ITERS=_iters(max_len, chunk_size), D_SKIP_DELTA=bool(d_skip_delta),
-        DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype], PRECISION=_precision(allow_tf32), Q=chunk_size,
-        BLOCK_N=_block_n(N),
-    )
+    precision = _precision(allow_tf32, fp32_precision)
+    Q, _, cfg = _plan("chunked_fwd", x, P, N, chunk_size, precision)
+    meta = dict(HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
+                STORE_FINAL=final is not None, ITERS=_iters(max_len, Q), D_SKIP_DELTA=bool(d_skip_delta),
+                DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype], PRECISION=precision, Q=Q,
+                BLOCK_N=_block_n(N))
+    configs.launch(
+        _fwd_kernel, lambda m: (nseq * H * triton.cdiv(P, m["BLOCK_P"]),),
+        (x, dt, A, B, C, dummy if E is None else E, dummy if dt_bias is None else dt_bias, dummy if D is None else D,
+         seq_start, seq_len, dummy if h0 is None else h0, y, dummy if final is None else final, H, G, P, N),
+        meta, cfg)
     return y, final
 
 
 def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, *,
-                      initial_states=None, chunk_size=64, d_skip_delta, dt_softplus, allow_tf32=False):
+                      initial_states=None, chunk_size=64, d_skip_delta, dt_softplus, allow_tf32=False,
+                      fp32_precision=None):
     """Chunked TiSSD backward (recomputes everything from the inputs).
 
     dy [T, H, P] (x's dtype or float32), dfinal_states [nseq, H, P, n] or None; other arguments as the forward.
@@ -485,39 +478,42 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
     h0 = None if initial_states is None else initial_states.contiguous().float()
     dfin = None if dfinal_states is None else dfinal_states.contiguous().float()
     dev, f32 = x.device, torch.float32
-    block_p = _bwd_block_p(P, N)
+    precision = _precision(allow_tf32, fp32_precision)
+    Q, block_p, cfg = _plan("chunked_bwd", x, P, N, chunk_size, precision)
     n_pb = triton.cdiv(P, block_p)
     R = H // G
-    Q = _bwd_chunk(chunk_size)
     n_chunks = max(1, triton.cdiv(max_len, Q))
 
     dx = torch.zeros_like(x)
     ddt = torch.zeros(T, H, device=dev, dtype=f32)
     dE = torch.zeros(T, H, device=dev, dtype=f32) if E is not None else None
-    dh0 = torch.zeros(nseq, H, P, N, device=dev, dtype=f32) if h0 is not None else None
     if nseq == 0 or H == 0 or P == 0:
         zH = torch.zeros(H, device=dev, dtype=f32)
         return (dx, ddt, zH, torch.zeros_like(B), torch.zeros_like(C), dE,
-                None if dt_bias is None else zH.clone(), None if D is None else zH.clone(), dh0)
+                None if dt_bias is None else zH.clone(), None if D is None else zH.clone(),
+                None if h0 is None else torch.zeros(nseq, H, P, N, device=dev, dtype=f32))
+    dh0 = torch.empty(nseq, H, P, N, device=dev, dtype=f32) if h0 is not None else None  # every block written
 
-    ddelta = torch.zeros(n_pb, T, H, device=dev, dtype=f32)
-    dB_part = torch.zeros(n_pb * R, T, G, N, device=dev, dtype=f32)
-    dC_part = torch.zeros(n_pb * R, T, G, N, device=dev, dtype=f32)
+    ddelta = torch.empty(n_pb, T, H, device=dev, dtype=f32)     # read back only on valid tokens
+    # dB / dC partials (zeros: padding tokens are never written); one slot -> straight in x's dtype, no reduce
+    part_dtype = x.dtype if n_pb * R == 1 else f32
+    dB_part = torch.zeros(n_pb * R, T, G, N, device=dev, dtype=part_dtype)
+    dC_part = torch.zeros(n_pb * R, T, G, N, device=dev, dtype=part_dtype)
     dA_part = torch.empty(nseq * H * n_pb, device=dev, dtype=f32)
     dD_part = torch.empty(nseq * H * n_pb, device=dev, dtype=f32)
     states = torch.empty(nseq * H * n_chunks * P * N, device=dev, dtype=f32)
     dummy = x
-    _bwd_kernel[(nseq * H * n_pb,)](
-        dy, dummy if dfin is None else dfin, x, dt, A, B, C, dummy if E is None else E,
-        dummy if dt_bias is None else dt_bias, dummy if D is None else D, seq_start, seq_len,
-        dummy if h0 is None else h0, states, dx, ddelta, dB_part, dC_part, dummy if dh0 is None else dh0,
-        dA_part, dD_part,
-        T, H, G, P, N, n_pb, n_chunks,
-        HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
-        HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, Q), D_SKIP_DELTA=bool(d_skip_delta),
-        DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype], PRECISION=_precision(allow_tf32), Q=Q,
-        BLOCK_P=block_p, BLOCK_N=_block_n(N),
-    )
+    meta = dict(HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
+                HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, Q), D_SKIP_DELTA=bool(d_skip_delta),
+                DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype],
+                PRECISION=precision, Q=Q, BLOCK_P=block_p, BLOCK_N=_block_n(N))
+    configs.launch(
+        _bwd_kernel, (nseq * H * n_pb,),
+        (dy, dummy if dfin is None else dfin, x, dt, A, B, C, dummy if E is None else E,
+         dummy if dt_bias is None else dt_bias, dummy if D is None else D, seq_start, seq_len,
+         dummy if h0 is None else h0, states, dx, ddelta, dB_part, dC_part, dummy if dh0 is None else dh0,
+         dA_part, dD_part, T, H, G, P, N, n_pb, n_chunks),
+        meta, cfg)
     dbias_part = torch.empty(nseq * H, device=dev, dtype=f32)
     _bwd_dt_kernel[(nseq * H,)](
         ddelta, dt, dummy if E is None else E, dummy if dt_bias is None else dt_bias, seq_start, seq_len,

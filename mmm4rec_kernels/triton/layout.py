@@ -8,7 +8,7 @@ DOT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def check_token_layout(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, dy=None, *, where=""):
-    """Validate x [T, H, P], dt/E [T, H], A/dt_bias/D [H] (float32), B/C [T, G, n], seq_start int64 / seq_len
+    """Validate x [T, H, P], dt/E [T, H], A/dt_bias/D [H] (any float dtype), B/C [T, G, n], seq_start int64 / seq_len
     int32 [nseq], max_len int >= 0, dy like x.  Returns (T, H, P, G, n, nseq)."""
     if x.dim() != 3:
         raise ValueError(f"x must be [T, H, P], got shape {tuple(x.shape)}")
@@ -30,8 +30,8 @@ def check_token_layout(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_le
             continue
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32 (the wrapper casts), got {t.dtype}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a float tensor (cast to float32 in the kernels), got {t.dtype}")
     if dy is not None and tuple(dy.shape) != (T, H, P):
         raise ValueError(f"dy must have x's shape {(T, H, P)}, got {tuple(dy.shape)}")
     if seq_start.dim() != 1 or seq_len.shape != seq_start.shape:

@@ -1,0 +1,177 @@
+"""CPU cost of one MMM4Rec training step per sample: the model now vs a previous commit, in one run, same threads.
+
+    PYTHONPATH=. python benchmarks/bench_train_step.py                       # hidden 64 and paper width, vs a4d5b78
+    PYTHONPATH=. python benchmarks/bench_train_step.py --cases h64-text --threads 2 --rounds 5
+
+A step = zero_grad, full-softmax CE loss (fwd), backward, NAdam step, on a fixed random batch of right-padded
+histories (max_len 20, lengths uniform in 1..20).  CPU-ms per sample = process CPU time of the step (all threads) /
+batch size; wall ms per step is printed beside it.  Variants are measured in interleaved rounds (A B A B ...) and the
+median over rounds is reported, so a machine shared with other work biases every variant alike.
+
+"RecBole SASRec" (when recbole is installed): RecBole's SASRec with its default settings (2 layers, 2 heads, inner
+256, dropout 0.5, CE over all items) at the case's hidden size, on the same item ids (no features, no time).
+
+"previous" is mmm4rec/model/ at --previous (default a4d5b78, before issue 15/12) read with `git show` into a
+temporary package; it runs on the current mmm4rec_kernels.  Both use backend=torch, path=quadratic and the same
+sizes; with_id=True in both (the official setting).
+
+Cases (name: sizes, items, features):
+    h64-text   hidden 64, headdim 16, d_state 16, G 8, FFN 64; 1,349 items; 384-d text only (ML-100k-like)
+    h64-mm     the same with 384-d images for every item
+    paper-mm   the official fine-tune width (hidden 256, 8 heads x 64, d_state 64); 4,385 items; 768-d text + image
+    paper-text the official width, text only
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = {
+    "h64-text": dict(sizes=dict(hidden_size=64, headdim=16, d_state=16, ngroups=8, ffn_inner=64), items=1349,
+                     text=384, image=None),
+    "h64-mm": dict(sizes=dict(hidden_size=64, headdim=16, d_state=16, ngroups=8, ffn_inner=64), items=1349,
+                   text=384, image=384),
+    "paper-mm": dict(sizes={}, items=4385, text=768, image=768),
+    "paper-text": dict(sizes={}, items=4385, text=768, image=None),
+}
+
+
+def load_previous_model(commit: str):
+    """mmm4rec/model at `commit` as an importable package (module object), or None if git cannot provide it."""
+    tmp = tempfile.mkdtemp(prefix="mmm4rec_prev_")
+    pkg = os.path.join(tmp, "mmm4rec_model_prev")
+    os.makedirs(pkg)
+    try:
+        for name in ("__init__.py", "config.py", "layers.py", "mmm4rec.py"):
+            src = subprocess.check_output(["git", "-C", ROOT, "show", f"{commit}:mmm4rec/model/{name}"],
+                                          stderr=subprocess.DEVNULL)
+            with open(os.path.join(pkg, name), "wb") as f:
+                f.write(src)
+    except (OSError, subprocess.CalledProcessError):
+        print(f"previous version {commit} not available through git: measuring the current model only")
+        return None
+    sys.path.insert(0, tmp)
+    return importlib.import_module("mmm4rec_model_prev")
+
+
+def make_batch(num_items: int, b: int, L: int = 20, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, L + 1, (b,), generator=g)
+    valid = torch.arange(L)[None, :] < lengths[:, None]
+    items = torch.randint(1, num_items + 1, (b, L), generator=g) * valid
+    times = (1.6e9 + torch.cumsum(torch.rand(b, L, generator=g, dtype=torch.float64) * 86400, 1)) * valid
+    return items, times, lengths, torch.randint(1, num_items + 1, (b,), generator=g)
+
+
+def build(package, case: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = package.MMM4RecConfig(**case["sizes"], with_id=True, backend="torch", path="quadratic")
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(case["items"] + 1, case["text"], generator=g)
+    image = None if case["image"] is None else torch.randn(case["items"] + 1, case["image"], generator=g)
+    model = package.MMM4Rec(cfg, case["items"], text, image).train()
+    return model, torch.optim.NAdam(model.parameters(), lr=1e-4, weight_decay=0.005)
+
+
+class SASRecStep(torch.nn.Module):
+    """RecBole's SASRec behind our loss(items, times, lengths, target) signature (times unused)."""
+
+    def __init__(self, num_items: int, hidden: int, max_len: int = 20):
+        super().__init__()
+        from recbole.model.sequential_recommender.sasrec import SASRec
+
+        class Catalogue:                                              # what SequentialRecommender asks the dataset
+            def num(self, field):
+                return num_items + 1
+
+        config = dict(USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", LIST_SUFFIX="_list",
+                      ITEM_LIST_LENGTH_FIELD="item_length", NEG_PREFIX="neg_", MAX_ITEM_LIST_LENGTH=max_len,
+                      device="cpu", n_layers=2, n_heads=2, hidden_size=hidden, inner_size=256,
+                      hidden_dropout_prob=0.5, attn_dropout_prob=0.5, hidden_act="gelu", layer_norm_eps=1e-12,
+                      initializer_range=0.02, loss_type="CE")
+        self.sasrec = SASRec(config, Catalogue())
+
+    def loss(self, items, times, lengths, target):
+        s = self.sasrec
+        return s.calculate_loss({s.ITEM_SEQ: items, s.ITEM_SEQ_LEN: lengths, s.POS_ITEM_ID: target})
+
+
+def build_sasrec(case: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    model = SASRecStep(case["items"], case["sizes"].get("hidden_size", 256)).train()
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def step(model, opt, batch):
+    opt.zero_grad(set_to_none=True)
+    model.loss(*batch).backward()
+    opt.step()
+
+
+def measure(variants: dict, batch, rounds: int, steps: int):
+    """{name: (cpu_ms_per_sample, wall_ms_per_step)} medians over interleaved rounds."""
+    b = len(batch[0])
+    cpu, wall = {k: [] for k in variants}, {k: [] for k in variants}
+    for model, opt in variants.values():                              # warm-up
+        step(model, opt, batch)
+    for _ in range(rounds):
+        for name, (model, opt) in variants.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            for _ in range(steps):
+                step(model, opt, batch)
+            cpu[name].append((time.process_time() - c0) * 1e3 / (steps * b))
+            wall[name].append((time.perf_counter() - w0) * 1e3 / steps)
+    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in variants}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", nargs="+", default=["h64-text", "paper-mm"], choices=sorted(CASES))
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="steps per round and variant")
+    ap.add_argument("--previous", default="a4d5b78", help="git commit of the previous model ('' = none)")
+    ap.add_argument("--no-sasrec", dest="sasrec", action="store_false", help="skip RecBole SASRec")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    sys.path.insert(0, ROOT)
+    import mmm4rec.model as now
+    prev = load_previous_model(a.previous) if a.previous else None
+    try:
+        import recbole  # noqa: F401
+        with_sasrec = a.sasrec
+    except ImportError:
+        with_sasrec = False
+        print("recbole not installed: no SASRec rows")
+    print(f"torch {torch.__version__}, {a.threads} thread(s), batch {a.batch_size}, {a.rounds} rounds x {a.steps} "
+          f"steps, median; previous = {a.previous if prev else 'n/a'}")
+    print("| case | variant | CPU-ms / sample | wall ms / step | now vs |")
+    print("|---|---|---|---|---|")
+    for name in a.cases:
+        case = CASES[name]
+        variants = {"now": build(now, case)}
+        if prev is not None:
+            variants["previous"] = build(prev, case)
+        if with_sasrec:
+            variants["RecBole SASRec"] = build_sasrec(case)
+        res = measure(variants, make_batch(case["items"], a.batch_size), a.rounds, a.steps)
+        for v, (cpu_ms, wall_ms) in res.items():
+            ratio = f"{cpu_ms / res['previous'][0]:.2f}x" if "previous" in res and v == "now" else ""
+            if v == "now" and "RecBole SASRec" in res:
+                ratio += f"{'; ' if ratio else ''}{cpu_ms / res['RecBole SASRec'][0]:.2f}x SASRec"
+            print(f"| {name} | {v} | {cpu_ms:.2f} | {wall_ms:.0f} | {ratio} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

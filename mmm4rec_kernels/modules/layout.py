@@ -1,0 +1,112 @@
+"""Batch layouts -> one right-padded working layout and back.
+
+Accepted layouts of a batch of sequences (hidden [b, L, ...]):
+    full            every position valid
+    lengths [b]     right padding: positions t < lengths[i] are valid
+    attention_mask  [b, L] (bool/int, 1 = valid): one contiguous block per row, i.e. RIGHT or LEFT padding
+    cu_seqlens      [nseq + 1] offsets of a packed batch hidden [1, T, ...] (as mamba_ssm / flash-attn)
+`SequenceLayout.build(...)` turns any of them into a right-padded working batch [nseq, Lw, ...] with lengths [nseq];
+`.unpad(y)` puts results back where the inputs were and writes 0 on padding.  Causal layers run on the working
+batch: padding then sits after every valid position and cannot leak into it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _int_tensor(t, name):
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer torch.Tensor, got "
+                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+
+
+@dataclass
+class SequenceLayout:
+    """index [nseq, Lw] (into the flattened b*L positions) and valid [nseq, Lw] when a gather is needed, else None."""
+    b: int
+    L: int
+    lengths: torch.Tensor | None      # [nseq] int64 (None: all L valid, no padding at all)
+    index: torch.Tensor | None
+    valid: torch.Tensor | None
+
+    @staticmethod
+    def build(b: int, L: int, device, lengths=None, attention_mask=None, cu_seqlens=None) -> "SequenceLayout":
+        given = [n for n, v in (("lengths", lengths), ("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens))
+                 if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass at most one of lengths / attention_mask / cu_seqlens, got {' and '.join(given)}")
+        pos = torch.arange(L, device=device)
+        if lengths is not None:
+            _int_tensor(lengths, "lengths")
+            if tuple(lengths.shape) != (b,):
+                raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
+            lengths = lengths.to(device=device, dtype=torch.long)
+            if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > L):
+                raise ValueError(f"lengths must lie in [0, L={L}], got {lengths.tolist()[:8]}")
+            return SequenceLayout(b, L, lengths, None, None)
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (b, L):
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+                raise ValueError(f"attention_mask must be a tensor of shape ({b}, {L}), got {got}")
+            mask = attention_mask.to(device) != 0
+            n_valid = mask.sum(1)
+            start = torch.where(n_valid > 0, mask.to(torch.int8).argmax(1), torch.zeros_like(n_valid))
+            block = (pos[None, :] >= start[:, None]) & (pos[None, :] < (start + n_valid)[:, None])
+            if not bool((block == mask).all()):
+                raise ValueError("attention_mask must mark one contiguous block of valid positions per row "
+                                 "(right or left padding)")
+            if not bool(start.any()):
+                return SequenceLayout(b, L, n_valid, None, None)                   # right padding: no gather
+            index = (torch.arange(b, device=device)[:, None] * L + (start[:, None] + pos[None, :]).clamp(max=L - 1))
+            return SequenceLayout(b, L, n_valid, index, pos[None, :] < n_valid[:, None])
+        if cu_seqlens is not None:
+            _int_tensor(cu_seqlens, "cu_seqlens")
+            cu = cu_seqlens.to(device=device, dtype=torch.long)
+            if b != 1:
+                raise ValueError(f"cu_seqlens needs a packed batch hidden [1, T, ...], got batch {b}")
+            if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != L or bool((cu[1:] < cu[:-1]).any()):
+                raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={L}, "
+                                 f"got {cu.tolist()[:8]}")
+            n_valid = cu[1:] - cu[:-1]
+            Lw = max(int(n_valid.max()), 1)
+            pw = torch.arange(Lw, device=device)
+            index = (cu[:-1, None] + pw[None, :]).clamp(max=max(L - 1, 0))
+            return SequenceLayout(b, L, n_valid, index, pw[None, :] < n_valid[:, None])
+        return SequenceLayout(b, L, None, None, None)
+
+    def pad(self, t):
+        """[b, L, ...] (or [b, L]) -> working batch [nseq, Lw, ...]; positions past each length are 0."""
+        if t is None or self.index is None:
+            return t
+        flat = t.reshape(self.b * self.L, *t.shape[2:])
+        out = flat[self.index]
+        return out * self.valid.view(*self.valid.shape, *([1] * (out.dim() - 2))).to(out.dtype)
+
+    def unpad(self, y):
+        """Working batch [nseq, Lw, ...] -> [b, L, ...] at the input positions, 0 on padding."""
+        if self.index is None:
+            if self.lengths is None:
+                return y
+            mask = torch.arange(self.L, device=y.device)[None, :] < self.lengths[:, None]
+            return y * mask.view(*mask.shape, *([1] * (y.dim() - 2))).to(y.dtype)
+        out = y.new_zeros(self.b * self.L, *y.shape[2:])
+        out = out.index_put((self.index[self.valid],), y[self.valid])
+        return out.view(self.b, self.L, *y.shape[2:])
+
+
+def last_valid(hidden: torch.Tensor, lengths=None, attention_mask=None) -> torch.Tensor:
+    """The output at each sequence's last valid position: hidden [b, L, d] -> [b, d].
+
+    Right padding: pass lengths [b] (position lengths-1).  Left or right padding: pass attention_mask [b, L] (the
+    last 1 in each row).  Neither: position L-1.  Rows without any valid position return the values at position 0."""
+    b, L = hidden.shape[:2]
+    if attention_mask is not None:
+        pos = torch.arange(L, device=hidden.device)
+        last = torch.where(attention_mask.to(hidden.device) != 0, pos[None, :], -1).max(1).values.clamp(min=0)
+    elif lengths is not None:
+        last = (lengths.to(hidden.device, torch.long) - 1).clamp(min=0)
+    else:
+        last = torch.full((b,), L - 1, device=hidden.device, dtype=torch.long)
+    return hidden[torch.arange(b, device=hidden.device), last]

@@ -1,0 +1,206 @@
+"""TimeAwareSSD: a Mamba2-style mixer block whose scan is the time-aware SSD (`mmm4rec_kernels.tissd`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..tissd import tissd
+from .conv import CausalDepthwiseConv1d
+from .layout import SequenceLayout
+from .norm import GatedRMSNorm
+from .params import init_ssd_params
+from .time_encoding import TimeState, make_time_encoding
+
+RMSNORM_EPS = 1e-5
+
+
+@dataclass
+class SSDState:
+    """Incremental-inference state of one TimeAwareSSD for a batch of b sequences (O(1) in the sequence length).
+
+    conv [b, conv_dim, d_conv-1]: the last inputs of the causal conv; ssm [b, H, P, n]: the SSD state (fp32, fp64
+    for an fp64 module);
+    time: the time encoding's state (last timestamp, prefix statistics, its conv windows) or None."""
+    conv: torch.Tensor
+    ssm: torch.Tensor
+    time: TimeState | None
+
+
+class TimeAwareSSD(nn.Module):
+    """Mamba2-like mixer with a time-aware SSD: hidden [b, L, d_model] (+ timestamps [b, L]) -> [b, L, d_model].
+
+        in_proj: d_model -> [z (d_inner) | xBC (d_inner + 2 G n) | dt (H)],  d_inner = expand * d_model, H = d_inner/P
+        xBC = SiLU(causal depthwise conv_k(xBC));  x [b, L, H, P], B, C [b, L, G, n]
+        time_scale = time_encoding(timestamps) [b, L, H]   (None without timestamps: a plain Mamba2 mixer)
+        y = tissd(x, dt, A=-exp(A_log), B, C, time_scale, dt_bias, D):  Delta = softplus(dt * time_scale + dt_bias),
+            skip D * Delta * x (d_skip="delta", MMM4Rec) or D * x (d_skip="plain", Mamba2)
+        y = RMSNorm(y * SiLU(z)) * w  (norm_before_gate=False) | RMSNorm(y) * w * SiLU(z) | y * SiLU(z) (rmsnorm=False)
+        out = out_proj(y)
+    Parameter names follow mamba_ssm's Mamba2 (in_proj, conv1d, dt_bias, A_log, D, norm.weight, out_proj), with
+    Mamba2's shapes and initialisation: with timestamps=None and d_skip="plain" a Mamba2 state_dict loads with
+    strict=False (only time_encoding.* is extra) and computes the same mixer.  A_log, dt_bias, D carry
+    `_no_weight_decay = True`.  D is [H], or [H * P] (viewed as [H, P]) with D_has_hdim=True.
+
+    time_encoding: 'paper' (CausalTimeEncoding, default), 'log1p', None (ignore timestamps) or an nn.Module with the
+    same interface (see time_encoding.py).  path / backend / chunk_size are passed to `tissd` (backend 'auto' picks
+    Triton on CUDA, torch on CPU; `mmm4rec_kernels.explain` tells why).
+
+    forward(hidden, timestamps=None, *, lengths=None | attention_mask=None | cu_seqlens=None, time_gaps=None,
+            return_state=False)
+        hidden [b, L, d_model]; timestamps [b, L] any int/float dtype (event times; gaps in float64 inside);
+        lengths [b] (right padding) or attention_mask [b, L] (1 = valid; right OR left padding) or
+        cu_seqlens [nseq+1] with hidden [1, T, d_model] (packed); time_gaps [b, L] instead of timestamps.
+        Returns [b, L, d_model] with 0 on padded positions; with return_state=True also the SSDState after each
+        sequence's last valid event (for `step`; one row per sequence, also for left-padded and packed input).
+    allocate_state(batch) -> SSDState (empty history);  step(x_t [b, d_model], t_t [b] or None, state)
+        -> (y_t [b, d_model], new state): one new event per sequence, O(1), equal to the full forward."""
+
+    def __init__(self, d_model: int, d_state: int = 64, headdim: int = 64, ngroups: int = 1, expand: int = 2,
+                 d_conv: int = 4, chunk_size: int = 64, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 dt_init_floor: float = 1e-4, A_init_range=(1.0, 16.0), D_has_hdim: bool = False,
+                 d_skip: str = "delta", rmsnorm: bool = True, norm_before_gate: bool = False, bias: bool = False,
+                 conv_bias: bool = True, time_encoding="paper", time_dropout: float = 0.0, path: str = "auto",
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.d_model, self.d_state, self.headdim, self.ngroups = d_model, d_state, headdim, ngroups
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(f"expand * d_model = {self.d_inner} must be a multiple of headdim={headdim}")
+        self.nheads = self.d_inner // headdim
+        if ngroups < 1 or self.nheads % ngroups:
+            raise ValueError(f"ngroups={ngroups} must divide the number of heads {self.nheads}")
+        if d_skip not in ("delta", "plain"):
+            raise ValueError(f"d_skip must be 'delta' (D * Delta * x, MMM4Rec) or 'plain' (D * x, Mamba2), "
+                             f"got {d_skip!r}")
+        self.d_conv, self.chunk_size, self.D_has_hdim, self.d_skip = d_conv, chunk_size, D_has_hdim, d_skip
+        self.rmsnorm, self.norm_before_gate, self.path, self.backend = rmsnorm, norm_before_gate, path, backend
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=bias, **kw)
+        self.conv1d = CausalDepthwiseConv1d(self.conv_dim, d_conv, bias=conv_bias, **kw)
+        self.A_log, self.dt_bias, self.D = init_ssd_params(
+            self.nheads, A_init_range=A_init_range, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
+            D_shape=self.d_inner if D_has_hdim else self.nheads, **kw)
+        if rmsnorm:
+            self.norm = GatedRMSNorm(self.d_inner, RMSNORM_EPS, norm_before_gate, self.d_inner // ngroups,
+                                     backend="auto" if backend == "cuda" else backend, **kw)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
+        self.time_encoding = make_time_encoding(time_encoding, self.nheads, d_conv, time_dropout, **kw)
+
+    # ------------------------------------------------------------------------------------------------- forward
+    def forward(self, hidden, timestamps=None, *, lengths=None, attention_mask=None, cu_seqlens=None,
+                time_gaps=None, return_state=False):
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
+            raise ValueError(f"hidden must have shape [b, L, d_model={self.d_model}], got "
+                             f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+        b, L, _ = hidden.shape
+        for name, t in (("timestamps", timestamps), ("time_gaps", time_gaps)):
+            if t is not None and tuple(t.shape) != (b, L):
+                raise ValueError(f"{name} must have shape ({b}, {L}) = hidden.shape[:2], got {tuple(t.shape)}")
+        if timestamps is not None and time_gaps is not None:
+            raise ValueError("pass timestamps or time_gaps, not both")
+        layout = SequenceLayout.build(b, L, hidden.device, lengths, attention_mask, cu_seqlens)
+        out, state = self._forward_working(layout.pad(hidden), layout.pad(timestamps), layout.pad(time_gaps),
+                                           layout.lengths, return_state)
+        out = layout.unpad(out)
+        return (out, state) if return_state else out
+
+    def _forward_working(self, u, timestamps, time_gaps, lengths, return_state):
+        """Right-padded working batch u [b, L, d_model] (lengths [b] or None) -> (out [b, L, d_model], state)."""
+        b, L, _ = u.shape
+        H, P, G, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC_in, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, H], dim=-1)
+        xBC = F.silu(self.conv1d(xBC_in.transpose(1, 2))).transpose(1, 2)
+        x, B, C = torch.split(xBC, [self.d_inner, G * n, G * n], dim=-1)
+        time_scale, time_state = None, None
+        if self.time_encoding is not None and (timestamps is not None or time_gaps is not None):
+            enc = self.time_encoding(timestamps, time_gaps, lengths, return_state=return_state)
+            time_scale, time_state = enc if return_state else (enc, None)
+        x4, z4 = x.reshape(b, L, H, P), z.reshape(b, L, H, P)
+        fused_norm = self.rmsnorm and not self.norm_before_gate and not self.D_has_hdim
+        A = -torch.exp(self.A_log.to(self._compute_dtype()))
+        out = tissd(x4, dt, A, B.reshape(b, L, G, n), C.reshape(b, L, G, n),
+                    time_scale=time_scale, dt_bias=self.dt_bias, D=None if self.D_has_hdim else self.D,
+                    d_skip=self.d_skip, dt_softplus=True, lengths=lengths, return_final_states=return_state,
+                    z=z4 if fused_norm else None, norm_weight=self.norm.weight if fused_norm else None,
+                    norm_eps=RMSNORM_EPS, norm_group_size=self.d_inner // G, path=self.path, backend=self.backend,
+                    chunk_size=self.chunk_size)
+        y, ssm = out if return_state else (out, None)
+        if not fused_norm:
+            if self.D_has_hdim:
+                y = y + self._hdim_skip(x4, dt, time_scale)
+            y = self._gate(y.reshape(b, L, self.d_inner), z)
+        out = self.out_proj(y.reshape(b, L, self.d_inner))
+        state = None
+        if return_state:
+            state = SSDState(self.conv1d.window_from(xBC_in.transpose(1, 2), lengths), ssm.to(self._compute_dtype()),
+                             time_state)
+        return out, state
+
+    def _compute_dtype(self):
+        """fp64 for an fp64 module, else fp32 (the SSD math of fp16/bf16 modules runs in fp32, as in the kernels)."""
+        return torch.float64 if self.A_log.dtype == torch.float64 else torch.float32
+
+    def _delta(self, dt, time_scale):
+        ct = self._compute_dtype()
+        v = dt.to(ct) if time_scale is None else dt.to(ct) * time_scale.to(ct)
+        return F.softplus(v + self.dt_bias.to(ct))
+
+    def _hdim_skip(self, x4, dt, time_scale):
+        """D [H, P] skip done here (tissd takes D [H]): D * Delta * x ('delta') or D * x ('plain'); x4 [..., H, P]."""
+        D = self.D.view(self.nheads, self.headdim)
+        if self.d_skip == "plain":
+            return (D * x4).to(x4.dtype)
+        return (D * self._delta(dt, time_scale)[..., None] * x4).to(x4.dtype)
+
+    def _gate(self, y, z):
+        """[.., d_inner] y, z -> gated (and normalised) y."""
+        if self.rmsnorm:
+            return self.norm(y, z)
+        return y * F.silu(z)
+
+    # --------------------------------------------------------------------------------------------------- step
+    def allocate_state(self, batch: int, device=None) -> SSDState:
+        """Empty history for `batch` sequences."""
+        dev = device or self.A_log.device
+        ssm = torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=dev, dtype=self._compute_dtype())
+        time = self.time_encoding.allocate_state(batch, device=dev) if self.time_encoding is not None else None
+        return SSDState(self.conv1d.allocate_window(batch, device=dev), ssm, time)
+
+    def step(self, x_t, t_t, state: SSDState):
+        """One new event per sequence: x_t [b, d_model], t_t [b] (its timestamp; None: no time modulation) ->
+        (y_t [b, d_model], new SSDState).  h = exp(A Delta) h + Delta x B^T;  y = h C + skip; gate; out_proj."""
+        if x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
+            raise ValueError(f"x_t must have shape [b, d_model={self.d_model}], got {tuple(x_t.shape)}")
+        b = x_t.shape[0]
+        H, P, G, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC_in, dt = torch.split(self.in_proj(x_t), [self.d_inner, self.conv_dim, H], dim=-1)
+        xBC, conv = self.conv1d.step(xBC_in, state.conv)
+        x, B, C = torch.split(F.silu(xBC), [self.d_inner, G * n, G * n], dim=-1)
+        time_scale, time_state = None, state.time
+        if t_t is not None and self.time_encoding is not None:
+            if state.time is None:
+                raise ValueError("state has no time-encoding state: allocate it with this module's allocate_state")
+            time_scale, time_state = self.time_encoding.step(t_t, state.time)
+        ct = self._compute_dtype()
+        delta = self._delta(dt, time_scale)                                        # [b, H] fp32 (fp64)
+        A = -torch.exp(self.A_log.to(ct))
+        x3 = x.reshape(b, H, P).to(ct)
+        Bh = B.reshape(b, G, n).to(ct).repeat_interleave(H // G, dim=1)           # [b, H, n]
+        Ch = C.reshape(b, G, n).to(ct).repeat_interleave(H // G, dim=1)
+        ssm = torch.exp(delta * A)[..., None, None] * state.ssm.to(ct) + \
+            (delta[..., None] * x3)[..., None] * Bh[:, :, None, :]
+        y = torch.einsum("bhpn,bhn->bhp", ssm, Ch)
+        D = self.D.to(ct).view(H, P) if self.D_has_hdim else self.D.to(ct)[:, None]
+        y = y + D * (delta[..., None] if self.d_skip == "delta" else 1.0) * x3
+        y = self._gate(y.reshape(b, self.d_inner).to(x_t.dtype), z)
+        return self.out_proj(y), SSDState(conv, ssm, time_state)
+
+    def extra_repr(self):
+        enc = type(self.time_encoding).__name__ if self.time_encoding is not None else None
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, heads={self.nheads}x{self.headdim}, "
+                f"ngroups={self.ngroups}, d_state={self.d_state}, d_skip={self.d_skip!r}, time_encoding={enc}, "
+                f"path={self.path!r}, backend={self.backend!r}")
