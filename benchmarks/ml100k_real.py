@@ -76,7 +76,8 @@ def run(data, use_time: bool, a) -> dict:
     model = build_model(cfg, data)
     tr = Trainer(model, data, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum, epochs=a.epochs,
                  patience=a.patience, seed=a.seed, device=a.device, progress=not a.quiet, max_batches=a.max_batches,
-                 out_dir=os.path.join(a.out, "time" if use_time else "notime") if a.out else None)
+                 out_dir=os.path.join(a.out, "time" if use_time else "notime") if a.out else None,
+                 exclude_seen=a.exclude_seen)
     s = tr.fit()
     s["mean_epoch_seconds"] = sum(s["epoch_seconds"]) / max(len(s["epoch_seconds"]), 1)
     return s
@@ -99,11 +100,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batches", type=int, default=None,
                     help="cap training batches per epoch (a CPU smoke run; numbers are then undertrained)")
     ap.add_argument("--skip-notime", action="store_true")
+    ap.add_argument("--exclude-seen", action="store_true",
+                    help="rank only unseen items (RecBole's full-sort protocol) in validation and test")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     data = load_ml100k(encoder=a.encoder, seed=a.seed)
     print(data.describe())
-    res = {"popularity": popularity_metrics(data, "test")}
+    res = {"popularity": popularity_metrics(data, "test"),
+           "pop (excl. seen)": popularity_metrics(data, "test", exclude_seen=True)}
     res["mmm4rec"] = run(data, True, a)
     if not a.skip_notime:
         res["mmm4rec_no_time"] = run(data, False, a)

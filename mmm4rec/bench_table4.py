@@ -77,8 +77,9 @@ def parse_args(argv):
 
 
 def make_trainer(name, scale=1.0, batch_size=1024, grad_accum=8, with_id=True, backend="auto", path="auto",
-                 device="auto", tf32=True, max_batches=None, seed=0, epochs=3, compile=False):
-    """Synthetic Table 1 domain + official-config model + Trainer (no validation). Returns (trainer, info dict)."""
+                 device="auto", tf32=True, max_batches=None, seed=0, epochs=3, compile=False, progress=False):
+    """Synthetic Table 1 domain + official-config model + Trainer (no validation). Returns (trainer, info dict).
+    progress=True shows a per-batch progress bar (stderr) while an epoch runs."""
     from .data.synthetic import make_paper_like
     from .model import MMM4RecConfig
     from .train import Trainer, build_model, resolve_device
@@ -91,7 +92,7 @@ def make_trainer(name, scale=1.0, batch_size=1024, grad_accum=8, with_id=True, b
     dev = resolve_device(device)
     model = build_model(cfg, data, device=dev)
     trainer = Trainer(model, data, lr=1e-4, weight_decay=0.005, batch_size=batch_size, grad_accum=grad_accum,
-                      epochs=epochs, mode="full", seed=seed, device=dev, tf32=tf32, progress=False,
+                      epochs=epochs, mode="full", seed=seed, device=dev, tf32=tf32, progress=progress,
                       validate=False, max_batches=max_batches, compile=compile)
     nb = len(trainer.train_batches) if max_batches is None else min(max_batches, len(trainer.train_batches))
     info = dict(dataset=name, users=data.num_users, items=data.num_items, interactions=data.num_interactions,
@@ -102,12 +103,17 @@ def make_trainer(name, scale=1.0, batch_size=1024, grad_accum=8, with_id=True, b
 
 
 def time_dataset(name, scale=1.0, epochs=3, batch_size=1024, grad_accum=8, with_id=True, backend="auto",
-                 path="auto", device="auto", tf32=True, max_batches=None, seed=0, log=print, compile=False):
-    """Run `epochs` epochs of train_epoch(); returns the sizes plus epoch_seconds and their median over 2..E."""
+                 path="auto", device="auto", tf32=True, max_batches=None, seed=0, log=print, compile=False,
+                 progress=False):
+    """Run `epochs` epochs of train_epoch(); returns the sizes plus epoch_seconds and their median over 2..E.
+    progress=True: a per-batch progress bar while each epoch runs (the bar's own cost is a few us per batch)."""
     import torch
 
+    log(f"  {name}: building the synthetic data (scale {scale}) and the model ...")
     trainer, out = make_trainer(name, scale, batch_size, grad_accum, with_id, backend, path, device, tf32,
-                                max_batches, seed, epochs, compile)
+                                max_batches, seed, epochs, compile, progress)
+    log(f"  {name}: {out['train_samples']} training samples, {out['batches']} batches/epoch, "
+        f"{out['model_params']} parameters (data built in {out['data_build_s']} s)")
     dev = trainer.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -158,7 +164,8 @@ def main(argv=None) -> int:
     results = []
     for name in a.datasets:
         results.append(time_dataset(name, a.scale, a.epochs, a.batch_size, a.grad_accum, not a.no_id, a.backend,
-                                    a.path, a.device, not a.no_tf32, a.max_batches, a.seed, log, a.compile))
+                                    a.path, a.device, not a.no_tf32, a.max_batches, a.seed, log, a.compile,
+                                    progress=not a.quiet))
         if a.json:  # after every dataset, so a run cut short still leaves what it measured
             with open(a.json, "w") as f:
                 json.dump(dict(info=info, results=results), f, indent=1)

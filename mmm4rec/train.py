@@ -1,4 +1,4 @@
-"""Training loop: NAdam + gradient accumulation, early stopping on a validation metric, checkpoints, logs, plots.
+"""Training loop: NAdam + gradient accumulation, early stopping on a validation metric, budgets, checkpoints, logs.
 
     data = SequentialData.load("prepared/scientific")          # or make_synthetic_dataset(...).to_sequential()
     model = build_model(MMM4RecConfig(), data)
@@ -6,9 +6,15 @@
     summary = trainer.fit()                                      # {'best_epoch', 'valid': {...}, 'test': {...}}
 
 Checkpoint dir layout (written by `save_checkpoint`): model.safetensors (weights), config.json (model config,
-num_items, data name, epoch, metrics), and for `last/` also trainer.pt (optimizer state, epoch, early-stopping
-state, log) so `Trainer.resume()` continues a run. out_dir also gets log.json (one entry per epoch) and
-convergence.png (valid metric and loss vs epoch; skipped when matplotlib is missing).
+num_items, data name, epoch, metrics), and for `last/` also trainer.pt (optimizer state, epoch, position inside the
+epoch, early-stopping state, log) so `Trainer.resume()` continues a run, also one stopped mid-epoch. Every checkpoint
+dir is written whole into `<dir>.tmp` and then swapped in by renames, so a crash mid-write leaves the previous one
+intact (`<dir>.old` during the swap; the loaders fall back to it). out_dir also gets log.json (one entry per epoch)
+and convergence.png (valid metric and loss vs epoch, refreshed every epoch; skipped when matplotlib is missing).
+
+Budgets: `time_budget_s` / `max_total_batches` stop training cleanly at an optimizer-step boundary, then validate,
+checkpoint and test as at the end of a run; `checkpoint_every_s` also writes last/ and log.json inside long epochs.
+Ctrl-C (KeyboardInterrupt) writes a resumable last/ before it propagates.
 
 Pre-training: `Trainer(model, concat_domains([...]), mode="inbatch", lr=2.5e-4)`; fine-tuning from it:
 `load_pretrained(model, "runs/pre/best")` (drops item-specific tensors via model.load_transfer).
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from typing import Dict, Optional, Sequence
 
@@ -26,6 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .metrics import DEFAULT_KS, RankingAccumulator
+
+LOSS_REDUCTIONS = ("sum_over_accum", "mean_over_accum")
 
 
 def set_seed(seed: int) -> None:
@@ -36,10 +45,20 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_device(device: Optional[str] = None) -> torch.device:
-    """'auto'/None -> cuda if available else cpu."""
+    """'auto'/None -> cuda if available else cpu. Asking for CUDA without it is a ValueError naming --device."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, auto): {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch has no usable CUDA device "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def build_model(config, data, device=None):
@@ -54,49 +73,119 @@ def build_model(config, data, device=None):
     return model.to(resolve_device(device)) if device is not None else model
 
 
-def save_checkpoint(model, path: str, extra: Optional[dict] = None) -> None:
-    """Write model.safetensors + config.json into dir `path`."""
+# ---------------------------------------------------------------------------------------------- checkpoint files
+def _swap_in(tmp: str, path: str) -> None:
+    """Replace dir `path` by the complete dir `tmp` with renames only (path -> path.old, tmp -> path, drop .old)."""
+    old = path + ".old"
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def checkpoint_dir(path: str) -> str:
+    """`path`, or `path.old` when a crash hit between the two renames of a checkpoint swap."""
+    if not os.path.exists(path) and os.path.exists(os.path.join(path + ".old", "config.json")):
+        return path + ".old"
+    return path
+
+
+def save_checkpoint(model, path: str, extra: Optional[dict] = None, trainer_state: Optional[dict] = None) -> None:
+    """Write model.safetensors + config.json (+ trainer.pt when trainer_state is given) into dir `path`, atomically:
+    everything goes to `path.tmp` first and is then swapped in, so a crash never leaves a half-written checkpoint."""
     from safetensors.torch import save_model
-    os.makedirs(path, exist_ok=True)
-    save_model(model, os.path.join(path, "model.safetensors"))
+    tmp = path + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    save_model(model, os.path.join(tmp, "model.safetensors"))
     meta = {"model_config": model.config.to_dict(), "num_items": int(model.num_items)}
     meta.update(extra or {})
-    with open(os.path.join(path, "config.json"), "w") as f:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(meta, f, indent=1)
+    if trainer_state is not None:
+        torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+    _swap_in(tmp, path)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def read_checkpoint_config(path: str) -> dict:
+    """The config.json of checkpoint dir `path`; a missing or unreadable file is a ValueError naming it."""
+    path = checkpoint_dir(path)
     p = os.path.join(path, "config.json")
     if not os.path.exists(p):
         raise ValueError(f"{path} is not a checkpoint dir (no config.json)")
-    with open(p) as f:
-        return json.load(f)
+    try:
+        with open(p) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p} is corrupted (not valid JSON: {e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict) or "num_items" not in meta:
+        raise ValueError(f"{p} is not a checkpoint config (needs 'model_config' and 'num_items')")
+    return meta
+
+
+def _load_weights(model, file: str) -> None:
+    """safetensors -> model (strict); a missing, truncated or mismatched file is a ValueError naming it."""
+    from safetensors.torch import load_model
+    if not os.path.exists(file):
+        raise ValueError(f"{file}: no such file (the checkpoint dir is incomplete)")
+    try:
+        load_model(model, file, strict=True)
+    except Exception as e:  # SafetensorError (truncated / not safetensors), RuntimeError (shape / key mismatch)
+        raise ValueError(f"{file} cannot be loaded into this model ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else 'no detail'})") from None
+
+
+def read_weights(file: str) -> dict:
+    """A safetensors file as {name: tensor} on CPU; unreadable files are a ValueError naming the file."""
+    from safetensors.torch import load_file
+    if not os.path.exists(file):
+        raise ValueError(f"{file}: no such file")
+    try:
+        return load_file(file, device="cpu")
+    except Exception as e:
+        raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def load_checkpoint(path: str, data, device=None, **config_overrides):
     """Rebuild the model saved in dir `path` for `data` (which supplies the features) and load its weights.
     config_overrides (e.g. backend="torch") replace stored config fields. Raises ValueError on an item-count
-    mismatch (use load_pretrained for another domain)."""
-    from safetensors.torch import load_model
+    mismatch (use load_pretrained for another domain) and on unreadable files (naming the file)."""
     from .model import MMM4RecConfig
+    path = checkpoint_dir(path)
     meta = read_checkpoint_config(path)
     if meta["num_items"] != data.num_items:
         raise ValueError(f"checkpoint {path} has {meta['num_items']} items, dataset {data.name!r} has "
                          f"{data.num_items}; for another domain use load_pretrained / --init")
-    cfg = MMM4RecConfig.from_dict({**meta["model_config"], **config_overrides})
+    try:
+        cfg = MMM4RecConfig.from_dict({**meta["model_config"], **config_overrides})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: bad model_config ({e})") from None
     if data.max_len != cfg.max_len:
         data.with_max_len(cfg.max_len)
     model = build_model(cfg, data)
-    load_model(model, os.path.join(path, "model.safetensors"), strict=True)
+    _load_weights(model, os.path.join(path, "model.safetensors"))
     return model.to(resolve_device(device))
 
 
 def load_pretrained(model, path: str):
     """Load a (pre-trained) checkpoint's transferable weights into `model` (another item catalogue allowed).
     Returns (missing, unexpected) key lists from model.load_transfer."""
-    from safetensors.torch import load_file
-    state = load_file(os.path.join(path, "model.safetensors"), device="cpu")
-    return model.load_transfer(state)
+    state = read_weights(os.path.join(checkpoint_dir(path), "model.safetensors"))
+    try:
+        return model.load_transfer(state)
+    except RuntimeError as e:  # shape mismatch: another hidden size / heads
+        raise ValueError(f"{path}: pre-trained weights do not fit this model ({str(e).splitlines()[0][:300]}); "
+                         "give the same architecture flags as the pre-training run") from None
 
 
 class Trainer:
@@ -107,6 +196,12 @@ class Trainer:
     Args:
         lr, weight_decay: NAdam settings (official fine-tune 1e-4 / 0.005; pre-train lr 2.5e-4).
         batch_size: samples per forward; grad_accum: forwards per optimizer step (official fine-tune 8).
+        loss_reduction: how the `grad_accum` micro-batch losses form one step's gradient.
+            "sum_over_accum" (default, the official code): backward() of each micro-batch's mean loss as is, so the
+            gradient is the SUM over the accumulated micro-batches. With NAdam's L2 weight decay (added to the
+            gradient) this keeps the official balance between the loss gradient and the decay; dividing by the
+            accumulation steps would make the decay relatively grad_accum times stronger.
+            "mean_over_accum": divide each micro-batch loss by grad_accum (the usual "large batch" equivalence).
         epochs: max epochs; patience: stop after this many epochs without a better valid `metric`.
         metric: "ndcg@K" | "recall@K" | "hit@K" with K in ks.
         mode: "full" (softmax over all items) or "inbatch" (pre-training).
@@ -116,19 +211,33 @@ class Trainer:
         tf32: allow TF32 matmuls on CUDA (the official fp32 + TF32 setting).
         validate: False skips validation (pre-training): every epoch counts as the best, no early stop.
         max_batches: cap batches per epoch (smoke tests / timing); None = all.
+        max_total_batches: budget: stop the run after this many training batches in total (counted over resumes).
+        time_budget_s: budget: stop the run after this many seconds of this fit() call (validation included).
+            Both budgets stop at an optimizer-step boundary, then validate, checkpoint and test as a finished run.
+        checkpoint_every_s: inside an epoch, write last/ and log.json at least this often (None = epoch ends only).
         compile: run the loss through torch.compile (the SSD kernels stay opaque calls; the projections, time path,
             norms and FFNs around them are compiled). Off by default: its GPU effect is not measured yet.
+        exclude_seen: validation/test rank only items the user has not interacted with before the target.
     """
 
     def __init__(self, model, data, *, lr: float = 1e-4, weight_decay: float = 0.005, batch_size: int = 1024,
                  grad_accum: int = 1, epochs: int = 100, patience: int = 10, metric: str = "ndcg@10",
                  mode: str = "full", seed: int = 0, device=None, out_dir: Optional[str] = None, tf32: bool = True,
                  progress: bool = True, eval_batch_size: Optional[int] = None, ks: Sequence[int] = DEFAULT_KS,
-                 validate: bool = True, max_batches: Optional[int] = None, compile: bool = False):
+                 validate: bool = True, max_batches: Optional[int] = None, compile: bool = False,
+                 loss_reduction: str = "sum_over_accum", max_total_batches: Optional[int] = None,
+                 time_budget_s: Optional[float] = None, checkpoint_every_s: Optional[float] = 600.0,
+                 exclude_seen: bool = False):
         if mode not in ("full", "inbatch"):
             raise ValueError(f"mode must be 'full' or 'inbatch', got {mode!r}")
         if grad_accum < 1 or batch_size < 1 or epochs < 0 or patience < 1:
             raise ValueError("grad_accum, batch_size, patience must be >= 1 and epochs >= 0")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if max_total_batches is not None and max_total_batches < 1:
+            raise ValueError(f"max_total_batches must be >= 1, got {max_total_batches}")
+        if time_budget_s is not None and not time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0, got {time_budget_s}")
         name, _, k = metric.partition("@")
         if name not in ("ndcg", "recall", "hit") or not k.isdigit() or int(k) not in ks:
             raise ValueError(f"metric must be ndcg@K, recall@K or hit@K with K in {tuple(ks)}, got {metric!r}")
@@ -142,71 +251,145 @@ class Trainer:
         self.model = model.to(self.device)
         self.data = data
         self.lr, self.weight_decay = lr, weight_decay
-        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.batch_size, self.grad_accum, self.loss_reduction = batch_size, grad_accum, loss_reduction
         self.epochs, self.patience, self.metric, self.mode = epochs, patience, metric, mode
         self.seed, self.out_dir, self.progress = seed, out_dir, progress
         self.eval_batch_size = eval_batch_size or batch_size
         self.ks, self.validate, self.max_batches = tuple(ks), validate, max_batches
+        self.max_total_batches, self.time_budget_s = max_total_batches, time_budget_s
+        self.checkpoint_every_s, self.exclude_seen = checkpoint_every_s, exclude_seen
         self.loss_fn = torch.compile(self.model.loss) if compile else self.model.loss
         self.optimizer = torch.optim.NAdam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.train_batches = data.batches("train", batch_size, shuffle=True, seed=seed, device=self.device)
         self.epoch = 0                 # epochs completed
+        self.batch_in_epoch = 0        # batches of epoch `epoch + 1` already applied (an optimizer step follows each)
+        self.total_batches = 0         # training batches applied over the whole run (resumes included)
+        self._loss_sum, self._loss_count = 0.0, 0   # running loss of the current (possibly resumed) epoch
         self.best_score = -float("inf")
         self.best_epoch = 0
         self.bad_epochs = 0
         self.log: list = []
         self.last_loss = float("nan")
+        self.stop_reason: Optional[str] = None   # "time budget" | "batch budget" once a budget stopped the run
+        self.saved_on_interrupt: Optional[str] = None
+        self._fit_start: Optional[float] = None
+        self._last_save = time.perf_counter()
 
     # ------------------------------------------------------------------ one epoch
+    def batches_per_epoch(self) -> int:
+        n = len(self.train_batches)
+        return n if self.max_batches is None else min(self.max_batches, n)
+
+    def _budget_hit(self) -> Optional[str]:
+        if self.max_total_batches is not None and self.total_batches >= self.max_total_batches:
+            return "batch budget"
+        if (self.time_budget_s is not None and self._fit_start is not None
+                and time.perf_counter() - self._fit_start >= self.time_budget_s):
+            return "time budget"
+        return None
+
     def train_epoch(self) -> float:
-        """One pass over the training samples. Returns wall seconds (batch assembly + fwd/bwd/step, synchronised,
-        validation excluded); the mean loss is in self.last_loss (one host sync per epoch)."""
+        """Train from batch `batch_in_epoch` to the end of the epoch, or until a budget stops it (then
+        `stop_reason` is set and the epoch stays open: `batch_in_epoch` says where it resumes). Returns wall seconds
+        (batch assembly + fwd/bwd/step, synchronised, validation excluded); the mean loss of the epoch so far is
+        in self.last_loss (one host sync per optimizer step group only when a budget or checkpoint is due)."""
         model, opt = self.model, self.optimizer
         model.train()
-        self.train_batches.epoch = self.epoch  # shuffle order depends on (seed, epoch): resumable
-        nb = len(self.train_batches) if self.max_batches is None else min(self.max_batches, len(self.train_batches))
+        nb = self.batches_per_epoch()
+        start = self.batch_in_epoch
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         total = torch.zeros((), device=self.device)
+        scale = 1.0 / self.grad_accum if self.loss_reduction == "mean_over_accum" else 1.0
         opt.zero_grad(set_to_none=True)
-        bar = tqdm(total=nb, desc=f"epoch {self.epoch + 1}", disable=not self.progress, leave=False)
-        for i, b in enumerate(self.train_batches):
-            if i >= nb:
-                break
+        bar = tqdm(total=nb, initial=start, desc=f"epoch {self.epoch + 1}", disable=not self.progress, leave=False)
+        self.train_batches.epoch = self.epoch  # shuffle order depends on (seed, epoch): resumable
+        done = start
+        pending = 0
+        for i, b in enumerate(self.train_batches.iter_from(start, stop=nb), start=start):
             loss = self.loss_fn(b["item_seq"], b["time_seq"], b["lengths"], b["target"], mode=self.mode)
-            (loss / self.grad_accum).backward()
+            (loss * scale).backward() if scale != 1.0 else loss.backward()
             total += loss.detach()
-            if (i + 1) % self.grad_accum == 0 or i + 1 == nb:
+            pending += 1
+            bar.update(1)
+            if (i + 1 - start) % self.grad_accum == 0 or i + 1 == nb:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            bar.update(1)
+                done, self.total_batches = i + 1, self.total_batches + pending
+                pending = 0
+                self.batch_in_epoch = done
+                reason = self._budget_hit()
+                due = (self.checkpoint_every_s is not None and self.out_dir
+                       and time.perf_counter() - self._last_save >= self.checkpoint_every_s)
+                if reason or due or i + 1 == nb:
+                    self._loss_sum += float(total.item())
+                    self._loss_count = done
+                    total.zero_()
+                    self.last_loss = self._loss_sum / max(self._loss_count, 1)
+                if reason and i + 1 < nb:
+                    self.stop_reason = reason
+                    break
+                if due and i + 1 < nb:
+                    self.save_last(self._partial_entry())
+                    self._write_log(extra=[self._partial_entry()])
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
-        self.last_loss = float(total.item()) / max(nb, 1)
+        if self.stop_reason is None:
+            self.batch_in_epoch = 0
+            self._loss_sum, self._loss_count = 0.0, 0
+        elif self.progress:
+            tqdm.write(f"{self.stop_reason} reached after {self.total_batches} batches "
+                       f"(epoch {self.epoch + 1}, batch {done}/{nb})")
         return seconds
+
+    def _partial_entry(self) -> dict:
+        nb = self.batches_per_epoch()
+        return {"epoch": round(self.epoch + self.batch_in_epoch / max(nb, 1), 4), "loss": self.last_loss,
+                "partial": True, "batches": self.batch_in_epoch}
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> Dict[str, float]:
-        """Full-sort Recall/NDCG/Hit@K over all items for the valid or test samples (history items not masked)."""
+        """Full-sort Recall/NDCG/Hit@K over all items for the valid or test samples (history items not masked
+        unless exclude_seen)."""
         if split not in ("valid", "test", "train"):
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
         if self.data.num_samples(split) == 0:
             raise ValueError(f"dataset {self.data.name!r} has no {split} samples")
         return evaluate_model(self.model, self.data, split, self.eval_batch_size, self.device, self.ks,
-                              self.progress)
+                              self.progress, exclude_seen=self.exclude_seen)
 
     # ------------------------------------------------------------------ full run
     def fit(self) -> dict:
-        """Train until `epochs` or early stop; returns {'best_epoch', 'best_valid', 'test', 'epochs_run', ...}
-        with the test metrics of the best checkpoint (reloaded from out_dir/best when out_dir is set)."""
+        """Train until `epochs`, early stop or a budget; returns {'best_epoch', 'best_valid', 'test', 'epochs_run',
+        'stopped_by', ...} with the test metrics of the best checkpoint (reloaded from out_dir/best when out_dir is
+        set). Ctrl-C writes a resumable out_dir/last (path in `saved_on_interrupt`) and re-raises."""
+        if self.out_dir:
+            os.makedirs(self.out_dir, exist_ok=True)
+        self._fit_start = self._last_save = time.perf_counter()
+        self.stop_reason = self._budget_hit()
+        try:
+            return self._fit()
+        except KeyboardInterrupt:
+            if self.out_dir:
+                self.save_last(self._partial_entry() if self.batch_in_epoch else None)
+                self._write_log()
+                self.saved_on_interrupt = os.path.join(self.out_dir, "last")
+            raise
+
+    def _fit(self) -> dict:
         best_state = None
-        while self.epoch < self.epochs and self.bad_epochs < self.patience:
+        while (self.epoch < self.epochs and self.bad_epochs < self.patience and self.stop_reason is None):
             secs = self.train_epoch()
-            self.epoch += 1
-            entry = {"epoch": self.epoch, "loss": self.last_loss, "epoch_seconds": secs}
+            partial = self.stop_reason is not None
+            if partial:
+                entry = self._partial_entry()
+                entry["epoch_seconds"] = secs
+            else:
+                self.epoch += 1
+                entry = {"epoch": self.epoch, "loss": self.last_loss, "epoch_seconds": secs}
             if self.validate:
                 t0 = time.perf_counter()
                 valid = self.evaluate("valid")
@@ -214,77 +397,94 @@ class Trainer:
                 entry["eval_seconds"] = time.perf_counter() - t0
                 score = valid[self.metric]
             else:
-                score = float(self.epoch)  # newest is best
+                score = float(self.total_batches)  # newest is best
             improved = score > self.best_score
             if improved:
-                self.best_score, self.best_epoch, self.bad_epochs = score, self.epoch, 0
+                self.best_score, self.best_epoch, self.bad_epochs = score, entry["epoch"], 0
                 if self.out_dir:
                     save_checkpoint(self.model, os.path.join(self.out_dir, "best"), self._meta(entry))
                 else:
                     best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            else:
+            elif not partial:
                 self.bad_epochs += 1
             entry["best"] = improved
             self.log.append(entry)
             if self.progress:
-                msg = f"epoch {self.epoch}: loss {self.last_loss:.4f} ({secs:.2f}s)"
+                msg = f"epoch {entry['epoch']}: loss {self.last_loss:.4f} ({secs:.2f}s)"
                 if self.validate:
                     msg += f" valid {self.metric} {score:.4f}" + (" *" if improved else "")
                 tqdm.write(msg)
             if self.out_dir:
                 self._write_log()
                 self.save_last()
+                self.plot()
+            if self.stop_reason is None:
+                self.stop_reason = self._budget_hit()
         if self.out_dir and self.best_epoch:
-            from safetensors.torch import load_model
-            load_model(self.model, os.path.join(self.out_dir, "best", "model.safetensors"), strict=True)
+            _load_weights(self.model, os.path.join(self.out_dir, "best", "model.safetensors"))
         elif best_state is not None:
             self.model.load_state_dict(best_state)
-        summary = {"best_epoch": self.best_epoch, "epochs_run": self.epoch,
-                   "best_valid": self.best_score if self.validate else None,
+        stopped = self.stop_reason or ("early stop" if self.bad_epochs >= self.patience else "epochs")
+        summary = {"best_epoch": self.best_epoch, "epochs_run": self.epoch, "total_batches": self.total_batches,
+                   "stopped_by": stopped, "best_valid": self.best_score if self.validate and self.log else None,
                    "epoch_seconds": [e["epoch_seconds"] for e in self.log]}
         if self.validate and self.data.num_samples("test"):
             summary["test"] = self.evaluate("test")
         if self.out_dir:
-            with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=1)
+            _write_json_atomic(os.path.join(self.out_dir, "summary.json"), summary)
             self.plot()
         return summary
 
     # ------------------------------------------------------------------ persistence
     def _meta(self, entry: dict) -> dict:
-        return {"data_name": self.data.name, "epoch": self.epoch, "metrics": entry.get("valid"),
+        return {"data_name": self.data.name, "epoch": entry.get("epoch", self.epoch), "metrics": entry.get("valid"),
                 "trainer": {"lr": self.lr, "weight_decay": self.weight_decay, "batch_size": self.batch_size,
-                            "grad_accum": self.grad_accum, "mode": self.mode, "metric": self.metric,
-                            "seed": self.seed}}
+                            "grad_accum": self.grad_accum, "loss_reduction": self.loss_reduction,
+                            "mode": self.mode, "metric": self.metric, "seed": self.seed}}
 
-    def save_last(self) -> None:
-        """Checkpoint everything needed to resume into out_dir/last (weights, optimizer, early-stop state, log)."""
-        path = os.path.join(self.out_dir, "last")
-        save_checkpoint(self.model, path, self._meta(self.log[-1] if self.log else {}))
-        torch.save({"optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "best_score": self.best_score,
-                    "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs, "log": self.log,
-                    "torch_rng": torch.get_rng_state()}, os.path.join(path, "trainer.pt"))
+    def save_last(self, entry: Optional[dict] = None) -> None:
+        """Checkpoint everything needed to resume into out_dir/last (weights, optimizer, position inside the epoch,
+        early-stop state, log), written atomically."""
+        self._last_save = time.perf_counter()
+        state = {"optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "total_batches": self.total_batches, "loss_sum": self._loss_sum, "loss_count": self._loss_count,
+                 "best_score": self.best_score, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                 "log": self.log, "torch_rng": torch.get_rng_state()}
+        save_checkpoint(self.model, os.path.join(self.out_dir, "last"),
+                        self._meta(entry or (self.log[-1] if self.log else {})), trainer_state=state)
 
     def resume(self, path: Optional[str] = None) -> bool:
-        """Restore from `path` (default out_dir/last). Returns False when there is nothing to resume."""
-        from safetensors.torch import load_model
+        """Restore from `path` (default out_dir/last). Returns False when there is nothing to resume; unreadable
+        files are a ValueError naming the file."""
         path = path or (os.path.join(self.out_dir, "last") if self.out_dir else None)
-        if not path or not os.path.exists(os.path.join(path, "trainer.pt")):
+        if not path:
             return False
-        load_model(self.model, os.path.join(path, "model.safetensors"), strict=True)
-        st = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.epoch, self.best_score = st["epoch"], st["best_score"]
-        self.best_epoch, self.bad_epochs, self.log = st["best_epoch"], st["bad_epochs"], st["log"]
-        torch.set_rng_state(st["torch_rng"])
+        path = checkpoint_dir(path)
+        tp = os.path.join(path, "trainer.pt")
+        if not os.path.exists(tp):
+            return False
+        _load_weights(self.model, os.path.join(path, "model.safetensors"))
+        try:
+            st = torch.load(tp, map_location="cpu", weights_only=False)
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.epoch, self.best_score = st["epoch"], st["best_score"]
+            self.best_epoch, self.bad_epochs, self.log = st["best_epoch"], st["bad_epochs"], st["log"]
+            self.batch_in_epoch = st.get("batch_in_epoch", 0)
+            self.total_batches = st.get("total_batches", 0)
+            self._loss_sum, self._loss_count = st.get("loss_sum", 0.0), st.get("loss_count", 0)
+            torch.set_rng_state(st["torch_rng"])
+        except Exception as e:  # truncated / random bytes / another optimizer layout
+            raise ValueError(f"{tp} is corrupted or from another run ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no detail'}); "
+                             "start again with --overwrite") from None
         return True
 
-    def _write_log(self) -> None:
-        with open(os.path.join(self.out_dir, "log.json"), "w") as f:
-            json.dump(self.log, f, indent=1)
+    def _write_log(self, extra: Sequence[dict] = ()) -> None:
+        _write_json_atomic(os.path.join(self.out_dir, "log.json"), list(self.log) + list(extra))
 
     def plot(self, path: Optional[str] = None) -> Optional[str]:
-        """Convergence plot (valid metric and train loss vs epoch) to PNG; returns the path or None."""
+        """Convergence plot (valid metric and train loss vs epoch, with a legend) to PNG; returns the path or None.
+        Called after every epoch by fit()."""
         if not self.log:
             return None
         try:
@@ -296,53 +496,76 @@ class Trainer:
         path = path or os.path.join(self.out_dir, "convergence.png")
         ep = [e["epoch"] for e in self.log]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(ep, [e["loss"] for e in self.log], "o-", color="tab:gray", label="train loss")
+        lines = ax.plot(ep, [e["loss"] for e in self.log], "o-", color="tab:gray", label="train loss")
         ax.set_xlabel("epoch")
         ax.set_ylabel("train loss")
-        if self.validate:
+        if self.validate and all("valid" in e for e in self.log):
             ax2 = ax.twinx()
-            ax2.plot(ep, [e["valid"][self.metric] for e in self.log], "o-", color="tab:blue",
-                     label=f"valid {self.metric}")
+            lines += ax2.plot(ep, [e["valid"][self.metric] for e in self.log], "o-", color="tab:blue",
+                              label=f"valid {self.metric}")
             ax2.set_ylabel(f"valid {self.metric}")
             if self.best_epoch:
-                ax2.axvline(self.best_epoch, color="tab:blue", ls=":", lw=1)
+                lines.append(ax2.axvline(self.best_epoch, color="tab:blue", ls=":", lw=1,
+                                         label=f"best (epoch {self.best_epoch:.3g})"))
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="best", fontsize=8)
         ax.set_title(f"{self.data.name}: convergence")
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        fig.savefig(path + ".tmp.png", dpi=100)
         plt.close(fig)
+        os.replace(path + ".tmp.png", path)
         return path
 
 
 @torch.no_grad()
 def evaluate_model(model, data, split: str = "test", batch_size: int = 1024, device=None,
-                   ks: Sequence[int] = DEFAULT_KS, progress: bool = False) -> Dict[str, float]:
-    """Full-sort metrics of `model` on one split of `data` (one host sync at the end)."""
+                   ks: Sequence[int] = DEFAULT_KS, progress: bool = False, exclude_seen: bool = False
+                   ) -> Dict[str, float]:
+    """Full-sort metrics of `model` on one split of `data`: per batch of users one encode, one [b, N] x [N, I+1]
+    matmul and one rank count, no per-user Python; one host sync at the end.
+
+    exclude_seen: the items a user interacted with before the target get -inf (RecBole's full-sort convention), so
+    a target the user had already seen earlier cannot be hit."""
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     acc = RankingAccumulator(ks)
     it = data.batches(split, batch_size, shuffle=False, device=device)
-    for b in tqdm(it, desc=f"eval {split}", disable=not progress, leave=False):
+    for bi, b in enumerate(tqdm(it, desc=f"eval {split}", disable=not progress, leave=False)):
         scores = model.full_scores(model.encode(b["item_seq"], b["time_seq"], b["lengths"]))
+        if exclude_seen:
+            rows, cols = data.seen_items(split, bi * batch_size, bi * batch_size + scores.shape[0])
+            scores[rows.to(device), cols.to(device)] = float("-inf")
         acc.update(scores, b["target"])
     model.train(was_training)
     return acc.result()
 
 
-def popularity_metrics(data, split: str = "test", ks: Sequence[int] = DEFAULT_KS,
-                       batch_size: int = 4096) -> Dict[str, float]:
-    """Baseline: score every item by its interaction count in the training part of the sequences (each user's
-    items before the valid target), the same ranking for every user."""
+def popularity_scores(data) -> torch.Tensor:
+    """float32 [I+1]: each item's interaction count in the training part of the sequences (each user's items before
+    the valid target); column 0 (padding) = -inf."""
     counts = np.diff(data.seq_offsets)
     pos = np.arange(data.num_interactions) - np.repeat(data.seq_offsets[:-1], counts)
     n = np.repeat(counts, counts)
     train_part = np.where(n >= 3, pos < n - 2, True)
     pop = np.bincount(data.seq_items[train_part], minlength=data.num_items + 1).astype(np.float32)
     pop[0] = -np.inf
+    return torch.from_numpy(pop)
+
+
+def popularity_metrics(data, split: str = "test", ks: Sequence[int] = DEFAULT_KS,
+                       batch_size: int = 4096, exclude_seen: bool = False) -> Dict[str, float]:
+    """Baseline: score every item by its training interaction count (popularity_scores), the same ranking for every
+    user. exclude_seen=True removes the items each user interacted with before the target, like RecBole's Pop
+    under full-sort evaluation; False ranks them too (our model's default protocol)."""
     target = torch.from_numpy(data.split(split)["target"])
     acc = RankingAccumulator(ks)
-    row = torch.from_numpy(pop)[None, :]
+    row = popularity_scores(data)[None, :]
     for lo in range(0, len(target), batch_size):
         t = target[lo:lo + batch_size]
-        acc.update(row.expand(len(t), -1), t)
+        scores = row.expand(len(t), -1)
+        if exclude_seen:
+            scores = scores.clone()
+            rows, cols = data.seen_items(split, lo, lo + len(t))
+            scores[rows, cols] = float("-inf")
+        acc.update(scores, t)
     return acc.result()

@@ -46,11 +46,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "unknown user" in capsys.readouterr().err
 
 
-def test_cli_prepare_demo_and_item_texts(tmp_path):
+def test_cli_prepare_demo_and_item_texts(tmp_path, capsys):
     assert main(["prepare", "--demo", "--demo-size", "tiny", "--feat-dim", "8", "--out", str(tmp_path / "demo")]) == 0
     fix = os.path.join(os.path.dirname(__file__), "fixtures")
+    capsys.readouterr()
     assert main(["prepare", "--inter", os.path.join(fix, "tiny.inter"), "--item", os.path.join(fix, "tiny.item"),
                  "--encoder", "hashed", "--feat-dim", "8", "--kcore", "0", "--out", str(tmp_path / "t")]) == 0
+    err = capsys.readouterr().err   # users c (2 interactions) and d (1) are dropped, and x5 (only d had it)
+    assert "dropped 2 users with fewer than 3 interactions" in err and "dropped 1 items that only those" in err
     from mmm4rec.data import SequentialData
     t = SequentialData.load(str(tmp_path / "t"))
     assert t.text_feats.shape == (5, 8) and t.image_feats is None

@@ -28,7 +28,7 @@ def test_read_atomic_types():
     assert item_texts(items, text_fields=["movie_title", "class"])["x2"] == "Second Story. Drama"
     with open(os.path.join(FIX, "tiny.inter"), "rb") as f:
         assert read_atomic(f.read(), fields=["item_id"])["item_id"].tolist()[0] == "x3"
-    with pytest.raises(ValueError, match="not in atomic header"):
+    with pytest.raises(ValueError, match="tiny.inter: no column .nope."):
         read_atomic(os.path.join(FIX, "tiny.inter"), fields=["nope"])
     with pytest.raises(ValueError, match="type"):
         read_atomic(b"user_id:token\titem_id:weird\nu\ti\n")
@@ -246,3 +246,33 @@ def test_synthetic_write_atomic_roundtrip(tmp_path):
     e = syn.to_sequential(kcore=0)
     np.testing.assert_array_equal(d.seq_items, e.seq_items)
     assert read_atomic(p["item"])["item_id"].tolist() == syn.item_tokens.tolist()
+
+
+def test_seen_items_and_resumable_batch_order():
+    from mmm4rec.data import make_synthetic_dataset
+    d = make_synthetic_dataset(30, 20, 200, feat_dim=4, seed=5).to_sequential(max_len=4)
+    sp = d.split("valid")
+    rows, items = d.seen_items("valid", 3, 9)
+    for r in range(6):
+        u = sp["user"][3 + r]
+        want = d.seq_items[d.seq_offsets[u]:d.seq_offsets[u + 1] - 2]      # everything before the valid target
+        assert sorted(items[rows == r].tolist()) == sorted(want.tolist())
+    rows, items = d.seen_items_of_users(np.array([2, 0]))
+    assert sorted(items[rows == 1].tolist()) == sorted(d.seq_items[d.seq_offsets[0]:d.seq_offsets[1]].tolist())
+    it = d.batches("train", 16, shuffle=True, seed=1)
+    it.epoch = 4
+    full = [b["target"] for b in it]
+    it.epoch = 4
+    tail = [b["target"] for b in it.iter_from(2)]
+    assert len(tail) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(full[2:], tail))
+
+
+def test_prepare_drop_stats():
+    from mmm4rec.data import SequentialData
+    users = ["a"] * 5 + ["b"] * 2 + ["c"]
+    items = ["x", "y", "z", "x", "y", "q", "x", "w"]
+    d = SequentialData.from_interactions(users, items, list(range(8)), kcore=0)
+    assert d.stats["dropped_short_users"] == 2 and d.stats["short_user_dropped_items"] == 2   # q, w
+    assert d.stats["kcore_dropped_interactions"] == 0
+    d = SequentialData.from_interactions(users, items, list(range(8)), kcore=2)
+    assert d.stats["kcore_dropped_users"] == 2 and d.stats["kcore_dropped_items"] == 3   # b, c; z, q, w

@@ -100,3 +100,111 @@ def test_compiled_step_matches_eager(data):
         runs.append((tr.last_loss, torch.cat([p.detach().flatten() for p in model.parameters()])))
     assert abs(runs[0][0] - runs[1][0]) < 1e-4 * abs(runs[0][0])
     assert ((runs[0][1] - runs[1][1]).norm() / runs[0][1].norm()).item() < 1e-4
+
+
+def _grads_at_step(data, reduction, accum):
+    """Gradients the optimizer sees at its first step (max_batches = accum micro-batches, dropout 0)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), data)
+    tr = Trainer(model, data, lr=1e-3, batch_size=64, grad_accum=accum, epochs=1, progress=False, seed=0,
+                 max_batches=accum, loss_reduction=reduction)
+    seen = []
+    real = tr.optimizer.step
+    tr.optimizer.step = lambda *a, **k: (seen.append([p.grad.clone() for p in model.parameters()
+                                                      if p.grad is not None]), real(*a, **k))[1]
+    tr.train_epoch()
+    assert len(seen) == 1
+    return torch.cat([g.flatten() for g in seen[0]])
+
+
+def test_loss_reduction_official_sum(data):
+    """Default (official): accumulated micro-batch gradients add up; mean_over_accum divides them by grad_accum."""
+    g_sum = _grads_at_step(data, "sum_over_accum", 3)
+    g_mean = _grads_at_step(data, "mean_over_accum", 3)
+    assert g_sum.norm() > 0
+    assert ((g_sum - 3 * g_mean).norm() / g_sum.norm()).item() < 1e-5
+    assert Trainer.__init__.__kwdefaults__["loss_reduction"] == "sum_over_accum"
+    with pytest.raises(ValueError, match="loss_reduction"):
+        Trainer(build_model(tiny_config(), data), data, loss_reduction="mean")
+
+
+def test_batch_budget_then_resume_equals_one_run(data, tmp_path):
+    """A run stopped by max_total_batches inside an epoch and resumed ends with the same weights as one
+    uninterrupted epoch (same batch order, optimizer state, position)."""
+    def fresh(out, **kw):
+        torch.manual_seed(3)
+        return Trainer(build_model(tiny_config(), data), data, lr=5e-3, batch_size=128, epochs=1, progress=False,
+                       seed=0, out_dir=out, **kw)
+    one = fresh(str(tmp_path / "one"))
+    one.fit()
+    out = str(tmp_path / "two")
+    a = fresh(out, max_total_batches=2)
+    s = a.fit()
+    assert s["stopped_by"] == "batch budget" and s["total_batches"] == 2 and s["epochs_run"] == 0
+    log = json.load(open(os.path.join(out, "log.json")))
+    assert log[-1]["partial"] and 0 < log[-1]["epoch"] < 1 and "valid" in log[-1]
+    assert os.path.exists(os.path.join(out, "convergence.png")) and os.path.exists(os.path.join(out, "best"))
+    b = fresh(out)
+    assert b.resume() and b.batch_in_epoch == 2
+    s = b.fit()
+    assert s["epochs_run"] == 1 and s["total_batches"] == one.total_batches
+    # fit() reloads best/ into the model: compare the last/ weights of both runs
+    from safetensors.torch import load_file
+    wa = load_file(os.path.join(str(tmp_path / "one"), "last", "model.safetensors"))
+    wb = load_file(os.path.join(out, "last", "model.safetensors"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_time_budget_and_periodic_checkpoint(data, tmp_path):
+    out = str(tmp_path / "t")
+    torch.manual_seed(0)
+    tr = Trainer(build_model(tiny_config(), data), data, lr=5e-3, batch_size=16, epochs=50, progress=False,
+                 out_dir=out, time_budget_s=1e-3, checkpoint_every_s=0.0)
+    s = tr.fit()
+    assert s["stopped_by"] == "time budget" and s["total_batches"] >= 1 and "test" in s
+    assert os.path.exists(os.path.join(out, "last", "trainer.pt"))
+
+
+def test_checkpoint_write_is_atomic(data, tmp_path, monkeypatch):
+    """A crash while writing last/ leaves the previous last/ complete and loadable."""
+    out = str(tmp_path / "a")
+    torch.manual_seed(0)
+    tr = Trainer(build_model(tiny_config(), data), data, lr=5e-3, batch_size=256, epochs=1, progress=False,
+                 out_dir=out)
+    tr.fit()
+    before = open(os.path.join(out, "last", "model.safetensors"), "rb").read()
+    real = torch.save
+
+    def crash(obj, f, *a, **k):
+        real(obj, f, *a, **k)
+        raise OSError("disk full")      # the trainer.pt of the new checkpoint is written, then the crash
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        tr.save_last()
+    monkeypatch.setattr(torch, "save", real)
+    assert open(os.path.join(out, "last", "model.safetensors"), "rb").read() == before
+    tr2 = Trainer(build_model(tiny_config(), data), data, lr=5e-3, batch_size=256, epochs=1, progress=False,
+                  out_dir=out)
+    assert tr2.resume() and tr2.epoch == 1
+
+
+def test_exclude_seen_evaluation_and_popularity(data):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), data)
+    full = evaluate_model(model, data, "test", 32)
+    excl = evaluate_model(model, data, "test", 32, exclude_seen=True)
+    assert full != excl
+    # brute force: per-user python loop over the same scores
+    from mmm4rec.metrics import target_ranks
+    sp = data.tensors("test")
+    with torch.no_grad():
+        scores = model.eval().full_scores(model.encode(sp["item_seq"], sp["time_seq"], sp["lengths"]))
+    for r in range(len(scores)):
+        u = int(sp["user"][r])
+        seen = data.seq_items[data.seq_offsets[u]:data.seq_offsets[u + 1] - 1]   # all but the test target
+        scores[r, torch.from_numpy(seen)] = float("-inf")
+    ranks = target_ranks(scores, sp["target"])
+    assert excl["recall@10"] == pytest.approx(float((ranks < 10).float().mean()), abs=1e-6)
+    p_all, p_ex = popularity_metrics(data), popularity_metrics(data, exclude_seen=True)
+    assert p_all["recall@50"] == 1.0 and p_ex["recall@10"] != p_all["recall@10"]

@@ -41,12 +41,15 @@ def _convert(values: list, typ: str, name: str) -> np.ndarray:
             try:
                 out[i] = float(v) if v != "" else np.nan
             except ValueError:
-                raise ValueError(f"column {name!r} row {i}: {v!r} is not a float") from None
+                raise ValueError(f"column {name!r} line {i + 2}: {v!r} is not a float") from None
         return out
     seqs = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):
         toks = v.split(" ") if v else []
-        seqs[i] = [float(t) for t in toks] if typ == "float_seq" else toks
+        try:
+            seqs[i] = [float(t) for t in toks] if typ == "float_seq" else toks
+        except ValueError:
+            raise ValueError(f"column {name!r} line {i + 2}: {v!r} is not a list of floats") from None
     return seqs
 
 
@@ -61,6 +64,18 @@ def read_atomic(source: Union[PathLike, io.TextIOBase, bytes], fields: Optional[
         dict field -> numpy array with one entry per data row (see module doc for dtypes); the header types are
         kept under the key "__types__" as {field: type}.
     """
+    name = "<bytes>" if isinstance(source, bytes) else getattr(source, "name", None) or str(source)
+    try:
+        return _read_atomic(source, fields)
+    except FileNotFoundError:
+        raise ValueError(f"{name}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
+def _read_atomic(source, fields):
     if isinstance(source, bytes):
         text = source.decode("utf-8")
     elif isinstance(source, io.TextIOBase):
@@ -70,13 +85,14 @@ def read_atomic(source: Union[PathLike, io.TextIOBase, bytes], fields: Optional[
             text = f.read()
     lines = text.split("\n")
     if not lines or not lines[0].strip():
-        raise ValueError(f"atomic file {source if not isinstance(source, bytes) else '<bytes>'} is empty")
+        raise ValueError("the atomic file is empty")
     header = parse_header(lines[0])
     names = [n for n, _ in header]
     want = list(names) if fields is None else list(fields)
     for w in want:
         if w not in names:
-            raise ValueError(f"field {w!r} not in atomic header {names}")
+            raise ValueError(f"no column {w!r} in the header {names} (name the column with --user-field / "
+                             "--item-field / --time-field)")
     rows = [ln.rstrip("\r").split("\t") for ln in lines[1:] if ln.strip("\r") != ""]
     ncol = len(header)
     cols: Dict[str, list] = {n: [] for n in names}

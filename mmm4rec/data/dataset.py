@@ -50,6 +50,14 @@ def kcore_mask(user_codes: np.ndarray, item_codes: np.ndarray, k: int) -> np.nda
         keep = new
 
 
+def _is_float(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _segment_positions(counts: np.ndarray) -> np.ndarray:
     """[sum(counts)] position of each element inside its segment: counts [3,2] -> [0,1,2,0,1]."""
     total = int(counts.sum())
@@ -163,6 +171,9 @@ class SequentialData:
         i_tok, i_code = np.unique(items, return_inverse=True)
         stats.update(raw_users=int(len(u_tok)), raw_items=int(len(i_tok)))
         keep = kcore_mask(u_code, i_code, kcore)
+        stats.update(kcore_dropped_interactions=int((~keep).sum()),
+                     kcore_dropped_users=int(len(u_tok) - len(np.unique(u_code[keep]))),
+                     kcore_dropped_items=int(len(i_tok) - len(np.unique(i_code[keep]))))
         u_code, i_code, ts = u_code[keep], i_code[keep], ts[keep]
         # users with < 3 interactions
         ucount = np.bincount(u_code, minlength=len(u_tok))
@@ -187,6 +198,7 @@ class SequentialData:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         origin = float(ts.min())
         item_tokens = np.concatenate([[PAD_TOKEN], i_tok[i_used]])
+        stats.update(short_user_dropped_items=int(stats["raw_items"] - stats["kcore_dropped_items"] - len(i_used)))
         stats.update(users=int(len(u_used)), items=int(len(i_used)), interactions=int(len(i_new)),
                      kcore=int(kcore), avg_len=float(len(i_new) / max(len(u_used), 1)))
         return cls(name, item_tokens, u_tok[u_used], offsets, i_new, ts - origin, time_origin=origin,
@@ -197,12 +209,24 @@ class SequentialData:
                     item_field: str = "item_id", time_field: str = "timestamp", **kw) -> "SequentialData":
         """Build from a `<name>.inter` atomic file (path or bytes); kwargs go to from_interactions."""
         from .atomic import read_atomic
+        src = "<bytes>" if isinstance(inter_path, bytes) else str(inter_path)
         cols = read_atomic(inter_path, fields=[user_field, item_field, time_field])
         if name is None:
-            name = os.path.splitext(os.path.basename(str(inter_path)))[0] if not isinstance(inter_path, bytes) else "data"
-        return cls.from_interactions(cols[user_field], cols[item_field], cols[time_field], name=name, **kw)
+            name = os.path.splitext(os.path.basename(src))[0] if not isinstance(inter_path, bytes) else "data"
+        times = cols[time_field]
+        if times.dtype.kind != "f":  # declared token: must still hold numbers (unix seconds)
+            try:
+                times = times.astype(np.float64)
+            except ValueError:
+                bad = next(v for v in times.tolist() if not _is_float(v))
+                raise ValueError(f"{src}: column {time_field!r} ({cols['__types__'][time_field]}) must hold unix "
+                                 f"seconds, found {bad!r}; convert dates to numbers first (or pick another column "
+                                 "with --time-field)") from None
+        return cls.from_interactions(cols[user_field], cols[item_field], times, name=name, **kw)
 
     def _build_splits(self) -> None:
+        """Record each split's (user, target position); the padded history matrices are built on first use of a
+        split (evaluation never pays for the large training split)."""
         counts = np.diff(self.seq_offsets)
         starts = self.seq_offsets[:-1]
         uidx = np.arange(len(counts), dtype=np.int64)
@@ -211,15 +235,19 @@ class SequentialData:
         n_train = np.where(full, counts - 3, np.maximum(counts - 1, 0))
         t_user = np.repeat(uidx, n_train)
         t_pos = np.repeat(starts, n_train) + 1 + _segment_positions(n_train)
-        targets = {"train": (t_user, t_pos),
-                   "valid": (uidx[full], starts[full] + counts[full] - 2),
-                   "test": (uidx[full], starts[full] + counts[full] - 1)}
-        for split, (u, pos) in targets.items():
-            h = gather_histories(self.seq_items, self.seq_times, pos, starts[u], self.max_len)
-            h["target"] = self.seq_items[pos]
-            h["user"] = u
-            self._splits[split] = h
+        self._targets = {"train": (t_user, t_pos),
+                         "valid": (uidx[full], starts[full] + counts[full] - 2),
+                         "test": (uidx[full], starts[full] + counts[full] - 1)}
+        self._splits = {}
         self._device_cache.clear()
+
+    def _materialise(self, split: str) -> Dict[str, np.ndarray]:
+        u, pos = self._targets[split]
+        h = gather_histories(self.seq_items, self.seq_times, pos, self.seq_offsets[:-1][u], self.max_len)
+        h["target"] = self.seq_items[pos]
+        h["user"] = u
+        h["target_pos"] = pos.astype(np.int64)
+        return h
 
     # ------------------------------------------------------------------ access
     @property
@@ -237,11 +265,15 @@ class SequentialData:
     def split(self, split: str) -> Dict[str, np.ndarray]:
         """numpy arrays of one split: item_seq [N,L], time_seq [N,L], lengths [N], target [N], user [N]."""
         if split not in self._splits:
-            raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
+            if split not in self._targets:
+                raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
+            self._splits[split] = self._materialise(split)
         return self._splits[split]
 
     def num_samples(self, split: str) -> int:
-        return len(self.split(split)["target"])
+        if split not in self._targets:
+            raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
+        return len(self._targets[split][0])
 
     def tensors(self, split: str, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
         """The split as torch tensors on `device` (cached): item_seq long [N,L], time_seq float32 [N,L],
@@ -272,6 +304,26 @@ class SequentialData:
                 raise ValueError(f"unknown {kind} id {t!r} (not in dataset {self.name!r} after filtering)")
             out.append(i)
         return np.asarray(out, dtype=np.int64)
+
+    def seen_items(self, split: str, lo: int = 0, hi: Optional[int] = None) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Items each sample's user interacted with BEFORE its target (the whole past, not only the last max_len),
+        for samples lo:hi of `split`, as sparse (row, item) pairs: rows long [nnz] in 0..hi-lo-1, items long [nnz].
+        Used to set those scores to -inf (exclude-seen evaluation)."""
+        sp = self.split(split)
+        pos = sp["target_pos"][lo:hi]
+        start = self.seq_offsets[sp["user"][lo:hi]]
+        return self._pairs(start, pos)
+
+    def seen_items_of_users(self, users: np.ndarray) -> "tuple[torch.Tensor, torch.Tensor]":
+        """(row, item) pairs of every item each user (indices [b]) interacted with, test item included."""
+        users = np.asarray(users, dtype=np.int64)
+        return self._pairs(self.seq_offsets[users], self.seq_offsets[users + 1])
+
+    def _pairs(self, start: np.ndarray, end: np.ndarray):
+        count = (end - start).astype(np.int64)
+        rows = np.repeat(np.arange(len(count), dtype=np.int64), count)
+        idx = np.repeat(start, count) + _segment_positions(count)
+        return torch.from_numpy(rows), torch.from_numpy(self.seq_items[idx])
 
     def item_index(self, tokens: Sequence) -> np.ndarray:
         """Raw item tokens -> ids 1..I; an unknown token is a ValueError."""
@@ -355,13 +407,34 @@ class SequentialData:
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.exists(meta_path):
             raise ValueError(f"{data_dir} is not a prepared dataset dir (no meta.json); run `mmm4rec prepare` first")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        seq = load_file(os.path.join(data_dir, "sequences.safetensors"))
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            for key in ("name", "item_tokens", "user_tokens", "time_origin", "max_len", "short_users", "stats"):
+                if key not in meta:
+                    raise ValueError(f"missing key {key!r}")
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
+            raise ValueError(f"{meta_path} is corrupted ({e}); prepare the dataset again") from None
+
+        def read(fname, required):
+            path = os.path.join(data_dir, fname)
+            if not os.path.exists(path):
+                if required:
+                    raise ValueError(f"{path}: no such file (the prepared dataset is incomplete)")
+                return None
+            try:
+                return load_file(path)
+            except Exception as e:  # SafetensorError on a truncated / foreign file
+                raise ValueError(f"{path} is corrupted ({type(e).__name__}: {e}); prepare the dataset again") \
+                    from None
+
+        seq = read("sequences.safetensors", True)
+        for key in ("seq_offsets", "seq_items", "seq_times"):
+            if key not in seq:
+                raise ValueError(f"{os.path.join(data_dir, 'sequences.safetensors')} has no tensor {key!r}")
         kw = {}
-        fpath = os.path.join(data_dir, "features.safetensors")
-        if os.path.exists(fpath):
-            feats = load_file(fpath)
+        feats = read("features.safetensors", False)
+        if feats is not None:
             if "text_feats" in feats:
                 kw["text_feats"] = torch.from_numpy(feats["text_feats"])
             if "image_feats" in feats:
@@ -402,13 +475,18 @@ class BatchIterator:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int = 0, stop: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
+        """Batches start..stop-1 of this epoch's order (the same permutation as a full pass), so a run stopped
+        inside an epoch resumes where it stopped."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             perm = torch.randperm(self.n, generator=g).to(self.device, non_blocking=True)
         else:
             perm = None
         self.epoch += 1
-        for b in range(len(self)):
+        for b in range(start, len(self) if stop is None else min(stop, len(self))):
             lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.n)
             if perm is None:
                 yield {k: v[lo:hi] for k, v in self.tensors.items()}
