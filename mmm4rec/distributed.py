@@ -4,7 +4,7 @@ How a run is split over R ranks (the same numbers as one process with the same g
     every rank draws the SAME shuffled global batch (seed, epoch) and keeps its contiguous slice of it
     (`shard_slice`); the local loss is rescaled by  R * n_local / n_global  so that DDP's gradient average equals the
     gradient of the global-batch mean; evaluation splits the samples into contiguous shards and all-reduces the metric
-    sums (`all_reduce_metrics`).  Rank 0 alone writes checkpoints, logs, plots and progress bars.
+    counts (`all_reduce_accumulator`: integer rank histograms, so the metrics are exactly the single-process ones).  Rank 0 alone writes checkpoints, logs, plots and progress bars.
 
     ctx = init_distributed("auto")     # reads RANK / WORLD_SIZE / LOCAL_RANK set by torchrun; no-op otherwise
     ctx.is_main, ctx.rank, ctx.world_size, ctx.device
@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple  # noqa: F401
 
 import numpy as np
 import torch
@@ -106,34 +106,76 @@ def shard_batch(batch: Dict[str, torch.Tensor], ctx: DistContext) -> Tuple[Dict[
     return {k: v[lo:hi] for k, v in batch.items()}, ctx.world_size * (hi - lo) / max(n, 1)
 
 
-def all_reduce_metrics(sums: Dict[str, torch.Tensor], count: int, ctx: DistContext
-                       ) -> Tuple[Dict[str, torch.Tensor], int]:
-    """Sum per-metric totals and the sample count over ranks (float64, so the result equals one process's sums up
-    to summation order).  Every rank must pass the same keys (sorted here)."""
+def all_reduce_accumulator(acc, ctx: DistContext):
+    """Sum a RankingAccumulator's integer rank counts and sample count over ranks, in place (exact: the merged
+    accumulator gives the single-process metrics bit for bit).  Every rank must call this, also one with no samples."""
     if not ctx.distributed:
-        return sums, count
-    keys = sorted(sums)
-    device = ctx.device
-    packed = torch.stack([sums[k].double().to(device) for k in keys] +
-                         [torch.tensor(float(count), dtype=torch.float64, device=device)])
+        return acc
+    top = max(acc.ks)
+    counts = acc.rank_counts if acc.rank_counts is not None else torch.zeros(top, dtype=torch.int64)
+    packed = torch.cat([counts.to(device=ctx.device, dtype=torch.int64),
+                        torch.tensor([acc.count], dtype=torch.int64, device=ctx.device)])
     dist.all_reduce(packed)
-    return {k: packed[i] for i, k in enumerate(keys)}, int(round(float(packed[-1])))
+    acc.rank_counts, acc.count = packed[:top], int(packed[top])
+    return acc
+
+
+def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Mean of a tensor over ranks (a no-op in a single process)."""
+    if not ctx.distributed:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out)
+    return out / ctx.world_size
+
+
+def gather_rows(t: torch.Tensor, ctx: DistContext) -> Tuple[torch.Tensor, int]:
+    """[b_r, ...] on every rank -> ([sum_r b_r, ...] in rank order, rows before this rank).  No gradient."""
+    if not ctx.distributed:
+        return t, 0
+    sizes = _all_sizes(t, ctx)
+    top = max(sizes)
+    padded = torch.cat([t, t.new_zeros(top - t.shape[0], *t.shape[1:])]) if t.shape[0] < top else t
+    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, sizes)]), sum(sizes[:ctx.rank])
+
+
+def _all_sizes(t: torch.Tensor, ctx: DistContext):
+    size = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """[top, ...] per rank -> [R, top, ...]; backward: sum the gathered gradient over ranks, keep this rank's block
+    (every rank's loss may depend on every block)."""
+
+    @staticmethod
+    def forward(ctx, t, rank, world_size):
+        ctx.rank = rank
+        parts = [torch.empty_like(t) for _ in range(world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank], None, None
 
 
 def gather_with_grad(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """[b_r, ...] on every rank -> [sum_r b_r, ...] in rank order; the gradient of each rank's block flows back to
-    that rank (all ranks must call this; row counts may differ)."""
+    that rank, summed over every rank's use of it (all ranks must call this; row counts may differ)."""
     if not ctx.distributed:
         return t
-    import torch.distributed.nn.functional as dist_fn
-    sizes = torch.tensor([t.shape[0]], device=t.device)
-    all_sizes = [torch.zeros_like(sizes) for _ in range(ctx.world_size)]
-    dist.all_gather(all_sizes, sizes)
-    counts = [int(s) for s in all_sizes]
+    counts = _all_sizes(t, ctx)
     top = max(counts)
     padded = torch.cat([t, t.new_zeros(top - t.shape[0], *t.shape[1:])]) if t.shape[0] < top else t
-    parts = dist_fn.all_gather(padded)
-    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+    parts = _AllGatherWithGrad.apply(padded, ctx.rank, ctx.world_size)
+    return torch.cat([parts[r, :c] for r, c in enumerate(counts)])
 
 
 def data_fingerprint(data) -> str:
@@ -172,3 +214,14 @@ def broadcast_flag(flag: bool, ctx: DistContext) -> bool:
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def global_inbatch_pool(ctx: DistContext):
+    """For MMM4Rec.loss(mode="inbatch", pool=...): the in-batch negative pool across ranks.  Returns a function
+    (item_vectors [b, N], target_ids [b]) -> (all vectors [B, N] with gradients to their ranks, all ids [B], this
+    rank's row offset in them)."""
+    def pool(vectors, ids):
+        all_vectors = gather_with_grad(vectors, ctx)
+        all_ids, offset = gather_rows(ids, ctx)
+        return all_vectors, all_ids, offset
+    return pool

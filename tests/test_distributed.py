@@ -73,12 +73,21 @@ def _collectives(ctx, rows_by_rank):
     w = torch.randn(sum(rows_by_rank), 3, dtype=torch.float64)
     (full * w).sum().backward()
     lo = sum(rows_by_rank[:ctx.rank])
-    # metric sums: every rank contributes its rank+1 samples
-    sums = {"ndcg@10": torch.tensor(float(ctx.rank + 1)), "recall@10": torch.tensor(2.0 * ctx.rank)}
-    red, count = D.all_reduce_metrics(sums, ctx.rank + 1, ctx)
+    # rank counts: rank r evaluates its own score rows; the all-reduced accumulator equals one pass over all rows
+    from mmm4rec.metrics import RankingAccumulator
+    g = torch.Generator().manual_seed(5)
+    scores, target = torch.randn(30, 40, generator=g), torch.randint(1, 40, (30,), generator=g)
+    lo_s, hi_s = D.shard_slice(30, ctx.rank, ctx.world_size)
+    acc = RankingAccumulator()
+    if hi_s > lo_s:
+        acc.update(scores[lo_s:hi_s], target[lo_s:hi_s])
+    one = RankingAccumulator()
+    one.update(scores, target)
+    ids, offset = D.gather_rows(torch.arange(rows_by_rank[ctx.rank]) + 10 * ctx.rank, ctx)
     return {"full": full.detach(), "grad": mine.grad, "w_block": w[lo:lo + rows_by_rank[ctx.rank]],
-            "mine": mine.detach(), "sums": {k: float(v) for k, v in red.items()}, "count": count,
-            "flag": D.broadcast_flag(ctx.rank == 0, ctx)}
+            "mine": mine.detach(), "merged": D.all_reduce_accumulator(acc, ctx).result(), "one": one.result(),
+            "mean": float(D.all_reduce_mean(torch.tensor(float(ctx.rank)), ctx)), "ids": ids.tolist(),
+            "offset": offset, "flag": D.broadcast_flag(ctx.rank == 0, ctx)}
 
 
 def test_gather_with_grad_and_metric_all_reduce():
@@ -90,8 +99,9 @@ def test_gather_with_grad_and_metric_all_reduce():
         # each rank's gradient is the weight block of its own rows (the backward all-reduce sums both ranks' graphs;
         # here only the values matter: every rank built the same loss, so the sum is world_size * block)
         torch.testing.assert_close(o["grad"], 2 * o["w_block"])
-        assert o["sums"] == {"ndcg@10": 3.0, "recall@10": 2.0} and o["count"] == 3
-        assert o["flag"] is True
+        assert o["merged"] == o["one"]                  # exact
+        assert o["mean"] == 0.5 and o["ids"] == [0, 1, 2, 10] and o["flag"] is True
+    assert [o["offset"] for o in out] == [0, 3]
 
 
 def _fingerprint(ctx, n_items_by_rank):
@@ -108,3 +118,62 @@ def test_ranks_that_disagree_on_data_fail_clearly():
     assert run_ranks(_fingerprint, 2, [15, 15]) == ["ok", "ok"]
     out = run_ranks(_fingerprint, 2, [15, 16])
     assert all("ranks disagree on the data" in o for o in out)
+
+
+# ------------------------------------------------------------------------------------------- Trainer under DDP
+def _tiny_setup(max_len=5):
+    from mmm4rec.data import make_synthetic_dataset
+    from mmm4rec.model import MMM4RecConfig
+    from mmm4rec.train import build_model
+    data = make_synthetic_dataset(40, 25, 400, feat_dim=8, seed=0, stay_prob=0.8).to_sequential(max_len=max_len)
+    cfg = MMM4RecConfig(hidden_size=16, headdim=8, d_state=4, ngroups=1, ffn_inner=16, max_len=max_len,
+                        dropout=0.0, time_dropout=0.0, time_mlp_dropout=0.0, backend="torch", path="quadratic",
+                        feat_dim=8)
+    torch.manual_seed(0)
+    model = build_model(cfg, data).double()
+    return data, model
+
+
+def _train_few(ctx, mode, grad_accum, negatives, out_dir=None, resume=False, max_batches=None, validate=True):
+    from mmm4rec.train import Trainer
+    data, model = _tiny_setup()
+    tr = Trainer(model, data, lr=1e-2, batch_size=37, grad_accum=grad_accum, epochs=1, patience=5, mode=mode,
+                 seed=3, device="cpu", progress=False, distributed=ctx, inbatch_negatives=negatives,
+                 out_dir=out_dir, max_total_batches=max_batches, checkpoint_every_s=None, validate=validate)
+    if resume:
+        assert tr.resume()
+    summary = tr.fit()
+    state = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+    return {"state": state, "valid": tr.evaluate("valid") if validate else None, "test": summary.get("test"),
+            "log": [e.get("loss") for e in tr.log], "batches": tr.total_batches}
+
+
+def _ddp_entry(ctx, mode, grad_accum, negatives, out_dir, resume, max_batches, validate=True):
+    return _train_few(ctx, mode, grad_accum, negatives, out_dir, resume, max_batches, validate)
+
+
+@pytest.mark.parametrize("mode,grad_accum,negatives", [("full", 2, "local"), ("inbatch", 1, "global")])
+def test_two_ranks_train_like_one_process(mode, grad_accum, negatives):
+    """2 gloo ranks x (global batch 37 split 19 + 18) == one process on the same global batches: same parameters
+    (float64, 1e-9), same losses, and sharded evaluation == single-process evaluation exactly."""
+    single = _train_few(D.DistContext(), mode, grad_accum, "local", None, False, None)
+    ranks = run_ranks(_ddp_entry, 2, mode, grad_accum, negatives, None, False, None)
+    for r in ranks:
+        for k, v in single["state"].items():
+            torch.testing.assert_close(r["state"][k], v, rtol=1e-9, atol=1e-11, msg=k)
+        assert r["valid"] == single["valid"]                       # exact: integer rank counts
+        assert r["test"] == single["test"]
+        assert r["log"] == pytest.approx(single["log"], rel=1e-6)  # the epoch-loss accumulator is float32
+
+
+def test_resume_on_another_world_size(tmp_path):
+    """Stop a 2-rank run after 3 batches (rank 0 writes last/), resume it in ONE process: the same parameters as
+    an uninterrupted single-process run (validate=False: the newest weights are the result, not the best ones)."""
+    full = _train_few(D.DistContext(), "full", 1, "local", None, False, None, validate=False)
+    out = str(tmp_path / "run")
+    run_ranks(_ddp_entry, 2, "full", 1, "local", out, False, 3, False)
+    assert os.path.exists(os.path.join(out, "last", "trainer.pt"))
+    resumed = _train_few(D.DistContext(), "full", 1, "local", out, True, None, validate=False)
+    assert resumed["batches"] == full["batches"]
+    for k, v in full["state"].items():  # a stop + resume in one process differs from one run by ~1e-10 too
+        torch.testing.assert_close(resumed["state"][k], v, rtol=1e-7, atol=1e-9, msg=k)
