@@ -177,3 +177,31 @@ def test_resume_on_another_world_size(tmp_path):
     assert resumed["batches"] == full["batches"]
     for k, v in full["state"].items():  # a stop + resume in one process differs from one run by ~1e-10 too
         torch.testing.assert_close(resumed["state"][k], v, rtol=1e-7, atol=1e-9, msg=k)
+
+
+def test_cli_finetune_under_torchrun(tmp_path):
+    """README's multi-process command as written, on CPU: `torchrun --nproc_per_node=2 -m mmm4rec finetune ...`;
+    rank 0 alone prints and writes; the run is resumable by a single process."""
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable),
+                                                                            "torchrun")):
+        pytest.skip("torchrun is not on PATH")
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    data, out = str(tmp_path / "data"), str(tmp_path / "run")
+    subprocess.run([sys.executable, "-m", "mmm4rec", "prepare", "--demo", "--demo-size", "tiny", "--out", data],
+                   check=True, env=env, capture_output=True, cwd=str(tmp_path))
+    p = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "mmm4rec", "finetune", "--data", data, "--out", out,
+                        "--preset", "cpu", "--epochs", "1", "--quiet"], env=env, capture_output=True, text=True,
+                       cwd=str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("run files in") == 1 and "x 2 ranks (DDP" in p.stdout   # rank 0 alone speaks
+    assert os.path.exists(os.path.join(out, "last", "trainer.pt")) and os.path.exists(os.path.join(out, "best"))
+    p2 = subprocess.run([sys.executable, "-m", "mmm4rec", "finetune", "--data", data, "--out", out, "--preset", "cpu",
+                         "--epochs", "2", "--resume", "--quiet"], env=env, capture_output=True, text=True,
+                        cwd=str(tmp_path), timeout=300)
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    assert "resumed from" in p2.stdout and '"epochs_run": 2' in p2.stdout
