@@ -274,12 +274,19 @@ def _set_threads(a) -> str:
     return f"{n} CPU thread{'s' if n > 1 else ''} ({why})"
 
 
+def _main_process() -> bool:
+    """False on the ranks > 0 of a torchrun job: they train and evaluate but say nothing and write nothing."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _say(*msg) -> None:
-    print(*msg, flush=True)
+    if _main_process():
+        print(*msg, flush=True)
 
 
 def _note(cmd: str, msg: str) -> None:
-    print(f"mmm4rec {cmd}: {msg}", file=sys.stderr, flush=True)
+    if _main_process():
+        print(f"mmm4rec {cmd}: {msg}", file=sys.stderr, flush=True)
 
 
 def _demo_dataset(size: str, seed: int, feat_dim: int):
@@ -433,7 +440,10 @@ def _train_settings(a, cmd: str) -> dict:
 
 def _check_out(out: str, resume: bool, overwrite: bool, files=RUN_FILES,
                hint: str = "pass --resume to continue it or --overwrite to replace it") -> None:
-    """An existing run is never replaced silently: --resume continues it, --overwrite removes its run files."""
+    """An existing run is never replaced silently: --resume continues it, --overwrite removes its run files.
+    Under torchrun only rank 0 checks and removes (the other ranks would race with its writes)."""
+    if not _main_process():
+        return
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a directory")
     found = [f for f in files if os.path.exists(os.path.join(out, f))]
@@ -507,6 +517,7 @@ def _train(a, data, cmd: str, init: Optional[str] = None, validate: bool = True)
     nparams = sum(p.numel() for p in model.parameters())
     _say(f"{data.describe()}\npreset {preset}: hidden {cfg.hidden_size}, {cfg.n_layers} layer(s), batch "
          f"{st['batch_size']} x {st['grad_accum']}, lr {st['lr']:g}; {nparams} parameters on {tr.device}"
+         + (f" x {tr.ctx.world_size} ranks (DDP; the batch is global)" if tr.ctx.distributed else "")
          + (f", {a._threads}" if tr.device.type == "cpu" and getattr(a, "_threads", None) else "")
          + f"; {tr.batches_per_epoch()} batches/epoch")
     if tr.device.type == "cpu" and preset == "paper":
@@ -516,6 +527,9 @@ def _train(a, data, cmd: str, init: Optional[str] = None, validate: bool = True)
     except KeyboardInterrupt:
         a._saved = tr.saved_on_interrupt
         raise
+    finally:
+        from .distributed import shutdown
+        shutdown(tr.ctx)
     _say(json.dumps(summary, indent=1))
     _say(f"run files in {a.out}: best/ last/ log.json summary.json convergence.png")
     return summary

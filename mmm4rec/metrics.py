@@ -44,28 +44,37 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: Iterable[int] = DEFAULT_KS) -> D
 
 
 class RankingAccumulator:
-    """Sums metrics over batches on device; `result()` syncs once and returns means as Python floats."""
+    """Counts target ranks over batches on device; `result()` syncs once and returns means as Python floats.
+
+    It keeps an integer histogram of the ranks below max(ks) (`rank_counts` [max(ks)] int64) and the sample count, so
+    Recall@K = sum(rank_counts[:K]) / count and NDCG@K = sum_r rank_counts[r] / log2(r + 2) / count (float64) do not
+    depend on how the samples were batched or sharded over processes: merging two accumulators (or an all-reduce of
+    `rank_counts` and `count` over ranks, see mmm4rec.distributed) gives exactly the single-pass numbers."""
 
     def __init__(self, ks: Sequence[int] = DEFAULT_KS):
         self.ks = tuple(ks)
-        self.sums: Dict[str, torch.Tensor] = {}
+        self.rank_counts: torch.Tensor = None       # int64 [max(ks)], allocated on the scores' device
         self.count = 0
 
     def update(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Add one batch (scores [b, n], target [b]); returns the ranks [b]."""
         ranks = target_ranks(scores, target)
-        for k, v in metrics_from_ranks(ranks, self.ks).items():
-            s = v.sum()
-            self.sums[k] = self.sums[k] + s if k in self.sums else s
+        top = max(self.ks)
+        if self.rank_counts is None:
+            self.rank_counts = torch.zeros(top, dtype=torch.int64, device=ranks.device)
+        self.rank_counts += torch.bincount(ranks.clamp(max=top), minlength=top + 1)[:top]
         self.count += int(target.shape[0])
         return ranks
 
     def result(self) -> Dict[str, float]:
         if self.count == 0:
             raise ValueError("no samples were evaluated")
-        keys = list(self.sums)
-        vals = torch.stack([self.sums[k] for k in keys]).double().cpu() / self.count
-        out = {k: float(v) for k, v in zip(keys, vals)}
+        counts = self.rank_counts.double().cpu()
+        gain = 1.0 / torch.log2(torch.arange(len(counts), dtype=torch.float64) + 2.0)
+        out = {}
+        for k in self.ks:
+            out[f"recall@{k}"] = float(counts[:k].sum()) / self.count
+            out[f"ndcg@{k}"] = float((counts[:k] * gain[:k]).sum()) / self.count
         for k in self.ks:
             out[f"hit@{k}"] = out[f"recall@{k}"]
         return out

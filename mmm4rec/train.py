@@ -21,6 +21,7 @@ Pre-training: `Trainer(model, concat_domains([...]), mode="inbatch", lr=2.5e-4)`
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as dist_utils
 from .metrics import DEFAULT_KS, RankingAccumulator
 
 LOSS_REDUCTIONS = ("sum_over_accum", "mean_over_accum")
@@ -188,6 +190,18 @@ def load_pretrained(model, path: str):
                          "give the same architecture flags as the pre-training run") from None
 
 
+class _LossModule(torch.nn.Module):
+    """model.loss as a forward(), so DistributedDataParallel sees (and all-reduces the gradients of) the model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, item_seq, time_seq, lengths, target, mode: str = "full", pool=None):
+        return self.model.loss(item_seq, time_seq, lengths, target, mode=mode,
+                               **({} if pool is None else {"pool": pool}))
+
+
 class Trainer:
     """Train / evaluate an MMM4Rec-like model on a SequentialData.
 
@@ -218,6 +232,13 @@ class Trainer:
         compile: run the loss through torch.compile (the SSD kernels stay opaque calls; the projections, time path,
             norms and FFNs around them are compiled). Off by default: its GPU effect is not measured yet.
         exclude_seen: validation/test rank only items the user has not interacted with before the target.
+        distributed: a mmm4rec.distributed.DistContext; None = initialise from the environment when launched by
+            torchrun (WORLD_SIZE > 1), else a single process.  With R ranks every rank draws the same shuffled global
+            batch of `batch_size` samples and trains on its contiguous slice under DDP (gradients equal one process
+            with the same global batch); evaluation is sharded and all-reduced (exactly the single-process metrics);
+            rank 0 alone writes checkpoints, logs, plots and progress bars; budgets are decided by rank 0.
+        inbatch_negatives: "local" (each rank's own slice) or "global" (mode "inbatch" under DDP: every rank's
+            targets are negatives, gathered with gradients; the same loss as one process on the global batch).
     """
 
     def __init__(self, model, data, *, lr: float = 1e-4, weight_decay: float = 0.005, batch_size: int = 1024,
@@ -227,7 +248,8 @@ class Trainer:
                  validate: bool = True, max_batches: Optional[int] = None, compile: bool = False,
                  loss_reduction: str = "sum_over_accum", max_total_batches: Optional[int] = None,
                  time_budget_s: Optional[float] = None, checkpoint_every_s: Optional[float] = 600.0,
-                 exclude_seen: bool = False):
+                 exclude_seen: bool = False, distributed: Optional["dist_utils.DistContext"] = None,
+                 inbatch_negatives: str = "local"):
         if mode not in ("full", "inbatch"):
             raise ValueError(f"mode must be 'full' or 'inbatch', got {mode!r}")
         if grad_accum < 1 or batch_size < 1 or epochs < 0 or patience < 1:
@@ -243,13 +265,23 @@ class Trainer:
             raise ValueError(f"metric must be ndcg@K, recall@K or hit@K with K in {tuple(ks)}, got {metric!r}")
         if data.num_samples("train") == 0:
             raise ValueError(f"dataset {data.name!r} has no training samples")
+        if inbatch_negatives not in ("local", "global"):
+            raise ValueError(f"inbatch_negatives must be 'local' or 'global', got {inbatch_negatives!r}")
         set_seed(seed)
-        self.device = resolve_device(device)
+        if distributed is None and dist_utils.launched_by_torchrun():
+            distributed = dist_utils.init_distributed(device)
+        self.ctx = distributed if distributed is not None else dist_utils.DistContext()
+        self.device = self.ctx.device if self.ctx.distributed else resolve_device(device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
         self.model = model.to(self.device)
         self.data = data
+        self.run_dir = out_dir                      # read (resume) on every rank
+        if self.ctx.distributed:
+            dist_utils.check_same_data(data, self.ctx)
+            if not self.ctx.is_main:                # rank 0 alone writes files and shows progress
+                out_dir, progress = None, False
         self.lr, self.weight_decay = lr, weight_decay
         self.batch_size, self.grad_accum, self.loss_reduction = batch_size, grad_accum, loss_reduction
         self.epochs, self.patience, self.metric, self.mode = epochs, patience, metric, mode
@@ -258,7 +290,19 @@ class Trainer:
         self.ks, self.validate, self.max_batches = tuple(ks), validate, max_batches
         self.max_total_batches, self.time_budget_s = max_total_batches, time_budget_s
         self.checkpoint_every_s, self.exclude_seen = checkpoint_every_s, exclude_seen
-        self.loss_fn = torch.compile(self.model.loss) if compile else self.model.loss
+        self._ddp = None
+        self._pool = None
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+            self._ddp = DistributedDataParallel(
+                _LossModule(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)        # e.g. the missing-image vector when every item has an image
+            torch.manual_seed(seed + 1_000_003 * self.ctx.rank)  # independent dropout masks per rank
+            if mode == "inbatch" and inbatch_negatives == "global":
+                self._pool = dist_utils.global_inbatch_pool(self.ctx)
+            self.loss_fn = torch.compile(self._ddp) if compile else self._ddp
+        else:
+            self.loss_fn = torch.compile(self.model.loss) if compile else self.model.loss
         self.optimizer = torch.optim.NAdam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.train_batches = data.batches("train", batch_size, shuffle=True, seed=seed, device=self.device)
         self.epoch = 0                 # epochs completed
@@ -288,6 +332,28 @@ class Trainer:
             return "time budget"
         return None
 
+    def _rank0_decides(self, reason: Optional[str], due: bool):
+        """Under DDP every rank must stop (budget) and sync the loss (checkpoint due) at the same step: rank 0's
+        clock decides.  Returns (reason, due) as rank 0 sees them."""
+        if not self.ctx.distributed:
+            return reason, due
+        codes = (None, "batch budget", "time budget")
+        flags = torch.tensor([codes.index(reason), int(due)], device=self.ctx.device)
+        import torch.distributed as dist
+        dist.broadcast(flags, 0)
+        return codes[int(flags[0])], bool(int(flags[1]))
+
+    def _local_batch(self, batch):
+        """This rank's slice of a global batch and its loss weight (1.0 in a single process).  A rank left without
+        rows (global batch smaller than the world) runs one row with weight 0 so that it still joins the
+        all-reduce."""
+        if not self.ctx.distributed:
+            return batch, 1.0
+        local, weight = dist_utils.shard_batch(batch, self.ctx)
+        if len(local["target"]) == 0:
+            return {k: v[:1] for k, v in batch.items()}, 0.0
+        return local, weight
+
     def train_epoch(self) -> float:
         """Train from batch `batch_in_epoch` to the end of the epoch, or until a budget stops it (then
         `stop_reason` is set and the epoch stays open: `batch_in_epoch` says where it resumes). Returns wall seconds
@@ -308,29 +374,37 @@ class Trainer:
         done = start
         pending = 0
         for i, b in enumerate(self.train_batches.iter_from(start, stop=nb), start=start):
-            loss = self.loss_fn(b["item_seq"], b["time_seq"], b["lengths"], b["target"], mode=self.mode)
-            (loss * scale).backward() if scale != 1.0 else loss.backward()
-            total += loss.detach()
+            b, weight = self._local_batch(b)
+            boundary = (i + 1 - start) % self.grad_accum == 0 or i + 1 == nb
+            # DDP: all-reduce the gradients only at the optimizer step (accumulate locally before it)
+            sync = self._ddp.no_sync() if self._ddp is not None and not boundary else contextlib.nullcontext()
+            with sync:
+                extra = {} if self._pool is None else {"pool": self._pool}
+                loss = self.loss_fn(b["item_seq"], b["time_seq"], b["lengths"], b["target"], mode=self.mode, **extra)
+                factor = scale * weight
+                (loss * factor).backward() if factor != 1.0 else loss.backward()
+            total += loss.detach() * weight if weight != 1.0 else loss.detach()
             pending += 1
             bar.update(1)
-            if (i + 1 - start) % self.grad_accum == 0 or i + 1 == nb:
+            if boundary:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 done, self.total_batches = i + 1, self.total_batches + pending
                 pending = 0
                 self.batch_in_epoch = done
                 reason = self._budget_hit()
-                due = (self.checkpoint_every_s is not None and self.out_dir
-                       and time.perf_counter() - self._last_save >= self.checkpoint_every_s)
+                due = bool(self.checkpoint_every_s is not None and self.out_dir
+                           and time.perf_counter() - self._last_save >= self.checkpoint_every_s)
+                reason, due = self._rank0_decides(reason, due)
                 if reason or due or i + 1 == nb:
-                    self._loss_sum += float(total.item())
+                    self._loss_sum += float(dist_utils.all_reduce_mean(total, self.ctx).item())
                     self._loss_count = done
                     total.zero_()
                     self.last_loss = self._loss_sum / max(self._loss_count, 1)
                 if reason and i + 1 < nb:
                     self.stop_reason = reason
                     break
-                if due and i + 1 < nb:
+                if due and i + 1 < nb and self.out_dir:
                     self.save_last(self._partial_entry())
                     self._write_log(extra=[self._partial_entry()])
         bar.close()
@@ -359,7 +433,7 @@ class Trainer:
         if self.data.num_samples(split) == 0:
             raise ValueError(f"dataset {self.data.name!r} has no {split} samples")
         return evaluate_model(self.model, self.data, split, self.eval_batch_size, self.device, self.ks,
-                              self.progress, exclude_seen=self.exclude_seen)
+                              self.progress, exclude_seen=self.exclude_seen, distributed=self.ctx)
 
     # ------------------------------------------------------------------ full run
     def fit(self) -> dict:
@@ -369,7 +443,7 @@ class Trainer:
         if self.out_dir:
             os.makedirs(self.out_dir, exist_ok=True)
         self._fit_start = self._last_save = time.perf_counter()
-        self.stop_reason = self._budget_hit()
+        self.stop_reason = self._rank0_decides(self._budget_hit(), False)[0]
         try:
             return self._fit()
         except KeyboardInterrupt:
@@ -419,7 +493,7 @@ class Trainer:
                 self.save_last()
                 self.plot()
             if self.stop_reason is None:
-                self.stop_reason = self._budget_hit()
+                self.stop_reason = self._rank0_decides(self._budget_hit(), False)[0]
         if self.out_dir and self.best_epoch:
             _load_weights(self.model, os.path.join(self.out_dir, "best", "model.safetensors"))
         elif best_state is not None:
@@ -456,7 +530,7 @@ class Trainer:
     def resume(self, path: Optional[str] = None) -> bool:
         """Restore from `path` (default out_dir/last). Returns False when there is nothing to resume; unreadable
         files are a ValueError naming the file."""
-        path = path or (os.path.join(self.out_dir, "last") if self.out_dir else None)
+        path = path or (os.path.join(self.run_dir, "last") if self.run_dir else None)
         if not path:
             return False
         path = checkpoint_dir(path)
@@ -518,25 +592,38 @@ class Trainer:
 
 @torch.no_grad()
 def evaluate_model(model, data, split: str = "test", batch_size: int = 1024, device=None,
-                   ks: Sequence[int] = DEFAULT_KS, progress: bool = False, exclude_seen: bool = False
-                   ) -> Dict[str, float]:
+                   ks: Sequence[int] = DEFAULT_KS, progress: bool = False, exclude_seen: bool = False,
+                   distributed: Optional["dist_utils.DistContext"] = None) -> Dict[str, float]:
     """Full-sort metrics of `model` on one split of `data`: per batch of users one encode, one [b, N] x [N, I+1]
     matmul and one rank count, no per-user Python; one host sync at the end.
 
     exclude_seen: the items a user interacted with before the target get -inf (RecBole's full-sort convention), so
-    a target the user had already seen earlier cannot be hit."""
+    a target the user had already seen earlier cannot be hit.
+
+    distributed: a DistContext with world_size > 1 evaluates this rank's contiguous shard of the samples and
+    all-reduces the integer rank counts, so every rank returns exactly the single-process metrics."""
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     acc = RankingAccumulator(ks)
-    it = data.batches(split, batch_size, shuffle=False, device=device)
+    lo = 0
+    if distributed is not None and distributed.distributed:
+        from .data.dataset import BatchIterator
+        lo, hi = dist_utils.shard_slice(data.num_samples(split), distributed.rank, distributed.world_size)
+        it = BatchIterator({k: v[lo:hi] for k, v in data.tensors(split, device).items()}, batch_size,
+                           shuffle=False) if hi > lo else []
+    else:
+        it = data.batches(split, batch_size, shuffle=False, device=device)
     for bi, b in enumerate(tqdm(it, desc=f"eval {split}", disable=not progress, leave=False)):
         scores = model.full_scores(model.encode(b["item_seq"], b["time_seq"], b["lengths"]))
         if exclude_seen:
-            rows, cols = data.seen_items(split, bi * batch_size, bi * batch_size + scores.shape[0])
+            first = lo + bi * batch_size
+            rows, cols = data.seen_items(split, first, first + scores.shape[0])
             scores[rows.to(device), cols.to(device)] = float("-inf")
         acc.update(scores, b["target"])
     model.train(was_training)
+    if distributed is not None:
+        dist_utils.all_reduce_accumulator(acc, distributed)
     return acc.result()
 
 

@@ -246,12 +246,14 @@ class MMM4Rec(nn.Module):
             scores[:, 0] = float("-inf")
         return scores
 
-    def loss(self, item_seq, time_seq, lengths, target, mode: str = "full") -> torch.Tensor:
+    def loss(self, item_seq, time_seq, lengths, target, mode: str = "full", pool=None) -> torch.Tensor:
         """Cross-entropy of the next item.  target [b] long in [1, I].
 
         mode "full": softmax over all items.  mode "inbatch": logits against the batch's target items only (labels
         arange(b)); with inbatch_mask_duplicates a column holding the same item as the row's own target is masked
-        (not a false negative; official: not masked)."""
+        (not a false negative; official: not masked).  pool (inbatch only): a function (target vectors [b, N],
+        target ids [b]) -> (pool vectors [B, N], pool ids [B], offset of this batch's rows in the pool), e.g.
+        mmm4rec.distributed.global_inbatch_pool to use every rank's targets as negatives."""
         if mode == "full":                     # one adapter pass over the catalogue serves the inputs and the scores
             tables = (self.text_emb.table(), self.image_emb.table())
             user = self.encode(item_seq, time_seq, lengths, item_tables=tables)
@@ -261,12 +263,16 @@ class MMM4Rec(nn.Module):
         if mode == "inbatch":
             text_t = F.normalize(self.text_emb(target), dim=-1)
             image_t = F.normalize(self.image_emb(target), dim=-1)
-            logits = user @ (text_t + image_t).T / self.config.temperature        # [b, b]
+            vectors, ids, offset = text_t + image_t, target, 0
+            if pool is not None:
+                vectors, ids, offset = pool(vectors, target)
+            logits = user @ vectors.T / self.config.temperature                  # [b, B]
+            labels = offset + torch.arange(len(target), device=user.device)
             if self.config.inbatch_mask_duplicates:
-                same = target[:, None] == target[None, :]
-                duplicate = same & ~torch.eye(len(target), dtype=torch.bool, device=user.device)
-                logits = logits.masked_fill(duplicate, float("-inf"))
-            return F.cross_entropy(logits, torch.arange(len(target), device=user.device))
+                same = target[:, None] == ids[None, :]
+                own = torch.zeros_like(same).scatter_(1, labels[:, None], True)
+                logits = logits.masked_fill(same & ~own, float("-inf"))
+            return F.cross_entropy(logits, labels)
         raise ValueError(f"mode must be 'full' or 'inbatch', got {mode!r}")
 
     # ----------------------------------------------------------------------------------------------- transfer
