@@ -63,7 +63,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["mmm4rec_kernels", "mmm4rec_kernels.*", "mmm4rec", "mmm4rec.*"]),
-    package_data={"mmm4rec_kernels": ["*.md"]},
+    package_data={"mmm4rec_kernels": ["*.md"], "mmm4rec.model": ["official_names.txt", "official_config.json"]},
     # torch is NOT pinned to a build here: install the CPU or CUDA wheel first (README "Install"), pip keeps it.
     # matplotlib is required: the main job (`mmm4rec demo`) writes the convergence plot.
     install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors", "matplotlib"],
@@ -73,6 +73,8 @@ setup(
         "plot": ["matplotlib"],
         # everything `pytest` needs (Triton kernels run under TRITON_INTERPRET=1 on CPU)
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "einops"],
+        # the RecBole adapter (mmm4rec.recbole); pandas 3 breaks RecBole 1.2.1's missing-value filling
+        "recbole": ["recbole==1.2.1", "pandas<3"],
     },
     entry_points={"console_scripts": ["mmm4rec=mmm4rec.cli:main"]},
     ext_modules=ext_modules,

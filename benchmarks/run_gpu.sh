@@ -102,8 +102,13 @@ for stage in "${STAGES[@]}"; do
         run pytest-bench "$(stage_time 240)" $PY -m pytest benchmarks/bench_tissd.py -k "paper" --benchmark-only \
             --benchmark-json "$OUT/bench_tissd.json" -p no:cacheprovider -q
         ;;
+    csrc)
+        # the standalone CUDA checker on the GPU: every csrc path (exact fp32, TF32, bf16, fp16) vs a float64 loop
+        run csrc-check "$(stage_time 180)" bash -c 'nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc csrc/tissd_quadratic.cu \
+            csrc/standalone/check_tissd.cu -o /tmp/tissd_cuda_check && /tmp/tissd_cuda_check'
+        ;;
     *)
-        log "unknown stage $stage (build kernels table4 pytest bench)"
+        log "unknown stage $stage (build kernels csrc table4 pytest bench)"
         ;;
     esac
 done

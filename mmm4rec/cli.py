@@ -233,8 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
 
     p = sub.add_parser("import-official", help="convert a checkpoint of the official code into ours")
-    p.add_argument("ckpt", help="the official checkpoint file")
+    p.add_argument("ckpt", help="the official checkpoint file (Lightning .ckpt or a plain state_dict)")
     p.add_argument("--out", required=True, help="checkpoint dir to write")
+    p.add_argument("--ngroups", type=_positive_int("--ngroups"), default=8,
+                   help="B/C groups of the official model (not recoverable from the shapes; official 8)")
+    p.add_argument("--exact", action="store_true",
+                   help="switch our deliberate deviations (padding masks, missing-image vector, ...) to the "
+                        "official behaviour")
+    p.add_argument("--max-len", type=_positive_int("--max-len"), default=None,
+                   help="max_len where the weights do not tell it")
+    p.add_argument("--num-items", type=_positive_int("--num-items"), default=None,
+                   help="item count where the weights do not tell it")
     p.add_argument("--overwrite", action="store_true")
     _common(p)
 
@@ -692,8 +701,9 @@ def cmd_import_official(a) -> int:
         raise ValueError(f"{a.ckpt}: no such file")
     _check_out(a.out, False, a.overwrite, files=("model.safetensors", "config.json"),
                hint="pass --overwrite to replace it")
-    res = official.import_official(a.ckpt, a.out)
-    _say(f"converted {a.ckpt} -> {a.out}" + (f": {res}" if res else ""))
+    overrides = {k: v for k, v in (("max_len", a.max_len), ("num_items", a.num_items)) if v is not None}
+    info = official.import_official(a.ckpt, a.out, ngroups=a.ngroups, exact=a.exact, **overrides)
+    _say(official.main_summary(info))
     return 0
 
 

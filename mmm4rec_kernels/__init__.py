@@ -10,6 +10,7 @@ Public API:
     QUADRATIC_HARD_MAX_L   longest sequence the quadratic kernels hold (one declaration, in dispatch.py)
     torch_backend       the CPU / float64 fallback that backend='torch' runs (float64 decay sums, where-masking)
     reference           float64 torch references (recurrence, quadratic, chunked): the test oracle, not for speed
+    modules             drop-in layers (TimeAwareSSD, time encodings, step API): `from mmm4rec_kernels.modules import`
 """
 from . import reference, torch_backend
 from .dispatch import QUADRATIC_HARD_MAX_L, crossover_length

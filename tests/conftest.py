@@ -1,7 +1,22 @@
-"""Test setup: without a CUDA device, Triton kernels run under the interpreter (must be set before triton imports)."""
+"""Test setup: without a CUDA device, Triton kernels run under the interpreter (must be set before triton imports).
+
+Torch CPU threads are fixed for the whole session (MMM4REC_TEST_THREADS, default 1: the suite's ops are small, and
+on a shared 2-core machine one thread was many times faster than two) and restored after every test, because the
+CLI's `main()` sets its own thread count and would otherwise make the suite's speed depend on test order."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TEST_THREADS = int(os.environ.get("MMM4REC_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    yield
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)

@@ -134,3 +134,18 @@ def test_import_rejects(tmp_path, case):
         torch.save(state, ckpt)
     with pytest.raises(ValueError, match=match):
         import_official(str(ckpt), str(tmp_path / "out"), ngroups=ngroups)
+
+
+def test_cli_import_official(tmp_path, capsys):
+    """`mmm4rec import-official CKPT --out DIR` converts, prints one summary line, and refuses to overwrite."""
+    from mmm4rec.cli import main
+    ckpt = tmp_path / "official.ckpt"
+    write_lightning_ckpt(ckpt, random_official_state())
+    out = str(tmp_path / "out")
+    assert main(["import-official", str(ckpt), "--out", out, "--ngroups", str(SIZES["G"])]) == 0
+    assert "imported" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, "model.safetensors")) and os.path.exists(os.path.join(out, "config.json"))
+    assert main(["import-official", str(ckpt), "--out", out, "--ngroups", str(SIZES["G"])]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["import-official", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "o2")]) == 1
+    assert "nope.ckpt" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from mmm4rec.train import Trainer, build_model, evaluate_model, load_checkpoint,
 
 def tiny_config(**kw):
     base = dict(hidden_size=16, headdim=8, d_state=8, ngroups=1, ffn_inner=16, max_len=5, dropout=0.0,
-                time_dropout=0.0, backend="torch", path="quadratic", feat_dim=16)
+                time_dropout=0.0, time_mlp_dropout=0.0, backend="torch", path="quadratic", feat_dim=16)
     base.update(kw)
     return MMM4RecConfig(**base)
 
@@ -60,7 +60,7 @@ def test_fit_checkpoint_and_resume(data, tmp_path):
     tr2 = Trainer(build_model(tiny_config(), data), data, lr=5e-3, batch_size=256, epochs=2, progress=False,
                   out_dir=out)
     assert tr2.resume() and tr2.epoch == 1
-    assert torch.equal(tr2.model.state_dict()["co_norm.weight"], tr.model.state_dict()["co_norm.weight"])
+    assert torch.equal(tr2.model.state_dict()["co_norm.0.weight"], tr.model.state_dict()["co_norm.0.weight"])
     tr2.fit()
     assert [e["epoch"] for e in json.load(open(os.path.join(out, "log.json")))] == [1, 2]
     with pytest.raises(ValueError, match="items"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class CausalDepthwiseConv1d(nn.Conv1d):
@@ -22,7 +23,9 @@ class CausalDepthwiseConv1d(nn.Conv1d):
                          device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)[..., : x.shape[-1]]
+        # pad k-1 zeros on the left only (not both sides then slice): the same values, and autograd keeps no
+        # [b, C, L+k-1] output alive
+        return F.conv1d(F.pad(x, (self.kernel_size[0] - 1, 0)), self.weight, self.bias, groups=self.groups)
 
     def allocate_window(self, batch: int, device=None, dtype=None) -> torch.Tensor:
         """Zero window [batch, C, k-1] (nothing seen yet)."""
