@@ -594,7 +594,7 @@ def _bwd_dt_kernel(
         dd += tl.load(ddelta_ptr + (T.to(tl.int64) * k + tok) * H + h, mask=ok, other=0.0)
     da = tl.zeros([BLOCK_L], dtype=tl.float32)
     for ib in range(0, BLOCK_L // BI):                      # row blocks at or below t's block wrote da[ib, t]
-        ib_ok = ok & (ib >= rt // BI) & (ib * BI < length)
+        ib_ok = ok & (rt // BI <= ib) & (rt * 0 + ib * BI < length)   # every operand a tensor (interpreters)
         da += tl.load(da_ptr + (T.to(tl.int64) * ib + tok) * H + h, mask=ib_ok, other=0.0)
     dd += A * da
     if DT_SOFTPLUS:
