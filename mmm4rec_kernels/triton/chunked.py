@@ -515,7 +515,7 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
     meta = dict(HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
                 HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, Q), D_SKIP_DELTA=bool(d_skip_delta),
                 DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype],
-                PRECISION=precision, Q=Q, BLOCK_P=block_p, BLOCK_N=_block_n(N), SPLIT_BC=precision == "tf32x3")
+                PRECISION=precision, Q=Q, BLOCK_P=block_p, BLOCK_N=_block_n(N), SPLIT_BC=_prec_class(x, precision) == "tf32x3")
     configs.launch(
         _bwd_kernel, (nseq * H * n_pb,),
         (dy, dummy if dfin is None else dfin, x, dt, A, B, C, dummy if E is None else E,
