@@ -11,6 +11,9 @@ P-blocks never talk to each other; the program walks the chunks of its sequence 
     _fwd_kernel     discretization + quadratic form inside the chunk (tl.dot) + state passing; writes y (+ h_T).
     _bwd_kernel     pass 1 walks forward and stores the chunk-start states (scratch, fp32), pass 2 walks backward
                     carrying dh [BLOCK_P, n]; writes dx, per-P-block partial dDelta / dB / dC and dA / dD sums.
+                    Exact fp32 (tf32x3 dots, three products each) runs pass 2 twice (SPLIT_BC): dx / dDelta
+                    first, then dB / dC (+ the dh recurrence again, adding its dDelta terms), so that no sweep
+                    holds every tile at once (spill-free on sm_90; one sweep with everything spills 36+32 B).
     _bwd_dt_kernel  sums the dDelta partials, applies d softplus, writes ddt, dE and per-(sequence, head) ddt_bias.
 Partial buffers are reduced with torch sums (deterministic, no atomics).
 
@@ -241,6 +244,7 @@ def _bwd_kernel(
     tl.debug_barrier()  # the states written above are read back below by other threads of this program
 
     # ---- pass 2: reverse sweep carrying dhT [BN, BP] = d loss / d (state leaving the chunk), transposed ----
+    # SPLIT_BC: two sweeps, 0 = dx, dDelta (du and written-state terms), dD; 1 = dB, dC and the other dDelta terms
     dA_acc = tl.zeros([Q], dtype=tl.float32)                                       # per-step partial sums
     dD_acc = tl.zeros([Q], dtype=tl.float32)
     part_off = (pb * R + h % R).to(tl.int64) * T * G * N                           # dB / dC partial slot
@@ -515,7 +519,8 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
     meta = dict(HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
                 HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, Q), D_SKIP_DELTA=bool(d_skip_delta),
                 DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype],
-                PRECISION=precision, Q=Q, BLOCK_P=block_p, BLOCK_N=_block_n(N), SPLIT_BC=_prec_class(x, precision) == "tf32x3")
+                PRECISION=precision, Q=Q, BLOCK_P=block_p, BLOCK_N=_block_n(N),
+                SPLIT_BC=_prec_class(x, precision) == "tf32x3")   # registers: see _bwd_kernel
     configs.launch(
         _bwd_kernel, (nseq * H * n_pb,),
         (dy, dummy if dfin is None else dfin, x, dt, A, B, C, dummy if E is None else E,
