@@ -76,14 +76,14 @@ def token_layout(inp):
                 dy=flat(inp["dy"])), seq
 
 
-def run_kernels(inp, *, chunk_size, d_skip, dt_softplus=True, return_final=True):
+def run_kernels(inp, *, chunk_size, d_skip, dt_softplus=True, return_final=True, fp32_precision=None):
     """Kernel y [b, L, H, P], final states and grads {name: grad} reshaped to the batched layout."""
     b, L, H, P = inp["x"].shape
     tok, seq = token_layout(inp)
     args = (tok["x"], tok["dt"], inp["A"], tok["B"], tok["C"], tok["E"], inp["dt_bias"], inp["D"],
             seq["seq_start"], seq["seq_len"], seq["max_len"])
     kw = dict(initial_states=inp["h0"], chunk_size=chunk_size, d_skip_delta=d_skip == "delta",
-              dt_softplus=dt_softplus)
+              dt_softplus=dt_softplus, fp32_precision=fp32_precision)
     y, fin = tissd_chunked_fwd(*args, return_final_states=return_final, **kw)
     grads = tissd_chunked_bwd(tok["dy"], inp["dfinal"], *args, **kw)
     shapes = dict(x=(b, L, H, P), dt=(b, L, H), B=inp["B"].shape, C=inp["C"].shape, E=(b, L, H))
@@ -93,9 +93,10 @@ def run_kernels(inp, *, chunk_size, d_skip, dt_softplus=True, return_final=True)
     return y.reshape(b, L, H, P), fin, out
 
 
-def check_against_reference(inp, *, chunk_size, d_skip, dt_softplus=True, tol=TOL):
+def check_against_reference(inp, *, chunk_size, d_skip, dt_softplus=True, tol=TOL, fp32_precision=None):
     y_ref, fin_ref, g_ref = reference(inp, chunk_size=chunk_size, d_skip=d_skip, dt_softplus=dt_softplus)
-    y, fin, g = run_kernels(inp, chunk_size=chunk_size, d_skip=d_skip, dt_softplus=dt_softplus)
+    y, fin, g = run_kernels(inp, chunk_size=chunk_size, d_skip=d_skip, dt_softplus=dt_softplus,
+                            fp32_precision=fp32_precision)
     errs = {"y": rel_err(y, y_ref), "final": rel_err(fin, fin_ref)}
     for name in GRAD_NAMES:
         if g_ref[name] is None:
@@ -149,6 +150,18 @@ def test_chunked_matches_reference(b, L, H, P, n, G, chunk, opt):
     if not softplus:  # no softplus: keep Delta = dt * E + bias > 0 (a decay), dt in [0.05, 0.5]
         inp["dt"] = inp["dt"].abs().clamp(0.05, 0.5)
     check_against_reference(inp, chunk_size=chunk, d_skip=d_skip, dt_softplus=softplus)
+
+
+@pytest.mark.parametrize("precision,case", [("ieee", 3), ("tf32", 8), ("ieee", 13)])
+def test_single_reverse_sweep_matches_reference(precision, case):
+    """The default exact fp32 ("tf32x3") backward runs its reverse sweep twice (SPLIT_BC: dx / dDelta, then
+    dB / dC, for registers); every other precision runs one sweep with everything: check that path too (the
+    interpreter computes every fp32 dot exactly, so the same tolerance holds)."""
+    b, L, H, P, n, G, chunk, opt = CASES[case]
+    opt = dict(opt)
+    d_skip, softplus = opt.pop("d_skip", "delta"), opt.pop("softplus", True)
+    inp = make_inputs(b, L, H, P, n, G, seed=2000 + case, **opt)
+    check_against_reference(inp, chunk_size=chunk, d_skip=d_skip, dt_softplus=softplus, fp32_precision=precision)
 
 
 @pytest.mark.parametrize("chunk", [16, 64])

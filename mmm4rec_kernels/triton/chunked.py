@@ -11,6 +11,9 @@ P-blocks never talk to each other; the program walks the chunks of its sequence 
     _fwd_kernel     discretization + quadratic form inside the chunk (tl.dot) + state passing; writes y (+ h_T).
     _bwd_kernel     pass 1 walks forward and stores the chunk-start states (scratch, fp32), pass 2 walks backward
                     carrying dh [BLOCK_P, n]; writes dx, per-P-block partial dDelta / dB / dC and dA / dD sums.
+                    Exact fp32 (tf32x3 dots, three products each) runs pass 2 twice (SPLIT_BC): dx / dDelta
+                    first, then dB / dC (+ the dh recurrence again, adding its dDelta terms), so that no sweep
+                    holds every tile at once (spill-free on sm_90; one sweep with everything spills 36+32 B).
     _bwd_dt_kernel  sums the dDelta partials, applies d softplus, writes ddt, dE and per-(sequence, head) ddt_bias.
 Partial buffers are reduced with torch sums (deterministic, no atomics).
 
@@ -193,6 +196,7 @@ def _bwd_kernel(
     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_DFINAL: tl.constexpr, ITERS: tl.constexpr, D_SKIP_DELTA: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_BC: tl.constexpr,
 ):
     """Outputs (fp32 unless said): dx [T, H, P] (x dtype); ddelta [n_pb, T, H] partial dDelta per P-block;
     dB, dC [n_pb * H/G, T, G, N] partials (slot pb * H/G + head-in-group); dh0 [nseq, H, P, N];
@@ -240,86 +244,95 @@ def _bwd_kernel(
     tl.debug_barrier()  # the states written above are read back below by other threads of this program
 
     # ---- pass 2: reverse sweep carrying dhT [BN, BP] = d loss / d (state leaving the chunk), transposed ----
-    if HAS_DFINAL:
-        dhT = tl.load(dhT_ptr + s_off + s_idx, mask=s_mask, other=0.0).to(tl.float32)
-    else:
-        dhT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    # SPLIT_BC: two sweeps, 0 = dx, dDelta (du and written-state terms), dD; 1 = dB, dC and the other dDelta terms
     dA_acc = tl.zeros([Q], dtype=tl.float32)                                       # per-step partial sums
     dD_acc = tl.zeros([Q], dtype=tl.float32)
     part_off = (pb * R + h % R).to(tl.int64) * T * G * N                           # dB / dC partial slot
-    for i in range(0, ITERS if ITERS > 0 else nc):
-        c = (ITERS if ITERS > 0 else nc) - 1 - i
-        ok = c * Q + rq < length
-        tok0 = start + c * Q
-        v = _load_v(dt_ptr + tok0 * H + h, E_ptr + tok0 * H + h, bias_ptr + h, rq * H, ok, HAS_E, HAS_BIAS)
-        delta = _delta(v, ok, DT_SOFTPLUS)
-        hi, lo, hi_L, lo_L = _chunk_cumsum(A * delta, Q)
-        dL = (hi_L - hi) + (lo_L - lo)
-        w = tl.exp(tl.minimum(dL, 0.0))                                            # decay j -> chunk end, [Q]
-        wg = tl.where(dL <= 0.0, w, 0.0)                                           # its derivative (clamp off)
-        ecs = tl.exp(hi + lo)                                                      # exp(cs_i), [Q]
-        ecs_L = tl.exp(hi_L + lo_L)
-        x_off = (tok0 * H + h) * P + rq[:, None] * (H * P) + rp[None, :]
-        xp_ok = ok[:, None] & p_ok[None, :]
-        x = tl.load(x_ptr + x_off, mask=xp_ok, other=0.0).to(tl.float32)           # [Q, BP]
-        dy = tl.load(dy_ptr + x_off, mask=xp_ok, other=0.0).to(tl.float32)         # [Q, BP]
-        u = x * delta[:, None]                                                     # [Q, BP] Delta_j x_j
-        bc_off = (tok0 * G + g) * N + rq[:, None] * (G * N) + rn[None, :]
-        bn_ok = ok[:, None] & n_ok[None, :]
-        Bm = tl.load(B_ptr + bc_off, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
-        Cm = tl.load(C_ptr + bc_off, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
+    for sweep in tl.static_range(2 if SPLIT_BC else 1):
+        if sweep == 1:
+            tl.debug_barrier()  # sweep 1 adds to the dDelta partials that sweep 0 stored (other threads)
+        if HAS_DFINAL:
+            dhT = tl.load(dhT_ptr + s_off + s_idx, mask=s_mask, other=0.0).to(tl.float32)
+        else:
+            dhT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+        for i in range(0, ITERS if ITERS > 0 else nc):
+            c = (ITERS if ITERS > 0 else nc) - 1 - i
+            ok = c * Q + rq < length
+            tok0 = start + c * Q
+            v = _load_v(dt_ptr + tok0 * H + h, E_ptr + tok0 * H + h, bias_ptr + h, rq * H, ok, HAS_E, HAS_BIAS)
+            delta = _delta(v, ok, DT_SOFTPLUS)
+            hi, lo, hi_L, lo_L = _chunk_cumsum(A * delta, Q)
+            dL = (hi_L - hi) + (lo_L - lo)
+            w = tl.exp(tl.minimum(dL, 0.0))                                            # decay j -> chunk end, [Q]
+            wg = tl.where(dL <= 0.0, w, 0.0)                                           # its derivative (clamp off)
+            ecs = tl.exp(hi + lo)                                                      # exp(cs_i), [Q]
+            ecs_L = tl.exp(hi_L + lo_L)
+            x_off = (tok0 * H + h) * P + rq[:, None] * (H * P) + rp[None, :]
+            xp_ok = ok[:, None] & p_ok[None, :]
+            x = tl.load(x_ptr + x_off, mask=xp_ok, other=0.0).to(tl.float32)           # [Q, BP]
+            dy = tl.load(dy_ptr + x_off, mask=xp_ok, other=0.0).to(tl.float32)         # [Q, BP]
+            u = x * delta[:, None]                                                     # [Q, BP] Delta_j x_j
+            bc_off = (tok0 * G + g) * N + rq[:, None] * (G * N) + rn[None, :]
+            bn_ok = ok[:, None] & n_ok[None, :]
+            Bm = tl.load(B_ptr + bc_off, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
+            Cm = tl.load(C_ptr + bc_off, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
 
-        # decay M_ij = exp(min(cs_i - cs_j, 0)) (j <= i); S_ij = (C_i . B_j) M_ij
-        diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-        M = tl.where(rq[:, None] >= rq[None, :], tl.exp(tl.minimum(diff, 0.0)), 0.0)
-        S = M * _dot(Cm, tl.trans(Bm), DOT, PRECISION)                            # [Q, Q]
-        dyu = _dot(dy, tl.trans(u), DOT, PRECISION)                                # [Q, Q] dy_i . u_j
-        # da_t (a_t enters cs_i for all i >= t of the chunk), summed directly over the decays that contain a_t, so
-        # that large terms of decays not containing it never cancel (stable after huge steps):
-        #   pairs j < t <= i:       sum_{i >= t} sum_{j < t} W_ij,  W_ij = (dy_i . u_j) S_ij where the clamp is off
-        #   written state (j < t):  sum_{j < t} dw_j r_j,           r_j = u_j . (dh B_j)
-        #   read state (i >= t):    sum_{i >= t} exp(cs_i) dy_i . (h C_i) ;  plus exp(cs_L) <dh, h> for every t
-        W = tl.where((rq[:, None] > rq[None, :]) & (diff <= 0.0), dyu * S, 0.0)
-        dG = dyu * M                                                               # d loss / d (C_i . B_j)
-        F = tl.cumsum(W, axis=1)                                                   # F[i, s] = sum_{j <= s} W_ij
-        before = tl.sum(tl.where(rq[:, None] > rq[None, :], F, 0.0), axis=0)       # [Q] at s: pairs j <= s < i
+            # decay M_ij = exp(min(cs_i - cs_j, 0)) (j <= i); S_ij = (C_i . B_j) M_ij
+            diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
+            M = tl.where(rq[:, None] >= rq[None, :], tl.exp(tl.minimum(diff, 0.0)), 0.0)
+            S = M * _dot(Cm, tl.trans(Bm), DOT, PRECISION)                            # [Q, Q]
+            # da_t (a_t enters cs_i for all i >= t of the chunk), summed directly over the decays that contain a_t, so
+            # that large terms of decays not containing it never cancel (stable after huge steps):
+            #   pairs j < t <= i:       sum_{i >= t} sum_{j < t} W_ij,  W_ij = (dy_i . u_j) S_ij where the clamp is off
+            #   written state (j < t):  sum_{j < t} dw_j r_j,           r_j = u_j . (dh B_j)
+            #   read state (i >= t):    sum_{i >= t} exp(cs_i) dy_i . (h C_i) ;  plus exp(cs_L) <dh, h> for every t
+            # `before`[s] collects the first two at s = t - 1; da is linear in them, so split sweeps add their parts
+            before = tl.zeros([Q], dtype=tl.float32)
+            da = tl.zeros([Q], dtype=tl.float32)
+            if sweep == 0 or not SPLIT_BC:  # dx, dDelta, written-state term of da, dD
+                # du_j = sum_i S_ij dy_i + w_j dh B_j ;  dx = Delta du + skip ;  dDelta_j += du_j . x_j
+                Bdh = _dot(Bm, dhT, DOT, PRECISION)                                    # [Q, BP] (dh B_j)_p
+                du = _dot(tl.trans(S), dy, DOT, PRECISION) + w[:, None] * Bdh
+                r = tl.sum(u * Bdh, axis=1)                                            # u_j . (dh B_j)
+                before += tl.cumsum(wg * r, axis=0)
+                ddelta = tl.sum(du * x, axis=1)
+                dx = delta[:, None] * du
+                if HAS_D:
+                    xdy = tl.sum(x * dy, axis=1)                                       # [Q] x_t . dy_t (this block)
+                    if D_SKIP_DELTA:
+                        dx += (Dh * delta)[:, None] * dy
+                        ddelta += Dh * xdy
+                        dD_acc += delta * xdy
+                    else:
+                        dx += Dh * dy
+                        dD_acc += xdy
+                tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=xp_ok)
+            if sweep == 1 or not SPLIT_BC:  # dB, dC, pairs and read-state terms of da
+                dyu = _dot(dy, tl.trans(u), DOT, PRECISION)                            # [Q, Q] dy_i . u_j
+                W = tl.where((rq[:, None] > rq[None, :]) & (diff <= 0.0), dyu * S, 0.0)
+                F = tl.cumsum(W, axis=1)                                               # F[i, s] = sum_{j <= s} W_ij
+                before += tl.sum(tl.where(rq[:, None] > rq[None, :], F, 0.0), axis=0)  # [Q] pairs j <= s < i
+                dG = dyu * M                                                           # d loss / d (C_i . B_j)
+                # dC_i = sum_j dG_ij B_j + exp(cs_i) h dy_i ;  dB_j = sum_i dG_ij C_i + w_j dh^T u_j
+                hT = tl.load(states_ptr + ((seq * H + h) * n_chunks + c) * (P * N) + s_idx, mask=s_mask, other=0.0)
+                dyh = _dot(dy, tl.trans(hT), DOT, PRECISION)                           # [Q, BN] sum_p dy_ip h[p, k]
+                dC = _dot(dG, Bm, DOT, PRECISION) + ecs[:, None] * dyh
+                tl.store(dC_ptr + part_off + bc_off, dC.to(dC_ptr.dtype.element_ty), mask=bn_ok)
+                dB = _dot(tl.trans(dG), Cm, DOT, PRECISION) + w[:, None] * _dot(u, tl.trans(dhT), DOT, PRECISION)
+                tl.store(dB_ptr + part_off + bc_off, dB.to(dB_ptr.dtype.element_ty), mask=bn_ok)
+                da += tl.cumsum(ecs * tl.sum(Cm * dyh, axis=1), axis=0, reverse=True)
+                da += ecs_L * tl.sum(tl.sum(dhT * hT, axis=1), axis=0)
+            # da += (value at s = t - 1 of `before`);  dDelta += A da ;  dA += Delta da
+            da += tl.sum(tl.where(rq[:, None] == rq[None, :] + 1, before[None, :], 0.0), axis=1)
+            dd_ptrs = ddelta_ptr + pb.to(tl.int64) * T * H + (tok0 + rq) * H + h
+            if SPLIT_BC and sweep == 1:
+                ddelta = tl.load(dd_ptrs, mask=ok, other=0.0)                          # sweep 0's part
+            ddelta += A * da
+            tl.store(dd_ptrs, ddelta, mask=ok)
+            dA_acc += delta * da
 
-        # du_j = sum_i S_ij dy_i + w_j dh B_j ;  dx = Delta du + skip ;  dDelta_j += du_j . x_j
-        Bdh = _dot(Bm, dhT, DOT, PRECISION)                                        # [Q, BP] (dh B_j)_p
-        du = _dot(tl.trans(S), dy, DOT, PRECISION) + w[:, None] * Bdh
-        r = tl.sum(u * Bdh, axis=1)                                                # u_j . (dh B_j)
-        before += tl.cumsum(wg * r, axis=0)
-        ddelta = tl.sum(du * x, axis=1)
-        dx = delta[:, None] * du
-        if HAS_D:
-            xdy = tl.sum(x * dy, axis=1)                                           # [Q] x_t . dy_t (this block)
-            if D_SKIP_DELTA:
-                dx += (Dh * delta)[:, None] * dy
-                ddelta += Dh * xdy
-                dD_acc += delta * xdy
-            else:
-                dx += Dh * dy
-                dD_acc += xdy
-        tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=xp_ok)
-
-        # dC_i = sum_j dG_ij B_j + exp(cs_i) h dy_i ;  dB_j = sum_i dG_ij C_i + w_j dh^T u_j
-        hT = tl.load(states_ptr + ((seq * H + h) * n_chunks + c) * (P * N) + s_idx, mask=s_mask, other=0.0)
-        dyh = _dot(dy, tl.trans(hT), DOT, PRECISION)                               # [Q, BN] sum_p dy_ip h[p, k]
-        dC = _dot(dG, Bm, DOT, PRECISION) + ecs[:, None] * dyh
-        tl.store(dC_ptr + part_off + bc_off, dC.to(dC_ptr.dtype.element_ty), mask=bn_ok)
-        dB = _dot(tl.trans(dG), Cm, DOT, PRECISION) + w[:, None] * _dot(u, tl.trans(dhT), DOT, PRECISION)
-        tl.store(dB_ptr + part_off + bc_off, dB.to(dB_ptr.dtype.element_ty), mask=bn_ok)
-
-        # da = (value at s = t - 1 of `before`) + read-state terms;  dDelta += A da ;  dA += Delta da
-        da = tl.sum(tl.where(rq[:, None] == rq[None, :] + 1, before[None, :], 0.0), axis=1)
-        da += tl.cumsum(ecs * tl.sum(Cm * dyh, axis=1), axis=0, reverse=True)
-        da += ecs_L * tl.sum(tl.sum(dhT * hT, axis=1), axis=0)
-        ddelta += A * da
-        tl.store(ddelta_ptr + pb.to(tl.int64) * T * H + (tok0 + rq) * H + h, ddelta, mask=ok)
-        dA_acc += delta * da
-
-        # dh (entering the chunk) = exp(cs_L) dh + sum_i exp(cs_i) dy_i C_i^T
-        dhT = ecs_L * dhT + _dot(tl.trans(Cm * ecs[:, None]), dy, DOT, PRECISION)
+            # dh (entering the chunk) = exp(cs_L) dh + sum_i exp(cs_i) dy_i C_i^T
+            dhT = ecs_L * dhT + _dot(tl.trans(Cm * ecs[:, None]), dy, DOT, PRECISION)
 
     if HAS_H0:
         tl.store(dh0_ptr + s_off + s_idx, dhT, mask=s_mask)
@@ -506,7 +519,8 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
     meta = dict(HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
                 HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, Q), D_SKIP_DELTA=bool(d_skip_delta),
                 DT_SOFTPLUS=bool(dt_softplus), DOT=DOT_CODE[x.dtype],
-                PRECISION=precision, Q=Q, BLOCK_P=block_p, BLOCK_N=_block_n(N))
+                PRECISION=precision, Q=Q, BLOCK_P=block_p, BLOCK_N=_block_n(N),
+                SPLIT_BC=_prec_class(x, precision) == "tf32x3")   # registers: see _bwd_kernel
     configs.launch(
         _bwd_kernel, (nseq * H * n_pb,),
         (dy, dummy if dfin is None else dfin, x, dt, A, B, C, dummy if E is None else E,

@@ -69,10 +69,11 @@ def _pinned(kernel, BLOCK_L, P, PREC):
         return _cfg(4, 1, BLOCK_P=32, Q_MAX=16 if PREC == "tf32x3" else 64)
     if kernel == "chunked_bwd":
         # chunks of 16 keep the Q x Q tiles and the [n, BLOCK_P] states in registers; BLOCK_P = 64 (= P at the
-        # benchmark shapes) needs no partial dB / dC / dDelta buffers.  tf32x3 (three products per dot) still
-        # spills a little in every config tried (36 B at best, the one waiver of the offline gate).
+        # benchmark shapes) needs no partial dB / dC / dDelta buffers.  tf32x3 (three products per dot) runs the
+        # reverse sweep twice (SPLIT_BC: dx / dDelta, then dB / dC); spill-free only at BLOCK_P = 32 with 8 warps
+        # (255 registers; BLOCK_P 16: 8-20 B spills, 64: 170+ B, 4 warps: 20-60 B; RESULTS.md 2026-12-02)
         if PREC == "tf32x3":
-            return _cfg(8, 1, BLOCK_P=16, Q_MAX=16)
+            return _cfg(8, 1, BLOCK_P=32, Q_MAX=16)
         return _cfg(8, 1, BLOCK_P=64, Q_MAX=16)
     raise ValueError(f"no pinned config for kernel {kernel!r}")
 
