@@ -23,7 +23,7 @@ def worker(a) -> None:
     import torch
 
     from mmm4rec.data import make_paper_like
-    from mmm4rec.distributed import init_distributed, shutdown
+    from mmm4rec.distributed import init_distributed
     from mmm4rec.model import MMM4RecConfig
     from mmm4rec.train import Trainer, build_model
 
@@ -43,7 +43,7 @@ def worker(a) -> None:
     if ctx.is_main:
         print(json.dumps({"nprocs": ctx.world_size, "device": str(tr.device), "samples": a.batches * a.batch_size,
                           "seconds": secs, "samples_per_s": a.batches * a.batch_size / secs}), flush=True)
-    shutdown(ctx)
+    tr.close()
 
 
 def main() -> None:

@@ -537,8 +537,7 @@ def _train(a, data, cmd: str, init: Optional[str] = None, validate: bool = True)
         a._saved = tr.saved_on_interrupt
         raise
     finally:
-        from .distributed import shutdown
-        shutdown(tr.ctx)
+        tr.close()
     _say(json.dumps(summary, indent=1))
     _say(f"run files in {a.out}: best/ last/ log.json summary.json convergence.png")
     return summary

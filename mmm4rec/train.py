@@ -509,6 +509,17 @@ class Trainer:
             self.plot()
         return summary
 
+    def close(self) -> None:
+        """Under DDP: free the DDP wrapper while every rank still holds the process group, then destroy the group
+        if this Trainer created it (a DDP reducer outliving its gloo group hung at exit in ~1 run of 3)."""
+        if self._ddp is not None:
+            import gc
+            dist_utils.barrier(self.ctx)
+            self._ddp, self.loss_fn = None, self.model.loss
+            gc.collect()
+            dist_utils.barrier(self.ctx)
+        dist_utils.shutdown(self.ctx)
+
     # ------------------------------------------------------------------ persistence
     def _meta(self, entry: dict) -> dict:
         return {"data_name": self.data.name, "epoch": entry.get("epoch", self.epoch), "metrics": entry.get("valid"),

@@ -144,8 +144,10 @@ def _train_few(ctx, mode, grad_accum, negatives, out_dir=None, resume=False, max
         assert tr.resume()
     summary = tr.fit()
     state = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
-    return {"state": state, "valid": tr.evaluate("valid") if validate else None, "test": summary.get("test"),
-            "log": [e.get("loss") for e in tr.log], "batches": tr.total_batches}
+    out = {"state": state, "valid": tr.evaluate("valid") if validate else None, "test": summary.get("test"),
+           "log": [e.get("loss") for e in tr.log], "batches": tr.total_batches}
+    tr.close()          # frees the DDP wrapper on every rank before the process group goes (see Trainer.close)
+    return out
 
 
 def _ddp_entry(ctx, mode, grad_accum, negatives, out_dir, resume, max_batches, validate=True):
@@ -196,7 +198,7 @@ def test_cli_finetune_under_torchrun(tmp_path):
                    check=True, env=env, capture_output=True, cwd=str(tmp_path))
     p = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "mmm4rec", "finetune", "--data", data, "--out", out,
                         "--preset", "cpu", "--epochs", "1", "--quiet"], env=env, capture_output=True, text=True,
-                       cwd=str(tmp_path), timeout=300)
+                       cwd=str(tmp_path), timeout=240)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("run files in") == 1 and "x 2 ranks (DDP" in p.stdout   # rank 0 alone speaks
     assert os.path.exists(os.path.join(out, "last", "trainer.pt")) and os.path.exists(os.path.join(out, "best"))
