@@ -20,3 +20,19 @@ def _restore_torch_threads():
     yield
     if torch.get_num_threads() != TEST_THREADS:
         torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture
+def launched_precisions(monkeypatch):
+    """spy(module) -> list that collects the PRECISION constexpr of every kernel launched through
+    module.configs.launch (the Triton paths' single launch point) while the test runs."""
+    def spy_on(module):
+        seen = []
+        launch = module.configs.launch
+
+        def spy(kernel_fn, grid, args, meta, cfg):
+            seen.append(meta["PRECISION"])
+            return launch(kernel_fn, grid, args, meta, cfg)
+        monkeypatch.setattr(module.configs, "launch", spy)
+        return seen
+    return spy_on

@@ -291,18 +291,12 @@ def test_bf16_cuda(chunk):
         assert rel_err(g[name], g_ref[name]) < 3e-2, name
 
 
-def test_precision_flag_reaches_the_kernels(monkeypatch):
+def test_precision_flag_reaches_the_kernels(launched_precisions):
     """fp32 dots: "tf32x3" by default (~fp32 accurate on tensor cores), "tf32" with allow_tf32, an explicit
     fp32_precision wins; unknown values raise."""
     from mmm4rec_kernels.triton import chunked
 
-    seen = []
-    launch = chunked.configs.launch
-
-    def spy(kernel_fn, grid, args, meta, cfg):
-        seen.append(meta["PRECISION"])
-        return launch(kernel_fn, grid, args, meta, cfg)
-    monkeypatch.setattr(chunked.configs, "launch", spy)
+    seen = launched_precisions(chunked)
     inp = make_inputs(1, 7, 1, 32, 16, 1, seed=3)
     tok, seq = token_layout(inp)
     args = (tok["x"], tok["dt"], inp["A"], tok["B"], tok["C"], tok["E"], inp["dt_bias"], inp["D"],

@@ -219,16 +219,10 @@ def test_quadratic_tf32_matches_reference(name):
     check_case(CASES[name], tol=1e-2, allow_tf32=True)
 
 
-def test_precision_flag_reaches_every_kernel(monkeypatch):
+def test_precision_flag_reaches_every_kernel(launched_precisions):
     """allow_tf32 / fp32_precision become the kernels' PRECISION constexpr: "tf32" with allow_tf32, exact "ieee"
     without, an explicit fp32_precision wins; unknown values raise."""
-    seen = []
-    launch = quadratic.configs.launch
-
-    def spy(kernel_fn, grid, args, meta, cfg):
-        seen.append(meta["PRECISION"])
-        return launch(kernel_fn, grid, args, meta, cfg)
-    monkeypatch.setattr(quadratic.configs, "launch", spy)
+    seen = launched_precisions(quadratic)
     c = Case(L=7, H=1, P=32, n=16)
     inp, lengths = make_inputs(c)
     dy = torch.randn(len(lengths), c.L, c.H, c.P, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
