@@ -18,6 +18,8 @@ initial_states / final states [nseq, H, P, n].  Autograd runs through plain torc
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -30,11 +32,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Up to this length the segment sums are one matmul with a constant 0/1 "cover" matrix [L, L*L] (L^3 entries: 262k
+# at 64); longer sequences use the masked cumulative sum (same sums, more memory traffic).
+COVER_MAX_LEN = 64
+
+
+@functools.lru_cache(maxsize=16)
+def _cover(L: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[L, L*L] with cover[k, i*L + j] = 1 when j < k <= i (step k lies inside segment (j, i]), else 0."""
+    idx = torch.arange(L, device=device)
+    k, i, j = idx[:, None, None], idx[None, :, None], idx[None, None, :]
+    return ((j < k) & (k <= i)).to(dtype).reshape(L, L * L)
+
+
 def segment_sum_stable(a):
     """a [..., L] (float64) -> [..., L, L] with out[i, j] = sum_{k=j+1..i} a_k for j <= i and 0 above the diagonal.
 
-    Summed directly over the covered steps (a masked cumulative sum), so no difference of two large prefix sums."""
+    Summed directly over the covered steps (never a difference of two large prefix sums): for L <= COVER_MAX_LEN as
+    a @ cover (0/1 coefficients: every output is the plain sum of its own terms, and autograd sends d out[i, j] to
+    exactly the a_k it covers), beyond that as a masked cumulative sum."""
     L = a.shape[-1]
+    if L <= COVER_MAX_LEN:
+        return (a @ _cover(L, a.device, a.dtype)).unflatten(-1, (L, L))
     idx = torch.arange(L, device=a.device)
     below = idx[:, None] > idx[None, :]                                   # [k, j]: step k lies after column j
     terms = torch.where(below, a[..., :, None], a.new_zeros(()))          # [..., k, j] = a_k (k > j)

@@ -98,15 +98,29 @@ def test_per_layer_data_flow_matches_oracle(images):
 
 # ----------------------------------------------------------------------------------- norm, init, time dropout
 def test_rmsnorm_one_group_eps_1e12_by_default(monkeypatch):
-    log = []
+    """Every gated RMSNorm the model runs (fused into the SSD call, or on the last cross block's b output rows)
+    uses the configured groups and eps."""
+    log, norms = [], []
     spy_kernels(monkeypatch, log)
+    real_norm = mmm4rec_kernels.gated_rmsnorm
+
+    def norm_spy(y, z, weight, eps=1e-5, group_size=None, backend="auto"):
+        norms.append((group_size, eps))
+        return real_norm(y, z, weight, eps=eps, group_size=group_size, backend=backend)
+    monkeypatch.setattr(mmm4rec_kernels, "gated_rmsnorm", norm_spy)
+
+    def settings():
+        fused = {(kw["norm_group_size"], kw["norm_eps"]) for _, _, kw in log if kw.get("norm_weight") is not None}
+        unfused = [name for name, _, kw in log if kw.get("norm_weight") is None]
+        assert unfused == ["ticossd"] and len(norms) == 1      # the last cross block normalises its b rows itself
+        return fused | set(norms)
     items, times, lengths, _ = make_batch()
     make_model().eval().encode(items, times, lengths)
     c = small_config()
-    assert {(kw["norm_group_size"], kw["norm_eps"]) for _, _, kw in log} == {(c.d_inner, 1e-12)}
-    log.clear()
+    assert settings() == {(c.d_inner, 1e-12)}
+    log.clear(), norms.clear()
     make_model(rmsnorm_groups=None, rmsnorm_eps=1e-5).eval().encode(items, times, lengths)
-    assert {(kw["norm_group_size"], kw["norm_eps"]) for _, _, kw in log} == {(c.d_inner // c.ngroups, 1e-5)}
+    assert settings() == {(c.d_inner // c.ngroups, 1e-5)}
     with pytest.raises(ValueError, match="rmsnorm_groups"):
         small_config(rmsnorm_groups=3)
 

@@ -119,12 +119,14 @@ class TimeModulation(nn.Module):
             hidden = hidden * m
         alpha = F.tanhshrink(self.mix2(hidden))
         E = D * alpha if mask is None else D * alpha * m
-        E2 = F.silu(self.conv2(F.silu(self.conv1(E))))
+        # the two causal convs run over L with the H heads as channels, in [b, L, H] (channels-last) layout
+        E2 = self.conv2.forward_channels_last(self.conv1.forward_channels_last(E.transpose(1, 2), silu=True),
+                                              silu=True)                 # [b, L, H]
         D_next = None
         if self.with_update:
             g = torch.sigmoid(self.gate(self.dropout(D)))                # [b, H, 1]
-            D_next = self.norm(torch.lerp(E2, D, g), mask)               # g * D + (1 - g) * E2
-        return E2.transpose(1, 2), D_next
+            D_next = self.norm(torch.lerp(E2.transpose(1, 2), D, g), mask)  # g * D + (1 - g) * E2
+        return E2, D_next
 
 
 class _SSDCore(nn.Module):
@@ -161,6 +163,21 @@ class _SSDCore(nn.Module):
                norm_group_size=self.norm_group_size)
         return self.out_proj(y.reshape(b, L, -1))
 
+    def scan_and_project_last(self, op, x, dt, B, C, z_last, time_scale, lengths):
+        """scan_and_project at each sequence's last valid position only: out [b, N] = the rows lengths-1 of
+        scan_and_project(...) (z_last [b, d_inner] = z at those rows).  The scan still reads every position; the
+        gated RMSNorm and out_proj (position-wise) run on b rows instead of b*L."""
+        b, L, _ = x.shape
+        y = op(x.reshape(b, L, self.H, self.P), dt, -torch.exp(self.A_log),
+               B.reshape(b, L, self.G, self.n), C.reshape(b, L, self.G, self.n),
+               time_scale=time_scale, dt_bias=self.dt_bias, D=self.D, d_skip="delta", dt_softplus=True,
+               lengths=lengths, backend=self.backend, path=self.path)
+        y_last = y[torch.arange(b, device=y.device), lengths - 1].reshape(b, -1)           # [b, d_inner]
+        y_last = mmm4rec_kernels.gated_rmsnorm(y_last, z_last, self.norm_weight, eps=self.norm_eps,
+                                               group_size=self.norm_group_size,
+                                               backend="torch" if self.backend == "torch" else "auto")
+        return self.out_proj(y_last)
+
 
 class TiSSD(nn.Module):
     """Time-aware SSD block (DESIGN.md TiSSD steps 1-8).
@@ -181,7 +198,7 @@ class TiSSD(nn.Module):
 
     def forward(self, h, D, mask, lengths):
         z, xBC, dt = torch.split(self.in_proj(h), [self.d_inner, self.d_inner + 2 * self.gn, self.H], dim=-1)
-        xBC = F.silu(self.conv(xBC.transpose(1, 2))).transpose(1, 2)
+        xBC = self.conv.forward_channels_last(xBC, silu=True)              # causal dwconv + SiLU over L
         x, B, C = torch.split(xBC, [self.d_inner, self.gn, self.gn], dim=-1)
         time_scale, D_next = self.core.time_scale(D, mask)
         out = self.core.scan_and_project(mmm4rec_kernels.tissd, x, dt, B, C, z, time_scale, lengths)
@@ -191,7 +208,9 @@ class TiSSD(nn.Module):
 class TiCoSSD(nn.Module):
     """Cross-modal time-aware SSD: x, B, dt_raw read the aligned text stream, C the aligned vision stream.
 
-    forward(pt [b, L, N], pv [b, L, N], Dco [b, H, L] or None, mask [b, L] or None, lengths) -> M [b, L, N].
+    forward(pt [b, L, N], pv [b, L, N], Dco [b, H, L] or None, mask [b, L] or None, lengths) -> M [b, L, N];
+    last_only=True -> M [b, N] at the positions lengths-1 only (the same values; the position-wise epilogue runs on
+    b rows: what the model's last cross block needs).
     text in_proj N -> [x | B | dt_raw], vision in_proj N -> C (G * n), gate z = Linear(pt + pv) (d_inner); the same
     causal dwconv + SiLU as TiSSD on x|B (text) and C (vision); time path driven by Dco (no update); the scan runs in
     `mmm4rec_kernels.ticossd`; gated RMSNorm; out_proj."""
@@ -207,13 +226,18 @@ class TiCoSSD(nn.Module):
         self.vision_conv = CausalDepthwiseConv1d(self.gn, c.d_conv)
         self.core = _SSDCore(c, time_update=False)
 
-    def forward(self, pt, pv, Dco, mask, lengths):
+    def forward(self, pt, pv, Dco, mask, lengths, last_only: bool = False):
         xB, dt = torch.split(self.text_proj(pt), [self.d_inner + self.gn, self.H], dim=-1)
-        xB = F.silu(self.text_conv(xB.transpose(1, 2))).transpose(1, 2)
+        xB = self.text_conv.forward_channels_last(xB, silu=True)
         x, B = torch.split(xB, [self.d_inner, self.gn], dim=-1)
-        C = F.silu(self.vision_conv(self.vision_proj(pv).transpose(1, 2))).transpose(1, 2)
-        z = self.gate_proj(pt + pv)
+        C = self.vision_conv.forward_channels_last(self.vision_proj(pv), silu=True)
         time_scale, _ = self.core.time_scale(Dco, mask)
+        if last_only:                                                    # M [b, N] at the rows lengths-1 only
+            rows = torch.arange(pt.shape[0], device=pt.device), lengths - 1
+            z_last = self.gate_proj(pt[rows] + pv[rows])
+            return self.core.scan_and_project_last(mmm4rec_kernels.ticossd, x, dt, B, C, z_last, time_scale,
+                                                   lengths)
+        z = self.gate_proj(pt + pv)
         return self.core.scan_and_project(mmm4rec_kernels.ticossd, x, dt, B, C, z, time_scale, lengths)
 
 

@@ -201,11 +201,12 @@ class MMM4Rec(nn.Module):
             out_t, out_v, Dt, Dv = self._tissd(i, ht, hv, Dt, Dv, tmask, lengths)
             hv = self.image_layers[i].residual(out_v, ht if hv is None else hv)
             ht = self.text_layers[i].residual(out_t, ht)
-            if c.stacking == "per_layer":
+            if c.stacking == "per_layer" and i < c.n_layers - 1:
                 hv = self._cross(i, ht, hv, Dt, Dv, tmask, lengths)      # the fused output feeds the vision input
-        if c.stacking == "streams_first":
-            hv = self._cross(0, ht, hv, Dt, Dv, tmask, lengths)
-        return hv[torch.arange(hv.shape[0], device=hv.device), lengths - 1]
+        # the last cross block: only the output at position lengths-1 is used, so its position-wise part (gate,
+        # gated RMSNorm, out_proj, residual LayerNorm, FFN) runs on those b rows only
+        return self._cross(c.n_layers - 1 if c.stacking == "per_layer" else 0, ht, hv, Dt, Dv, tmask, lengths,
+                           last_only=True)
 
     def _tissd(self, i, ht, hv, Dt, Dv, tmask, lengths):
         """Layer i's TiSSD on both streams -> (out_t, out_v, Dt_next, Dv_next).  hv None: text stream only (out_v and
@@ -225,10 +226,14 @@ class MMM4Rec(nn.Module):
         Dt, Dv = (None, None) if D2 is None else D2.chunk(2)
         return out_t, out_v, Dt, Dv
 
-    def _cross(self, i, pt, pv, Dt, Dv, tmask, lengths):
-        """Cross block i: Dco = Fourier(Dv, Dt); M = TiCoSSD(pt, pv, Dco); Y = FFN(LN(Drop(M) + pv + pt))."""
+    def _cross(self, i, pt, pv, Dt, Dv, tmask, lengths, last_only: bool = False):
+        """Cross block i: Dco = Fourier(Dv, Dt); M = TiCoSSD(pt, pv, Dco); Y = FFN(LN(Drop(M) + pv + pt)).
+        Returns Y [b, L, N], or Y [b, N] at the positions lengths-1 when last_only."""
         Dco = self.fourier[i](Dv, Dt, tmask) if self.fourier is not None else None
-        M = self.ticossd[i](pt, pv, Dco, tmask, lengths)
+        M = self.ticossd[i](pt, pv, Dco, tmask, lengths, last_only=last_only)
+        if last_only:
+            rows = torch.arange(pt.shape[0], device=pt.device), lengths - 1
+            pt, pv = pt[rows], pv[rows]
         return self.co_ffn[i](self.co_norm[i](self.co_dropout(M) + pv + pt))
 
     # ------------------------------------------------------------------------------------------------ scoring

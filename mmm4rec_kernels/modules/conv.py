@@ -1,9 +1,70 @@
-"""Causal depthwise 1-D convolution with a one-position `step` for incremental inference."""
+"""Causal depthwise 1-D convolution with a one-position `step` for incremental inference.
+
+`causal_conv1d_channels_last` is the same convolution on [b, L, C] activations (the layout the SSD blocks produce),
+optionally fused with SiLU, with a hand-written backward: k shifted multiply-adds forward and backward plus k
+reductions for the weight gradient.  On CPU it is ~1.5-2x faster than nn.Conv1d's depthwise backward on the
+transposed tensors (benchmarks/bench_train_step.py, RESULTS.md section 14) and needs no transposes.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class _CausalConvChannelsLast(torch.autograd.Function):
+    """pre[:, t] = bias + sum_j w[:, j] * x[:, t - (k-1) + j] (x = 0 before t = 0); y = SiLU(pre) if silu else pre.
+
+    x [b, L, C], w [C, k], bias [C] or None.  Backward: with g = dL/dpre,
+        dx[:, s] = sum_j w[:, j] g[:, s + (k-1) - j]  (g = 0 past the end),  dw[:, j] = sum_{b,t} g[:, t] xpad[:, t+j],
+        dbias = sum_{b,t} g."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, silu):
+        k, L = w.shape[1], x.shape[1]
+        xp = F.pad(x, (0, 0, k - 1, 0))                                   # [b, L+k-1, C], k-1 zeros in front
+        pre = xp[:, k - 1:] * w[:, k - 1]
+        if bias is not None:
+            pre += bias
+        for j in range(k - 1):
+            pre.addcmul_(xp[:, j:j + L], w[:, j])
+        ctx.save_for_backward(xp, w, pre)
+        ctx.silu, ctx.has_bias = silu, bias is not None
+        return F.silu(pre) if silu else pre
+
+    @staticmethod
+    def backward(ctx, gy):
+        xp, w, pre = ctx.saved_tensors
+        k, L = w.shape[1], pre.shape[1]
+        # Few fresh [b, L, C] buffers: on CPU every new large tensor costs page faults, often more than the math.
+        gp = gy.new_zeros(gy.shape[0], L + k - 1, gy.shape[2])            # g padded with k-1 zeros behind
+        g = gp[:, :L]
+        if ctx.silu:                                                      # SiLU'(p) = s (1 + p - p s), s = sigmoid(p)
+            s = torch.sigmoid(pre)
+            torch.mul(pre, s, out=g)
+            g.neg_().add_(pre).add_(1).mul_(s).mul_(gy)
+            tmp = s                                                       # reused below
+        else:
+            g.copy_(gy)
+            tmp = torch.empty_like(g)
+        gx = gp[:, :L] * w[:, k - 1]
+        for j in range(k - 1):
+            gx.addcmul_(gp[:, k - 1 - j:k - 1 - j + L], w[:, j])
+        gw = w.new_empty(w.shape)
+        for j in range(k):
+            gw[:, j] = torch.mul(g, xp[:, j:j + L], out=tmp).sum((0, 1))
+        return gx, gw, (g.sum((0, 1)) if ctx.has_bias else None), None
+
+
+def causal_conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias=None, silu: bool = False) -> torch.Tensor:
+    """Causal depthwise conv over the L axis of x [b, L, C] (weight [C, 1, k] or [C, k], bias [C] or None), then
+    SiLU when silu=True.  Returns [b, L, C]: the same values as CausalDepthwiseConv1d on x.transpose(1, 2)."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [b, L, C], got shape {tuple(x.shape)}")
+    w = weight.reshape(weight.shape[0], -1)
+    if w.shape[0] != x.shape[2]:
+        raise ValueError(f"weight has {w.shape[0]} channels, x has {x.shape[2]} (x must be [b, L, C])")
+    return _CausalConvChannelsLast.apply(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype), bool(silu))
 
 
 class CausalDepthwiseConv1d(nn.Conv1d):
@@ -26,6 +87,11 @@ class CausalDepthwiseConv1d(nn.Conv1d):
         # pad k-1 zeros on the left only (not both sides then slice): the same values, and autograd keeps no
         # [b, C, L+k-1] output alive
         return F.conv1d(F.pad(x, (self.kernel_size[0] - 1, 0)), self.weight, self.bias, groups=self.groups)
+
+    def forward_channels_last(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        """x [b, L, C] -> [b, L, C] (SiLU applied when silu=True): forward(x.transpose(1, 2)).transpose(1, 2) without
+        the transposes, through `causal_conv1d_channels_last` (hand-written backward)."""
+        return causal_conv1d_channels_last(x, self.weight, self.bias, silu)
 
     def allocate_window(self, batch: int, device=None, dtype=None) -> torch.Tensor:
         """Zero window [batch, C, k-1] (nothing seen yet)."""

@@ -1,0 +1,84 @@
+"""causal_conv1d_channels_last (hand-written backward) against nn.Conv1d + SiLU on transposed tensors, float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmm4rec_kernels.modules import CausalDepthwiseConv1d
+from mmm4rec_kernels.modules.conv import causal_conv1d_channels_last
+from mmm4rec_kernels.torch_backend import COVER_MAX_LEN, segment_sum_stable
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def conv_ref(x, weight, bias, silu):
+    """The definition: nn.functional.conv1d over [b, C, L] with k-1 zeros in front, then SiLU."""
+    k = weight.shape[-1]
+    y = F.conv1d(F.pad(x.transpose(1, 2), (k - 1, 0)), weight, bias, groups=x.shape[2]).transpose(1, 2)
+    return F.silu(y) if silu else y
+
+
+@pytest.mark.parametrize("L", [1, 2, 7, 20, 63])
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("silu,with_bias", [(True, True), (False, True), (True, False)])
+def test_forward_and_gradients_match_conv1d(L, k, silu, with_bias):
+    g = torch.Generator().manual_seed(L * 10 + k)
+    b, C = 3, 5
+    x = torch.randn(b, L, C, generator=g, dtype=torch.float64) * 3      # large enough to reach SiLU's curvature
+    w = torch.randn(C, 1, k, generator=g, dtype=torch.float64)
+    bias = torch.randn(C, generator=g, dtype=torch.float64) if with_bias else None
+    cot = torch.randn(b, L, C, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, w) + ((bias,) if with_bias else ())]
+    ours = causal_conv1d_channels_last(leaves[0], leaves[1], leaves[2] if with_bias else None, silu)
+    grads = torch.autograd.grad(ours, leaves, cot)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w) + ((bias,) if with_bias else ())]
+    ref = conv_ref(ref_leaves[0], ref_leaves[1], ref_leaves[2] if with_bias else None, silu)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, cot)
+    assert rel(ours, ref) < 1e-12
+    for name, a, r in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+        assert rel(a, r) < 1e-12, name
+
+
+def test_module_method_equals_module_forward_and_is_causal():
+    torch.manual_seed(0)
+    conv = CausalDepthwiseConv1d(6, 4).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    torch.testing.assert_close(conv.forward_channels_last(x), conv(x.transpose(1, 2)).transpose(1, 2))
+    bumped = x.clone()
+    bumped[:, 5] += 100.0                                   # a change at t=5 leaves t<5 untouched
+    y0, y1 = conv.forward_channels_last(x, silu=True), conv.forward_channels_last(bumped, silu=True)
+    assert torch.equal(y0[:, :5], y1[:, :5]) and not torch.equal(y0[:, 5], y1[:, 5])
+
+
+def test_bad_shapes_raise_one_line_errors():
+    with pytest.raises(ValueError, match=r"x must be \[b, L, C\]"):
+        causal_conv1d_channels_last(torch.zeros(2, 3), torch.zeros(3, 1, 4))
+    with pytest.raises(ValueError, match="channels"):
+        causal_conv1d_channels_last(torch.zeros(2, 3, 5), torch.zeros(4, 1, 4))
+
+
+@pytest.mark.parametrize("L", [1, 7, 20, COVER_MAX_LEN, COVER_MAX_LEN + 1])
+def test_segment_sum_cover_matmul_equals_direct_sums(L):
+    """seg[i, j] = sum_{j<k<=i} a_k, 0 for j >= i, with a huge gap in the middle (no cancellation), and its gradient
+    reaches exactly the covered steps."""
+    g = torch.Generator().manual_seed(L)
+    a = -torch.rand(2, 3, L, generator=g, dtype=torch.float64)
+    a[..., L // 2] = -1e12                                    # a huge time gap
+    a.requires_grad_()
+    seg = segment_sum_stable(a)
+    direct = torch.zeros(2, 3, L, L, dtype=torch.float64)
+    for i in range(L):
+        for j in range(i):
+            direct[..., i, j] = a.detach()[..., j + 1:i + 1].sum(-1)
+    assert torch.equal(seg.detach(), direct) or rel(seg.detach(), direct) < 1e-15
+    after = L // 2 + 1                                        # a segment after the gap keeps its small value
+    if after + 1 < L:
+        assert seg[0, 0, after + 1, after].item() == a[0, 0, after + 1].item()
+    weight = torch.randn(2, 3, L, L, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((seg * weight).sum(), a)
+    cover = torch.zeros(L, L, L, dtype=torch.float64)         # cover[k, i, j] = 1 when j < k <= i
+    for i in range(L):
+        for j in range(i):
+            cover[j + 1:i + 1, i, j] = 1
+    torch.testing.assert_close(grad, torch.einsum("kij,bhij->bhk", cover, weight), rtol=1e-13, atol=1e-13)
