@@ -53,16 +53,27 @@ def segment_sum_stable(a):
     exactly the a_k it covers), beyond that as a masked cumulative sum."""
     L = a.shape[-1]
     if L <= COVER_MAX_LEN:
-        return (a @ _cover(L, a.device, a.dtype)).unflatten(-1, (L, L))
+        return (a.reshape(-1, L) @ _cover(L, a.device, a.dtype)).reshape(*a.shape[:-1], L, L)
     idx = torch.arange(L, device=a.device)
     below = idx[:, None] > idx[None, :]                                   # [k, j]: step k lies after column j
     terms = torch.where(below, a[..., :, None], a.new_zeros(()))          # [..., k, j] = a_k (k > j)
     return torch.cumsum(terms, dim=-2)                                    # [..., i, j] = sum_{j<k<=i} a_k
 
 
+@functools.lru_cache(maxsize=16)
+def _minus_inf_above_diagonal(L: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[L*L]: -inf at (i, j) with j > i, else 0 (added to the segment sums, exp then gives the causal zeros)."""
+    idx = torch.arange(L, device=device)
+    return torch.where(idx[None, :] > idx[:, None], float("-inf"), 0.0).to(dtype).reshape(L * L)
+
+
 def decay_matrix(a, out_dtype):
     """a [..., L] float64 -> lower-triangular exp(seg) [..., L, L] in out_dtype (0 above the diagonal)."""
     L = a.shape[-1]
+    if L <= COVER_MAX_LEN:            # one addmm: segment sums with -inf above the diagonal, then exp (exactly 0 there)
+        seg = torch.addmm(_minus_inf_above_diagonal(L, a.device, a.dtype), a.reshape(-1, L),
+                          _cover(L, a.device, a.dtype))
+        return torch.exp(seg.reshape(*a.shape[:-1], L, L).to(out_dtype))
     causal = torch.ones(L, L, dtype=torch.bool, device=a.device).tril()
     return torch.where(causal, torch.exp(segment_sum_stable(a).to(out_dtype)), 0.0)
 

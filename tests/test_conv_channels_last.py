@@ -9,7 +9,7 @@ from mmm4rec_kernels.torch_backend import COVER_MAX_LEN, segment_sum_stable
 
 
 def rel(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+    return float((a.detach() - b.detach()).norm() / b.detach().norm().clamp_min(1e-300))
 
 
 def conv_ref(x, weight, bias, silu):

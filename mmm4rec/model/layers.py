@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 import mmm4rec_kernels
 # Shared with the drop-in layers (mmm4rec_kernels.modules): the mamba-like (A_log, dt_bias, D) init and the causal
-# depthwise conv (an nn.Conv1d: same state_dict keys as before).
-from mmm4rec_kernels.modules import CausalDepthwiseConv1d, init_ssd_params
+# depthwise conv (an nn.Conv1d: same state_dict keys as before), and the CPU-cheaper Dropout (nn.Dropout's semantics).
+from mmm4rec_kernels.modules import CausalDepthwiseConv1d, Dropout, init_ssd_params
 
 from .config import MMM4RecConfig
 
@@ -71,7 +71,7 @@ class TimeEncoder(nn.Module):
     def __init__(self, max_len: int, nheads: int, dropout: float, eps: float):
         super().__init__()
         self.nheads = nheads
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = MaskedLayerNormL(max_len, eps)
 
     def forward(self, time_seq, mask, copies: int = 1):
@@ -106,7 +106,7 @@ class TimeModulation(nn.Module):
         self.mix2 = nn.Linear(max_len, max_len)
         self.conv1 = CausalDepthwiseConv1d(nheads, d_conv)
         self.conv2 = CausalDepthwiseConv1d(nheads, d_conv)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.with_update = with_update
         if with_update:
             self.gate = nn.Linear(max_len, 1)
@@ -291,7 +291,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(hidden, inner)
         self.fc2 = nn.Linear(inner, hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, h):
@@ -308,7 +308,7 @@ class StreamLayer(nn.Module):
     def __init__(self, config: MMM4RecConfig, with_ffn: bool = True):
         super().__init__()
         c = config
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
         self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.ffn = FeedForward(c.hidden_size, c.ffn_inner, c.dropout, c.layer_norm_eps) if with_ffn else None
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MMM4RecConfig
-from .layers import FeedForward, FourierFilter, StreamLayer, TiCoSSD, TimeEncoder, TiSSD, init_official_
+from .layers import Dropout, FeedForward, FourierFilter, StreamLayer, TiCoSSD, TimeEncoder, TiSSD, init_official_
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class MMM4Rec(nn.Module):
         # stream and the first TiSSD runs on b sequences instead of 2b (see the module docstring).
         has_images = image_feats is not None and (self.image_emb.mask is None or bool(self.image_emb.mask[1:].any()))
         self.image_stream_from_text = not has_images and c.absent_images == "text_stream"
-        self.emb_dropout = nn.Dropout(c.dropout)
+        self.emb_dropout = Dropout(c.dropout)
         self.text_in_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.image_in_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
@@ -141,7 +141,7 @@ class MMM4Rec(nn.Module):
         self.fourier = (nn.ModuleList(FourierFilter(c.max_len, c.adaptive_filter, c.learnable_filter)
                                       for _ in range(n_cross)) if c.use_time else None)
         self.ticossd = nn.ModuleList(TiCoSSD(c) for _ in range(n_cross))
-        self.co_dropout = nn.Dropout(c.dropout)
+        self.co_dropout = Dropout(c.dropout)
         self.co_norm = nn.ModuleList(nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps) for _ in range(n_cross))
         self.co_ffn = nn.ModuleList(FeedForward(c.hidden_size, c.ffn_inner, c.dropout, c.layer_norm_eps)
                                     for _ in range(n_cross))
