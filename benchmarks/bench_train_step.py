@@ -5,8 +5,10 @@
 
 A step = zero_grad, full-softmax CE loss (fwd), backward, NAdam step, on a fixed random batch of right-padded
 histories (max_len 20, lengths uniform in 1..20).  CPU-ms per sample = process CPU time of the step (all threads) /
-batch size; wall ms per step is printed beside it.  Variants are measured in interleaved rounds (A B A B ...) and the
-median over rounds is reported, so a machine shared with other work biases every variant alike.
+batch size; wall ms per step is printed beside it.  Each variant runs alone in a fresh process (as in training), the
+variants alternating over rounds (A B A B ...), and the median over rounds is reported, so a machine shared with
+other work biases every variant alike.  --in-process measures them interleaved in one process instead (the models
+then evict each other's memory: this inflated MMM4Rec's CPU time by up to 1.7x next to SASRec).
 
 "RecBole SASRec" (when recbole is installed): RecBole's SASRec with its default settings (2 layers, 2 heads, inner
 256, dropout 0.5, CE over all items) at the case's hidden size, on the same item ids (no features, no time).
@@ -118,7 +120,7 @@ def step(model, opt, batch):
 
 
 def measure(variants: dict, batch, rounds: int, steps: int):
-    """{name: (cpu_ms_per_sample, wall_ms_per_step)} medians over interleaved rounds."""
+    """{name: (cpu_ms_per_sample, wall_ms_per_step)} medians over interleaved rounds, all in this process."""
     b = len(batch[0])
     cpu, wall = {k: [] for k in variants}, {k: [] for k in variants}
     for model, opt in variants.values():                              # warm-up
@@ -133,6 +135,46 @@ def measure(variants: dict, batch, rounds: int, steps: int):
     return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in variants}
 
 
+def build_variant(name: str, case: dict, previous_commit: str):
+    if name == "now":
+        import mmm4rec.model as now
+        return build(now, case)
+    if name == "previous":
+        return build(load_previous_model(previous_commit), case)
+    return build_sasrec(case)
+
+
+def worker(case_name: str, variant: str, batch_size: int, steps: int, previous_commit: str) -> dict:
+    """One variant alone in this (fresh) process: build, 2 warm-up steps, `steps` timed steps."""
+    case = CASES[case_name]
+    model, opt = build_variant(variant, case, previous_commit)
+    batch = make_batch(case["items"], batch_size)
+    for _ in range(2):
+        step(model, opt, batch)
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        step(model, opt, batch)
+    return dict(cpu_ms=(time.process_time() - c0) * 1e3 / (steps * batch_size),
+                wall_ms=(time.perf_counter() - w0) * 1e3 / steps)
+
+
+def measure_isolated(case_name: str, names, a) -> dict:
+    """Each variant in its own fresh process (as in a real training run: one model per process), variants
+    alternating A B C A B C ... over a.rounds rounds; medians.  In one process the models' working sets evict each
+    other and the allocator hands memory back and forth, which inflated the larger model's CPU time by up to 1.7x."""
+    import json
+    cpu, wall = {k: [] for k in names}, {k: [] for k in names}
+    for _ in range(a.rounds):
+        for name in names:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", case_name, name, "--batch-size",
+                   str(a.batch_size), "--threads", str(a.threads), "--steps", str(a.steps), "--previous", a.previous]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            cpu[name].append(r["cpu_ms"])
+            wall[name].append(r["wall_ms"])
+    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in names}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", nargs="+", default=["h64-text", "paper-mm"], choices=sorted(CASES))
@@ -142,10 +184,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="steps per round and variant")
     ap.add_argument("--previous", default="a4d5b78", help="git commit of the previous model ('' = none)")
     ap.add_argument("--no-sasrec", dest="sasrec", action="store_false", help="skip RecBole SASRec")
+    ap.add_argument("--in-process", action="store_true",
+                    help="measure all variants in this one process (interleaved rounds) instead of one fresh process "
+                         "per variant and round")
+    ap.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     sys.path.insert(0, ROOT)
-    import mmm4rec.model as now
+    if a.worker:
+        import json
+        print(json.dumps(worker(a.worker[0], a.worker[1], a.batch_size, a.steps, a.previous)))
+        return 0
     prev = load_previous_model(a.previous) if a.previous else None
     try:
         import recbole  # noqa: F401
@@ -153,18 +202,19 @@ def main(argv=None) -> int:
     except ImportError:
         with_sasrec = False
         print("recbole not installed: no SASRec rows")
+    mode = "one process, interleaved" if a.in_process else "a fresh process per variant and round, alternating"
     print(f"torch {torch.__version__}, {a.threads} thread(s), batch {a.batch_size}, {a.rounds} rounds x {a.steps} "
-          f"steps, median; previous = {a.previous if prev else 'n/a'}")
+          f"steps ({mode}), median; previous = {a.previous if prev else 'n/a'}")
     print("| case | variant | CPU-ms / sample | wall ms / step | now vs |")
     print("|---|---|---|---|---|")
     for name in a.cases:
         case = CASES[name]
-        variants = {"now": build(now, case)}
-        if prev is not None:
-            variants["previous"] = build(prev, case)
-        if with_sasrec:
-            variants["RecBole SASRec"] = build_sasrec(case)
-        res = measure(variants, make_batch(case["items"], a.batch_size), a.rounds, a.steps)
+        names = ["now"] + (["previous"] if prev is not None else []) + (["RecBole SASRec"] if with_sasrec else [])
+        if a.in_process:
+            variants = {v: build_variant(v, case, a.previous) for v in names}
+            res = measure(variants, make_batch(case["items"], a.batch_size), a.rounds, a.steps)
+        else:
+            res = measure_isolated(name, names, a)
         for v, (cpu_ms, wall_ms) in res.items():
             ratio = f"{cpu_ms / res['previous'][0]:.2f}x" if "previous" in res and v == "now" else ""
             if v == "now" and "RecBole SASRec" in res:
