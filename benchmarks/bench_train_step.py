@@ -13,8 +13,9 @@ then evict each other's memory: this inflated MMM4Rec's CPU time by up to 1.7x n
 "RecBole SASRec" (when recbole is installed): RecBole's SASRec with its default settings (2 layers, 2 heads, inner
 256, dropout 0.5, CE over all items) at the case's hidden size, on the same item ids (no features, no time).
 
-"previous" is mmm4rec/model/ at --previous (default a4d5b78, before issue 15/12) read with `git show` into a
-temporary package; it runs on the current mmm4rec_kernels.  Both use backend=torch, path=quadratic and the same
+"previous" is the package at --previous (default a4d5b78, before issue 15/12): in the default one-process-per-variant
+mode the whole of mmm4rec/ and mmm4rec_kernels/ at that commit (git archive into a temp dir, imported first by the
+worker process); with --in-process only mmm4rec/model/ at that commit, on the current mmm4rec_kernels.  Both use backend=torch, path=quadratic and the same
 sizes; with_id=True in both (the official setting).
 
 Cases (name: sizes, items, features):
@@ -135,11 +136,26 @@ def measure(variants: dict, batch, rounds: int, steps: int):
     return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in variants}
 
 
-def build_variant(name: str, case: dict, previous_commit: str):
+def checkout_previous_package(commit: str) -> str:
+    """mmm4rec/ and mmm4rec_kernels/ at `commit` (git archive) in a temp dir, for a worker process to import first."""
+    tmp = tempfile.mkdtemp(prefix="mmm4rec_prev_pkg_")
+    archive = subprocess.run(["git", "-C", ROOT, "archive", commit, "mmm4rec", "mmm4rec_kernels"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+    return tmp
+
+
+def build_variant(name: str, case: dict, previous_commit: str, whole_package: bool = False):
+    """whole_package (worker processes): 'previous' imports the model AND the kernels at previous_commit."""
     if name == "now":
         import mmm4rec.model as now
         return build(now, case)
     if name == "previous":
+        if whole_package:
+            sys.path.insert(0, checkout_previous_package(previous_commit))
+            import mmm4rec.model as prev
+            assert prev.__file__.startswith(sys.path[0]), f"previous package not imported: {prev.__file__}"
+            return build(prev, case)
         return build(load_previous_model(previous_commit), case)
     return build_sasrec(case)
 
@@ -147,7 +163,7 @@ def build_variant(name: str, case: dict, previous_commit: str):
 def worker(case_name: str, variant: str, batch_size: int, steps: int, previous_commit: str) -> dict:
     """One variant alone in this (fresh) process: build, 2 warm-up steps, `steps` timed steps."""
     case = CASES[case_name]
-    model, opt = build_variant(variant, case, previous_commit)
+    model, opt = build_variant(variant, case, previous_commit, whole_package=True)
     batch = make_batch(case["items"], batch_size)
     for _ in range(2):
         step(model, opt, batch)
