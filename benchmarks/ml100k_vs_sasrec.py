@@ -61,6 +61,7 @@ processes may share the file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import json
@@ -131,6 +132,17 @@ def recbole_config(data_root: str, seed: int, max_len: int, epochs: int, patienc
         state="INFO" if progress else "WARNING", **extra)
 
 
+@contextlib.contextmanager
+def plain_argv():
+    """RecBole's Config reads `--key=value` words of sys.argv as config overrides: hide this script's own."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def _to_ours(dataset, field: str, ours_index: Dict[str, int], values: np.ndarray) -> np.ndarray:
     """RecBole internal ids of `field` -> our ids (0 stays 0 = padding)."""
     tokens = dataset.field2id_token[field]
@@ -151,7 +163,8 @@ def recbole_splits(config_dict: dict, model: str = "SASRec", name: str = DATASET
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed
 
-    config = Config(model=model, dataset=name, config_dict=dict(config_dict))
+    with plain_argv():
+        config = Config(model=model, dataset=name, config_dict=dict(config_dict))
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     loaders = data_preparation(config, dataset)
@@ -267,6 +280,15 @@ def _fmt(values: List[float], digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {float(np.std(vals, ddof=1)):.{digits}f}"
 
 
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
 def summarize(path: str) -> str:
     """Markdown table of `path`: one row per (model, config); metrics as mean ± sample std over seeds."""
     rows = read_lines(path)
@@ -283,14 +305,17 @@ def summarize(path: str) -> str:
     out = ["| model | n seeds | NDCG@10 | NDCG@20 | Recall@10 | Recall@20 | epochs (mean) | s/epoch | CPU-ms/sample |",
            "|---|---|---|---|---|---|---|---|---|"]
     notes, seen_model = [], {}
+    flat = {key: _flat(json.loads(key[1]) or {}) for key in groups}
     for key in keys:
-        model, cfg = key
+        model = key[0]
         g = groups[key]
         label = model
         if per_model[model] > 1:
             seen_model[model] = seen_model.get(model, 0) + 1
             label = f"{model} (config {seen_model[model]})"
-            notes.append(f"- {label}: {cfg}")
+            others = [flat[k] for k in groups if k[0] == model]
+            differ = sorted({f for fl in others for f in fl if len({json.dumps(o.get(f)) for o in others}) > 1})
+            notes.append(f"- {label}: " + ", ".join(f"{f}={flat[key].get(f)}" for f in differ))
         seeds = sorted({r.get("seed") for r in g}, key=str)
         if len(seeds) < len(g):
             notes.append(f"- {label}: {len(g) - len(seeds)} duplicate seed line(s) averaged (--rerun)")
@@ -348,7 +373,8 @@ def pop_rows(data, a, data_root: Optional[str], verified: dict) -> List[tuple]:
             t0 = time.perf_counter()
             rbcfg = recbole_config(data_root, 0, data.max_len, 1, a.patience, a.device, a.progress,
                                    checkpoint_dir=os.path.join(data_root, "ckpt-pop"), train_batch_size=1)
-            res = run("Pop", DATASET, config_dict=rbcfg, saved=False)
+            with plain_argv():
+                res = run("Pop", DATASET, config_dict=rbcfg, saved=False)
             t = res["test_result"]
             return dict(test={m: float(t[m]) for m in METRICS}, valid_ndcg10=float(res["best_valid_score"]),
                         epochs=None, best_epoch=None, stopped=None, s_per_epoch=None, cpu_ms_per_sample=None,
@@ -378,7 +404,8 @@ def run_sasrec(data, seed: int, a, data_root: str, verified: dict) -> dict:
                          checkpoint_dir=ckpt, **SASREC)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    res = run("SASRec", DATASET, config_dict=cfg, saved=True)
+    with plain_argv():
+        res = run("SASRec", DATASET, config_dict=cfg, saved=True)
     wall = time.perf_counter() - t0
     files = glob.glob(os.path.join(ckpt, "*.pth"))
     best_epoch = None
