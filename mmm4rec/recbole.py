@@ -150,8 +150,10 @@ def bundled_data_path():
 def run(model=TimeAwareSSDRec, dataset="ml-100k", config_dict=None, config_file_list=None, saved=False):
     """RecBole's run_recbole pipeline for a model class (or a built-in model name such as "SASRec").
 
-    Returns {'best_valid_score', 'best_valid_result', 'test_result', 'epochs', 's_per_epoch', 'model', 'net'}:
-    s_per_epoch = mean wall time of the training epochs (evaluation excluded); net = the trained nn.Module."""
+    Returns {'best_valid_score', 'best_valid_result', 'test_result', 'epochs', 's_per_epoch', 'cpu_s_train',
+    'train_samples', 'model', 'net'}: s_per_epoch = mean wall time of the training epochs (evaluation excluded);
+    cpu_s_train = process CPU seconds (all threads) spent in those training epochs, summed; train_samples = training
+    samples per epoch (after RecBole's sequential augmentation); net = the trained nn.Module."""
     _require_recbole()
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")   # RecBole's torch.load of its own checkpoints
     numpy2_shims()
@@ -177,13 +179,14 @@ def run(model=TimeAwareSSDRec, dataset="ml-100k", config_dict=None, config_file_
     net = model_class(config, train_data._dataset).to(config["device"])
     logger.info(net)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, net)
-    epoch_times = []
+    epoch_times, epoch_cpu = [], []
     train_epoch = trainer._train_epoch
 
     def timed_train_epoch(*args, **kwargs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = train_epoch(*args, **kwargs)
         epoch_times.append(time.perf_counter() - start)
+        epoch_cpu.append(time.process_time() - cpu)
         return out
 
     trainer._train_epoch = timed_train_epoch
@@ -193,7 +196,8 @@ def run(model=TimeAwareSSDRec, dataset="ml-100k", config_dict=None, config_file_
     logger.info(f"best valid: {best_valid_result}  test: {test_result}")
     return dict(best_valid_score=best_valid_score, best_valid_result=dict(best_valid_result or {}),
                 test_result=dict(test_result or {}), epochs=len(epoch_times),
-                s_per_epoch=sum(epoch_times) / max(len(epoch_times), 1), model=config["model"], net=net)
+                s_per_epoch=sum(epoch_times) / max(len(epoch_times), 1), cpu_s_train=sum(epoch_cpu),
+                train_samples=len(train_data._dataset), model=config["model"], net=net)
 
 
 def main(argv=None):
