@@ -40,9 +40,10 @@ COVER_MAX_LEN = 64
 @functools.lru_cache(maxsize=16)
 def _cover(L: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[L, L*L] with cover[k, i*L + j] = 1 when j < k <= i (step k lies inside segment (j, i]), else 0."""
-    idx = torch.arange(L, device=device)
-    k, i, j = idx[:, None, None], idx[None, :, None], idx[None, None, :]
-    return ((j < k) & (k <= i)).to(dtype).reshape(L, L * L)
+    with torch.inference_mode(False):            # cached: must stay usable by autograd after an inference_mode call
+        idx = torch.arange(L, device=device)
+        k, i, j = idx[:, None, None], idx[None, :, None], idx[None, None, :]
+        return ((j < k) & (k <= i)).to(dtype).reshape(L, L * L)
 
 
 def segment_sum_stable(a):
@@ -63,8 +64,9 @@ def segment_sum_stable(a):
 @functools.lru_cache(maxsize=16)
 def _minus_inf_above_diagonal(L: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[L*L]: -inf at (i, j) with j > i, else 0 (added to the segment sums, exp then gives the causal zeros)."""
-    idx = torch.arange(L, device=device)
-    return torch.where(idx[None, :] > idx[:, None], float("-inf"), 0.0).to(dtype).reshape(L * L)
+    with torch.inference_mode(False):            # cached: see _cover
+        idx = torch.arange(L, device=device)
+        return torch.where(idx[None, :] > idx[:, None], float("-inf"), 0.0).to(dtype).reshape(L * L)
 
 
 def decay_matrix(a, out_dtype):

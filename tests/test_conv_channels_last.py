@@ -82,3 +82,14 @@ def test_segment_sum_cover_matmul_equals_direct_sums(L):
         for j in range(i):
             cover[j + 1:i + 1, i, j] = 1
     torch.testing.assert_close(grad, torch.einsum("kij,bhij->bhk", cover, weight), rtol=1e-13, atol=1e-13)
+
+
+def test_cached_constants_survive_a_first_call_under_inference_mode():
+    """The cover / mask constants are cached per (L, device, dtype): built under inference_mode they would be
+    inference tensors that autograd refuses to save.  L = 11 is used by no other test (fresh cache entries)."""
+    from mmm4rec_kernels.torch_backend import decay_matrix
+    with torch.inference_mode():
+        decay_matrix(torch.randn(2, 11, dtype=torch.float64), torch.float32)
+    a = torch.randn(2, 11, dtype=torch.float64, requires_grad=True)
+    decay_matrix(a, torch.float32).sum().backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
