@@ -127,7 +127,8 @@ def recbole_config(data_root: str, seed: int, max_len: int, epochs: int, patienc
         user_inter_num_interval="[0,inf)", item_inter_num_interval="[0,inf)", val_interval=None, rm_dup_inter=None,
         normalize_all=False, normalize_field=None, MAX_ITEM_LIST_LENGTH=max_len,
         eval_args={"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
-        metrics=["Recall", "NDCG"], topk=[10, 20], valid_metric="NDCG@10", eval_batch_size=4096,
+        metrics=["Recall", "NDCG"], topk=[10, 20], valid_metric="NDCG@10", metric_decimal_place=6,
+        eval_batch_size=4096,
         train_neg_sample_args=None, epochs=epochs, stopping_step=patience, show_progress=False,
         state="INFO" if progress else "WARNING", **extra)
 
