@@ -56,28 +56,26 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(1)
 
 
-def _positive_int(flag):
+def _positive(flag, kind):
+    """argparse type for `flag`: int >= 1 (kind int) or number > 0 (kind float), else a one-line error naming it."""
     def parse(s):
         try:
-            v = int(s)
+            v = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {v}")
+            raise argparse.ArgumentTypeError(f"{flag} must be {'an integer' if kind is int else 'a number'}, "
+                                             f"got {s!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be {'>= 1' if kind is int else '> 0'}, got {v}")
         return v
     return parse
+
+
+def _positive_int(flag):
+    return _positive(flag, int)
 
 
 def _positive_float(flag):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {s!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be > 0, got {v}")
-        return v
-    return parse
+    return _positive(flag, float)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
