@@ -75,20 +75,22 @@ def make_batch(num_items: int, b: int, L: int = 20, seed: int = 0):
     return items, times, lengths, torch.randint(1, num_items + 1, (b,), generator=g)
 
 
-def build(package, case: dict, seed: int = 0):
+def build(package, case: dict, seed: int = 0, device: str = "cpu"):
+    """CPU: backend torch, path quadratic (what the CPU runs); CUDA: backend and path auto (Triton)."""
     torch.manual_seed(seed)
-    cfg = package.MMM4RecConfig(**case["sizes"], with_id=True, backend="torch", path="quadratic")
+    kernels = dict(backend="torch", path="quadratic") if device == "cpu" else dict(backend="auto", path="auto")
+    cfg = package.MMM4RecConfig(**case["sizes"], with_id=True, **kernels)
     g = torch.Generator().manual_seed(seed)
     text = torch.randn(case["items"] + 1, case["text"], generator=g)
     image = None if case["image"] is None else torch.randn(case["items"] + 1, case["image"], generator=g)
-    model = package.MMM4Rec(cfg, case["items"], text, image).train()
+    model = package.MMM4Rec(cfg, case["items"], text, image).to(device).train()
     return model, torch.optim.NAdam(model.parameters(), lr=1e-4, weight_decay=0.005)
 
 
 class SASRecStep(torch.nn.Module):
     """RecBole's SASRec behind our loss(items, times, lengths, target) signature (times unused)."""
 
-    def __init__(self, num_items: int, hidden: int, max_len: int = 20):
+    def __init__(self, num_items: int, hidden: int, max_len: int = 20, device: str = "cpu"):
         super().__init__()
         from recbole.model.sequential_recommender.sasrec import SASRec
 
@@ -98,7 +100,7 @@ class SASRecStep(torch.nn.Module):
 
         config = dict(USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", LIST_SUFFIX="_list",
                       ITEM_LIST_LENGTH_FIELD="item_length", NEG_PREFIX="neg_", MAX_ITEM_LIST_LENGTH=max_len,
-                      device="cpu", n_layers=2, n_heads=2, hidden_size=hidden, inner_size=256,
+                      device=device, n_layers=2, n_heads=2, hidden_size=hidden, inner_size=256,
                       hidden_dropout_prob=0.5, attn_dropout_prob=0.5, hidden_act="gelu", layer_norm_eps=1e-12,
                       initializer_range=0.02, loss_type="CE")
         self.sasrec = SASRec(config, Catalogue())
@@ -108,9 +110,9 @@ class SASRecStep(torch.nn.Module):
         return s.calculate_loss({s.ITEM_SEQ: items, s.ITEM_SEQ_LEN: lengths, s.POS_ITEM_ID: target})
 
 
-def build_sasrec(case: dict, seed: int = 0):
+def build_sasrec(case: dict, seed: int = 0, device: str = "cpu"):
     torch.manual_seed(seed)
-    model = SASRecStep(case["items"], case["sizes"].get("hidden_size", 256)).train()
+    model = SASRecStep(case["items"], case["sizes"].get("hidden_size", 256), device=device).to(device).train()
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
@@ -145,31 +147,36 @@ def checkout_previous_package(commit: str) -> str:
     return tmp
 
 
-def build_variant(name: str, case: dict, previous_commit: str, whole_package: bool = False):
+def build_variant(name: str, case: dict, previous_commit: str, whole_package: bool = False, device: str = "cpu"):
     """whole_package (worker processes): 'previous' imports the model AND the kernels at previous_commit."""
     if name == "now":
         import mmm4rec.model as now
-        return build(now, case)
+        return build(now, case, device=device)
     if name == "previous":
         if whole_package:
             sys.path.insert(0, checkout_previous_package(previous_commit))
             import mmm4rec.model as prev
             assert prev.__file__.startswith(sys.path[0]), f"previous package not imported: {prev.__file__}"
-            return build(prev, case)
+            return build(prev, case, device=device)
         return build(load_previous_model(previous_commit), case)
-    return build_sasrec(case)
+    return build_sasrec(case, device=device)
 
 
-def worker(case_name: str, variant: str, batch_size: int, steps: int, previous_commit: str) -> dict:
-    """One variant alone in this (fresh) process: build, 2 warm-up steps, `steps` timed steps."""
+def worker(case_name: str, variant: str, batch_size: int, steps: int, previous_commit: str,
+           device: str = "cpu") -> dict:
+    """One variant alone in this (fresh) process: build, 2 warm-up steps (compiles on CUDA), `steps` timed steps.
+    On CUDA the wall time is taken between synchronisations and cpu_ms is the host's CPU time (not GPU work)."""
     case = CASES[case_name]
-    model, opt = build_variant(variant, case, previous_commit, whole_package=True)
-    batch = make_batch(case["items"], batch_size)
+    model, opt = build_variant(variant, case, previous_commit, whole_package=True, device=device)
+    batch = tuple(t.to(device) for t in make_batch(case["items"], batch_size))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(2):
         step(model, opt, batch)
+    sync()
     c0, w0 = time.process_time(), time.perf_counter()
     for _ in range(steps):
         step(model, opt, batch)
+    sync()
     return dict(cpu_ms=(time.process_time() - c0) * 1e3 / (steps * batch_size),
                 wall_ms=(time.perf_counter() - w0) * 1e3 / steps)
 
@@ -183,7 +190,8 @@ def measure_isolated(case_name: str, names, a) -> dict:
     for _ in range(a.rounds):
         for name in names:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", case_name, name, "--batch-size",
-                   str(a.batch_size), "--threads", str(a.threads), "--steps", str(a.steps), "--previous", a.previous]
+                   str(a.batch_size), "--threads", str(a.threads), "--steps", str(a.steps), "--previous", a.previous,
+                   "--device", a.device]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
             r = json.loads(out.strip().splitlines()[-1])
             cpu[name].append(r["cpu_ms"])
@@ -203,13 +211,14 @@ def main(argv=None) -> int:
     ap.add_argument("--in-process", action="store_true",
                     help="measure all variants in this one process (interleaved rounds) instead of one fresh process "
                          "per variant and round")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: wall ms per step is then the figure (synchronised)")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     sys.path.insert(0, ROOT)
     if a.worker:
         import json
-        print(json.dumps(worker(a.worker[0], a.worker[1], a.batch_size, a.steps, a.previous)))
+        print(json.dumps(worker(a.worker[0], a.worker[1], a.batch_size, a.steps, a.previous, a.device)))
         return 0
     prev = load_previous_model(a.previous) if a.previous else None
     try:
@@ -221,6 +230,13 @@ def main(argv=None) -> int:
     mode = "one process, interleaved" if a.in_process else "a fresh process per variant and round, alternating"
     print(f"torch {torch.__version__}, {a.threads} thread(s), batch {a.batch_size}, {a.rounds} rounds x {a.steps} "
           f"steps ({mode}), median; previous = {a.previous if prev else 'n/a'}")
+    if a.in_process and a.device != "cpu":
+        ap.error("--in-process is a CPU mode; on --device cuda each variant runs in its own process")
+    gpu = a.device != "cpu"
+    if gpu and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: this torch sees no CUDA device (torch {torch.__version__})")
+    k = 1 if gpu else 0                         # the figure the ratios use: wall ms on a GPU, CPU-ms on the CPU
+    print(f"device {a.device}; ratios of {'wall ms per step' if gpu else 'CPU-ms per sample'}")
     print("| case | variant | CPU-ms / sample | wall ms / step | now vs |")
     print("|---|---|---|---|---|")
     for name in a.cases:
@@ -232,9 +248,9 @@ def main(argv=None) -> int:
         else:
             res = measure_isolated(name, names, a)
         for v, (cpu_ms, wall_ms) in res.items():
-            ratio = f"{cpu_ms / res['previous'][0]:.2f}x" if "previous" in res and v == "now" else ""
+            ratio = f"{res[v][k] / res['previous'][k]:.2f}x" if "previous" in res and v == "now" else ""
             if v == "now" and "RecBole SASRec" in res:
-                ratio += f"{'; ' if ratio else ''}{cpu_ms / res['RecBole SASRec'][0]:.2f}x SASRec"
+                ratio += f"{'; ' if ratio else ''}{res[v][k] / res['RecBole SASRec'][k]:.2f}x SASRec"
             print(f"| {name} | {v} | {cpu_ms:.2f} | {wall_ms:.0f} | {ratio} |", flush=True)
     return 0
 
