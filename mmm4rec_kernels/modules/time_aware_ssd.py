@@ -113,7 +113,7 @@ class TimeAwareSSD(nn.Module):
         b, L, _ = u.shape
         H, P, G, n = self.nheads, self.headdim, self.ngroups, self.d_state
         z, xBC_in, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, H], dim=-1)
-        xBC = F.silu(self.conv1d(xBC_in.transpose(1, 2))).transpose(1, 2)
+        xBC = self.conv1d.forward_channels_last(xBC_in, silu=True)                 # causal dwconv + SiLU over L
         x, B, C = torch.split(xBC, [self.d_inner, G * n, G * n], dim=-1)
         time_scale, time_state = None, None
         if self.time_encoding is not None and (timestamps is not None or time_gaps is not None):

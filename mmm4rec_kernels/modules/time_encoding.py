@@ -138,13 +138,13 @@ class CausalTimeEncoding(_TimeEncodingBase):
         count = torch.arange(1, L + 1, device=gaps.device, dtype=torch.float64)
         s = self._standardise(gaps, count, gaps.cumsum(1), (gaps * gaps).cumsum(1))
         E = self._modulation(s.to(self.scale.dtype)[..., None])                    # [b, L, H]
-        h1 = F.silu(self.conv1(E.transpose(1, 2)))                                 # [b, H, L]
-        time_scale = F.silu(self.conv2(h1)).transpose(1, 2)
+        h1 = self.conv1.forward_channels_last(E, silu=True)                       # [b, L, H]
+        time_scale = self.conv2.forward_channels_last(h1, silu=True)
         if not return_state:
             return time_scale
         state = self._base_state(gaps, timestamps, lengths, gaps.device)
         state.conv1 = self.conv1.window_from(E.transpose(1, 2), lengths)
-        state.conv2 = self.conv2.window_from(h1, lengths)
+        state.conv2 = self.conv2.window_from(h1.transpose(1, 2), lengths)
         return time_scale, state
 
     def allocate_state(self, batch: int, device=None) -> TimeState:
