@@ -92,7 +92,10 @@ class SASRecStep(torch.nn.Module):
 
     def __init__(self, num_items: int, hidden: int, max_len: int = 20, device: str = "cpu"):
         super().__init__()
+        from mmm4rec.recbole import import_recbole_models
+        import_recbole_models()          # RecBole's import turns anomaly detection on for the process: undone here
         from recbole.model.sequential_recommender.sasrec import SASRec
+        assert not torch.is_anomaly_enabled()
 
         class Catalogue:                                              # what SequentialRecommender asks the dataset
             def num(self, field):

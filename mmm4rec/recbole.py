@@ -18,12 +18,14 @@ trainer.fit -> trainer.evaluate) for a model class or a RecBole model name, and 
 RecBole stores float fields as float32: raw unix seconds (~1e9) are then rounded to 64-128 s steps; with its
 default `normalize_all: True` (ML-100k) the times are min-max scaled first, which the default (unit-free) time
 encoding handles.  `run` also sets what RecBole 1.2.1 needs on new stacks: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
-(torch >= 2.6 refuses its checkpoints otherwise) and NumPy 2 aliases (`numpy2_shims`).
+(torch >= 2.6 refuses its checkpoints otherwise) and NumPy 2 aliases (`numpy2_shims`), and imports RecBole's models
+through `import_recbole_models`, which undoes RecBole 1.2.1's global `set_detect_anomaly(True)` (sine.py, at import).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 
@@ -40,6 +42,8 @@ except ImportError as exc:  # recbole is an optional extra
     RECBOLE_IMPORT_ERROR = exc
 
 from mmm4rec_kernels.modules import TimeAwareSSD
+
+logger = logging.getLogger(__name__)
 
 # Model settings read from the RecBole config (config_dict / yaml); these are the defaults.
 DEFAULTS = dict(hidden_size=64, n_layers=1, d_state=32, headdim=32, expand=2, d_conv=4, ngroups=1, d_skip="delta",
@@ -132,6 +136,18 @@ class TimeAwareSSDRec(SequentialRecommender):
         return self._user(interaction) @ self.item_embedding.weight.T
 
 
+def import_recbole_models():
+    """Import recbole.model.sequential_recommender (every RecBole sequential model, what get_model("SASRec") loads)
+    without its side effect: RecBole 1.2.1's sine.py calls torch.autograd.set_detect_anomaly(True) at import, which
+    makes every later backward in the process slower (a stack trace per op, a NaN check per gradient) and turns NaNs
+    that are masked away afterwards into errors.  The previous anomaly setting is restored (and the reset logged)."""
+    before = torch.is_anomaly_enabled()
+    import recbole.model.sequential_recommender  # noqa: F401
+    if torch.is_anomaly_enabled() != before:
+        torch.autograd.set_detect_anomaly(before)
+        logger.info("RecBole's import turned autograd anomaly detection on; restored it to %s", before)
+
+
 def numpy2_shims():
     """RecBole 1.2.1's Config aliases np.float_ / np.complex_ / np.unicode_, which NumPy 2 removed: restore them
     (as np.float64 / np.complex128 / np.str_) when missing.  Nothing changes on NumPy 1."""
@@ -162,6 +178,7 @@ def run(model=TimeAwareSSDRec, dataset="ml-100k", config_dict=None, config_file_
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, get_trainer, init_logger, init_seed
+    import_recbole_models()                         # before get_model: without the anomaly-detection side effect
 
     cfg = dict(config_dict or {})
     if dataset == "ml-100k" and "data_path" not in cfg:

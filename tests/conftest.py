@@ -2,7 +2,8 @@
 
 Torch CPU threads are fixed for the whole session (MMM4REC_TEST_THREADS, default 1: the suite's ops are small, and
 on a shared 2-core machine one thread was many times faster than two) and restored after every test, because the
-CLI's `main()` sets its own thread count and would otherwise make the suite's speed depend on test order."""
+CLI's `main()` sets its own thread count and would otherwise make the suite's speed depend on test order.  Autograd
+anomaly detection must be off after every test (RecBole's model import switches it on process-wide)."""
 import os
 
 import pytest
@@ -20,6 +21,16 @@ def _restore_torch_threads():
     yield
     if torch.get_num_threads() != TEST_THREADS:
         torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _no_anomaly_detection_leak():
+    """A test that leaves autograd anomaly detection on (RecBole 1.2.1 switches it on for the whole process when its
+    models are imported) fails here, instead of slowing every later test and failing the NaN-isolation ones."""
+    yield
+    if torch.is_anomaly_enabled():
+        torch.autograd.set_detect_anomaly(False)
+        pytest.fail("this test left torch.autograd anomaly detection on")
 
 
 @pytest.fixture

@@ -343,8 +343,8 @@ def test_sigint_subprocess(ws, tmp_path):
     r = str(tmp_path / "r")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.Popen([sys.executable, "-m", "mmm4rec", "finetune", "--data", ws["data"], "--out", r,
-                          "--epochs", "1000", "--checkpoint-every", "0.0001", *SMALL[:-4], "--batch-size", "8",
-                          "--grad-accum", "1"],
+                          "--epochs", "1000", "--patience", "1000", "--checkpoint-every", "0.0001", *SMALL[:-4],
+                          "--batch-size", "8", "--grad-accum", "1"],      # no early stop: still training at SIGINT
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     import time
     t0 = time.time()

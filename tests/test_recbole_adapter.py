@@ -59,3 +59,12 @@ def test_adapter_without_time_list_raises_naming_it():
         TimeAwareSSDRec(config, _Dataset())
     net = TimeAwareSSDRec(_Config(config, use_time=False), _Dataset())         # without time: plain SSD mixer
     assert net.TIME_SEQ is None and net.layers[0].mixer.d_state == 8
+
+
+def test_recbole_model_import_leaves_anomaly_detection_off():
+    """RecBole 1.2.1's sine.py calls torch.autograd.set_detect_anomaly(True) when its models are imported; our
+    import path restores the previous setting (off)."""
+    pytest.importorskip("recbole")
+    from mmm4rec.recbole import import_recbole_models
+    import_recbole_models()
+    assert not torch.is_anomaly_enabled()
