@@ -158,8 +158,9 @@ def recbole_splits(config_dict: dict, model: str = "SASRec", name: str = DATASET
     """Build RecBole's dataset + split for `model` ("SASRec": sequential, "Pop": general) and return each split in
     OUR ids: {split: {target_pos [N] (= the rank timestamp), user [N], target [N], and for sequential models
     item_seq [N, L], lengths [N]}}."""
-    from mmm4rec.recbole import numpy2_shims
+    from mmm4rec.recbole import import_recbole_models, numpy2_shims
     numpy2_shims()
+    import_recbole_models()          # Config(model=...) imports RecBole's models: without their anomaly-mode side effect
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import init_seed

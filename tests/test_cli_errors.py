@@ -345,7 +345,10 @@ def test_sigint_subprocess(ws, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "mmm4rec", "finetune", "--data", ws["data"], "--out", r,
                           "--epochs", "1000", "--patience", "1000", "--checkpoint-every", "0.0001", *SMALL[:-4],
                           "--batch-size", "8", "--grad-accum", "1"],      # no early stop: still training at SIGINT
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         # a suite started in the background (`cmd &`) inherits SIGINT = ignored, and Python then
+                         # installs no KeyboardInterrupt handler: give the child the default disposition
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     import time
     t0 = time.time()
     while not os.path.exists(os.path.join(r, "last", "trainer.pt")):  # training runs (last/ after every step)
