@@ -1,10 +1,12 @@
-"""The torch backend of the time-aware SSD: what `tissd(..., backend="torch")` runs (CPU tensors, float64, no triton).
+"""The torch backend of the time-aware SSD: what `tissd(..., backend="torch")` runs (CPU or any device, no triton).
 
 Unlike `reference.py` (the float64 oracle the tests trust), this is product code, built for robustness and speed:
-- decays are segment sums of the per-step log-decays a_t = A Delta_t, computed as *masked cumulative sums in float64*
-  (seg[i, j] = sum_{k=j+1..i} a_k summed directly over the steps it covers, never cs_i - cs_j): a time gap of 1e9
-  cannot swamp the small steps after it, and autograd then sums d a_k over exactly the pairs (i >= k > j) it touches,
-  so no cancellation reaches dA / ddt / dE either;
+- decays are segment sums of the per-step log-decays a_t = A Delta_t, *summed directly* over the steps each segment
+  covers (seg[i, j] = sum_{k=j+1..i} a_k, never cs_i - cs_j): a time gap of 1e9 cannot swamp the small steps after
+  it, and autograd then sums d a_k over exactly the pairs (i >= k > j) it touches, so no cancellation reaches
+  dA / ddt / dE either.  Every a_k has the same sign (A < 0, Delta >= 0), so a direct sum in the compute dtype
+  (float32 for fp32 inputs) is accurate to ~L ulp: no float64 detour is needed (the difference of two fp32
+  cumulative sums is what loses accuracy, see CONTRACT.md);
 - padded steps (t >= lengths[i]) are removed with torch.where before any arithmetic, so NaN / inf written there never
   reaches a valid output or a gradient of a valid input (NaN * 0 = NaN, where(mask, NaN, 0) = 0);
 - fp16 / bf16 inputs are computed in float32, float64 inputs in float64; y comes back in x's dtype, states in the
@@ -47,7 +49,7 @@ def _cover(L: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 
 def segment_sum_stable(a):
-    """a [..., L] (float64) -> [..., L, L] with out[i, j] = sum_{k=j+1..i} a_k for j <= i and 0 above the diagonal.
+    """a [..., L] -> [..., L, L] with out[i, j] = sum_{k=j+1..i} a_k for j <= i and 0 above the diagonal.
 
     Summed directly over the covered steps (never a difference of two large prefix sums): for L <= COVER_MAX_LEN as
     a @ cover (0/1 coefficients: every output is the plain sum of its own terms, and autograd sends d out[i, j] to
@@ -70,7 +72,7 @@ def _minus_inf_above_diagonal(L: int, device: torch.device, dtype: torch.dtype) 
 
 
 def decay_matrix(a, out_dtype):
-    """a [..., L] float64 -> lower-triangular exp(seg) [..., L, L] in out_dtype (0 above the diagonal)."""
+    """a [..., L] -> lower-triangular exp(seg) [..., L, L] in out_dtype (0 above the diagonal)."""
     L = a.shape[-1]
     if L <= COVER_MAX_LEN:            # one addmm: segment sums with -inf above the diagonal, then exp (exactly 0 there)
         seg = torch.addmm(_minus_inf_above_diagonal(L, a.device, a.dtype), a.reshape(-1, L),
@@ -100,14 +102,14 @@ def step_sizes(dt, E, dt_bias, dt_softplus, mask):
 # All tensors stay in the natural [batch, step, head, ...] layout; heads are viewed as (G, H/G) so B and C are never
 # repeated per head.  Contractions are einsums: unlike matmul on transposed views, their backward stays fast when
 # the incoming gradient is an expanded tensor (e.g. from y.sum()), where matmul fell back to one GEMM per matrix.
-def _intra(C, B, u, a64):
+def _intra(C, B, u, log_decay):
     """Quadratic form on blocks: y_i = sum_{j<=i} (C_i . B_j) exp(seg_ij) u_j.
 
-    C, B [N, Q, G, n]; u [N, Q, H, P]; a64 [N, Q, H] float64.  Returns [N, Q, H, P]."""
+    C, B [N, Q, G, n]; u [N, Q, H, P]; log_decay [N, Q, H] (compute dtype).  Returns [N, Q, H, P]."""
     N, Q, G, _ = C.shape
     H, P = u.shape[2], u.shape[3]
     cb = torch.einsum("zign,zjgn->zgij", C, B)                            # [N, G, Q, Q]  C_i . B_j
-    decay = decay_matrix(a64.transpose(1, 2), u.dtype).reshape(N, G, H // G, Q, Q)
+    decay = decay_matrix(log_decay.transpose(1, 2), u.dtype).reshape(N, G, H // G, Q, Q)
     y = torch.einsum("zghij,zjghp->zighp", cb[:, :, None] * decay, u.reshape(N, Q, G, H // G, P))
     return y.reshape(N, Q, H, P)
 
@@ -128,23 +130,23 @@ def _written_state(u, B, w):
     return torch.einsum("zjghp,zjgn->zghpn", uw, B).reshape(N, H, P, n)
 
 
-def quadratic_form(x, delta, a64, B, C, initial_states=None, return_final_states=False):
+def quadratic_form(x, delta, log_decay, B, C, initial_states=None, return_final_states=False):
     """y [b, L, H, P] (without the D skip) of the quadratic form; optional states h0 / h_T [b, H, P, n]."""
     u = x * delta[..., None]                                              # Delta_j x_j
-    y = _intra(C, B, u, a64)
+    y = _intra(C, B, u, log_decay)
     h0 = initial_states
     if h0 is not None:                                                    # y_i += exp(cs_i) C_i . h0
-        y = y + _state_term(C, h0, torch.exp(torch.cumsum(a64, dim=1).to(x.dtype)))
+        y = y + _state_term(C, h0, torch.exp(torch.cumsum(log_decay, dim=1).to(x.dtype)))
     final = None
     if return_final_states:                                               # h_T = sum_j exp(tail_j) u_j B_j^T (+ h0)
-        tail = exclusive_tail_sum(a64.transpose(1, 2)).transpose(1, 2)    # [b, L, H] decay from j to the end
+        tail = exclusive_tail_sum(log_decay.transpose(1, 2)).transpose(1, 2)    # [b, L, H] decay from j to the end
         final = _written_state(u, B, torch.exp(tail.to(x.dtype)))
         if h0 is not None:
-            final = final + torch.exp(a64.sum(1).to(x.dtype))[..., None, None] * h0
+            final = final + torch.exp(log_decay.sum(1).to(x.dtype))[..., None, None] * h0
     return y, final
 
 
-def chunked_form(x, delta, a64, B, C, chunk_size, initial_states=None, return_final_states=False):
+def chunked_form(x, delta, log_decay, B, C, chunk_size, initial_states=None, return_final_states=False):
     """y [b, L, H, P] (without the D skip) of the chunked form; h0 / h_T [b, H, P, n].
 
     Inside chunks of Q steps: the quadratic form.  Between chunks: state_c = sum_{j in c} exp(tail_j) u_j B_j^T,
@@ -155,13 +157,13 @@ def chunked_form(x, delta, a64, B, C, chunk_size, initial_states=None, return_fi
     Q = min(chunk_size, L)                                                # the chunk length does not change the math
     nc = -(-L // Q)
     if nc == 1:                                                           # one chunk: exactly the quadratic form
-        return quadratic_form(x, delta, a64, B, C, initial_states, return_final_states)
+        return quadratic_form(x, delta, log_decay, B, C, initial_states, return_final_states)
     pad = nc * Q - L                                                      # padded tail steps: a = 0, u = 0, B = C = 0
     if pad:
-        x, delta, a64, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, delta, a64, B, C))
+        x, delta, log_decay, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, delta, log_decay, B, C))
     N = b * nc                                                            # chunks flattened into the batch
     u = (x * delta[..., None]).reshape(N, Q, H, P)
-    Bc, Cc, ac = B.reshape(N, Q, G, n), C.reshape(N, Q, G, n), a64.reshape(N, Q, H)
+    Bc, Cc, ac = B.reshape(N, Q, G, n), C.reshape(N, Q, G, n), log_decay.reshape(N, Q, H)
     y = _intra(Cc, Bc, u, ac)                                             # [N, Q, H, P]
     tail = exclusive_tail_sum(ac.transpose(1, 2)).transpose(1, 2)         # [N, Q, H] decay from j to chunk end
     states = _written_state(u, Bc, torch.exp(tail.to(x.dtype))).reshape(b, nc, H, P, n)
@@ -230,11 +232,11 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
         y, final = out if return_final_states else (out, None)
     else:
         delta = step_sizes(dt_, E_, bias_, dt_softplus, mask)
-        a64 = delta.double() * A_.double()                                # log-decays, float64 for the sums
+        log_decay = delta * A_                                                   # log-decays a_t = A Delta_t (all <= 0)
         if path == "quadratic":
-            y, final = quadratic_form(x_, delta, a64, B_, C_, h0, return_final_states)
+            y, final = quadratic_form(x_, delta, log_decay, B_, C_, h0, return_final_states)
         elif path == "chunked":
-            y, final = chunked_form(x_, delta, a64, B_, C_, chunk_size, h0, return_final_states)
+            y, final = chunked_form(x_, delta, log_decay, B_, C_, chunk_size, h0, return_final_states)
         else:
             raise ValueError(f"path must be 'quadratic', 'chunked' or 'reference' for the torch backend, got {path!r}")
     if D is not None and mask.shape[1] > 0 and nseq > 0:                  # skip: D * s_i * x_i, D [H] or [H, P]

@@ -40,6 +40,33 @@ def test_forward_and_gradients_match_conv1d(L, k, silu, with_bias):
         assert rel(a, r) < 1e-12, name
 
 
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2), (1,)])
+def test_split_output_matches_split_of_conv1d(silu, used):
+    """split=[...]: the pieces equal torch.split of the reference, and every gradient matches with some pieces unused
+    (their gradient is None inside the backward: treated as 0)."""
+    g = torch.Generator().manual_seed(len(used) * 7 + silu)
+    b, L, sizes = 3, 9, [4, 2, 3]
+    x = torch.randn(b, L, sum(sizes), generator=g, dtype=torch.float64) * 3
+    w = torch.randn(sum(sizes), 1, 4, generator=g, dtype=torch.float64)
+    bias = torch.randn(sum(sizes), generator=g, dtype=torch.float64)
+    cots = [torch.randn(b, L, s, generator=g, dtype=torch.float64) for s in sizes]
+    leaves = [t.clone().requires_grad_() for t in (x, w, bias)]
+    pieces = causal_conv1d_channels_last(*leaves, silu=silu, split=sizes)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, bias)]
+    ref_pieces = torch.split(conv_ref(*ref_leaves, silu), sizes, dim=-1)
+    assert len(pieces) == 3
+    for p, r in zip(pieces, ref_pieces):
+        assert rel(p, r) < 1e-12
+    loss = sum((pieces[i] * cots[i]).sum() for i in used)
+    ref_loss = sum((ref_pieces[i] * cots[i]).sum() for i in used)
+    for name, a, r in zip(("dx", "dweight", "dbias"), torch.autograd.grad(loss, leaves),
+                          torch.autograd.grad(ref_loss, ref_leaves)):
+        assert rel(a, r) < 1e-12, name
+    with pytest.raises(ValueError, match="split"):
+        causal_conv1d_channels_last(x, w, bias, split=[4, 4])
+
+
 def test_module_method_equals_module_forward_and_is_causal():
     torch.manual_seed(0)
     conv = CausalDepthwiseConv1d(6, 4).double()

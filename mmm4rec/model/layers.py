@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import mmm4rec_kernels
 # Shared with the drop-in layers (mmm4rec_kernels.modules): the mamba-like (A_log, dt_bias, D) init and the causal
 # depthwise conv (an nn.Conv1d: same state_dict keys as before), and the CPU-cheaper Dropout (nn.Dropout's semantics).
-from mmm4rec_kernels.modules import CausalDepthwiseConv1d, Dropout, init_ssd_params
+from mmm4rec_kernels.modules import CausalDepthwiseConv1d, Dropout, init_ssd_params, linear_split
 
 from .config import MMM4RecConfig
 
@@ -197,9 +197,11 @@ class TiSSD(nn.Module):
         self.core = _SSDCore(c, time_update=True)
 
     def forward(self, h, D, mask, lengths):
-        z, xBC, dt = torch.split(self.in_proj(h), [self.d_inner, self.d_inner + 2 * self.gn, self.H], dim=-1)
-        xBC = self.conv.forward_channels_last(xBC, silu=True)              # causal dwconv + SiLU over L
-        x, B, C = torch.split(xBC, [self.d_inner, self.gn, self.gn], dim=-1)
+        # split outputs whose backward never concatenates the pieces' gradients (same values as torch.split)
+        z, xBC, dt = linear_split(h, self.in_proj.weight, self.in_proj.bias,
+                                  [self.d_inner, self.d_inner + 2 * self.gn, self.H])
+        x, B, C = self.conv.forward_channels_last(xBC, silu=True,           # causal dwconv + SiLU over L
+                                                  split=[self.d_inner, self.gn, self.gn])
         time_scale, D_next = self.core.time_scale(D, mask)
         out = self.core.scan_and_project(mmm4rec_kernels.tissd, x, dt, B, C, z, time_scale, lengths)
         return out, D_next
@@ -227,9 +229,8 @@ class TiCoSSD(nn.Module):
         self.core = _SSDCore(c, time_update=False)
 
     def forward(self, pt, pv, Dco, mask, lengths, last_only: bool = False):
-        xB, dt = torch.split(self.text_proj(pt), [self.d_inner + self.gn, self.H], dim=-1)
-        xB = self.text_conv.forward_channels_last(xB, silu=True)
-        x, B = torch.split(xB, [self.d_inner, self.gn], dim=-1)
+        xB, dt = linear_split(pt, self.text_proj.weight, self.text_proj.bias, [self.d_inner + self.gn, self.H])
+        x, B = self.text_conv.forward_channels_last(xB, silu=True, split=[self.d_inner, self.gn])
         C = self.vision_conv.forward_channels_last(self.vision_proj(pv), silu=True)
         time_scale, _ = self.core.time_scale(Dco, mask)
         if last_only:                                                    # M [b, N] at the rows lengths-1 only

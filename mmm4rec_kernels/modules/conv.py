@@ -20,7 +20,8 @@ class _CausalConvChannelsLast(torch.autograd.Function):
         dbias = sum_{b,t} g."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, silu):
+    def forward(ctx, x, w, bias, silu, sizes):
+        ctx.set_materialize_grads(False)
         k, L = w.shape[1], x.shape[1]
         xp = F.pad(x, (0, 0, k - 1, 0))                                   # [b, L+k-1, C], k-1 zeros in front
         pre = xp[:, k - 1:] * w[:, k - 1]
@@ -29,42 +30,62 @@ class _CausalConvChannelsLast(torch.autograd.Function):
         for j in range(k - 1):
             pre.addcmul_(xp[:, j:j + L], w[:, j])
         ctx.save_for_backward(xp, w, pre)
-        ctx.silu, ctx.has_bias = silu, bias is not None
-        return F.silu(pre) if silu else pre
+        ctx.silu, ctx.has_bias, ctx.sizes = silu, bias is not None, sizes
+        y = F.silu(pre) if silu else pre
+        return y if sizes is None else tuple(y.split(sizes, dim=-1))
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx, *gys):
         xp, w, pre = ctx.saved_tensors
         k, L = w.shape[1], pre.shape[1]
         # Few fresh [b, L, C] buffers: on CPU every new large tensor costs page faults, often more than the math.
-        gp = gy.new_zeros(gy.shape[0], L + k - 1, gy.shape[2])            # g padded with k-1 zeros behind
+        gp = pre.new_empty(pre.shape[0], L + k - 1, pre.shape[2])         # g padded with k-1 zeros behind
+        gp[:, L:].zero_()                                                 # (zeroing only the tail: fewer writes)
         g = gp[:, :L]
         if ctx.silu:                                                      # SiLU'(p) = s (1 + p - p s), s = sigmoid(p)
             s = torch.sigmoid(pre)
             torch.mul(pre, s, out=g)
-            g.neg_().add_(pre).add_(1).mul_(s).mul_(gy)
+            g.neg_().add_(pre).add_(1).mul_(s)
             tmp = s                                                       # reused below
         else:
-            g.copy_(gy)
             tmp = torch.empty_like(g)
+        # times the output's gradient, piece by piece when the output was split (never concatenated); None = unused
+        sizes = (pre.shape[2],) if ctx.sizes is None else ctx.sizes
+        start = 0
+        for size, gy in zip(sizes, gys):
+            piece = g[..., start:start + size]
+            start += size
+            if gy is None:
+                piece.zero_()
+            elif ctx.silu:
+                piece.mul_(gy)
+            else:
+                piece.copy_(gy)
         gx = gp[:, :L] * w[:, k - 1]
         for j in range(k - 1):
             gx.addcmul_(gp[:, k - 1 - j:k - 1 - j + L], w[:, j])
         gw = w.new_empty(w.shape)
         for j in range(k):
             gw[:, j] = torch.mul(g, xp[:, j:j + L], out=tmp).sum((0, 1))
-        return gx, gw, (g.sum((0, 1)) if ctx.has_bias else None), None
+        return gx, gw, (g.sum((0, 1)) if ctx.has_bias else None), None, None
 
 
-def causal_conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias=None, silu: bool = False) -> torch.Tensor:
+def causal_conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias=None, silu: bool = False, split=None):
     """Causal depthwise conv over the L axis of x [b, L, C] (weight [C, 1, k] or [C, k], bias [C] or None), then
-    SiLU when silu=True.  Returns [b, L, C]: the same values as CausalDepthwiseConv1d on x.transpose(1, 2)."""
+    SiLU when silu=True.  Returns [b, L, C]: the same values as CausalDepthwiseConv1d on x.transpose(1, 2).
+    split: channel sizes summing to C -> a tuple of [b, L, size_k] pieces instead (torch.split of the output, but the
+    backward takes the pieces' gradients without concatenating them)."""
     if x.dim() != 3:
         raise ValueError(f"x must be [b, L, C], got shape {tuple(x.shape)}")
     w = weight.reshape(weight.shape[0], -1)
     if w.shape[0] != x.shape[2]:
         raise ValueError(f"weight has {w.shape[0]} channels, x has {x.shape[2]} (x must be [b, L, C])")
-    return _CausalConvChannelsLast.apply(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype), bool(silu))
+    if split is not None:
+        split = tuple(int(c) for c in split)
+        if sum(split) != x.shape[2]:
+            raise ValueError(f"split {list(split)} sums to {sum(split)}, x has {x.shape[2]} channels")
+    return _CausalConvChannelsLast.apply(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype), bool(silu),
+                                         split)
 
 
 class CausalDepthwiseConv1d(nn.Conv1d):
@@ -88,10 +109,11 @@ class CausalDepthwiseConv1d(nn.Conv1d):
         # [b, C, L+k-1] output alive
         return F.conv1d(F.pad(x, (self.kernel_size[0] - 1, 0)), self.weight, self.bias, groups=self.groups)
 
-    def forward_channels_last(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    def forward_channels_last(self, x: torch.Tensor, silu: bool = False, split=None):
         """x [b, L, C] -> [b, L, C] (SiLU applied when silu=True): forward(x.transpose(1, 2)).transpose(1, 2) without
-        the transposes, through `causal_conv1d_channels_last` (hand-written backward)."""
-        return causal_conv1d_channels_last(x, self.weight, self.bias, silu)
+        the transposes, through `causal_conv1d_channels_last` (hand-written backward); split: channel sizes -> a
+        tuple of pieces (see there)."""
+        return causal_conv1d_channels_last(x, self.weight, self.bias, silu, split)
 
     def allocate_window(self, batch: int, device=None, dtype=None) -> torch.Tensor:
         """Zero window [batch, C, k-1] (nothing seen yet)."""

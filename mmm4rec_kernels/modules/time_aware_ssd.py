@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ..tissd import tissd
 from .conv import CausalDepthwiseConv1d
 from .layout import SequenceLayout
+from .linear_split import linear_split
 from .norm import GatedRMSNorm
 from .params import init_ssd_params
 from .time_encoding import TimeState, make_time_encoding
@@ -112,9 +113,10 @@ class TimeAwareSSD(nn.Module):
         """Right-padded working batch u [b, L, d_model] (lengths [b] or None) -> (out [b, L, d_model], state)."""
         b, L, _ = u.shape
         H, P, G, n = self.nheads, self.headdim, self.ngroups, self.d_state
-        z, xBC_in, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, H], dim=-1)
-        xBC = self.conv1d.forward_channels_last(xBC_in, silu=True)                 # causal dwconv + SiLU over L
-        x, B, C = torch.split(xBC, [self.d_inner, G * n, G * n], dim=-1)
+        # split outputs whose backward never concatenates the pieces' gradients (same values as torch.split)
+        z, xBC_in, dt = linear_split(u, self.in_proj.weight, self.in_proj.bias, [self.d_inner, self.conv_dim, H])
+        x, B, C = self.conv1d.forward_channels_last(xBC_in, silu=True,             # causal dwconv + SiLU over L
+                                                    split=[self.d_inner, G * n, G * n])
         time_scale, time_state = None, None
         if self.time_encoding is not None and (timestamps is not None or time_gaps is not None):
             enc = self.time_encoding(timestamps, time_gaps, lengths, return_state=return_state)
