@@ -1,11 +1,35 @@
-"""causal_conv1d_channels_last (hand-written backward) against nn.Conv1d + SiLU on transposed tensors, float64."""
+"""causal_conv1d_channels_last against nn.Conv1d + SiLU on transposed tensors, float64, on both implementations:
+the native C++ kernel (mmm4rec_kernels.cpu) and the torch path with its hand-written backward."""
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import mmm4rec_kernels.cpu as native
 from mmm4rec_kernels.modules import CausalDepthwiseConv1d
+from mmm4rec_kernels.modules import conv as conv_module
 from mmm4rec_kernels.modules.conv import causal_conv1d_channels_last
 from mmm4rec_kernels.torch_backend import COVER_MAX_LEN, segment_sum_stable
+
+
+HAS_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++")) or bool(os.environ.get("CXX"))
+
+
+@pytest.fixture(params=["native", "torch"])
+def impl(request, monkeypatch):
+    """Run the test on the native kernel (skipped only where no C++ compiler exists) and on the torch path."""
+    if request.param == "native":
+        if native.library() is None:
+            if HAS_COMPILER and os.environ.get("MMM4REC_NATIVE_CPU", "1") != "0":
+                pytest.fail(f"a C++ compiler exists but {native.status()}")
+            pytest.skip(native.status())
+    else:
+        monkeypatch.setattr(conv_module.native, "supports", lambda x: False)
+    return request.param
 
 
 def rel(a, b):
@@ -22,7 +46,7 @@ def conv_ref(x, weight, bias, silu):
 @pytest.mark.parametrize("L", [1, 2, 7, 20, 63])
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("silu,with_bias", [(True, True), (False, True), (True, False)])
-def test_forward_and_gradients_match_conv1d(L, k, silu, with_bias):
+def test_forward_and_gradients_match_conv1d(impl, L, k, silu, with_bias):
     g = torch.Generator().manual_seed(L * 10 + k)
     b, C = 3, 5
     x = torch.randn(b, L, C, generator=g, dtype=torch.float64) * 3      # large enough to reach SiLU's curvature
@@ -42,7 +66,7 @@ def test_forward_and_gradients_match_conv1d(L, k, silu, with_bias):
 
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("used", [(0, 1, 2), (0, 2), (1,)])
-def test_split_output_matches_split_of_conv1d(silu, used):
+def test_split_output_matches_split_of_conv1d(impl, silu, used):
     """split=[...]: the pieces equal torch.split of the reference, and every gradient matches with some pieces unused
     (their gradient is None inside the backward: treated as 0)."""
     g = torch.Generator().manual_seed(len(used) * 7 + silu)
@@ -67,7 +91,7 @@ def test_split_output_matches_split_of_conv1d(silu, used):
         causal_conv1d_channels_last(x, w, bias, split=[4, 4])
 
 
-def test_module_method_equals_module_forward_and_is_causal():
+def test_module_method_equals_module_forward_and_is_causal(impl):
     torch.manual_seed(0)
     conv = CausalDepthwiseConv1d(6, 4).double()
     x = torch.randn(2, 9, 6, dtype=torch.float64)
@@ -76,6 +100,57 @@ def test_module_method_equals_module_forward_and_is_causal():
     bumped[:, 5] += 100.0                                   # a change at t=5 leaves t<5 untouched
     y0, y1 = conv.forward_channels_last(x, silu=True), conv.forward_channels_last(bumped, silu=True)
     assert torch.equal(y0[:, :5], y1[:, :5]) and not torch.equal(y0[:, 5], y1[:, 5])
+
+
+def test_strided_input_float32_and_threads(impl):
+    """A channel slice of a wider tensor (row stride != C, as the in_proj pieces), float32 against float64 (1e-5),
+    and 1 vs 2 threads (the native kernel's weight gradient sums per thread)."""
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(4, 13, 40, generator=g, dtype=torch.float64) * 2
+    x64 = wide[..., 7:7 + 24]                                  # [4, 13, 24], row stride 40
+    w64 = torch.randn(24, 1, 4, generator=g, dtype=torch.float64)
+    b64 = torch.randn(24, generator=g, dtype=torch.float64)
+    cot = torch.randn(4, 13, 24, generator=g, dtype=torch.float64)
+    ref_leaves = [t.clone().requires_grad_() for t in (x64, w64, b64)]
+    ref = conv_ref(*ref_leaves, True)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, cot)
+    threads = torch.get_num_threads()
+    try:
+        for dtype, tol, nthreads in ((torch.float64, 1e-12, 1), (torch.float64, 1e-12, 2), (torch.float32, 1e-5, 1)):
+            torch.set_num_threads(nthreads)
+            xw = wide.to(dtype).requires_grad_()
+            leaves = [xw, w64.to(dtype).requires_grad_(), b64.to(dtype).requires_grad_()]
+            y = causal_conv1d_channels_last(xw[..., 7:7 + 24], leaves[1], leaves[2], silu=True)
+            assert y.dtype == dtype and rel(y.double(), ref) < tol
+            dwide, dw, db = torch.autograd.grad(y, leaves, cot.to(dtype))
+            assert float(dwide[..., :7].abs().max()) == 0 and float(dwide[..., 31:].abs().max()) == 0
+            for name, a, r in zip(("dx", "dweight", "dbias"), (dwide[..., 7:31], dw, db), ref_grads):
+                assert rel(a.double(), r) < tol, (name, dtype, nthreads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_native_kernel_is_used_on_cpu_and_can_be_turned_off(tmp_path):
+    """With a compiler, CPU float tensors take the native kernel (the autograd node says so); MMM4REC_NATIVE_CPU=0
+    and a broken compiler fall back to the torch path with the reason in one line."""
+    if not HAS_COMPILER or os.environ.get("MMM4REC_NATIVE_CPU", "1") == "0":
+        pytest.skip("no C++ compiler here")
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    y = causal_conv1d_channels_last(x, torch.randn(3, 1, 4), silu=True)
+    assert type(y.grad_fn).__name__ == "_CausalConvChannelsLastNativeBackward"
+    assert "native CPU kernels: " in native.status()
+    code = ("import torch, mmm4rec_kernels.cpu as n; from mmm4rec_kernels.modules.conv import "
+            "causal_conv1d_channels_last as f; x = torch.randn(2, 5, 3, requires_grad=True); "
+            "print(type(f(x, torch.randn(3, 1, 4)).grad_fn).__name__); print(n.status())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for env, expect in (({"MMM4REC_NATIVE_CPU": "0"}, "MMM4REC_NATIVE_CPU=0"),
+                        ({"CXX": str(tmp_path / "no-such-compiler"), "MMM4REC_CACHE_DIR": str(tmp_path)},
+                         "unavailable")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                             env={**os.environ, "PYTHONPATH": root, **env}, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        backward_name, status = out.stdout.strip().splitlines()
+        assert backward_name == "_CausalConvChannelsLastBackward" and expect in status and "torch path" in status
 
 
 def test_bad_shapes_raise_one_line_errors():

@@ -1,15 +1,20 @@
 """Causal depthwise 1-D convolution with a one-position `step` for incremental inference.
 
 `causal_conv1d_channels_last` is the same convolution on [b, L, C] activations (the layout the SSD blocks produce),
-optionally fused with SiLU, with a hand-written backward: k shifted multiply-adds forward and backward plus k
-reductions for the weight gradient.  On CPU it is ~1.5-2x faster than nn.Conv1d's depthwise backward on the
-transposed tensors (benchmarks/bench_train_step.py, RESULTS.md section 14) and needs no transposes.
+optionally fused with SiLU and optionally split into channel pieces (whose gradients are never concatenated):
+- CPU float32 / float64 with a C++ compiler present: the native kernel of `mmm4rec_kernels.cpu`, one pass over
+  memory forward and one backward (~2.8x faster than the torch path at [256, 20, 384], RESULTS.md section 18);
+- otherwise the torch path: k shifted multiply-adds forward and backward plus k reductions for the weight gradient,
+  hand-written backward (~1.5-2x faster than nn.Conv1d's depthwise backward on CPU, section 14), no transposes.
+`mmm4rec_kernels.cpu.status()` (and `python -m mmm4rec_kernels`) says which one runs.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .. import cpu as native
 
 
 class _CausalConvChannelsLast(torch.autograd.Function):
@@ -70,6 +75,28 @@ class _CausalConvChannelsLast(torch.autograd.Function):
         return gx, gw, (g.sum((0, 1)) if ctx.has_bias else None), None, None
 
 
+class _CausalConvChannelsLastNative(torch.autograd.Function):
+    """_CausalConvChannelsLast's math in one C++ pass each way (mmm4rec_kernels.cpu; CPU float32 / float64)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, silu, sizes):
+        ctx.set_materialize_grads(False)
+        x = native.rows(x)
+        ctx.save_for_backward(x, w, bias)
+        ctx.silu, ctx.sizes = silu, sizes
+        y = native.conv_forward(x, w, bias, silu)
+        return y if sizes is None else tuple(y.split(sizes, dim=-1))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *gys):
+        x, w, bias = ctx.saved_tensors
+        sizes = (x.shape[2],) if ctx.sizes is None else ctx.sizes
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        dx, dw, db = native.conv_backward(x, w, bias, ctx.silu, list(zip(starts, sizes, gys)))
+        return dx, dw, db, None, None
+
+
 def causal_conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias=None, silu: bool = False, split=None):
     """Causal depthwise conv over the L axis of x [b, L, C] (weight [C, 1, k] or [C, k], bias [C] or None), then
     SiLU when silu=True.  Returns [b, L, C]: the same values as CausalDepthwiseConv1d on x.transpose(1, 2).
@@ -84,8 +111,8 @@ def causal_conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias=None
         split = tuple(int(c) for c in split)
         if sum(split) != x.shape[2]:
             raise ValueError(f"split {list(split)} sums to {sum(split)}, x has {x.shape[2]} channels")
-    return _CausalConvChannelsLast.apply(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype), bool(silu),
-                                         split)
+    fn = _CausalConvChannelsLastNative if native.supports(x) else _CausalConvChannelsLast
+    return fn.apply(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype), bool(silu), split)
 
 
 class CausalDepthwiseConv1d(nn.Conv1d):

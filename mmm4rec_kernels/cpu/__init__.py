@@ -1,0 +1,184 @@
+"""Native CPU kernels: C++ sources in this folder, compiled on first use with the system C++ compiler and loaded with
+ctypes (no torch headers: the build takes about a second, and works with any installed torch).
+
+    causal_conv.cpp   causal depthwise conv over L on channels-last [b, L, C] (+ SiLU), forward and backward in one
+                      pass over memory each (the torch path walks the activations ~7 and ~20 times)
+
+The library is built into MMM4REC_CACHE_DIR (default ~/.cache/mmm4rec_kernels; the temp dir if that is not
+writable), named by a hash of the source, the compiler, the flags and the CPU, with `-O3 -march=native -ffast-math` (vectorised exp from glibc's libmvec) and OpenMP when the
+compiler has it.  MMM4REC_NATIVE_CPU=0 turns it off.  When it cannot be built or loaded, callers use the torch path
+and one warning says why (`status()` returns the same line).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+logger = logging.getLogger("mmm4rec_kernels")
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCE = os.path.join(_HERE, "causal_conv.cpp")
+_FLAGS = ["-O3", "-ffast-math", "-std=c++17", "-shared", "-fPIC"]
+# tried in order until one builds: -march=native (AVX2 / AVX-512 and libmvec's vector exp) and OpenMP are optional
+_OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
+_lock = threading.Lock()
+_lib = None
+_status: str | None = None          # one line: what was loaded, or why not
+
+
+def _cpu_signature() -> str:
+    """CPU model and feature flags (the library is built with -march=native: one build per kind of CPU)."""
+    sig = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    sig += line
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        pass
+    return sig
+
+
+def _compile(compiler: str, out: str) -> str | None:
+    """Build the shared library at `out` (atomically); returns None on success or the compiler's last error line."""
+    err = "no attempt"
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    for extra in _OPTIONAL_FLAGS:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
+        os.close(fd)
+        cmd = [compiler, *_FLAGS, *extra, _SOURCE, "-o", tmp]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            r, err = None, str(e)
+        if r is not None and r.returncode == 0:
+            os.replace(tmp, out)                         # atomic: a concurrent process sees all or nothing
+            return None
+        if r is not None:
+            lines = (r.stderr or r.stdout).strip().splitlines()
+            err = lines[-1] if lines else f"exit {r.returncode}"
+        os.unlink(tmp)
+    return err
+
+
+def _bind(lib):
+    i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    for dt in ("f32", "f64"):
+        fwd = getattr(lib, f"mmm4rec_conv_fwd_{dt}")
+        fwd.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i64, i32, i32]
+        fwd.restype = None
+        bwd = getattr(lib, f"mmm4rec_conv_bwd_{dt}")
+        bwd.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, i32, i32, p, p, p, p, p, p, p, p, i32]
+        bwd.restype = None
+    lib.mmm4rec_conv_has_openmp.restype = i32
+    return lib
+
+
+def library():
+    """The loaded ctypes library, or None (status() says why).  Builds it on the first call if needed."""
+    global _lib, _status
+    if _status is not None:
+        return _lib
+    with _lock:
+        if _status is not None:
+            return _lib
+        if os.environ.get("MMM4REC_NATIVE_CPU", "1") == "0":
+            _status = "native CPU kernels off (MMM4REC_NATIVE_CPU=0): torch path"
+            return None
+        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+        if compiler is None:
+            _status = "native CPU kernels unavailable (no C++ compiler: set CXX): torch path"
+            logger.warning("mmm4rec_kernels: %s", _status)
+            return None
+        with open(_SOURCE, "rb") as f:
+            key = hashlib.sha256(f.read() + repr((compiler, _FLAGS, _OPTIONAL_FLAGS)).encode()
+                                 + _cpu_signature().encode()).hexdigest()[:16]
+        cache = os.environ.get("MMM4REC_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mmm4rec_kernels")
+        err = None
+        for folder in (cache, os.path.join(tempfile.gettempdir(), f"mmm4rec_kernels-{os.getuid()}")):
+            path = os.path.join(folder, f"causal_conv-{key}.so")
+            try:                                         # an unwritable cache falls back to the temp dir
+                err = None if os.path.exists(path) else _compile(compiler, path)
+                if err is None:
+                    _lib = _bind(ctypes.CDLL(path))
+                    break
+            except OSError as e:
+                err = str(e)
+        if _lib is None:
+            _status = f"native CPU kernels unavailable ({compiler}: {err}): torch path"
+            logger.warning("mmm4rec_kernels: %s", _status)
+            return None
+        omp = "OpenMP" if _lib.mmm4rec_conv_has_openmp() else "no OpenMP"
+        _status = f"native CPU kernels: {path} ({omp})"
+        logger.info("mmm4rec_kernels: %s", _status)
+        return _lib
+
+
+def status() -> str:
+    """One line: the native library in use, or why the torch path runs (builds the library if not tried yet)."""
+    library()
+    return _status
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Can the native conv run on x (CPU, float32 / float64) and is the library loaded?"""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and library() is not None
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """t [b, L, c] with unit channel stride (a copy only if needed)."""
+    return t if t.stride(2) == 1 else t.contiguous()
+
+
+def conv_forward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool) -> torch.Tensor:
+    """x [b, L, C] (channel stride 1), w [C, k], bias [C] or None (x's dtype) -> y [b, L, C] contiguous."""
+    b, L, C = x.shape
+    k = w.shape[1]
+    wt = w.t().contiguous()
+    bias = None if bias is None else bias.contiguous()
+    y = torch.empty(b, L, C, dtype=x.dtype)
+    if y.numel():
+        fn = library().mmm4rec_conv_fwd_f32 if x.dtype == torch.float32 else library().mmm4rec_conv_fwd_f64
+        fn(_ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(y), b, L, C, k, int(silu),
+           torch.get_num_threads())
+    return y
+
+
+def conv_backward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool, pieces):
+    """Gradients of conv_forward: pieces = [(start, size, gy [b, L, size] or None)] covering the C channels.
+    Returns (dx [b, L, C], dw [C, k], dbias [C] or None)."""
+    b, L, C = x.shape
+    k = w.shape[1]
+    wt = w.t().contiguous()
+    bias = None if bias is None else bias.contiguous()
+    dx = torch.empty(b, L, C, dtype=x.dtype)
+    dwt = torch.zeros(k, C, dtype=x.dtype)
+    db = None if bias is None else torch.zeros(C, dtype=x.dtype)
+    if dx.numel():
+        gys = [None if g is None else rows(g) for _, _, g in pieces]
+        n = len(pieces)
+        arr = lambda ctype, vals: (ctype * n)(*vals)  # noqa: E731
+        fn = library().mmm4rec_conv_bwd_f32 if x.dtype == torch.float32 else library().mmm4rec_conv_bwd_f64
+        fn(_ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), b, L, C, k, int(silu), n,
+           arr(ctypes.c_void_p, [None if g is None else g.data_ptr() for g in gys]),
+           arr(ctypes.c_int64, [s for s, _, _ in pieces]), arr(ctypes.c_int64, [z for _, z, _ in pieces]),
+           arr(ctypes.c_int64, [0 if g is None else g.stride(0) for g in gys]),
+           arr(ctypes.c_int64, [0 if g is None else g.stride(1) for g in gys]),
+           _ptr(dx), _ptr(dwt), _ptr(db), torch.get_num_threads())
+    return dx, dwt.t().contiguous(), db
