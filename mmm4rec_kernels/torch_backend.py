@@ -102,63 +102,12 @@ def step_sizes(dt, E, dt_bias, dt_softplus, mask):
 # All tensors stay in the natural [batch, step, head, ...] layout; heads are viewed as (G, H/G) so B and C are never
 # repeated per head.  Contractions are einsums: unlike matmul on transposed views, their backward stays fast when
 # the incoming gradient is an expanded tensor (e.g. from y.sum()), where matmul fell back to one GEMM per matrix.
-class _IntraBlock(torch.autograd.Function):
-    """The quadratic form on blocks of Q <= COVER_MAX_LEN steps with an explicit backward, heads-major inside:
-
-        cb = C B^T [N, G, Q, Q],  decay = exp(log_decay @ cover - inf above the diagonal) [N, H, Q, Q],
-        M = cb * decay (head h reads group h // (H/G)),  y_h = M_h u_h
-    backward (g = dL/dy):  dM = g u^T,  du = M^T g,  d seg = dM * M (= dM * cb * exp(seg)),
-        dcb = sum over the group's heads of dM * decay,  dC = dcb B,  dB = dcb^T C,  d log_decay = d seg @ cover^T.
-    Every product runs on contiguous [N, heads, Q, .] tensors: autograd through the einsums handed the elementwise
-    backward ops permuted views, which the CPU walks several times slower."""
-
-    @staticmethod
-    def forward(ctx, C, B, u, log_decay):
-        N, Q, G, _ = C.shape
-        H = u.shape[2]
-        Ch, Bh = C.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()        # [N, G, Q, n]
-        uh = u.transpose(1, 2).contiguous()                                           # [N, H, Q, P]
-        cb = torch.matmul(Ch, Bh.transpose(-1, -2))                                   # [N, G, Q, Q]  C_i . B_j
-        seg = torch.addmm(_minus_inf_above_diagonal(Q, C.device, C.dtype),
-                          log_decay.transpose(1, 2).reshape(N * H, Q), _cover(Q, C.device, C.dtype))
-        decay = seg.exp_().view(N, G, H // G, Q, Q)                                   # 0 above the diagonal
-        M = (decay * cb[:, :, None]).view(N, H, Q, Q)
-        ctx.save_for_backward(Ch, Bh, uh, decay, M)
-        return torch.matmul(M, uh).transpose(1, 2)                                    # [N, Q, H, P]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        Ch, Bh, uh, decay, M = ctx.saved_tensors
-        N, G, r, Q, _ = decay.shape
-        need_C, need_B, need_u, need_a = ctx.needs_input_grad
-        gyh = gy.transpose(1, 2).contiguous()                                         # [N, H, Q, P]
-        dC = dB = du = da = None
-        if need_u:
-            du = torch.matmul(M.transpose(-1, -2), gyh).transpose(1, 2)               # [N, Q, H, P]
-        if need_C or need_B or need_a:
-            dM = torch.matmul(gyh, uh.transpose(-1, -2))                              # [N, H, Q, Q]
-            if need_a:
-                dseg = (dM * M).view(N * G * r, Q * Q)
-                da = torch.mm(dseg, _cover(Q, dM.device, dM.dtype).t()).view(N, G * r, Q).transpose(1, 2)
-            if need_C or need_B:
-                dcb = dM.view(N, G, r, Q, Q).mul_(decay)                              # d cb, per head
-                dcb = dcb[:, :, 0] if r == 1 else dcb.sum(2)                          # [N, G, Q, Q]
-                if need_C:
-                    dC = torch.matmul(dcb, Bh).transpose(1, 2)                        # [N, Q, G, n]
-                if need_B:
-                    dB = torch.matmul(dcb.transpose(-1, -2), Ch).transpose(1, 2)
-        return dC, dB, du, da
-
-
 def _intra(C, B, u, log_decay):
     """Quadratic form on blocks: y_i = sum_{j<=i} (C_i . B_j) exp(seg_ij) u_j.
 
     C, B [N, Q, G, n]; u [N, Q, H, P]; log_decay [N, Q, H] (compute dtype).  Returns [N, Q, H, P]."""
     N, Q, G, _ = C.shape
     H, P = u.shape[2], u.shape[3]
-    if Q <= COVER_MAX_LEN:
-        return _IntraBlock.apply(C, B, u, log_decay)
     cb = torch.einsum("zign,zjgn->zgij", C, B)                            # [N, G, Q, Q]  C_i . B_j
     decay = decay_matrix(log_decay.transpose(1, 2), u.dtype).reshape(N, G, H // G, Q, Q)
     y = torch.einsum("zghij,zjghp->zighp", cb[:, :, None] * decay, u.reshape(N, Q, G, H // G, P))
