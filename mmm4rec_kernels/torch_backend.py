@@ -12,11 +12,15 @@ Unlike `reference.py` (the float64 oracle the tests trust), this is product code
 - fp16 / bf16 inputs are computed in float32, float64 inputs in float64; y comes back in x's dtype, states in the
   compute dtype (float32 for fp32/half inputs);
 - no Python loop over time steps: the quadratic form is batched einsums, the chunked form batches all chunks and passes
-  the states between chunks with one (nchunks+1)^2 decay matrix.
+  the states between chunks with one (nchunks+1)^2 decay matrix;
+- on CPU (float32 / float64 compute) the quadratic form without states, D skip included, runs the native C++ kernel
+  `mmm4rec_kernels.cpu.quadratic_scan` instead (same sums, each sequence over its valid steps only, no intermediate
+  tensors; it never reads padded x / B / C, so only dt and E are cleaned); without a C++ compiler, the einsums.
 
 Shapes (padded batch): x [b, L, H, P], dt / time_scale [b, L, H], A / dt_bias [H], D [H] or [H, P],
 B, C [b, L, G, n] (head h reads group h // (H // G)), lengths [b]; packed: x [1, T, H, P] with cu_seqlens [nseq+1].
-initial_states / final states [nseq, H, P, n].  Autograd runs through plain torch ops.
+initial_states / final states [nseq, H, P, n].  Autograd runs through plain torch ops (and the native kernel's own
+backward).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import cpu as native
 from . import reference
 
 
@@ -215,12 +220,26 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
         m = mask.view(*mask.shape, *([1] * (t.dim() - 2)))
         return torch.where(m, t.to(cd), 0.0)
 
-    x_, dt_, B_, C_, E_ = (clean(t) for t in (x_, dt_, B_, C_, E_))
+    # CPU quadratic form without states: the native kernel (mmm4rec_kernels.cpu), D skip included.  It reads valid
+    # steps only, so x, B, C need no cleaning; dt and E still do (their padded values would reach d dt_bias).
+    native_scan = (path == "quadratic" and initial_states is None and not return_final_states and mask.shape[1] > 0
+                   and nseq > 0 and native.supports(x, dtype=cd))
+    if native_scan:
+        x_, B_, C_ = (t.to(cd) for t in (x_, B_, C_))
+        dt_, E_ = clean(dt_), clean(E_)
+    else:
+        x_, dt_, B_, C_, E_ = (clean(t) for t in (x_, dt_, B_, C_, E_))
     A_ = A.to(cd)
     bias_ = None if dt_bias is None else dt_bias.to(cd)
     h0 = None if initial_states is None else initial_states.to(cd)
 
-    if mask.shape[1] == 0 or nseq == 0:                                  # L = 0 or no sequences: nothing to scan
+    if native_scan:
+        delta = step_sizes(dt_, E_, bias_, dt_softplus, mask)
+        D_ = None if D is None else D.to(cd)
+        D_ = D_[:, None].expand(H, P) if D_ is not None and D_.dim() == 1 else D_
+        y = native.quadratic_scan(x_, delta, delta * A_, B_, C_, mask.sum(1), D_, skip_delta=d_skip == "delta")
+        final = None
+    elif mask.shape[1] == 0 or nseq == 0:                                # L = 0 or no sequences: nothing to scan
         y = x_.new_zeros(x_.shape)
         final = None
         if return_final_states:
@@ -239,7 +258,7 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
             y, final = chunked_form(x_, delta, log_decay, B_, C_, chunk_size, h0, return_final_states)
         else:
             raise ValueError(f"path must be 'quadratic', 'chunked' or 'reference' for the torch backend, got {path!r}")
-    if D is not None and mask.shape[1] > 0 and nseq > 0:                  # skip: D * s_i * x_i, D [H] or [H, P]
+    if D is not None and mask.shape[1] > 0 and nseq > 0 and not native_scan:   # skip: D s_i x_i, D [H] or [H, P]
         D_ = D.to(cd)
         D_ = D_[:, None] if D_.dim() == 1 else D_
         if d_skip == "delta":
@@ -247,7 +266,7 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
             y = y + D_ * delta_skip[..., None] * x_
         else:
             y = y + D_ * x_
-    # y is already exactly 0 on padded steps (C and x were zeroed there): no mask pass needed
+    # y is already exactly 0 on padded steps (C and x were zeroed there; the native kernel writes 0): no mask pass
     y = y.to(x.dtype)
     if cu_seqlens is not None:
         y = y[mask].unsqueeze(0)                                          # back to [1, T, H, P] (in order)

@@ -28,7 +28,7 @@ def impl(request, monkeypatch):
                 pytest.fail(f"a C++ compiler exists but {native.status()}")
             pytest.skip(native.status())
     else:
-        monkeypatch.setattr(conv_module.native, "supports", lambda x: False)
+        monkeypatch.setattr(conv_module.native, "supports", lambda x, dtype=None: False)
     return request.param
 
 

@@ -1,8 +1,10 @@
 """Native CPU kernels: C++ sources in this folder, compiled on first use with the system C++ compiler and loaded with
 ctypes (no torch headers: the build takes about a second, and works with any installed torch).
 
-    causal_conv.cpp   causal depthwise conv over L on channels-last [b, L, C] (+ SiLU), forward and backward in one
-                      pass over memory each (the torch path walks the activations ~7 and ~20 times)
+    causal_conv.cpp      causal depthwise conv over L on channels-last [b, L, C] (+ SiLU), forward and backward in
+                         one pass over memory each (the torch path walks the activations ~7 and ~20 times)
+    tissd_quadratic.cpp  the time-aware SSD's quadratic form without states (torch_backend.quadratic_form's
+                         training case): per sequence and head over its valid steps only, no intermediate tensors
 
 The library is built into MMM4REC_CACHE_DIR (default ~/.cache/mmm4rec_kernels; the temp dir if that is not
 writable), named by a hash of the source, the compiler, the flags and the CPU, with `-O3 -march=native -ffast-math` (vectorised exp from glibc's libmvec) and OpenMP when the
@@ -26,7 +28,7 @@ import torch
 logger = logging.getLogger("mmm4rec_kernels")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCE = os.path.join(_HERE, "causal_conv.cpp")
+_SOURCES = [os.path.join(_HERE, f) for f in ("causal_conv.cpp", "tissd_quadratic.cpp")]
 _FLAGS = ["-O3", "-ffast-math", "-std=c++17", "-shared", "-fPIC"]
 # tried in order until one builds: -march=native (AVX2 / AVX-512 and libmvec's vector exp) and OpenMP are optional
 _OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
@@ -57,7 +59,7 @@ def _compile(compiler: str, out: str) -> str | None:
     for extra in _OPTIONAL_FLAGS:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
         os.close(fd)
-        cmd = [compiler, *_FLAGS, *extra, _SOURCE, "-o", tmp]
+        cmd = [compiler, *_FLAGS, *extra, *_SOURCES, "-o", tmp]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -81,6 +83,12 @@ def _bind(lib):
         bwd = getattr(lib, f"mmm4rec_conv_bwd_{dt}")
         bwd.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, i32, i32, p, p, p, p, p, p, p, p, i32]
         bwd.restype = None
+        fwd = getattr(lib, f"mmm4rec_ssd_quadratic_fwd_{dt}")
+        fwd.argtypes = [p] * 7 + [i32, p] + [i64] * 6 + [i32]
+        fwd.restype = None
+        bwd = getattr(lib, f"mmm4rec_ssd_quadratic_bwd_{dt}")
+        bwd.argtypes = [p] * 7 + [i32] + [p] * 7 + [i64] * 6 + [i32]
+        bwd.restype = None
     lib.mmm4rec_conv_has_openmp.restype = i32
     return lib
 
@@ -101,14 +109,16 @@ def library():
             _status = "native CPU kernels unavailable (no C++ compiler: set CXX): torch path"
             logger.warning("mmm4rec_kernels: %s", _status)
             return None
-        with open(_SOURCE, "rb") as f:
-            key = hashlib.sha256(f.read() + repr((compiler, _FLAGS, _OPTIONAL_FLAGS)).encode()
-                                 + _cpu_signature().encode()).hexdigest()[:16]
+        h = hashlib.sha256(repr((compiler, _FLAGS, _OPTIONAL_FLAGS)).encode() + _cpu_signature().encode())
+        for src in _SOURCES:
+            with open(src, "rb") as f:
+                h.update(f.read())
+        key = h.hexdigest()[:16]
         cache = os.environ.get("MMM4REC_CACHE_DIR") or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mmm4rec_kernels")
         err = None
         for folder in (cache, os.path.join(tempfile.gettempdir(), f"mmm4rec_kernels-{os.getuid()}")):
-            path = os.path.join(folder, f"causal_conv-{key}.so")
+            path = os.path.join(folder, f"mmm4rec_cpu-{key}.so")
             try:                                         # an unwritable cache falls back to the temp dir
                 err = None if os.path.exists(path) else _compile(compiler, path)
                 if err is None:
@@ -132,9 +142,10 @@ def status() -> str:
     return _status
 
 
-def supports(x: torch.Tensor) -> bool:
-    """Can the native conv run on x (CPU, float32 / float64) and is the library loaded?"""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and library() is not None
+def supports(x: torch.Tensor, dtype=None) -> bool:
+    """Can the native kernels run on x (CPU; float32 / float64, or computed in `dtype`) and is the library loaded?"""
+    return (x.device.type == "cpu" and (dtype or x.dtype) in (torch.float32, torch.float64)
+            and library() is not None)
 
 
 def _ptr(t):
@@ -182,3 +193,47 @@ def conv_backward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool, pieces):
            arr(ctypes.c_int64, [0 if g is None else g.stride(1) for g in gys]),
            _ptr(dx), _ptr(dwt), _ptr(db), torch.get_num_threads())
     return dx, dwt.t().contiguous(), db
+
+
+# ------------------------------------------------------------------------------------ time-aware SSD, quadratic form
+class _QuadraticScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, delta, log_decay, B, C, D, valid_len, skip_delta):
+        ins = [t.contiguous() for t in (x, delta, log_decay, B, C)]
+        D = None if D is None else D.contiguous()
+        valid_len = valid_len.to(torch.int64).contiguous()
+        b, L, H, P = x.shape
+        G, n = B.shape[2], B.shape[3]
+        y = torch.empty(b, L, H, P, dtype=x.dtype)
+        if y.numel():
+            lib = library()
+            fn = lib.mmm4rec_ssd_quadratic_fwd_f32 if x.dtype == torch.float32 else lib.mmm4rec_ssd_quadratic_fwd_f64
+            fn(*[_ptr(t) for t in ins], _ptr(valid_len), _ptr(D), int(skip_delta), _ptr(y), b, L, H, P, G, n,
+               torch.get_num_threads())
+        ctx.save_for_backward(*ins, D, valid_len)
+        ctx.skip_delta = skip_delta
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, delta, log_decay, B, C, D, valid_len = ctx.saved_tensors
+        b, L, H, P = x.shape
+        G, n = B.shape[2], B.shape[3]
+        grads = [torch.empty_like(t) for t in (x, delta, log_decay, B, C)]
+        dD = None if D is None else torch.zeros_like(D)
+        if gy.numel():
+            lib = library()
+            fn = lib.mmm4rec_ssd_quadratic_bwd_f32 if x.dtype == torch.float32 else lib.mmm4rec_ssd_quadratic_bwd_f64
+            fn(*[_ptr(t) for t in (x, delta, log_decay, B, C, valid_len, D)], int(ctx.skip_delta),
+               _ptr(gy.contiguous()), *[_ptr(t) for t in grads], _ptr(dD), b, L, H, P, G, n, torch.get_num_threads())
+        return (*grads, dD, None, None)
+
+
+def quadratic_scan(x, delta, log_decay, B, C, valid_len, D=None, skip_delta=True):
+    """The quadratic form over each sequence's first valid_len steps, with autograd (rows past them are 0):
+        y_i = sum_{j<=i} (C_i . B_j) exp(sum_{j<k<=i} a_k) delta_j x_j  +  D s_i x_i   (s = delta if skip_delta else 1)
+    x [b, L, H, P], delta / log_decay [b, L, H], B / C [b, L, G, n], D [H, P] or None, valid_len [b]; CPU float32 /
+    float64, one dtype (supports(x) must be True).  Padded steps are never read: they need not be clean, and their
+    gradients are 0."""
+    return _QuadraticScan.apply(x, delta, log_decay, B, C, D, valid_len, bool(skip_delta))

@@ -1,0 +1,126 @@
+"""The torch backend's two CPU implementations of the quadratic form without states: the native C++ kernel
+(mmm4rec_kernels.cpu.quadratic_scan, D skip fused) and the einsum path, each against the float64 recurrence of
+reference.py: y and every gradient (x, dt, A, B, C, E, D), awkward lengths, weak / strong decay, a huge time gap,
+NaN garbage in padded steps, groups, D as [H] / [H, P] / none, both skip kinds."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import mmm4rec_kernels.cpu as native
+from mmm4rec_kernels import reference, torch_backend
+
+HAS_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++")) or bool(os.environ.get("CXX"))
+
+
+@pytest.fixture(params=["native", "einsum"])
+def impl(request, monkeypatch):
+    calls = []
+    if request.param == "native":
+        if native.library() is None:
+            if HAS_COMPILER and os.environ.get("MMM4REC_NATIVE_CPU", "1") != "0":
+                pytest.fail(f"a C++ compiler exists but {native.status()}")
+            pytest.skip(native.status())
+        scan = native.quadratic_scan
+        monkeypatch.setattr(native, "quadratic_scan", lambda *a, **k: calls.append(1) or scan(*a, **k))
+    else:
+        monkeypatch.setattr(native, "supports", lambda x, dtype=None: False)
+    return request.param, calls
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def case(L, b=3, H=4, P=3, G=2, n=5, decay="mixed", gap=None, seed=0):
+    g = torch.Generator().manual_seed(seed * 1000 + L)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    scale = {"weak": 0.01, "strong": 5.0, "mixed": 1.0}[decay]
+    inp = dict(x=mk(b, L, H, P), dt=mk(b, L, H), A=-torch.rand(H, generator=g, dtype=torch.float64) * scale - 1e-3,
+               B=mk(b, L, G, n), C=mk(b, L, G, n), E=mk(b, L, H).abs() + 0.1)
+    if gap is not None and L > 2:
+        inp["E"][:, L // 2] = gap
+        inp["dt"][:, L // 2] = inp["dt"][:, L // 2].abs() + 0.5
+    lengths = torch.randint(1, L + 1, (b,), generator=g)
+    lengths[0] = L
+    return inp, lengths, mk
+
+
+@pytest.mark.parametrize("L", [1, 7, 20, 63, 200])
+@pytest.mark.parametrize("decay", ["weak", "strong"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_quadratic_without_states_matches_float64_recurrence(impl, L, decay, dtype):
+    name, calls = impl
+    inp, lengths, mk = case(L, decay=decay, G=2 if L != 63 else 1)
+    D = mk(inp["x"].shape[2])
+    pad = torch.arange(L)[None, :] >= lengths[:, None]
+    garbage = {k: v.clone() for k, v in inp.items()}
+    for k in ("x", "dt", "B", "C", "E"):                        # NaN in padded steps must not reach anything
+        garbage[k][pad] = float("nan")
+    order = ("x", "dt", "A", "B", "C", "E")
+    leaves = [garbage[k].to(dtype).requires_grad_() for k in order] + [D.to(dtype).requires_grad_()]
+    y = torch_backend.tissd_torch(*leaves[:5], time_scale=leaves[5], D=leaves[6], lengths=lengths, path="quadratic")
+    cot = mk(*y.shape)
+    grads = torch.autograd.grad(y, leaves, cot.to(dtype))
+    ref_leaves = [inp[k].clone().requires_grad_() for k in order] + [D.clone().requires_grad_()]
+    ref = reference.tissd_recurrent_ref(*ref_leaves[:5], time_scale=ref_leaves[5], D=ref_leaves[6], lengths=lengths)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, cot)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert y.dtype == dtype and rel(y, ref) < tol
+    for k, a, r in zip(order + ("D",), grads, ref_grads):
+        assert torch.isfinite(a).all(), k
+        assert rel(a, r) < tol, (k, rel(a, r))
+    assert len(calls) == (1 if name == "native" else 0)
+
+
+@pytest.mark.parametrize("gap", [1e4, 1e9])
+def test_fp32_huge_time_gap(impl, gap):
+    inp, lengths, mk = case(20, gap=gap, seed=3)
+    order = ("x", "dt", "A", "B", "C", "E")
+    leaves = [inp[k].float().requires_grad_() for k in order]
+    y = torch_backend.tissd_torch(*leaves[:5], time_scale=leaves[5], lengths=lengths, path="quadratic")
+    cot = mk(*y.shape)
+    grads = torch.autograd.grad(y, leaves, cot.float())
+    ref_leaves = [inp[k].clone().requires_grad_() for k in order]
+    ref = reference.tissd_recurrent_ref(*ref_leaves[:5], time_scale=ref_leaves[5], lengths=lengths)
+    for k, a, r in zip(("y",) + order, (y,) + grads, (ref,) + torch.autograd.grad(ref, ref_leaves, cot)):
+        assert rel(a, r) < 1e-4, k
+
+
+@pytest.mark.parametrize("D_shape,d_skip", [((4, 3), "delta"), ((4,), "plain"), (None, "delta")])
+def test_skip_variants_and_threads(impl, D_shape, d_skip):
+    """D [H, P] / [H] / none, skip D x (plain) or D Delta x; 1 and 2 threads agree (dD is summed per thread)."""
+    inp, lengths, mk = case(20, seed=7)
+    D = None if D_shape is None else mk(*D_shape)
+    order = ("x", "dt", "A", "B", "C", "E")
+    cot = mk(*inp["x"].shape)
+    ref_leaves = [inp[k].clone().requires_grad_() for k in order] + ([D.clone().requires_grad_()] if D_shape else [])
+    ref = reference.tissd_recurrent_ref(*ref_leaves[:5], time_scale=ref_leaves[5], lengths=lengths,
+                                        D=ref_leaves[6] if D_shape else None, d_skip=d_skip)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, cot)
+    threads = torch.get_num_threads()
+    try:
+        for nthreads in (1, 2):
+            torch.set_num_threads(nthreads)
+            leaves = [t.detach().clone().requires_grad_() for t in ref_leaves]
+            y = torch_backend.tissd_torch(*leaves[:5], time_scale=leaves[5], lengths=lengths, path="quadratic",
+                                          D=leaves[6] if D_shape else None, d_skip=d_skip)
+            assert rel(y, ref) < 1e-12
+            for a, r in zip(torch.autograd.grad(y, leaves, cot), ref_grads):
+                assert rel(a, r) < 1e-12
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_states_take_the_einsum_path(impl):
+    """initial / final states are not in the native kernel: those calls keep the einsum path (and stay correct)."""
+    name, calls = impl
+    inp, lengths, mk = case(7, seed=9)
+    h0 = mk(3, 4, 3, 5)
+    y, hT = torch_backend.tissd_torch(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], time_scale=inp["E"],
+                                      lengths=lengths, initial_states=h0, return_final_states=True)
+    ry, rhT = reference.tissd_recurrent_ref(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], time_scale=inp["E"],
+                                            lengths=lengths, initial_states=h0, return_final_states=True)
+    assert rel(y, ry) < 1e-12 and rel(hT, rhT) < 1e-12 and calls == []
