@@ -48,6 +48,10 @@ CASES = {
 }
 
 
+# the current package with the native CPU kernels off (MMM4REC_NATIVE_CPU=0): what they contribute
+NOW_TORCH_PATH = "now, torch path"
+
+
 def load_previous_model(commit: str):
     """mmm4rec/model at `commit` as an importable package (module object), or None if git cannot provide it."""
     tmp = tempfile.mkdtemp(prefix="mmm4rec_prev_")
@@ -152,7 +156,7 @@ def checkout_previous_package(commit: str) -> str:
 
 def build_variant(name: str, case: dict, previous_commit: str, whole_package: bool = False, device: str = "cpu"):
     """whole_package (worker processes): 'previous' imports the model AND the kernels at previous_commit."""
-    if name == "now":
+    if name in ("now", NOW_TORCH_PATH):
         import mmm4rec.model as now
         return build(now, case, device=device)
     if name == "previous":
@@ -170,6 +174,8 @@ def worker(case_name: str, variant: str, batch_size: int, steps: int, previous_c
     """One variant alone in this (fresh) process: build, 2 warm-up steps (compiles on CUDA), `steps` timed steps.
     On CUDA the wall time is taken between synchronisations and cpu_ms is the host's CPU time (not GPU work)."""
     case = CASES[case_name]
+    if variant == NOW_TORCH_PATH:                       # read when mmm4rec_kernels.cpu first loads its library
+        os.environ["MMM4REC_NATIVE_CPU"] = "0"
     model, opt = build_variant(variant, case, previous_commit, whole_package=True, device=device)
     batch = tuple(t.to(device) for t in make_batch(case["items"], batch_size))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -211,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="steps per round and variant")
     ap.add_argument("--previous", default="a4d5b78", help="git commit of the previous model ('' = none)")
     ap.add_argument("--no-sasrec", dest="sasrec", action="store_false", help="skip RecBole SASRec")
+    ap.add_argument("--torch-path", action="store_true",
+                    help=f"add the variant '{NOW_TORCH_PATH}': this package with its native CPU kernels off")
     ap.add_argument("--in-process", action="store_true",
                     help="measure all variants in this one process (interleaved rounds) instead of one fresh process "
                          "per variant and round")
@@ -233,6 +241,8 @@ def main(argv=None) -> int:
     mode = "one process, interleaved" if a.in_process else "a fresh process per variant and round, alternating"
     print(f"torch {torch.__version__}, {a.threads} thread(s), batch {a.batch_size}, {a.rounds} rounds x {a.steps} "
           f"steps ({mode}), median; previous = {a.previous if prev else 'n/a'}")
+    if a.in_process and a.torch_path:
+        ap.error("--torch-path needs fresh processes (the native library loads once per process): drop --in-process")
     if a.in_process and a.device != "cpu":
         ap.error("--in-process is a CPU mode; on --device cuda each variant runs in its own process")
     gpu = a.device != "cpu"
@@ -244,7 +254,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for name in a.cases:
         case = CASES[name]
-        names = ["now"] + (["previous"] if prev is not None else []) + (["RecBole SASRec"] if with_sasrec else [])
+        names = (["now"] + ([NOW_TORCH_PATH] if a.torch_path else []) + (["previous"] if prev is not None else [])
+                 + (["RecBole SASRec"] if with_sasrec else []))
         if a.in_process:
             variants = {v: build_variant(v, case, a.previous) for v in names}
             res = measure(variants, make_batch(case["items"], a.batch_size), a.rounds, a.steps)
@@ -252,6 +263,8 @@ def main(argv=None) -> int:
             res = measure_isolated(name, names, a)
         for v, (cpu_ms, wall_ms) in res.items():
             ratio = f"{res[v][k] / res['previous'][k]:.2f}x" if "previous" in res and v == "now" else ""
+            if v == "now" and NOW_TORCH_PATH in res:
+                ratio += f"{'; ' if ratio else ''}{res[v][k] / res[NOW_TORCH_PATH][k]:.2f}x torch path"
             if v == "now" and "RecBole SASRec" in res:
                 ratio += f"{'; ' if ratio else ''}{res[v][k] / res['RecBole SASRec'][k]:.2f}x SASRec"
             print(f"| {name} | {v} | {cpu_ms:.2f} | {wall_ms:.0f} | {ratio} |", flush=True)

@@ -8,7 +8,8 @@ Public API:
     explain(...)        exactly tissd's signature and checks -> {'path', 'backend', 'reason'}
     crossover_length(P, n) -> longest L that path='auto' runs on the quadratic kernels
     QUADRATIC_HARD_MAX_L   longest sequence the quadratic kernels hold (one declaration, in dispatch.py)
-    torch_backend       the CPU / float64 fallback that backend='torch' runs (float64 decay sums, where-masking)
+    torch_backend       the CPU / float64 fallback that backend='torch' runs (direct decay sums, where-masking)
+    cpu                 native C++ CPU kernels compiled on first use (quadratic scan, causal conv); status()
     reference           float64 torch references (recurrence, quadratic, chunked): the test oracle, not for speed
     modules             drop-in layers (TimeAwareSSD, time encodings, step API): `from mmm4rec_kernels.modules import`
 """

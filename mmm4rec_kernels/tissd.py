@@ -5,8 +5,8 @@
     E [b, L, H] (time modulation, None = none), dt_bias [H], D [H] or [H, P], lengths [b] (right padding).
     Delta = softplus(dt * E + dt_bias);  y_i = sum_{j<=i} (C_i . B_j) exp(sum_{k=j+1..i} A Delta_k) Delta_j x_j
             + D * Delta_i * x_i   (d_skip="delta", official MMM4Rec)   or   + D * x_i   (d_skip="plain", mamba_ssm).
-The discretization is fused into the Triton/CUDA kernels; backend="torch" runs torch_backend.py (float64 decay
-sums, where-masking).  Every backend goes through the same checks (`_plan`, shared with `explain`).
+The discretization is fused into the Triton/CUDA kernels; backend="torch" runs torch_backend.py (direct decay
+sums, where-masking; on CPU the native C++ scan of mmm4rec_kernels.cpu for the quadratic form without states).  Every backend goes through the same checks (`_plan`, shared with `explain`).
 Packed variable-length input: x [1, T, H, P] with cu_seqlens [nseq + 1] (int, cu_seqlens[0] = 0,
 cu_seqlens[-1] = T), as in mamba_ssm.
 """
