@@ -1,4 +1,4 @@
-"""linear_split (a Linear whose backward never concatenates its split pieces) against F.linear + torch.split, float64."""
+"""linear_split (a Linear whose backward never concatenates its split pieces) vs F.linear + torch.split, float64."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -7,9 +7,10 @@ ctypes (no torch headers: the build takes about a second, and works with any ins
                          training case): per sequence and head over its valid steps only, no intermediate tensors
 
 The library is built into MMM4REC_CACHE_DIR (default ~/.cache/mmm4rec_kernels; the temp dir if that is not
-writable), named by a hash of the source, the compiler, the flags and the CPU, with `-O3 -march=native -ffast-math` (vectorised exp from glibc's libmvec) and OpenMP when the
-compiler has it.  MMM4REC_NATIVE_CPU=0 turns it off.  When it cannot be built or loaded, callers use the torch path
-and one warning says why (`status()` returns the same line).
+writable), named by a hash of the source, the compiler, the flags and the CPU, with `-O3 -march=native
+-ffast-math` (vectorised exp from glibc's libmvec) and OpenMP when the compiler has it.  MMM4REC_NATIVE_CPU=0
+turns it off.  When it cannot be built or loaded, callers use the torch path and one warning says why (`status()`
+returns the same line).
 """
 from __future__ import annotations
 
@@ -116,8 +117,9 @@ def library():
         key = h.hexdigest()[:16]
         cache = os.environ.get("MMM4REC_CACHE_DIR") or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mmm4rec_kernels")
+        fallback = os.path.join(tempfile.gettempdir(), f"mmm4rec_kernels-{getattr(os, 'getuid', lambda: 0)()}")
         err = None
-        for folder in (cache, os.path.join(tempfile.gettempdir(), f"mmm4rec_kernels-{os.getuid()}")):
+        for folder in (cache, fallback):
             path = os.path.join(folder, f"mmm4rec_cpu-{key}.so")
             try:                                         # an unwritable cache falls back to the temp dir
                 err = None if os.path.exists(path) else _compile(compiler, path)

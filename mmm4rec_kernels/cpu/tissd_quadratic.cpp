@@ -4,15 +4,17 @@
 // Per sequence b and head h (group g = h / (H / G)), over its valid steps i, j < len[b]:
 //   seg_ij = sum_{k=j+1..i} a_k   (summed directly over the covered steps: all a_k <= 0, so no cancellation)
 //   M_ij   = (C_i . B_j) exp(seg_ij)               j <= i
-//   y_i    = sum_{j<=i} M_ij delta_j x_j  +  D s_i x_i   (skip: s_i = delta_i or 1; no D: none; rows i >= len[b] are 0)
+//   y_i    = sum_{j<=i} M_ij delta_j x_j  +  D s_i x_i
+//            (skip: s_i = delta_i or 1, none without D; rows i >= len[b] are 0)
 // Backward with gy (G_ij = gy_i . (delta_j x_j)):
 //   dx_j = delta_j sum_{i>=j} M_ij gy_i,  ddelta_j = sum_{i>=j} M_ij (gy_i . x_j),
 //   dC_i += sum_j G_ij exp(seg_ij) B_j,  dB_j += sum_i G_ij exp(seg_ij) C_i  (summed over the group's heads),
-//   da_k = sum over pairs (i >= k > j) of G_ij M_ij;  skip: dx_i += D s_i gy_i, ddelta_i += D gy_i . x_i (if s = delta),
-//   dD += sum over (b, i) of s_i gy_i x_i (per thread in double, added in a fixed order).
-// Inputs contiguous: x [b, L, H, P], delta / a [b, L, H], B / C [b, L, G, n],
-// len [b] int64, D [H, P] or null.  Padded steps are never read, so they need not be clean.  Work per (b, h) is O(len^2 (P + n)) with no intermediate tensors; parallel over b (OpenMP), each
-// thread writes only its own sequences.
+//   da_k = sum over pairs (i >= k > j) of G_ij M_ij;
+//   skip: dx_i += D s_i gy_i, ddelta_i += D gy_i . x_i (if s = delta), dD += sum over (b, i) of s_i gy_i x_i
+//   (dD per thread in double, added in a fixed order).
+// Inputs contiguous: x [b, L, H, P], delta / a [b, L, H], B / C [b, L, G, n], len [b] int64, D [H, P] or null.
+// Padded steps are never read, so they need not be clean.  Work per (b, h) is O(len^2 (P + n)) with no intermediate
+// tensors; parallel over b (OpenMP), each thread writes only its own sequences.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

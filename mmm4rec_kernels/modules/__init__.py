@@ -21,5 +21,6 @@ from .time_aware_ssd import SSDState, TimeAwareSSD
 from .time_encoding import CausalTimeEncoding, Log1pTimeEncoding, TimeState, make_time_encoding, time_gaps_from
 
 __all__ = ["TimeAwareSSD", "SSDState", "CausalTimeEncoding", "Log1pTimeEncoding", "TimeState", "make_time_encoding",
-           "time_gaps_from", "CausalDepthwiseConv1d", "causal_conv1d_channels_last", "Dropout", "linear_split", "GatedRMSNorm",
+           "time_gaps_from", "CausalDepthwiseConv1d", "causal_conv1d_channels_last", "Dropout", "linear_split",
+           "GatedRMSNorm",
            "init_ssd_params", "no_weight_decay_param_groups", "SequenceLayout", "last_valid"]
