@@ -63,8 +63,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["mmm4rec_kernels", "mmm4rec_kernels.*", "mmm4rec", "mmm4rec.*"]),
-    # cpu/*.cpp: the native CPU kernels are compiled on first use (mmm4rec_kernels/cpu), so the source ships
-    package_data={"mmm4rec_kernels": ["*.md", "cpu/*.cpp"], "mmm4rec.model": ["official_names.txt", "official_config.json"]},
+    # cpu/*.cpp, *.h: the native CPU kernels compile on first use (mmm4rec_kernels/cpu), so their sources ship
+    package_data={"mmm4rec_kernels": ["*.md", "cpu/*.cpp", "cpu/*.h"],
+                  "mmm4rec.model": ["official_names.txt", "official_config.json"]},
     # torch is NOT pinned to a build here: install the CPU or CUDA wheel first (README "Install"), pip keeps it.
     # matplotlib is required: the main job (`mmm4rec demo`) writes the convergence plot.
     install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors", "matplotlib"],

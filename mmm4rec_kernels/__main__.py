@@ -21,7 +21,8 @@ def main():
         print("CUDA extension mmm4rec_kernels._cuda: not built (Triton/torch paths only; build it with "
               "`pip install --no-build-isolation .` where torch has CUDA and nvcc is found)")
     print("torch backend: always available (CPU tensors, float64, or no triton; direct decay sums, where-masking)")
-    print(f"CPU causal conv (+SiLU) of the SSD blocks: {native_cpu.status()}")
+    print(f"CPU quadratic scan and causal conv + SiLU (torch backend, SSD blocks): "
+          f"{native_cpu.status()}")
     print(f"path='auto': quadratic up to a longest sequence of {crossover_length(64, 64)} at P = n = 64 "
           f"({crossover_length(512, 64)} at P = 512; kernel limit {QUADRATIC_HARD_MAX_L}), chunked above or with states")
     print(f"allow_tf32=None follows torch's matmul TF32 setting: currently {torch_allows_tf32()}")

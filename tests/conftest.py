@@ -5,6 +5,7 @@ on a shared 2-core machine one thread was many times faster than two) and restor
 CLI's `main()` sets its own thread count and would otherwise make the suite's speed depend on test order.  Autograd
 anomaly detection must be off after every test (RecBole's model import switches it on process-wide)."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -47,3 +48,16 @@ def launched_precisions(monkeypatch):
         monkeypatch.setattr(module.configs, "launch", spy)
         return seen
     return spy_on
+
+
+@pytest.fixture
+def native_cpu():
+    """mmm4rec_kernels.cpu with its library loaded.  Skips where no C++ compiler exists or MMM4REC_NATIVE_CPU=0;
+    FAILS where a compiler exists but the library does not build or load (so CI cannot silently skip the kernels)."""
+    import mmm4rec_kernels.cpu as native
+    if native.library() is None:
+        has_compiler = bool(os.environ.get("CXX")) or any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+        if has_compiler and os.environ.get("MMM4REC_NATIVE_CPU", "1") != "0":
+            pytest.fail(f"a C++ compiler exists but {native.status()}")
+        pytest.skip(native.status())
+    return native

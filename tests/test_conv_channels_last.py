@@ -1,7 +1,6 @@
 """causal_conv1d_channels_last against nn.Conv1d + SiLU on transposed tensors, float64, on both implementations:
 the native C++ kernel (mmm4rec_kernels.cpu) and the torch path with its hand-written backward."""
 import os
-import shutil
 import subprocess
 import sys
 
@@ -9,24 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mmm4rec_kernels.cpu as native
 from mmm4rec_kernels.modules import CausalDepthwiseConv1d
 from mmm4rec_kernels.modules import conv as conv_module
 from mmm4rec_kernels.modules.conv import causal_conv1d_channels_last
 from mmm4rec_kernels.torch_backend import COVER_MAX_LEN, segment_sum_stable
 
 
-HAS_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++")) or bool(os.environ.get("CXX"))
-
-
 @pytest.fixture(params=["native", "torch"])
 def impl(request, monkeypatch):
     """Run the test on the native kernel (skipped only where no C++ compiler exists) and on the torch path."""
     if request.param == "native":
-        if native.library() is None:
-            if HAS_COMPILER and os.environ.get("MMM4REC_NATIVE_CPU", "1") != "0":
-                pytest.fail(f"a C++ compiler exists but {native.status()}")
-            pytest.skip(native.status())
+        request.getfixturevalue("native_cpu")                   # skip without a compiler, fail if it does not load
     else:
         monkeypatch.setattr(conv_module.native, "supports", lambda x, dtype=None: False)
     return request.param
@@ -130,15 +122,13 @@ def test_strided_input_float32_and_threads(impl):
         torch.set_num_threads(threads)
 
 
-def test_native_kernel_is_used_on_cpu_and_can_be_turned_off(tmp_path):
+def test_native_kernel_is_used_on_cpu_and_can_be_turned_off(native_cpu, tmp_path):
     """With a compiler, CPU float tensors take the native kernel (the autograd node says so); MMM4REC_NATIVE_CPU=0
     and a broken compiler fall back to the torch path with the reason in one line."""
-    if not HAS_COMPILER or os.environ.get("MMM4REC_NATIVE_CPU", "1") == "0":
-        pytest.skip("no C++ compiler here")
     x = torch.randn(2, 5, 3, requires_grad=True)
     y = causal_conv1d_channels_last(x, torch.randn(3, 1, 4), silu=True)
     assert type(y.grad_fn).__name__ == "_CausalConvChannelsLastNativeBackward"
-    assert "native CPU kernels: " in native.status()
+    assert "native CPU kernels: " in native_cpu.status()
     code = ("import torch, mmm4rec_kernels.cpu as n; from mmm4rec_kernels.modules.conv import "
             "causal_conv1d_channels_last as f; x = torch.randn(2, 5, 3, requires_grad=True); "
             "print(type(f(x, torch.randn(3, 1, 4)).grad_fn).__name__); print(n.status())")

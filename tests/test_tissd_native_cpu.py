@@ -2,26 +2,17 @@
 (mmm4rec_kernels.cpu.quadratic_scan, D skip fused) and the einsum path, each against the float64 recurrence of
 reference.py: y and every gradient (x, dt, A, B, C, E, D), awkward lengths, weak / strong decay, a huge time gap,
 NaN garbage in padded steps, groups, D as [H] / [H, P] / none, both skip kinds."""
-import os
-import shutil
-
 import pytest
 import torch
 
 import mmm4rec_kernels.cpu as native
 from mmm4rec_kernels import reference, torch_backend
 
-HAS_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++")) or bool(os.environ.get("CXX"))
-
-
 @pytest.fixture(params=["native", "einsum"])
 def impl(request, monkeypatch):
     calls = []
     if request.param == "native":
-        if native.library() is None:
-            if HAS_COMPILER and os.environ.get("MMM4REC_NATIVE_CPU", "1") != "0":
-                pytest.fail(f"a C++ compiler exists but {native.status()}")
-            pytest.skip(native.status())
+        request.getfixturevalue("native_cpu")                   # skip without a compiler, fail if it does not load
         scan = native.quadratic_scan
         monkeypatch.setattr(native, "quadratic_scan", lambda *a, **k: calls.append(1) or scan(*a, **k))
     else:

@@ -1,10 +1,11 @@
 """Native CPU kernels: C++ sources in this folder, compiled on first use with the system C++ compiler and loaded with
-ctypes (no torch headers: the build takes about a second, and works with any installed torch).
+ctypes (no torch headers: the build takes a few seconds, once, and works with any installed torch).
 
     causal_conv.cpp      causal depthwise conv over L on channels-last [b, L, C] (+ SiLU), forward and backward in
                          one pass over memory each (the torch path walks the activations ~7 and ~20 times)
     tissd_quadratic.cpp  the time-aware SSD's quadratic form without states (torch_backend.quadratic_form's
                          training case): per sequence and head over its valid steps only, no intermediate tensors
+    thread_sums.h        per-thread partial sums reduced in a fixed order (weight gradients)
 
 The library is built into MMM4REC_CACHE_DIR (default ~/.cache/mmm4rec_kernels; the temp dir if that is not
 writable), named by a hash of the source, the compiler, the flags and the CPU, with `-O3 -march=native
@@ -30,6 +31,7 @@ logger = logging.getLogger("mmm4rec_kernels")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_HERE, f) for f in ("causal_conv.cpp", "tissd_quadratic.cpp")]
+_HEADERS = [os.path.join(_HERE, "thread_sums.h")]                 # part of the build's identity (the hash)
 _FLAGS = ["-O3", "-ffast-math", "-std=c++17", "-shared", "-fPIC"]
 # tried in order until one builds: -march=native (AVX2 / AVX-512 and libmvec's vector exp) and OpenMP are optional
 _OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
@@ -111,7 +113,7 @@ def library():
             logger.warning("mmm4rec_kernels: %s", _status)
             return None
         h = hashlib.sha256(repr((compiler, _FLAGS, _OPTIONAL_FLAGS)).encode() + _cpu_signature().encode())
-        for src in _SOURCES:
+        for src in _SOURCES + _HEADERS:
             with open(src, "rb") as f:
                 h.update(f.read())
         key = h.hexdigest()[:16]

@@ -13,11 +13,12 @@
 // double and then added in a fixed order, so results do not depend on the thread count's timing.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#include "thread_sums.h"
 
 namespace {
 
@@ -112,17 +113,8 @@ void backward(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, i
             }
         }
     }
-    for (int64_t i = 0; i < C * k; ++i) {
-        double acc = 0.0;
-        for (int t = 0; t < nt; ++t) acc += dw_acc[size_t(t) * C * k + i];
-        dw[i] = T(acc);
-    }
-    if (dbias)
-        for (int64_t c = 0; c < C; ++c) {
-            double acc = 0.0;
-            for (int t = 0; t < nt; ++t) acc += db_acc[size_t(t) * C + c];
-            dbias[c] = T(acc);
-        }
+    sum_thread_partials(dw_acc, nt, C * k, dw);
+    if (dbias) sum_thread_partials(db_acc, nt, C, dbias);
 }
 
 }  // namespace
@@ -137,30 +129,20 @@ int mmm4rec_conv_has_openmp() {
 #endif
 }
 
-void mmm4rec_conv_fwd_f32(const float* x, int64_t sxb, int64_t sx, const float* wt, const float* bias, float* y,
-                          int64_t B, int64_t L, int64_t C, int64_t k, int silu, int nthreads) {
-    forward<float>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);
-}
+#define MMM4REC_CONV_ENTRIES(T, SUFFIX)                                                                               \
+    void mmm4rec_conv_fwd_##SUFFIX(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, T* y, int64_t B, \
+                                   int64_t L, int64_t C, int64_t k, int silu, int nthreads) {                       \
+        forward<T>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);                                           \
+    }                                                                                                               \
+    void mmm4rec_conv_bwd_##SUFFIX(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, int64_t B,       \
+                                   int64_t L, int64_t C, int64_t k, int silu, int npieces, const T* const* gy,      \
+                                   const int64_t* starts, const int64_t* sizes, const int64_t* sgb,                 \
+                                   const int64_t* sg, T* dx, T* dw, T* dbias, int nthreads) {                       \
+        backward<T>(x, sxb, sx, wt, bias, B, L, C, k, silu, npieces, gy, starts, sizes, sgb, sg, dx, dw, dbias,     \
+                    nthreads);                                                                                      \
+    }
 
-void mmm4rec_conv_fwd_f64(const double* x, int64_t sxb, int64_t sx, const double* wt, const double* bias, double* y,
-                          int64_t B, int64_t L, int64_t C, int64_t k, int silu, int nthreads) {
-    forward<double>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);
-}
-
-void mmm4rec_conv_bwd_f32(const float* x, int64_t sxb, int64_t sx, const float* wt, const float* bias, int64_t B,
-                          int64_t L, int64_t C, int64_t k, int silu, int npieces, const float* const* gy,
-                          const int64_t* starts, const int64_t* sizes, const int64_t* sgb, const int64_t* sg,
-                          float* dx, float* dw, float* dbias, int nthreads) {
-    backward<float>(x, sxb, sx, wt, bias, B, L, C, k, silu, npieces, gy, starts, sizes, sgb, sg, dx, dw, dbias,
-                    nthreads);
-}
-
-void mmm4rec_conv_bwd_f64(const double* x, int64_t sxb, int64_t sx, const double* wt, const double* bias, int64_t B,
-                          int64_t L, int64_t C, int64_t k, int silu, int npieces, const double* const* gy,
-                          const int64_t* starts, const int64_t* sizes, const int64_t* sgb, const int64_t* sg,
-                          double* dx, double* dw, double* dbias, int nthreads) {
-    backward<double>(x, sxb, sx, wt, bias, B, L, C, k, silu, npieces, gy, starts, sizes, sgb, sg, dx, dw, dbias,
-                     nthreads);
-}
+MMM4REC_CONV_ENTRIES(float, f32)
+MMM4REC_CONV_ENTRIES(double, f64)
 
 }  // extern "C"

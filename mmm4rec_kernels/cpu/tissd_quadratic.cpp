@@ -23,6 +23,8 @@
 #include <omp.h>
 #endif
 
+#include "thread_sums.h"
+
 namespace {
 
 template <typename T>
@@ -38,6 +40,11 @@ inline T dot(const T* u, const T* v, int64_t m) {
     T acc = T(0);
     for (int64_t k = 0; k < m; ++k) acc += u[k] * v[k];
     return acc;
+}
+
+// steps of sequence b that are read: len[b] clamped to [0, L]
+inline int64_t valid_steps(const int64_t* len, int64_t b, int64_t L) {
+    return std::min<int64_t>(std::max<int64_t>(len[b], 0), L);
 }
 
 // decay[j] = exp(sum_{k=j+1..i} a_k) for j <= i, of one (b, h): a_k read at stride H
@@ -57,7 +64,7 @@ void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, con
         std::vector<T> seg(d.L), w(d.L);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
-            const int64_t Lb = std::min<int64_t>(std::max<int64_t>(len[b], 0), d.L);
+            const int64_t Lb = valid_steps(len, b, d.L);
             std::fill(y + d.x(b, 0, 0), y + d.x(b + 1, 0, 0), T(0));
             for (int64_t h = 0; h < d.H; ++h) {
                 const int64_t g = h / r;
@@ -100,7 +107,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
         std::vector<T> seg(d.L), decay(d.L), dseg(d.L);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
-            const int64_t Lb = std::min<int64_t>(std::max<int64_t>(len[b], 0), d.L);
+            const int64_t Lb = valid_steps(len, b, d.L);
             std::fill(dx + d.x(b, 0, 0), dx + d.x(b + 1, 0, 0), T(0));
             std::fill(ddelta + d.s(b, 0, 0), ddelta + d.s(b + 1, 0, 0), T(0));
             std::fill(da + d.s(b, 0, 0), da + d.s(b + 1, 0, 0), T(0));
@@ -156,12 +163,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
             }
         }
     }
-    if (D)
-        for (int64_t e = 0; e < d.H * d.P; ++e) {
-            double acc = 0.0;
-            for (int t = 0; t < nt; ++t) acc += dD_acc[size_t(t) * d.H * d.P + e];
-            dD[e] = T(acc);
-        }
+    if (D) sum_thread_partials(dD_acc, nt, d.H * d.P, dD);
 }
 
 }  // namespace
