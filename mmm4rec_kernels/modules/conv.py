@@ -3,7 +3,7 @@
 `causal_conv1d_channels_last` is the same convolution on [b, L, C] activations (the layout the SSD blocks produce),
 optionally fused with SiLU and optionally split into channel pieces (whose gradients are never concatenated):
 - CPU float32 / float64 with a C++ compiler present: the native kernel of `mmm4rec_kernels.cpu`, one pass over
-  memory forward and one backward (~2.8x faster than the torch path at [256, 20, 384], RESULTS.md section 18);
+  memory forward and one backward (~3.5x faster than the torch path at [256, 20, 384], RESULTS.md section 18);
 - otherwise the torch path: k shifted multiply-adds forward and backward plus k reductions for the weight gradient,
   hand-written backward (~1.5-2x faster than nn.Conv1d's depthwise backward on CPU, section 14), no transposes.
 `mmm4rec_kernels.cpu.status()` (and `python -m mmm4rec_kernels`) says which one runs.

@@ -1,0 +1,60 @@
+"""The native CPU kernels against the torch code they replace, forward + backward, at the hidden-64 training shape
+(batch 256, max_len 20, lengths uniform 1..20): the xBC causal conv + SiLU ([256, 20, 384]) and one TiSSD call of the
+torch backend (H 8, P 16, G 8, n 16, D skip, time scale).  1 CPU thread, float32.
+
+    pytest benchmarks/bench_cpu_kernels.py --benchmark-only --benchmark-columns=median,iqr,rounds
+
+"native" needs a C++ compiler (skipped without one); "torch" is the same call with the native library bypassed.
+"""
+import pytest
+import torch
+
+import mmm4rec_kernels.cpu as native
+from mmm4rec_kernels import torch_backend
+from mmm4rec_kernels.modules.conv import causal_conv1d_channels_last
+
+B, L, H, P, G, N = 256, 20, 8, 16, 8, 16
+
+
+@pytest.fixture(params=["native", "torch"])
+def impl(request, monkeypatch):
+    if request.param == "native":
+        if native.library() is None:
+            pytest.skip(native.status())
+    else:
+        monkeypatch.setattr(native, "supports", lambda x, dtype=None: False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield request.param
+    torch.set_num_threads(threads)
+
+
+def test_causal_conv_silu_fwd_bwd(benchmark, impl):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, 384, generator=g, requires_grad=True)
+    w = torch.randn(384, 1, 4, generator=g, requires_grad=True)
+    bias = torch.randn(384, generator=g, requires_grad=True)
+    gy = torch.randn(B, L, 384, generator=g)
+
+    def step():
+        causal_conv1d_channels_last(x, w, bias, silu=True).backward(gy)
+
+    benchmark(step)
+
+
+def test_tissd_quadratic_call_fwd_bwd(benchmark, impl):
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(*s, generator=g).requires_grad_() for s in ((B, L, H, P), (B, L, H), (B, L, G, N),
+                                                                     (B, L, G, N))]
+    A = (-torch.rand(H, generator=g)).requires_grad_()
+    E = torch.rand(B, L, H, generator=g).requires_grad_()
+    D = torch.ones(H, requires_grad=True)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    gy = torch.randn(B, L, H, P, generator=g)
+    x, dt, Bm, Cm = leaves
+
+    def step():
+        torch_backend.tissd_torch(x, dt, A, Bm, Cm, time_scale=E, dt_bias=torch.zeros(H), D=D, lengths=lengths,
+                                  path="quadratic").backward(gy)
+
+    benchmark(step)
