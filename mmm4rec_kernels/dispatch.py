@@ -48,11 +48,13 @@ class Choice:
         return {"path": self.path, "backend": self.backend, "reason": self.reason}
 
 
+@torch.compiler.assume_constant_result
 def interpreter_on() -> bool:
     """True when Triton kernels run on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
     try:
@@ -62,9 +64,11 @@ def _triton_importable() -> bool:
         return False
 
 
+@torch.compiler.assume_constant_result
 def torch_allows_tf32() -> bool:
     """What torch's own fp32 matmuls do: torch.backends.cuda.matmul.fp32_precision == 'tf32' (new API) or
-    allow_tf32 (legacy API).  `allow_tf32=None` in tissd follows this."""
+    allow_tf32 (legacy API).  `allow_tf32=None` in tissd follows this.  torch.compile reads it once, while tracing
+    (pass allow_tf32 explicitly to a compiled model to change it later)."""
     m = torch.backends.cuda.matmul
     try:
         precision = getattr(m, "fp32_precision", "none")
@@ -82,6 +86,11 @@ def triton_usable(device: torch.device) -> bool:
 def cuda_usable(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
+    return _cuda_extension_available()
+
+
+@torch.compiler.assume_constant_result
+def _cuda_extension_available() -> bool:
     try:
         from . import cuda as cuda_backend
     except Exception:  # pragma: no cover
@@ -146,7 +155,7 @@ def choose(L: int, P: int, n: int, H: int, dtype: torch.dtype, device: torch.dev
             backend = "torch"
             reasons.append("float64 -> torch")
         else:
-            measured = MEASURED_FASTEST.get((_device_class(device), path))
+            measured = MEASURED_FASTEST.get((_device_class(device), path)) if MEASURED_FASTEST else None
             if measured == "cuda" and path == "quadratic" and cuda_usable(device):
                 backend = "cuda"
                 reasons.append("CUDA kernel measured fastest on this device class")

@@ -13,13 +13,12 @@ cu_seqlens[-1] = T), as in mamba_ssm.
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 
 import torch
 
-from . import reference, torch_backend
-from .dispatch import Choice, choose, torch_allows_tf32
+from . import ops, torch_backend
+from .dispatch import choose, torch_allows_tf32
 from .gated_rmsnorm import gated_rmsnorm
 
 logger = logging.getLogger("mmm4rec_kernels")
@@ -82,12 +81,13 @@ def check_inputs(x, dt, A, B, C, time_scale, dt_bias, D, d_skip, lengths, cu_seq
     if lengths is not None and cu_seqlens is not None:
         raise ValueError("pass either lengths (right-padded batch) or cu_seqlens (packed batch), not both")
     longest = L
+    tracing = torch.compiler.is_compiling()   # value checks read tensors (host syncs): eager only
     if lengths is not None:
         _expect(lengths, "lengths", 1, float_=False)
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool \
                 or lengths.shape[0] != b:
             raise ValueError(f"lengths must be an integer tensor of shape ({b},), got {lengths.dtype} {tuple(lengths.shape)}")
-        if lengths.device.type == "cpu":  # no host sync for GPU lengths: dispatch on L there
+        if lengths.device.type == "cpu" and not tracing:  # no host sync for GPU lengths: dispatch on L there
             longest = int(lengths.max()) if lengths.numel() else 0
             if lengths.numel() and (int(lengths.min()) < 0 or longest > L):
                 raise ValueError(f"lengths must lie in [0, L={L}], got min {int(lengths.min())} max {longest}")
@@ -96,11 +96,15 @@ def check_inputs(x, dt, A, B, C, time_scale, dt_bias, D, d_skip, lengths, cu_seq
         _expect(cu_seqlens, "cu_seqlens", 1, float_=False)
         if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or b != 1:
             raise ValueError("cu_seqlens needs an integer tensor and a packed batch x of shape [1, T, H, P]")
-        cu = cu_seqlens.detach().cpu()
-        if cu.numel() < 1 or int(cu[0]) != 0 or int(cu[-1]) != L or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={L}, got {cu.tolist()[:8]}...")
-        nseq = cu.numel() - 1
-        longest = int((cu[1:] - cu[:-1]).max()) if nseq else 0
+        nseq = cu_seqlens.shape[0] - 1
+        if cu_seqlens.shape[0] < 1:
+            raise ValueError("cu_seqlens must hold at least one offset (0)")
+        if not tracing:          # traced: the longest sequence is taken as T (no host sync; the grid covers T)
+            cu = cu_seqlens.detach().cpu()
+            if int(cu[0]) != 0 or int(cu[-1]) != L or bool((cu[1:] < cu[:-1]).any()):
+                raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={L}, "
+                                 f"got {cu.tolist()[:8]}...")
+            longest = int((cu[1:] - cu[:-1]).max()) if nseq else 0
     if initial_states is not None:
         _expect(initial_states, "initial_states", 4)
         if tuple(initial_states.shape) != (nseq, H, P, n):
@@ -111,8 +115,11 @@ def check_inputs(x, dt, A, B, C, time_scale, dt_bias, D, d_skip, lengths, cu_seq
 
 
 def _check_values(A, dt, time_scale, dt_bias, dt_softplus, lengths, L):
-    """Value rules, checked on CPU tensors only (a check on GPU tensors would cost a host sync per call):
-    A < 0 (A = -exp(A_log)); with dt_softplus=False the caller passes Delta itself, which must be > 0 on valid steps."""
+    """Value rules, checked on CPU tensors in eager only (a check on GPU tensors, or while torch.compile traces, would
+    cost a host sync per call): A < 0 (A = -exp(A_log)); with dt_softplus=False the caller passes Delta itself, which
+    must be > 0 on valid steps."""
+    if torch.compiler.is_compiling():
+        return
     if A.device.type == "cpu" and A.numel() and not bool((A < 0).all()):
         raise ValueError(f"A must be negative on every head (A = -exp(A_log)), got max {A.max().item():.4g}")
     if dt_softplus or dt.device.type != "cpu" or not dt.numel():
@@ -121,7 +128,7 @@ def _check_values(A, dt, time_scale, dt_bias, dt_softplus, lengths, L):
         v = dt.double() if time_scale is None else dt.double() * time_scale.double()
         if dt_bias is not None:
             v = v + dt_bias.double()
-        valid = reference.valid_mask(lengths, dt.shape[0], L, dt.device)[..., None].expand_as(v)
+        valid = torch_backend.valid_mask(lengths, dt.shape[0], L, dt.device)[..., None].expand_as(v)
         if not bool((v[valid] > 0).all()):
             raise ValueError("dt_softplus=False passes Delta = dt * time_scale + dt_bias directly, which must be > 0 "
                              "on every valid step; got a value <= 0 (or NaN) in dt")
@@ -167,63 +174,7 @@ def _plan(x, dt, A, B, C, time_scale, dt_bias, D, d_skip, dt_softplus, lengths, 
                          f"dots wrongly; use float32 inputs, backend='torch', or a CUDA device")
     return choice, (b, L, H, P, G, n, nseq, longest)
 
-# --------------------------------------------------------------------------------------------- fused-kernel autograd
-def _backend_module(choice: Choice):
-    if choice.backend == "cuda":
-        return importlib.import_module("mmm4rec_kernels.cuda")
-    return importlib.import_module(f"mmm4rec_kernels.triton.{choice.path}")
-
-
-@torch.compiler.disable
-def _apply_fused(*args):
-    """The fused kernels are opaque to torch.compile: a compiled model calls them as they are."""
-    return _FusedTiSSD.apply(*args)
-
-
-class _FusedTiSSD(torch.autograd.Function):
-    """Autograd over the token-layout kernels of one backend path (see CONTRACT.md)."""
-
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, E, dt_bias, D, h0, seq_start, seq_len, meta):
-        mod, path, max_len, opts = meta["module"], meta["path"], meta["max_len"], meta["opts"]
-        f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
-        # small per-head / per-token params: the Triton kernels cast any float dtype on load (no extra torch
-        # kernels); the CUDA extension takes float32
-        small = (lambda t: None if t is None else t.contiguous()) if meta["backend"] == "triton" else f32  # noqa
-        args = (x.contiguous(), small(dt), small(A), B.contiguous(), C.contiguous(), small(E), small(dt_bias),
-                small(D), seq_start, seq_len, max_len)
-        h0_f32 = f32(h0)
-        if path == "quadratic":
-            y, final = mod.tissd_quadratic_fwd(*args, **opts), None
-        else:
-            y, final = mod.tissd_chunked_fwd(*args, initial_states=h0_f32,
-                                             return_final_states=meta["return_final_states"],
-                                             chunk_size=meta["chunk_size"], **opts)
-        ctx.save_for_backward(*args[:10], h0_f32)
-        ctx.meta = meta
-        ctx.dtypes = [None if t is None else t.dtype for t in (x, dt, A, B, C, E, dt_bias, D, h0)]
-        if final is not None:
-            return y, final
-        return y
-
-    @staticmethod
-    def backward(ctx, dy, dfinal=None):
-        *saved, h0 = ctx.saved_tensors
-        x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len = saved
-        meta = ctx.meta
-        mod, opts = meta["module"], meta["opts"]
-        args = (x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, meta["max_len"])
-        dy = dy.contiguous()
-        if meta["path"] == "quadratic":
-            grads = tuple(mod.tissd_quadratic_bwd(dy, *args, **opts)) + (None,)
-        else:
-            dfinal = None if dfinal is None else dfinal.float().contiguous()
-            grads = tuple(mod.tissd_chunked_bwd(dy, dfinal, *args, initial_states=h0,
-                                                chunk_size=meta["chunk_size"], **opts))
-        out = [None if g is None or dtype is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return (*out, None, None, None)
-
-
+# ---------------------------------------------------------------------------------------------- fused kernels
 def _token_layout(b, L, lengths, cu_seqlens, longest, device):
     """seq_start [nseq] int64, seq_len [nseq] int32, max_len (the longest sequence: the kernels' grid) and whether
     the batch is exactly the right-padded layout seq_start = arange(b) * max_len."""
@@ -238,19 +189,27 @@ def _token_layout(b, L, lengths, cu_seqlens, longest, device):
     return seq_start, seq_len, longest, longest == L
 
 
-@functools.lru_cache(maxsize=64)
-def _padded_layout(b, L, device):
-    """seq_start = arange(b) * L (int64) and seq_len = L (int32) for a [b, L] batch, built once per shape (never
-    written to: the kernels and autograd only read them)."""
+def _padded_layout_values(b, L, device):
     return (torch.arange(b, device=device, dtype=torch.int64) * L,
             torch.full((b,), L, device=device, dtype=torch.int32))
+
+
+_padded_layout_cached = functools.lru_cache(maxsize=64)(_padded_layout_values)
+
+
+def _padded_layout(b, L, device):
+    """seq_start = arange(b) * L (int64) and seq_len = L (int32) for a [b, L] batch: built once per shape in eager
+    (never written to: the kernels and autograd only read them), in the graph while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return _padded_layout_values(b, L, device)
+    return _padded_layout_cached(b, L, device)
 
 
 def _token_mask(b, L, lengths, device):
     """[b, L] bool, True on valid steps (None when every step is valid: packed or unpadded).  No host sync."""
     if lengths is None:
         return None
-    return reference.valid_mask(lengths, b, L, device)
+    return torch_backend.valid_mask(lengths, b, L, device)
 
 
 def _run_fused(choice, x, dt, A, B, C, time_scale, dt_bias, D, d_skip, dt_softplus, lengths, cu_seqlens,
@@ -258,17 +217,12 @@ def _run_fused(choice, x, dt, A, B, C, time_scale, dt_bias, D, d_skip, dt_softpl
     b, L, H, P, G, n, nseq, longest = shapes
     seq_start, seq_len, max_len, exact_padded = _token_layout(b, L, lengths, cu_seqlens, longest, x.device)
     T = b * L
-    meta = dict(module=_backend_module(choice), backend=choice.backend, path=choice.path, max_len=max_len, chunk_size=chunk_size,
-                return_final_states=return_final_states,
-                opts=dict(d_skip_delta=d_skip == "delta", dt_softplus=dt_softplus, allow_tf32=allow_tf32))
-    if choice.backend == "triton" and choice.path == "quadratic" and exact_padded:
-        meta["opts"]["padded"] = True  # right-padded layout: the kernels write the padding zeros themselves
     tok = lambda t, *s: None if t is None else t.reshape(T, *s)  # noqa: E731
-    out = _apply_fused(tok(x, H, P), tok(dt, H), A, tok(B, G, n), tok(C, G, n), tok(time_scale, H),
-                       dt_bias, D, initial_states, seq_start, seq_len, meta)
-    if isinstance(out, tuple):
-        return out[0].view(b, L, H, P), out[1]
-    return out.view(b, L, H, P), None
+    y, final = ops.tissd_fused_call(tok(x, H, P), tok(dt, H), A, tok(B, G, n), tok(C, G, n), tok(time_scale, H),
+                                    dt_bias, D, initial_states, seq_start, seq_len, max_len, choice.backend,
+                                    choice.path, d_skip == "delta", dt_softplus, allow_tf32, exact_padded,
+                                    return_final_states, chunk_size)
+    return y.view(b, L, H, P), final
 
 
 def _skip_per_channel(y, x, dt, time_scale, dt_bias, D, d_skip, dt_softplus, mask):
@@ -338,7 +292,7 @@ def tissd(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delt
     b, L, H, P, G, n, nseq, longest = shapes
     if allow_tf32 is None:
         allow_tf32 = torch_allows_tf32()
-    if logger.isEnabledFor(logging.DEBUG):
+    if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
         logger.debug("tissd b=%d L=%d (longest %d) H=%d P=%d G=%d n=%d %s -> path=%s backend=%s (%s)", b, L, longest,
                      H, P, G, n, x.dtype, choice.path, choice.backend, choice.reason)
     B, C = B.to(x.dtype), C.to(x.dtype)

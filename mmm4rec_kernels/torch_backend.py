@@ -14,7 +14,7 @@ Unlike `reference.py` (the float64 oracle the tests trust), this is product code
 - no Python loop over time steps: the quadratic form is batched einsums, the chunked form batches all chunks and passes
   the states between chunks with one (nchunks+1)^2 decay matrix;
 - on CPU (float32 / float64 compute) the quadratic form without states, D skip included, runs the native C++ kernel
-  `mmm4rec_kernels.cpu.quadratic_scan` instead (same sums, each sequence over its valid steps only, no intermediate
+  `mmm4rec_kernels.ops.ssd_scan` (torch.ops.mmm4rec.ssd_scan_cpu) instead (same sums, each sequence over its valid steps only, no intermediate
   tensors; it never reads padded x / B / C, so only dt and E are cleaned); without a C++ compiler, the einsums.
 
 Shapes (padded batch): x [b, L, H, P], dt / time_scale [b, L, H], A / dt_bias [H], D [H] or [H, P],
@@ -30,13 +30,20 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu as native
-from . import reference
+from . import ops
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; fp32 / fp16 / bf16 are computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def valid_mask(lengths, b, L, device):
+    """[b, L] bool, True where t < lengths[b] (all True without lengths).  No host sync."""
+    if lengths is None:
+        return torch.ones(b, L, dtype=torch.bool, device=device)
+    return torch.arange(L, device=device)[None, :] < lengths.to(device)[:, None]
 
 
 # Up to this length the segment sums are one matmul with a constant 0/1 "cover" matrix [L, L*L] (L^3 entries: 262k
@@ -53,6 +60,14 @@ def _cover(L: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return ((j < k) & (k <= i)).to(dtype).reshape(L, L * L)
 
 
+def _constant(builder, L, device, dtype):
+    """builder(L, device, dtype), cached in eager; built in the graph while torch.compile traces (the cache is not
+    traceable, and the compiler folds the constant itself)."""
+    if torch.compiler.is_compiling():
+        return builder.__wrapped__(L, device, dtype)
+    return builder(L, device, dtype)
+
+
 def segment_sum_stable(a):
     """a [..., L] -> [..., L, L] with out[i, j] = sum_{k=j+1..i} a_k for j <= i and 0 above the diagonal.
 
@@ -61,7 +76,7 @@ def segment_sum_stable(a):
     exactly the a_k it covers), beyond that as a masked cumulative sum."""
     L = a.shape[-1]
     if L <= COVER_MAX_LEN:
-        return (a.reshape(-1, L) @ _cover(L, a.device, a.dtype)).reshape(*a.shape[:-1], L, L)
+        return (a.reshape(-1, L) @ _constant(_cover, L, a.device, a.dtype)).reshape(*a.shape[:-1], L, L)
     idx = torch.arange(L, device=a.device)
     below = idx[:, None] > idx[None, :]                                   # [k, j]: step k lies after column j
     terms = torch.where(below, a[..., :, None], a.new_zeros(()))          # [..., k, j] = a_k (k > j)
@@ -80,8 +95,8 @@ def decay_matrix(a, out_dtype):
     """a [..., L] -> lower-triangular exp(seg) [..., L, L] in out_dtype (0 above the diagonal)."""
     L = a.shape[-1]
     if L <= COVER_MAX_LEN:            # one addmm: segment sums with -inf above the diagonal, then exp (exactly 0 there)
-        seg = torch.addmm(_minus_inf_above_diagonal(L, a.device, a.dtype), a.reshape(-1, L),
-                          _cover(L, a.device, a.dtype))
+        seg = torch.addmm(_constant(_minus_inf_above_diagonal, L, a.device, a.dtype), a.reshape(-1, L),
+                          _constant(_cover, L, a.device, a.dtype))
         return torch.exp(seg.reshape(*a.shape[:-1], L, L).to(out_dtype))
     causal = torch.ones(L, L, dtype=torch.bool, device=a.device).tril()
     return torch.where(causal, torch.exp(segment_sum_stable(a).to(out_dtype)), 0.0)
@@ -210,7 +225,7 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
         gather = lambda t: None if t is None else t[0][idx]  # noqa: E731
         x_, dt_, B_, C_, E_ = (gather(t) for t in (x, dt, B, C, time_scale))
     else:
-        mask = reference.valid_mask(lengths, b, L, dev)
+        mask = valid_mask(lengths, b, L, dev)
         x_, dt_, B_, C_, E_ = x, dt, B, C, time_scale
     nseq = mask.shape[0]
 
@@ -237,7 +252,7 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
         delta = step_sizes(dt_, E_, bias_, dt_softplus, mask)
         D_ = None if D is None else D.to(cd)
         D_ = D_[:, None].expand(H, P) if D_ is not None and D_.dim() == 1 else D_
-        y = native.quadratic_scan(x_, delta, delta * A_, B_, C_, mask.sum(1), D_, skip_delta=d_skip == "delta")
+        y = ops.ssd_scan(x_, delta, delta * A_, B_, C_, mask.sum(1), D_, skip_delta=d_skip == "delta")
         final = None
     elif mask.shape[1] == 0 or nseq == 0:                                # L = 0 or no sequences: nothing to scan
         y = x_.new_zeros(x_.shape)
@@ -245,7 +260,8 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
         if return_final_states:
             final = h0 if h0 is not None else x_.new_zeros(nseq, H, P, n)
     elif path == "reference":
-        out = reference.tissd_recurrent_ref(x_, dt_, A_, B_, C_, time_scale=E_, dt_bias=bias_, D=None,
+        from .reference import tissd_recurrent_ref     # path="reference": the float64 oracle, on request only
+        out = tissd_recurrent_ref(x_, dt_, A_, B_, C_, time_scale=E_, dt_bias=bias_, D=None,
                                             dt_softplus=dt_softplus, lengths=mask.sum(1), initial_states=h0,
                                             return_final_states=return_final_states)
         y, final = out if return_final_states else (out, None)

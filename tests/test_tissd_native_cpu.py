@@ -1,20 +1,20 @@
 """The torch backend's two CPU implementations of the quadratic form without states: the native C++ kernel
-(mmm4rec_kernels.cpu.quadratic_scan, D skip fused) and the einsum path, each against the float64 recurrence of
+(torch.ops.mmm4rec.ssd_scan_cpu through mmm4rec_kernels.ops.ssd_scan, D skip fused) and the einsum path, each against the float64 recurrence of
 reference.py: y and every gradient (x, dt, A, B, C, E, D), awkward lengths, weak / strong decay, a huge time gap,
 NaN garbage in padded steps, groups, D as [H] / [H, P] / none, both skip kinds."""
 import pytest
 import torch
 
 import mmm4rec_kernels.cpu as native
-from mmm4rec_kernels import reference, torch_backend
+from mmm4rec_kernels import ops, reference, torch_backend
 
 @pytest.fixture(params=["native", "einsum"])
 def impl(request, monkeypatch):
     calls = []
     if request.param == "native":
         request.getfixturevalue("native_cpu")                   # skip without a compiler, fail if it does not load
-        scan = native.quadratic_scan
-        monkeypatch.setattr(native, "quadratic_scan", lambda *a, **k: calls.append(1) or scan(*a, **k))
+        scan = ops.ssd_scan
+        monkeypatch.setattr(ops, "ssd_scan", lambda *a, **k: calls.append(1) or scan(*a, **k))
     else:
         monkeypatch.setattr(native, "supports", lambda x, dtype=None: False)
     return request.param, calls

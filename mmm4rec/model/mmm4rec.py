@@ -162,7 +162,9 @@ class MMM4Rec(nn.Module):
             raise ValueError(f"sequence length {L} exceeds config.max_len={Lm}; truncate to the last {Lm} items")
         if lengths.shape != (b,):
             raise ValueError(f"lengths must be [b={b}], got {tuple(lengths.shape)}")
-        if lengths.device.type == "cpu" and bool(((lengths < 1) | (lengths > L)).any()):  # no host sync on GPU
+        # value check on CPU in eager only: on GPU, or while torch.compile traces, it would be a host sync
+        if lengths.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and bool(((lengths < 1) | (lengths > L)).any()):
             raise ValueError(f"lengths must lie in [1, {L}], got min {int(lengths.min())} max {int(lengths.max())}")
         lengths = lengths.to(device=item_seq.device, dtype=torch.long)
         if L < Lm:

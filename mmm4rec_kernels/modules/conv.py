@@ -2,10 +2,12 @@
 
 `causal_conv1d_channels_last` is the same convolution on [b, L, C] activations (the layout the SSD blocks produce),
 optionally fused with SiLU and optionally split into channel pieces (whose gradients are never concatenated):
-- CPU float32 / float64 with a C++ compiler present: the native kernel of `mmm4rec_kernels.cpu`, one pass over
-  memory forward and one backward (~3.5x faster than the torch path at [256, 20, 384], RESULTS.md section 18);
+- CPU float32 / float64 with a C++ compiler present: the native kernel of `mmm4rec_kernels.cpu` (the registered op
+  torch.ops.mmm4rec.causal_conv_cpu), one pass over memory forward and one backward (~3.5x faster than the torch
+  path at [256, 20, 384], benchmarks/bench_cpu_kernels.py);
 - otherwise the torch path: k shifted multiply-adds forward and backward plus k reductions for the weight gradient,
-  hand-written backward (~1.5-2x faster than nn.Conv1d's depthwise backward on CPU, section 14), no transposes.
+  hand-written backward in eager (~1.5-2x faster than nn.Conv1d's depthwise backward on CPU), no transposes; plain
+  torch ops while torch.compile traces (the compiler fuses them).
 `mmm4rec_kernels.cpu.status()` (and `python -m mmm4rec_kernels`) says which one runs.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import cpu as native
+from .. import ops
 
 
 class _CausalConvChannelsLast(torch.autograd.Function):
@@ -75,33 +78,26 @@ class _CausalConvChannelsLast(torch.autograd.Function):
         return gx, gw, (g.sum((0, 1)) if ctx.has_bias else None), None, None
 
 
-class _CausalConvChannelsLastNative(torch.autograd.Function):
-    """_CausalConvChannelsLast's math in one C++ pass each way (mmm4rec_kernels.cpu; CPU float32 / float64)."""
-
-    @staticmethod
-    def forward(ctx, x, w, bias, silu, sizes):
-        ctx.set_materialize_grads(False)
-        x = native.rows(x)
-        ctx.save_for_backward(x, w, bias)
-        ctx.silu, ctx.sizes = silu, sizes
-        y = native.conv_forward(x, w, bias, silu)
-        return y if sizes is None else tuple(y.split(sizes, dim=-1))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *gys):
-        x, w, bias = ctx.saved_tensors
-        sizes = (x.shape[2],) if ctx.sizes is None else ctx.sizes
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        dx, dw, db = native.conv_backward(x, w, bias, ctx.silu, list(zip(starts, sizes, gys)))
-        return dx, dw, db, None, None
+def _causal_conv_traced(x, w, bias, silu, sizes):
+    """The torch path as plain differentiable torch ops, for torch.compile / export to trace and fuse (the eager
+    path's hand-written backward is an autograd.Function the compiler would only call)."""
+    k, L = w.shape[1], x.shape[1]
+    xp = F.pad(x, (0, 0, k - 1, 0))
+    pre = xp[:, k - 1:] * w[:, k - 1]
+    for j in range(k - 1):
+        pre = pre + xp[:, j:j + L] * w[:, j]
+    if bias is not None:
+        pre = pre + bias
+    y = F.silu(pre) if silu else pre
+    return y if sizes is None else tuple(y.split(list(sizes), dim=-1))
 
 
 def causal_conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias=None, silu: bool = False, split=None):
     """Causal depthwise conv over the L axis of x [b, L, C] (weight [C, 1, k] or [C, k], bias [C] or None), then
     SiLU when silu=True.  Returns [b, L, C]: the same values as CausalDepthwiseConv1d on x.transpose(1, 2).
     split: channel sizes summing to C -> a tuple of [b, L, size_k] pieces instead (torch.split of the output, but the
-    backward takes the pieces' gradients without concatenating them)."""
+    backward takes the pieces' gradients without concatenating them).
+    CPU float32 / float64 with the native library: torch.ops.mmm4rec.causal_conv_cpu; otherwise torch ops."""
     if x.dim() != 3:
         raise ValueError(f"x must be [b, L, C], got shape {tuple(x.shape)}")
     w = weight.reshape(weight.shape[0], -1)
@@ -111,8 +107,12 @@ def causal_conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias=None
         split = tuple(int(c) for c in split)
         if sum(split) != x.shape[2]:
             raise ValueError(f"split {list(split)} sums to {sum(split)}, x has {x.shape[2]} channels")
-    fn = _CausalConvChannelsLastNative if native.supports(x) else _CausalConvChannelsLast
-    return fn.apply(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype), bool(silu), split)
+    w, bias = w.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    if native.supports(x):
+        return ops.causal_conv(native.rows(x), w, bias, bool(silu), split if split is not None else (x.shape[2],))
+    if torch.compiler.is_compiling():
+        return _causal_conv_traced(x, w, bias, bool(silu), split)
+    return _CausalConvChannelsLast.apply(x, w, bias, bool(silu), split)
 
 
 class CausalDepthwiseConv1d(nn.Conv1d):

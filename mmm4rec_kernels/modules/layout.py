@@ -1,13 +1,19 @@
 """Batch layouts -> one right-padded working layout and back.
 
 Accepted layouts of a batch of sequences (hidden [b, L, ...]):
-    full            every position valid
-    lengths [b]     right padding: positions t < lengths[i] are valid
-    attention_mask  [b, L] (bool/int, 1 = valid): one contiguous block per row, i.e. RIGHT or LEFT padding
-    cu_seqlens      [nseq + 1] offsets of a packed batch hidden [1, T, ...] (as mamba_ssm / flash-attn)
+    full              every position valid
+    lengths [b]       right padding: positions t < lengths[i] are valid
+    attention_mask    [b, L] (bool/int, 1 = valid; the Hugging Face convention): one contiguous block per row, i.e.
+                      RIGHT or LEFT padding
+    key_padding_mask  [b, L] bool, True = PADDING (torch.nn.MultiheadAttention's convention); same rules
+    cu_seqlens        [nseq + 1] offsets of a packed batch hidden [1, T, ...] (as mamba_ssm / flash-attn)
 `SequenceLayout.build(...)` turns any of them into a right-padded working batch [nseq, Lw, ...] with lengths [nseq];
 `.unpad(y)` puts results back where the inputs were and writes 0 on padding.  Causal layers run on the working
 batch: padding then sits after every valid position and cannot leak into it.
+
+Eager calls check the values (lengths in range, one block per mask row, offsets non-decreasing) and raise a
+ValueError naming the argument.  While torch.compile / export trace, the checks that would read tensor values are
+skipped (they are host syncs), masks always take the gather path, and a packed batch is worked on as [nseq, T].
 """
 from __future__ import annotations
 
@@ -22,59 +28,92 @@ def _int_tensor(t, name):
                         f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
 
 
+def _mask_tensor(t, name, b, L):
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (b, L):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a tensor of shape ({b}, {L}), got {got}")
+
+
 @dataclass
 class SequenceLayout:
-    """index [nseq, Lw] (into the flattened b*L positions) and valid [nseq, Lw] when a gather is needed, else None."""
+    """lengths [nseq] of the working batch; when a gather is needed (left padding, packed): index [nseq, Lw] (into
+    the flattened b*L positions), valid [nseq, Lw], and the way back: inverse [b*L] (the working position of each
+    input position) with present [b*L] (False on input padding).  Without a gather these are None."""
     b: int
     L: int
     lengths: torch.Tensor | None      # [nseq] int64 (None: all L valid, no padding at all)
     index: torch.Tensor | None
     valid: torch.Tensor | None
+    inverse: torch.Tensor | None = None
+    present: torch.Tensor | None = None
 
     @staticmethod
-    def build(b: int, L: int, device, lengths=None, attention_mask=None, cu_seqlens=None) -> "SequenceLayout":
-        given = [n for n, v in (("lengths", lengths), ("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens))
-                 if v is not None]
+    def build(b: int, L: int, device, lengths=None, attention_mask=None, cu_seqlens=None,
+              key_padding_mask=None) -> "SequenceLayout":
+        given = [n for n, v in (("lengths", lengths), ("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens),
+                                ("key_padding_mask", key_padding_mask)) if v is not None]
         if len(given) > 1:
-            raise ValueError(f"pass at most one of lengths / attention_mask / cu_seqlens, got {' and '.join(given)}")
+            raise ValueError(f"pass at most one of lengths / attention_mask / key_padding_mask / cu_seqlens, got "
+                             f"{' and '.join(given)}")
+        tracing = torch.compiler.is_compiling()
         pos = torch.arange(L, device=device)
         if lengths is not None:
             _int_tensor(lengths, "lengths")
             if tuple(lengths.shape) != (b,):
                 raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
             lengths = lengths.to(device=device, dtype=torch.long)
-            if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > L):
+            if not tracing and lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > L):
                 raise ValueError(f"lengths must lie in [0, L={L}], got {lengths.tolist()[:8]}")
             return SequenceLayout(b, L, lengths, None, None)
+        if key_padding_mask is not None:
+            _mask_tensor(key_padding_mask, "key_padding_mask", b, L)
+            if key_padding_mask.dtype != torch.bool:
+                raise TypeError(f"key_padding_mask must be a bool tensor (True = padding, the nn.MultiheadAttention "
+                                f"convention), got {key_padding_mask.dtype}; for 1 = valid pass attention_mask")
+            return SequenceLayout._from_mask(b, L, device, ~key_padding_mask.to(device), "key_padding_mask", pos,
+                                             tracing)
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (b, L):
-                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
-                raise ValueError(f"attention_mask must be a tensor of shape ({b}, {L}), got {got}")
-            mask = attention_mask.to(device) != 0
-            n_valid = mask.sum(1)
-            start = torch.where(n_valid > 0, mask.to(torch.int8).argmax(1), torch.zeros_like(n_valid))
-            block = (pos[None, :] >= start[:, None]) & (pos[None, :] < (start + n_valid)[:, None])
-            if not bool((block == mask).all()):
-                raise ValueError("attention_mask must mark one contiguous block of valid positions per row "
-                                 "(right or left padding)")
-            if not bool(start.any()):
-                return SequenceLayout(b, L, n_valid, None, None)                   # right padding: no gather
-            index = (torch.arange(b, device=device)[:, None] * L + (start[:, None] + pos[None, :]).clamp(max=L - 1))
-            return SequenceLayout(b, L, n_valid, index, pos[None, :] < n_valid[:, None])
+            _mask_tensor(attention_mask, "attention_mask", b, L)
+            return SequenceLayout._from_mask(b, L, device, attention_mask.to(device) != 0, "attention_mask", pos,
+                                             tracing)
         if cu_seqlens is not None:
             _int_tensor(cu_seqlens, "cu_seqlens")
             cu = cu_seqlens.to(device=device, dtype=torch.long)
             if b != 1:
                 raise ValueError(f"cu_seqlens needs a packed batch hidden [1, T, ...], got batch {b}")
-            if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != L or bool((cu[1:] < cu[:-1]).any()):
+            if cu.dim() != 1 or cu.numel() < 2:
+                raise ValueError(f"cu_seqlens must be [nseq + 1] offsets, got shape {tuple(cu.shape)}")
+            if not tracing and (int(cu[0]) != 0 or int(cu[-1]) != L or bool((cu[1:] < cu[:-1]).any())):
                 raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={L}, "
                                  f"got {cu.tolist()[:8]}")
             n_valid = cu[1:] - cu[:-1]
-            Lw = max(int(n_valid.max()), 1)
+            Lw = L if tracing else max(int(n_valid.max()), 1)   # traced: no host sync, the working batch is [nseq, T]
             pw = torch.arange(Lw, device=device)
             index = (cu[:-1, None] + pw[None, :]).clamp(max=max(L - 1, 0))
-            return SequenceLayout(b, L, n_valid, index, pw[None, :] < n_valid[:, None])
+            seq = torch.searchsorted(cu[1:], pos, right=True).clamp(max=cu.numel() - 2)   # sequence of position t
+            inverse = seq * Lw + (pos - cu[seq])
+            return SequenceLayout(b, L, n_valid, index, pw[None, :] < n_valid[:, None], inverse,
+                                  torch.ones(L, dtype=torch.bool, device=device))
         return SequenceLayout(b, L, None, None, None)
+
+    @staticmethod
+    def _from_mask(b, L, device, mask, name, pos, tracing):
+        """mask [b, L] bool (True = valid), one contiguous block per row."""
+        n_valid = mask.sum(1)
+        start = torch.where(n_valid > 0, mask.to(torch.int8).argmax(1), torch.zeros_like(n_valid))
+        if not tracing:
+            block = (pos[None, :] >= start[:, None]) & (pos[None, :] < (start + n_valid)[:, None])
+            if not bool((block == mask).all()):
+                row = int((block != mask).any(1).to(torch.int8).argmax())
+                raise ValueError(f"{name} must mark one contiguous block of valid positions per row (right or left "
+                                 f"padding); row {row} is not (its valid positions: "
+                                 f"{mask[row].nonzero().flatten().tolist()[:12]})")
+            if not bool(start.any()):
+                return SequenceLayout(b, L, n_valid, None, None)                  # right padding: no gather
+        rows = torch.arange(b, device=device)[:, None]
+        index = rows * L + (start[:, None] + pos[None, :]).clamp(max=L - 1)
+        inverse = (rows * L + (pos[None, :] - start[:, None]).clamp(min=0)).reshape(-1)
+        return SequenceLayout(b, L, n_valid, index, pos[None, :] < n_valid[:, None], inverse, mask.reshape(-1))
 
     def pad(self, t):
         """[b, L, ...] (or [b, L]) -> working batch [nseq, Lw, ...]; positions past each length are 0."""
@@ -82,18 +121,23 @@ class SequenceLayout:
             return t
         flat = t.reshape(self.b * self.L, *t.shape[2:])
         out = flat[self.index]
-        return out * self.valid.view(*self.valid.shape, *([1] * (out.dim() - 2))).to(out.dtype)
+        valid = self.valid.view(*self.valid.shape, *([1] * (out.dim() - 2)))
+        return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
     def unpad(self, y):
-        """Working batch [nseq, Lw, ...] -> [b, L, ...] at the input positions, 0 on padding."""
+        """Working batch [nseq, Lw, ...] -> [b, L, ...] at the input positions, 0 on padding (a gather: no
+        data-dependent shapes)."""
         if self.index is None:
             if self.lengths is None:
                 return y
             mask = torch.arange(self.L, device=y.device)[None, :] < self.lengths[:, None]
-            return y * mask.view(*mask.shape, *([1] * (y.dim() - 2))).to(y.dtype)
-        out = y.new_zeros(self.b * self.L, *y.shape[2:])
-        out = out.index_put((self.index[self.valid],), y[self.valid])
-        return out.view(self.b, self.L, *y.shape[2:])
+            mask = mask.view(*mask.shape, *([1] * (y.dim() - 2)))
+            return torch.where(mask, y, torch.zeros((), dtype=y.dtype, device=y.device))
+        rest = y.shape[2:]
+        out = y.reshape(-1, *rest)[self.inverse]
+        present = self.present.view(-1, *([1] * len(rest)))
+        out = torch.where(present, out, torch.zeros((), dtype=y.dtype, device=y.device))
+        return out.view(self.b, self.L, *rest)
 
 
 def last_valid(hidden: torch.Tensor, lengths=None, attention_mask=None) -> torch.Tensor:

@@ -92,8 +92,8 @@ class TimeAwareSSD(nn.Module):
         self.time_encoding = make_time_encoding(time_encoding, self.nheads, d_conv, time_dropout, **kw)
 
     # ------------------------------------------------------------------------------------------------- forward
-    def forward(self, hidden, timestamps=None, *, lengths=None, attention_mask=None, cu_seqlens=None,
-                time_gaps=None, return_state=False):
+    def forward(self, hidden, timestamps=None, *, lengths=None, attention_mask=None, key_padding_mask=None,
+                cu_seqlens=None, time_gaps=None, return_state=False):
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
             raise ValueError(f"hidden must have shape [b, L, d_model={self.d_model}], got "
                              f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
@@ -103,7 +103,7 @@ class TimeAwareSSD(nn.Module):
                 raise ValueError(f"{name} must have shape ({b}, {L}) = hidden.shape[:2], got {tuple(t.shape)}")
         if timestamps is not None and time_gaps is not None:
             raise ValueError("pass timestamps or time_gaps, not both")
-        layout = SequenceLayout.build(b, L, hidden.device, lengths, attention_mask, cu_seqlens)
+        layout = SequenceLayout.build(b, L, hidden.device, lengths, attention_mask, cu_seqlens, key_padding_mask)
         out, state = self._forward_working(layout.pad(hidden), layout.pad(timestamps), layout.pad(time_gaps),
                                            layout.lengths, return_state)
         out = layout.unpad(out)
