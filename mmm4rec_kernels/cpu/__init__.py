@@ -146,10 +146,16 @@ def status() -> str:
     return _status
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Is the native library loaded (built on the first call)?  A constant of the process: torch.compile evaluates
+    it once while tracing instead of tracing the build."""
+    return library() is not None
+
+
 def supports(x: torch.Tensor, dtype=None) -> bool:
     """Can the native kernels run on x (CPU; float32 / float64, or computed in `dtype`) and is the library loaded?"""
-    return (x.device.type == "cpu" and (dtype or x.dtype) in (torch.float32, torch.float64)
-            and library() is not None)
+    return x.device.type == "cpu" and (dtype or x.dtype) in (torch.float32, torch.float64) and available()
 
 
 def _ptr(t):
@@ -200,44 +206,34 @@ def conv_backward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool, pieces):
 
 
 # ------------------------------------------------------------------------------------ time-aware SSD, quadratic form
-class _QuadraticScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, delta, log_decay, B, C, D, valid_len, skip_delta):
-        ins = [t.contiguous() for t in (x, delta, log_decay, B, C)]
-        D = None if D is None else D.contiguous()
-        valid_len = valid_len.to(torch.int64).contiguous()
-        b, L, H, P = x.shape
-        G, n = B.shape[2], B.shape[3]
-        y = torch.empty(b, L, H, P, dtype=x.dtype)
-        if y.numel():
-            lib = library()
-            fn = lib.mmm4rec_ssd_quadratic_fwd_f32 if x.dtype == torch.float32 else lib.mmm4rec_ssd_quadratic_fwd_f64
-            fn(*[_ptr(t) for t in ins], _ptr(valid_len), _ptr(D), int(skip_delta), _ptr(y), b, L, H, P, G, n,
-               torch.get_num_threads())
-        ctx.save_for_backward(*ins, D, valid_len)
-        ctx.skip_delta = skip_delta
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        x, delta, log_decay, B, C, D, valid_len = ctx.saved_tensors
-        b, L, H, P = x.shape
-        G, n = B.shape[2], B.shape[3]
-        grads = [torch.empty_like(t) for t in (x, delta, log_decay, B, C)]
-        dD = None if D is None else torch.zeros_like(D)
-        if gy.numel():
-            lib = library()
-            fn = lib.mmm4rec_ssd_quadratic_bwd_f32 if x.dtype == torch.float32 else lib.mmm4rec_ssd_quadratic_bwd_f64
-            fn(*[_ptr(t) for t in (x, delta, log_decay, B, C, valid_len, D)], int(ctx.skip_delta),
-               _ptr(gy.contiguous()), *[_ptr(t) for t in grads], _ptr(dD), b, L, H, P, G, n, torch.get_num_threads())
-        return (*grads, dD, None, None)
-
-
-def quadratic_scan(x, delta, log_decay, B, C, valid_len, D=None, skip_delta=True):
-    """The quadratic form over each sequence's first valid_len steps, with autograd (rows past them are 0):
+def scan_forward(x, delta, log_decay, B, C, D, valid_len, skip_delta: bool) -> torch.Tensor:
+    """The quadratic form over each sequence's first valid_len steps (rows past them are 0):
         y_i = sum_{j<=i} (C_i . B_j) exp(sum_{j<k<=i} a_k) delta_j x_j  +  D s_i x_i   (s = delta if skip_delta else 1)
-    x [b, L, H, P], delta / log_decay [b, L, H], B / C [b, L, G, n], D [H, P] or None, valid_len [b]; CPU float32 /
-    float64, one dtype (supports(x) must be True).  Padded steps are never read: they need not be clean, and their
-    gradients are 0."""
-    return _QuadraticScan.apply(x, delta, log_decay, B, C, D, valid_len, bool(skip_delta))
+    x [b, L, H, P], delta / log_decay [b, L, H], B / C [b, L, G, n], D [H, P] or None, valid_len [b] (int); CPU
+    float32 / float64, one dtype, contiguous (supports(x) must be True).  Padded steps are never read.  No autograd:
+    mmm4rec_kernels.ops registers it (torch.ops.mmm4rec.ssd_scan_cpu) with its backward `scan_backward`."""
+    b, L, H, P = x.shape
+    G, n = B.shape[2], B.shape[3]
+    y = torch.empty(b, L, H, P, dtype=x.dtype)
+    if y.numel():
+        lib = library()
+        fn = lib.mmm4rec_ssd_quadratic_fwd_f32 if x.dtype == torch.float32 else lib.mmm4rec_ssd_quadratic_fwd_f64
+        fn(*[_ptr(t) for t in (x, delta, log_decay, B, C)], _ptr(valid_len.to(torch.int64).contiguous()), _ptr(D),
+           int(skip_delta), _ptr(y), b, L, H, P, G, n, torch.get_num_threads())
+    return y
+
+
+def scan_backward(gy, x, delta, log_decay, B, C, D, valid_len, skip_delta: bool):
+    """Gradients of scan_forward: (dx, ddelta, dlog_decay, dB, dC, dD or None), each like its input (0 on padded
+    steps).  Same argument rules as scan_forward; gy [b, L, H, P]."""
+    b, L, H, P = x.shape
+    G, n = B.shape[2], B.shape[3]
+    grads = [torch.empty_like(t) for t in (x, delta, log_decay, B, C)]
+    dD = None if D is None else torch.zeros_like(D)
+    if gy.numel():
+        lib = library()
+        fn = lib.mmm4rec_ssd_quadratic_bwd_f32 if x.dtype == torch.float32 else lib.mmm4rec_ssd_quadratic_bwd_f64
+        fn(*[_ptr(t) for t in (x, delta, log_decay, B, C, valid_len.to(torch.int64).contiguous(), D)],
+           int(skip_delta), _ptr(gy.contiguous()), *[_ptr(t) for t in grads], _ptr(dD), b, L, H, P, G, n,
+           torch.get_num_threads())
+    return (*grads, dD)
