@@ -32,6 +32,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from mmm4rec_kernels.limits import BACKENDS, PATHS
+
 # Settings per preset. "model" entries override MMM4RecConfig() (fine-tune) / the pre-train config; "train" entries
 # are Trainer settings; "finetune"/"pretrain" entries override "train" for that command.
 PRESETS = {
@@ -95,7 +97,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--with-id", action=argparse.BooleanOptionalAction, default=None,
                    help="per-item bias tables (the 'with ID' variant; default: the model config's)")
     g.add_argument("--no-time", action="store_true", help="ablation: use_time=False")
-    g.add_argument("--path", default="auto", choices=["auto", "quadratic", "chunked", "reference"])
+    g.add_argument("--path", default="auto", choices=list(PATHS))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -103,7 +105,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"])
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS))
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, auto")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -223,10 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p)
 
     p = sub.add_parser("export", help="user and item embeddings to .npy (dir) or .safetensors (file, ids in "
-                                      "its metadata)")
+                                      "its metadata); --format pt2: the top-k inference program (torch.export)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="a .safetensors file, or a dir for .npy files")
+    p.add_argument("--out", required=True, help="a .safetensors file, or a dir for .npy files; a .pt2 file with "
+                                                "--format pt2")
+    p.add_argument("--format", default="embeddings", choices=["embeddings", "pt2"],
+                   help="pt2: history -> user vector -> top-k items as a torch.export program (load it with "
+                        "`import mmm4rec_kernels; torch.export.load(path)`; batch size dynamic)")
+    p.add_argument("--k", type=_positive_int("--k"), default=10, help="top-k of the pt2 program")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out .pt2 file")
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1024)
     _run_args(p)
 
@@ -657,6 +665,8 @@ def cmd_recommend(a) -> int:
 def cmd_export(a) -> int:
     import torch
     from tqdm.auto import tqdm
+    if a.format == "pt2":
+        return _export_pt2(a)
     data, model = _load(a)
     dev = next(model.parameters()).device
     users = np.arange(data.num_users)
@@ -686,6 +696,25 @@ def cmd_export(a) -> int:
     _say(f"exported {', '.join(f'{k} {v.shape}' for k, v in arrays.items())} -> {a.out} "
          f"(item row 0 = padding; user rows follow the prepared user order; ids in "
          f"{'the file metadata' if a.out.endswith('.safetensors') else 'ids.json'})")
+    return 0
+
+
+def _export_pt2(a) -> int:
+    if not a.out.endswith(".pt2"):
+        raise ValueError(f"--out {a.out}: --format pt2 writes a .pt2 file (name it *.pt2)")
+    if os.path.exists(a.out) and not a.overwrite:
+        raise ValueError(f"--out {a.out} exists: pass --overwrite to replace it")
+    from .export import export_topk
+    data, model = _load(a)
+    k = min(a.k, model.num_items)
+    if k < a.k:
+        _note("export", f"--k {a.k} capped at {k} (the number of items)")
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    export_topk(model, a.out + ".tmp", k=k)
+    os.replace(a.out + ".tmp", a.out)
+    _say(f"exported the top-{k} program (item_seq [b, {model.config.max_len}] long, time_seq [b, "
+         f"{model.config.max_len}] float64, lengths [b] long -> scores [b, {k}], item rows [b, {k}]) -> {a.out}; "
+         f"item row r is item token data.item_tokens[r] (row 0 = padding, never returned)")
     return 0
 
 

@@ -2,8 +2,11 @@
 import torch
 
 from . import cpu as native_cpu
+from . import ops
 from . import cuda as cuda_backend
-from .dispatch import QUADRATIC_HARD_MAX_L, _triton_importable, crossover_length, interpreter_on, torch_allows_tf32
+from .dispatch import (_triton_importable, cpu_crossover_length, crossover_length, interpreter_on,
+                       torch_allows_tf32)
+from .limits import QUADRATIC_MAX_LEN
 
 
 def main():
@@ -23,8 +26,12 @@ def main():
     print("torch backend: always available (CPU tensors, float64, or no triton; direct decay sums, where-masking)")
     print(f"CPU quadratic scan and causal conv + SiLU (torch backend, SSD blocks): "
           f"{native_cpu.status()}")
-    print(f"path='auto': quadratic up to a longest sequence of {crossover_length(64, 64)} at P = n = 64 "
-          f"({crossover_length(512, 64)} at P = 512; kernel limit {QUADRATIC_HARD_MAX_L}), chunked above or with states")
+    print(f"path='auto' on GPU: quadratic up to a longest sequence of {crossover_length(64, 64)} at P = n = 64 "
+          f"({crossover_length(512, 64)} at P = 512; kernel limit {QUADRATIC_MAX_LEN}), chunked above or with states "
+          f"(cost model)")
+    print(f"path='auto' on CPU: native quadratic scan up to {cpu_crossover_length(64, 64)} at P = n = 64 "
+          f"({cpu_crossover_length(16, 16)} at P = n = 16), chunked einsums above (measured table)")
+    print(f"registered ops: {', '.join('torch.ops.mmm4rec.' + name for name in ops.OPS)}")
     print(f"allow_tf32=None follows torch's matmul TF32 setting: currently {torch_allows_tf32()}")
 
 

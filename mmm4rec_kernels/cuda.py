@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import QUADRATIC_HARD_MAX_L
-
-# longest sequence the CUDA quadratic kernels accept (csrc/tissd_quadratic.cuh: kTissdMaxLen, declared once in dispatch)
-MAX_LEN = QUADRATIC_HARD_MAX_L
+from .limits import QUADRATIC_MAX_LEN
 
 _ext = None
 _import_error: Exception | None = None
@@ -61,8 +58,9 @@ def _ext_or_raise():
 
 
 def _check_len(max_len):
-    if max_len > MAX_LEN:
-        raise ValueError(f"CUDA quadratic TiSSD supports max_len <= {MAX_LEN}, got {max_len}; use the chunked path")
+    if max_len > QUADRATIC_MAX_LEN:     # csrc/tissd_quadratic.cuh: kTissdMaxLen
+        raise ValueError(f"CUDA quadratic TiSSD supports max_len <= {QUADRATIC_MAX_LEN}, got {max_len}; use the "
+                         f"chunked path")
 
 
 def tissd_quadratic_fwd(x, dt, A, B, C, E, dt_bias, D, seq_start, seq_len, max_len, *,

@@ -1,18 +1,25 @@
-"""Path and backend choice for the time-aware SSD.
+"""Path and backend choice for every op of the package: the TiSSD / TiCoSSD scan (`choose`), the gated RMSNorm
+(`choose_gated_rmsnorm`) and the causal conv + SiLU (`choose_causal_conv`).  One module decides; each Choice says
+which table decided (docs/kernels.md, "How the path is chosen").
 
-Cost model (work per sequence and head, from ../shared/DESIGN.md), with chunk length Q:
-    quadratic = QUADRATIC_DISCOUNT * L^2 (P + n)     one fused kernel, no intermediate HBM traffic
-    chunked   = L Q (P + n) + 4 L P n                state carried across chunks
-`auto` takes the quadratic path while its cost is not larger, i.e. up to the crossover length
-    L* = (Q (P + n) + 4 P n) / (QUADRATIC_DISCOUNT (P + n))        (crossover_length(P, n)),
-capped by what the quadratic kernels hold in one tile (QUADRATIC_HARD_MAX_L).  QUADRATIC_DISCOUNT is a measured
-constant per device class; until it is measured on H100/H200 (benchmarks/gpu_check.py prints the crossover) it is
-0.75, which puts the P = n = 64 crossover at L = 256.  Environment overrides: MMM4REC_QUADRATIC_DISCOUNT, or
-MMM4REC_QUADRATIC_MAX_L for a fixed threshold regardless of P and n.
+TiSSD path tables (path='auto', no states):
+  gpu-cost-model   CUDA tensors (and CPU tensors without the native kernels): work per sequence and head, chunk Q,
+                       quadratic = QUADRATIC_DISCOUNT * L^2 (P + n)     one fused kernel, no intermediate traffic
+                       chunked   = L Q (P + n) + 4 L P n                 state carried across chunks
+                   quadratic while its cost is not larger: L* = (Q (P + n) + 4 P n) / (QUADRATIC_DISCOUNT (P + n)),
+                   capped by QUADRATIC_MAX_LEN (limits.py).  QUADRATIC_DISCOUNT = 0.75 until measured on H100/H200
+                   (benchmarks/gpu_check.py prints the crossover).
+  cpu-measured     CPU tensors with the native kernels: CPU_CROSSOVER, the longest L at which the native quadratic
+                   scan measured no slower than the chunked einsums (benchmarks/bench_cpu_crossover.py), by P + n.
+  env              MMM4REC_QUADRATIC_MAX_L: a fixed threshold for every device (MMM4REC_QUADRATIC_DISCOUNT changes
+                   the GPU model's constant).
+Initial / final states always take the chunked path.
+
+While torch.compile / export trace, a Choice carries no reason text (it would format symbolic sizes); the choice
+itself depends only on shapes, dtypes, device and the static arguments (guards on L where a table compares it).
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
@@ -20,20 +27,23 @@ from dataclasses import dataclass
 
 import torch
 
+from .limits import BACKENDS, PATHS, QUADRATIC_MAX_LEN
+
 logger = logging.getLogger("mmm4rec_kernels")
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
-PATHS = ("auto", "quadratic", "chunked", "reference")
+NORM_BACKENDS = ("auto", "triton", "torch")             # the gated RMSNorm's backends
 
-# Discount of the quadratic cost (it has no intermediate traffic); default until measured on H100/H200.
+# GPU cost model: discount of the quadratic cost (no intermediate traffic); default until measured on H100/H200.
 QUADRATIC_DISCOUNT = float(os.environ.get("MMM4REC_QUADRATIC_DISCOUNT", "0.75"))
-# Optional fixed threshold that replaces the cost model (None: use the cost model).
-QUADRATIC_MAX_L = int(os.environ["MMM4REC_QUADRATIC_MAX_L"]) if os.environ.get("MMM4REC_QUADRATIC_MAX_L") else None
-# Chunk length the cost model assumes for the chunked path.
+# Optional fixed threshold that replaces both tables (None: use the tables).
+FORCED_CROSSOVER = int(os.environ["MMM4REC_QUADRATIC_MAX_L"]) if os.environ.get("MMM4REC_QUADRATIC_MAX_L") else None
+# Chunk length the GPU cost model assumes for the chunked path.
 COST_CHUNK = 64
-# Longest sequence the quadratic kernels accept at all (one block holds the whole L x L score tile).
-QUADRATIC_HARD_MAX_L = 256
-# Per (device class, path): which fused backend measured faster.  Empty until GPU measurements land in
+# CPU table: (P + n, longest L where the native quadratic scan measured no slower than the chunked einsums), fp32
+# fwd+bwd, 1 thread, 8192 tokens (benchmarks/bench_cpu_crossover.py; values recorded in benchmarks/RESULTS.md).
+# Between the points the crossover is interpolated linearly in P + n; outside them it is clamped.
+CPU_CROSSOVER = ((32, 140), (128, 210))
+# Per (device class, path): which fused GPU backend measured faster.  Empty until GPU measurements land in
 # benchmarks/RESULTS.md; then e.g. {("H100", "quadratic"): "cuda"}.
 MEASURED_FASTEST: dict = {}
 
@@ -43,25 +53,46 @@ class Choice:
     path: str
     backend: str
     reason: str
+    table: str = "request"      # which table decided: gpu-cost-model | cpu-measured | env | request | fixed
 
     def as_dict(self):
-        return {"path": self.path, "backend": self.backend, "reason": self.reason}
+        return {"path": self.path, "backend": self.backend, "reason": self.reason, "table": self.table}
 
 
+class _Reasons:
+    """Reason text, built in eager only (while tracing, sizes are symbolic and the text is never read)."""
+
+    def __init__(self):
+        self.on = not torch.compiler.is_compiling()
+        self.parts = []
+
+    def add(self, fmt, *args):
+        if self.on:
+            self.parts.append(fmt.format(*args))
+
+    def text(self):
+        return "; ".join(self.parts) if self.on else "traced"
+
+
+# ------------------------------------------------------------------------------------------- what can run here
 @torch.compiler.assume_constant_result
 def interpreter_on() -> bool:
     """True when Triton kernels run on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_TRITON_IMPORTABLE: list = []
+
+
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
-    try:
-        importlib.import_module("triton")
-        return True
-    except Exception:  # pragma: no cover - depends on the install
-        return False
+    if not _TRITON_IMPORTABLE:                # tried once per process
+        try:
+            importlib.import_module("triton")
+            _TRITON_IMPORTABLE.append(True)
+        except Exception:  # pragma: no cover - depends on the install
+            _TRITON_IMPORTABLE.append(False)
+    return _TRITON_IMPORTABLE[0]
 
 
 @torch.compiler.assume_constant_result
@@ -84,9 +115,7 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def cuda_usable(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    return _cuda_extension_available()
+    return device.type == "cuda" and _cuda_extension_available()
 
 
 @torch.compiler.assume_constant_result
@@ -98,12 +127,37 @@ def _cuda_extension_available() -> bool:
     return cuda_backend.available()
 
 
+def _native_cpu(device: torch.device, dtype: torch.dtype) -> bool:
+    """The native CPU kernels run on this device and compute dtype (float32 / float64)?"""
+    if device.type != "cpu":
+        return False
+    from . import cpu as native
+    return native.available()             # computes float32 (fp16/bf16/fp32 inputs) or float64
+
+
+# ----------------------------------------------------------------------------------------------- TiSSD tables
 def crossover_length(P: int, n: int) -> int:
-    """Longest L for which `auto` picks the quadratic path (head dim P, state size n)."""
-    if QUADRATIC_MAX_L is not None:
-        return min(QUADRATIC_MAX_L, QUADRATIC_HARD_MAX_L)
+    """Longest L for which `auto` picks the quadratic path on the GPU cost model (head dim P, state size n)."""
+    if FORCED_CROSSOVER is not None:
+        return min(FORCED_CROSSOVER, QUADRATIC_MAX_LEN)
     L_star = (COST_CHUNK * (P + n) + 4 * P * n) / (QUADRATIC_DISCOUNT * (P + n))
-    return min(int(L_star), QUADRATIC_HARD_MAX_L)
+    return min(int(L_star), QUADRATIC_MAX_LEN)
+
+
+def cpu_crossover_length(P: int, n: int) -> int:
+    """Longest L for which `auto` picks the native quadratic scan on CPU (the measured CPU_CROSSOVER table)."""
+    if FORCED_CROSSOVER is not None:
+        return FORCED_CROSSOVER
+    width = P + n
+    (w0, l0), (w1, l1) = CPU_CROSSOVER[0], CPU_CROSSOVER[-1]
+    if width <= w0:
+        return l0
+    if width >= w1:
+        return l1
+    for (wa, la), (wb, lb) in zip(CPU_CROSSOVER, CPU_CROSSOVER[1:]):
+        if wa <= width <= wb:
+            return int(la + (lb - la) * (width - wa) / (wb - wa))
+    return l1  # pragma: no cover
 
 
 def _device_class(device: torch.device) -> str:
@@ -114,27 +168,38 @@ def _device_class(device: torch.device) -> str:
     return name
 
 
+def _auto_path(L, P, n, dtype, device, has_states, why):
+    """(path, table) for path='auto'."""
+    if has_states:
+        why.add("initial/final states requested -> chunked")
+        return "chunked", "fixed"
+    if FORCED_CROSSOVER is not None:
+        L_star, table = (FORCED_CROSSOVER if device.type == "cpu" else crossover_length(P, n)), "env"
+        rule = f"MMM4REC_QUADRATIC_MAX_L={FORCED_CROSSOVER}"
+    elif _native_cpu(device, dtype):
+        L_star, table = cpu_crossover_length(P, n), "cpu-measured"
+        rule = "CPU table: native quadratic scan vs chunked einsums (benchmarks/bench_cpu_crossover.py)"
+    else:
+        L_star, table = crossover_length(P, n), "gpu-cost-model"
+        rule = f"cost model: {QUADRATIC_DISCOUNT}*L^2(P+n) vs LQ(P+n)+4LPn, P={P} n={n} Q={COST_CHUNK}"
+    path = "quadratic" if L <= L_star else "chunked"
+    why.add("L={} {} crossover {} ({}) -> {}", L, "<=" if path == "quadratic" else ">", L_star, rule, path)
+    return path, table
+
+
 def choose(L: int, P: int, n: int, H: int, dtype: torch.dtype, device: torch.device, *, has_states: bool,
            path: str = "auto", backend: str = "auto") -> Choice:
-    """Pick (path, backend) for one call; raises ValueError for impossible explicit requests."""
+    """Pick the TiSSD's (path, backend) for one call; raises ValueError for impossible explicit requests."""
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-    reasons = []
+    why = _Reasons()
+    table = "request"
     if path == "auto":
-        if has_states:
-            path = "chunked"
-            reasons.append("initial/final states requested -> chunked")
-        else:
-            L_star = crossover_length(P, n)
-            path = "quadratic" if L <= L_star else "chunked"
-            rule = (f"MMM4REC_QUADRATIC_MAX_L={QUADRATIC_MAX_L}" if QUADRATIC_MAX_L is not None else
-                    f"cost model: {QUADRATIC_DISCOUNT}*L^2(P+n) vs LQ(P+n)+4LPn, P={P} n={n} Q={COST_CHUNK}")
-            reasons.append(f"L={L} {'<=' if path == 'quadratic' else '>'} crossover {L_star} ({rule}) -> {path}")
+        path, table = _auto_path(L, P, n, dtype, device, has_states, why)
     else:
-        reasons.append(f"path={path} requested")
+        why.add("path={} requested", path)
     if path == "quadratic" and has_states:
         raise ValueError("path='quadratic' does not carry states: initial_states/return_final_states need "
                          "path='chunked' (or 'auto'/'reference')")
@@ -142,7 +207,8 @@ def choose(L: int, P: int, n: int, H: int, dtype: torch.dtype, device: torch.dev
     if path == "reference":
         if backend not in ("auto", "torch"):
             raise ValueError("path='reference' is the naive torch recurrence: use backend='auto' or 'torch'")
-        return Choice("reference", "torch", "; ".join(reasons + ["naive recurrence in torch"]))
+        why.add("naive recurrence in torch")
+        return Choice("reference", "torch", why.text(), table)
 
     if dtype == torch.float64 and backend in ("triton", "cuda"):
         raise ValueError(f"backend={backend!r} supports float32/bfloat16/float16 inputs; float64 needs backend='torch'")
@@ -150,24 +216,26 @@ def choose(L: int, P: int, n: int, H: int, dtype: torch.dtype, device: torch.dev
     if backend == "auto":
         if device.type != "cuda":
             backend = "torch"
-            reasons.append(f"{device.type} tensors -> torch")
+            why.add("{} tensors -> torch{}", device.type,
+                    " (native CPU scan)" if path == "quadratic" and _native_cpu(device, dtype) else "")
         elif dtype == torch.float64:
             backend = "torch"
-            reasons.append("float64 -> torch")
+            why.add("float64 -> torch")
         else:
             measured = MEASURED_FASTEST.get((_device_class(device), path)) if MEASURED_FASTEST else None
             if measured == "cuda" and path == "quadratic" and cuda_usable(device):
                 backend = "cuda"
-                reasons.append("CUDA kernel measured fastest on this device class")
+                why.add("CUDA kernel measured fastest on this device class")
             elif triton_usable(device):
                 backend = "triton"
-                reasons.append("triton (fused)" if measured is None else f"{measured} measured fastest")
+                why.add("triton (fused)" if measured is None else f"{measured} measured fastest")
             else:
                 backend = "torch"
-                reasons.append("triton not importable -> torch (SLOW: install triton)")
-                logger.warning("mmm4rec_kernels: triton is not importable, falling back to the torch path (slow)")
+                why.add("triton not importable -> torch (SLOW: install triton)")
+                if why.on:
+                    logger.warning("mmm4rec_kernels: triton is not importable, falling back to the torch path (slow)")
     else:
-        reasons.append(f"backend={backend} requested")
+        why.add("backend={} requested", backend)
         if backend == "triton" and not triton_usable(device):
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU) and triton installed")
         if backend == "cuda":
@@ -177,7 +245,48 @@ def choose(L: int, P: int, n: int, H: int, dtype: torch.dtype, device: torch.dev
             if not cuda_usable(device):
                 raise ValueError("backend='cuda' needs CUDA tensors and the compiled extension "
                                  "mmm4rec_kernels._cuda (pip install --no-build-isolation . with nvcc present)")
-    if path == "quadratic" and backend != "torch" and L > QUADRATIC_HARD_MAX_L:
-        raise ValueError(f"the quadratic kernels hold the whole sequence in one tile (L <= {QUADRATIC_HARD_MAX_L}), "
+    if path == "quadratic" and backend != "torch" and L > QUADRATIC_MAX_LEN:
+        raise ValueError(f"the quadratic kernels hold the whole sequence in one tile (L <= {QUADRATIC_MAX_LEN}), "
                          f"got L={L}: use path='chunked' or 'auto'")
-    return Choice(path, backend, "; ".join(reasons))
+    return Choice(path, backend, why.text(), table)
+
+
+# ---------------------------------------------------------------------------------------- the two other ops
+def choose_gated_rmsnorm(device: torch.device, dtype: torch.dtype, backend: str = "auto") -> Choice:
+    """The gated RMSNorm's backend: Triton on CUDA (fp16/bf16/fp32), else torch ops (CPU, float64, no triton)."""
+    if backend not in NORM_BACKENDS:
+        raise ValueError(f"backend must be one of {NORM_BACKENDS}, got {backend!r}")
+    why = _Reasons()
+    if backend == "triton":
+        if dtype == torch.float64:
+            why.add("backend=triton requested, float64 -> torch (the kernel computes in fp32)")
+            return Choice("fused", "torch", why.text(), "fixed")
+        if not triton_usable(device):
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU) and triton installed")
+        why.add("backend=triton requested")
+        return Choice("fused", "triton", why.text())
+    if backend == "auto" and device.type == "cuda" and dtype != torch.float64 and triton_usable(device):
+        why.add("CUDA tensors -> triton (one fused kernel each way)")
+        return Choice("fused", "triton", why.text(), "fixed")
+    why.add("backend=torch requested" if backend == "torch" else "{} {} -> torch ops", device.type, dtype)
+    return Choice("fused", "torch", why.text(), "request" if backend == "torch" else "fixed")
+
+
+def choose_causal_conv(device: torch.device, dtype: torch.dtype) -> Choice:
+    """The causal conv + SiLU's backend: the native CPU kernel (CPU float32 / float64 with the library loaded),
+    else torch ops (hand-written backward in eager; plain ops, fused by the compiler, while tracing)."""
+    why = _Reasons()
+    if device.type == "cpu" and dtype in (torch.float32, torch.float64) and _native_cpu(device, dtype):
+        why.add("CPU {} -> native kernel", dtype)
+        return Choice("channels_last", "native", why.text(), "fixed")
+    why.add("{} {} -> torch ops{}", device.type, dtype,
+            "" if device.type != "cpu" else " (native CPU kernels unavailable: mmm4rec_kernels.cpu.status())")
+    return Choice("channels_last", "torch", why.text(), "fixed")
+
+
+def log_choice(op: str, shape: str, choice: Choice) -> None:
+    """DEBUG log line of one call's choice (callers check logger.isEnabledFor(logging.DEBUG) and that nothing is
+    being traced first, so eager calls build no text)."""
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("%s %s -> path=%s backend=%s [%s] (%s)", op, shape, choice.path, choice.backend, choice.table,
+                     choice.reason)

@@ -2,30 +2,29 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .dispatch import triton_usable
-from .reference import gated_rmsnorm_ref
+import logging
+
+from . import ops
+from .dispatch import choose_gated_rmsnorm, log_choice
+
+logger = logging.getLogger("mmm4rec_kernels")
 
 
-class _GatedRMSNormTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, z, weight, eps, group_size):
-        from .triton.gated_rmsnorm import gated_rmsnorm_fwd
-        shape = y.shape
-        y2 = y.reshape(-1, shape[-1]).contiguous()
-        z2 = None if z is None else z.reshape(-1, shape[-1]).contiguous()
-        out, rstd = gated_rmsnorm_fwd(y2, z2, weight.contiguous(), eps, group_size)
-        ctx.save_for_backward(y2, z2, weight, rstd)
-        ctx.eps, ctx.group_size, ctx.shape = eps, group_size, shape
-        return out.view(shape)
+def gated_rmsnorm_torch(y, z, weight, eps, group_size=None):
+    """The torch path (any device; plain torch ops, so torch.compile fuses it): y, z [..., d] in the compute dtype,
+    weight [d].  v = y * SiLU(z);  out = v / sqrt(mean_group(v^2) + eps) * weight."""
+    d = y.shape[-1]
+    g = d if group_size is None else group_size
+    v = y * F.silu(z) if z is not None else y
+    vg = v.reshape(*v.shape[:-1], d // g, g)
+    return (vg * torch.rsqrt(vg.square().mean(-1, keepdim=True) + eps)).reshape(v.shape) * weight
 
-    @staticmethod
-    def backward(ctx, dout):
-        from .triton.gated_rmsnorm import gated_rmsnorm_bwd
-        y2, z2, weight, rstd = ctx.saved_tensors
-        dy, dz, dw = gated_rmsnorm_bwd(dout.reshape(y2.shape).contiguous(), y2, z2, weight, rstd, ctx.eps,
-                                       ctx.group_size)
-        return dy.view(ctx.shape), None if dz is None else dz.view(ctx.shape), dw, None, None
+
+def explain_gated_rmsnorm(y, z=None, weight=None, eps=1e-5, group_size=None, backend="auto"):
+    """Which backend `gated_rmsnorm` would run for these arguments, and why: {'path', 'backend', 'reason', 'table'}."""
+    return choose_gated_rmsnorm(y.device, y.dtype, backend).as_dict()
 
 
 def gated_rmsnorm(y, z, weight, eps=1e-5, group_size=None, backend="auto"):
@@ -41,13 +40,15 @@ def gated_rmsnorm(y, z, weight, eps=1e-5, group_size=None, backend="auto"):
         raise ValueError(f"z must have y's shape {tuple(y.shape)}, got {tuple(z.shape)}")
     if group_size is not None and (group_size < 1 or d % group_size):
         raise ValueError(f"group_size={group_size} must divide the channel count {d}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    choice = choose_gated_rmsnorm(y.device, y.dtype, backend)
+    if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
+        log_choice("gated_rmsnorm", f"{tuple(y.shape)} {y.dtype} group {group_size}", choice)
     if z is not None:
         z = z.to(y.dtype)
-    use_triton = backend == "triton" or (backend == "auto" and y.device.type == "cuda" and triton_usable(y.device))
-    if use_triton and y.dtype != torch.float64:
-        return _GatedRMSNormTriton.apply(y, z, weight, eps, group_size if group_size is not None else d)
+    if choice.backend == "triton":
+        out = ops.gated_rmsnorm_triton(y.reshape(-1, d).contiguous(), None if z is None else z.reshape(-1, d).contiguous(),
+                                       weight, eps, group_size if group_size is not None else d)
+        return out.view(y.shape)
     cd = torch.float64 if y.dtype == torch.float64 else torch.float32
     up = lambda t: None if t is None else t.to(cd)  # noqa: E731
-    return gated_rmsnorm_ref(up(y), up(z), up(weight), eps, group_size).to(y.dtype)
+    return gated_rmsnorm_torch(up(y), up(z), up(weight), eps, group_size).to(y.dtype)

@@ -41,9 +41,16 @@ def _empty_to_none(t, given):
     return None if given is None else t
 
 
-def _own(t):
-    """An op output must not be a view of another output (e.g. rows of one partial-sum buffer): copy views."""
-    return t.clone() if t is not None and t._base is not None else t
+def _distinct(outputs, inputs=()):
+    """Op outputs may not share storage with each other or with an input (e.g. rows of one partial-sum buffer):
+    copy any that does (small tensors in practice)."""
+    seen = {t.untyped_storage()._cdata for t in inputs if isinstance(t, torch.Tensor)}
+    out = []
+    for t in outputs:
+        key = t.untyped_storage()._cdata
+        out.append(t.clone() if key in seen and t.numel() else t)
+        seen.add(key)
+    return tuple(out)
 
 
 def call(op, function, *args):
@@ -277,7 +284,7 @@ def tissd_fused_bwd(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor,
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = fused_backward(dy, dfinal, x, dt, A, B, C, E, dt_bias, D, h0, seq_start, seq_len, max_len, backend,
                            path, d_skip_delta, dt_softplus, allow_tf32, padded, chunk_size)
-    return tuple(_own(_none_to_empty(g, x)) for g in grads)
+    return _distinct([_none_to_empty(g, x) for g in grads], (dy, dfinal, x, dt, A, B, C, E, dt_bias, D, h0))
 
 
 @tissd_fused_bwd.register_fake

@@ -18,7 +18,7 @@ import logging
 import torch
 
 from . import ops, torch_backend
-from .dispatch import choose, torch_allows_tf32
+from .dispatch import choose, log_choice, torch_allows_tf32
 from .gated_rmsnorm import gated_rmsnorm
 
 logger = logging.getLogger("mmm4rec_kernels")
@@ -244,7 +244,8 @@ def explain(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="de
             lengths=None, cu_seqlens=None, initial_states=None, return_final_states=False,
             z=None, norm_weight=None, norm_eps=1e-5, norm_group_size=None,
             path="auto", backend="auto", chunk_size=64, allow_tf32=None):
-    """Which path and backend `tissd` would run for exactly these arguments, and why: {'path', 'backend', 'reason'}.
+    """Which path and backend `tissd` would run for exactly these arguments, and why:
+    {'path', 'backend', 'reason', 'table'} (table: which dispatch table decided, see mmm4rec_kernels.dispatch).
     Same signature and the same argument checks as `tissd` (a bad argument raises the same error)."""
     choice, _ = _plan(x, dt, A, B, C, time_scale, dt_bias, D, d_skip, dt_softplus, lengths, cu_seqlens,
                       initial_states, return_final_states, z, norm_weight, norm_eps, path, backend, chunk_size,
@@ -276,7 +277,7 @@ def tissd(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delt
         initial_states: [nseq, H, P, n]; return_final_states: also return the states [nseq, H, P, n] (fp32).
         z: [b, L, H, P] gate.  With norm_weight [H*P]: out = RMSNorm(y * SiLU(z)) * norm_weight over groups of
             norm_group_size channels; without norm_weight: out = y * SiLU(z) (as mamba_ssm).
-        path: 'auto' | 'quadratic' (O(L^2 N), fused, longest sequence <= QUADRATIC_HARD_MAX_L) | 'chunked' |
+        path: 'auto' | 'quadratic' (O(L^2 N), fused, longest sequence <= QUADRATIC_MAX_LEN) | 'chunked' |
             'reference' (naive float64 recurrence).  Dispatch uses the longest sequence (packed / CPU lengths).
         backend: 'auto' | 'triton' | 'cuda' (quadratic only) | 'torch'.  `explain(...)` tells what auto picks.
         chunk_size: positive int, chunk length Q of the chunked path (Triton: a power of 2 in [16, 128]).
@@ -293,8 +294,7 @@ def tissd(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delt
     if allow_tf32 is None:
         allow_tf32 = torch_allows_tf32()
     if not torch.compiler.is_compiling() and logger.isEnabledFor(logging.DEBUG):
-        logger.debug("tissd b=%d L=%d (longest %d) H=%d P=%d G=%d n=%d %s -> path=%s backend=%s (%s)", b, L, longest,
-                     H, P, G, n, x.dtype, choice.path, choice.backend, choice.reason)
+        log_choice("tissd", f"b={b} L={L} (longest {longest}) H={H} P={P} G={G} n={n} {x.dtype}", choice)
     B, C = B.to(x.dtype), C.to(x.dtype)
     D_kernel = D if D is None or D.dim() == 1 else None  # per-channel D [H, P]: skip term added here in torch
 

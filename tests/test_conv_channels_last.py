@@ -20,7 +20,7 @@ def impl(request, monkeypatch):
     if request.param == "native":
         request.getfixturevalue("native_cpu")                   # skip without a compiler, fail if it does not load
     else:
-        monkeypatch.setattr(conv_module.native, "supports", lambda x, dtype=None: False)
+        monkeypatch.setattr(conv_module.native, "available", lambda: False)
     return request.param
 
 

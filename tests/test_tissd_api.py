@@ -2,9 +2,11 @@
 import pytest
 import torch
 
+import mmm4rec_kernels.cpu as native
+
 import mmm4rec_kernels as mk
 from mmm4rec_kernels import reference as ref
-from mmm4rec_kernels.dispatch import QUADRATIC_HARD_MAX_L
+from mmm4rec_kernels.limits import QUADRATIC_MAX_LEN
 from mmm4rec_kernels.rivals import load_mamba_module
 
 
@@ -94,19 +96,38 @@ def test_explain_and_auto_choice():
     inp = make(L=5, dtype=torch.float32)
     e = mk.explain(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
     assert e["path"] == "quadratic" and e["backend"] == "torch" and "L=5" in e["reason"]
-    long = make(L=mk.crossover_length(2, 2) + 1, H=1, P=2, G=1, n=2, dtype=torch.float32)
+    L_star = mk.cpu_crossover_length(2, 2) if e["table"] == "cpu-measured" else mk.crossover_length(2, 2)
+    long = make(L=L_star + 1, H=1, P=2, G=1, n=2, dtype=torch.float32)
     assert mk.explain(long["x"], long["dt"], long["A"], long["B"], long["C"])["path"] == "chunked"
 
 
 @pytest.mark.parametrize("P,n", [(64, 64), (512, 64), (8, 8), (2, 2)])
-def test_auto_path_follows_the_cost_model(P, n):
-    """quadratic while 0.75 L^2 (P+n) <= L Q (P+n) + 4 L P n (Q = 64), never beyond the kernels' QUADRATIC_HARD_MAX_L."""
+def test_auto_path_follows_the_cost_model(P, n, monkeypatch):
+    """GPU cost model (and CPU tensors without the native kernels): quadratic while 0.75 L^2 (P+n) <= L Q (P+n) +
+    4 L P n (Q = 64), never beyond the kernels' QUADRATIC_MAX_LEN."""
     L_star = mk.crossover_length(P, n)
-    expected = min(QUADRATIC_HARD_MAX_L, int((64 * (P + n) + 4 * P * n) / (0.75 * (P + n))))
+    expected = min(QUADRATIC_MAX_LEN, int((64 * (P + n) + 4 * P * n) / (0.75 * (P + n))))
     assert L_star == expected
+    monkeypatch.setattr(native, "available", lambda: False)
     for L, path in ((L_star, "quadratic"), (L_star + 1, "chunked")):
         t = make(L=L, b=1, H=1, P=P, G=1, n=n, dtype=torch.float32)
-        assert mk.explain(t["x"], t["dt"], t["A"], t["B"], t["C"])["path"] == path, (P, n, L)
+        e = mk.explain(t["x"], t["dt"], t["A"], t["B"], t["C"])
+        assert (e["path"], e["table"]) == (path, "gpu-cost-model"), (P, n, L)
+
+
+@pytest.mark.parametrize("P,n", [(64, 64), (16, 16), (32, 32), (2, 2)])
+def test_auto_path_on_cpu_follows_the_measured_table(P, n, native_cpu):
+    """CPU with the native kernels: the measured CPU_CROSSOVER table (interpolated in P + n, clamped outside)."""
+    from mmm4rec_kernels.dispatch import CPU_CROSSOVER
+    (w0, l0), (w1, l1) = CPU_CROSSOVER[0], CPU_CROSSOVER[-1]
+    L_star = mk.cpu_crossover_length(P, n)
+    assert min(l0, l1) <= L_star <= max(l0, l1)
+    if P + n <= w0 or P + n >= w1:
+        assert L_star == (l0 if P + n <= w0 else l1)
+    for L, path in ((L_star, "quadratic"), (L_star + 1, "chunked")):
+        t = make(L=L, b=1, H=1, P=P, G=1, n=n, dtype=torch.float32)
+        e = mk.explain(t["x"], t["dt"], t["A"], t["B"], t["C"])
+        assert (e["path"], e["backend"], e["table"]) == (path, "torch", "cpu-measured"), (P, n, L, e)
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -16,7 +16,7 @@ def impl(request, monkeypatch):
         scan = ops.ssd_scan
         monkeypatch.setattr(ops, "ssd_scan", lambda *a, **k: calls.append(1) or scan(*a, **k))
     else:
-        monkeypatch.setattr(native, "supports", lambda x, dtype=None: False)
+        monkeypatch.setattr(native, "available", lambda: False)
     return request.param, calls
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import mmm4rec_kernels as mk
 from mmm4rec_kernels import reference as ref
-from mmm4rec_kernels.dispatch import QUADRATIC_HARD_MAX_L
+from mmm4rec_kernels.limits import QUADRATIC_MAX_LEN
 
 from test_tissd_api import rel
 
@@ -199,21 +199,21 @@ def test_packed_batch_dispatches_on_the_longest_sequence():
     inp = make32(b=1, L=nseq * each, H=1, P=2, n=2, seed=1)
     cu = torch.arange(nseq + 1) * each
     args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
-    assert nseq * each > QUADRATIC_HARD_MAX_L
+    assert nseq * each > QUADRATIC_MAX_LEN
     e = mk.explain(*args, cu_seqlens=cu)
     assert e["path"] == "quadratic" and "L=10" in e["reason"]
     assert mk.explain(*args, cu_seqlens=cu, backend="triton")["path"] == "quadratic"
     y = call(inp, cu_seqlens=cu, path="quadratic", backend="triton")
     padded = {k: (v.view(nseq, each, *v.shape[2:]) if v.dim() > 1 else v) for k, v in inp.items()}
     assert rel(y.double().view(nseq, each, 1, 2), oracle(padded)) < 1e-5
-    long = torch.tensor([0, 10, 10 + QUADRATIC_HARD_MAX_L + 1])
+    long = torch.tensor([0, 10, 10 + QUADRATIC_MAX_LEN + 1])
     long_inp = make32(b=1, L=int(long[-1]), H=1, P=2, n=2)
     with pytest.raises(ValueError, match="quadratic"):
         call(long_inp, cu_seqlens=long, path="quadratic", backend="triton")
 
 
 def test_padded_batch_dispatches_on_the_longest_length():
-    inp = make32(b=2, L=QUADRATIC_HARD_MAX_L + 44, H=1, P=2, n=2, seed=6)
+    inp = make32(b=2, L=QUADRATIC_MAX_LEN + 44, H=1, P=2, n=2, seed=6)
     args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
     lengths = torch.tensor([12, 30])
     assert mk.explain(*args)["path"] == "chunked"
@@ -279,13 +279,14 @@ def test_half_precision_on_the_triton_interpreter_is_refused():
 @pytest.mark.parametrize("flag", [True, False])
 def test_allow_tf32_none_follows_torch_matmul_flag(monkeypatch, flag):
     seen = {}
-    real = tissd_module._apply_fused
+    from mmm4rec_kernels import ops
+    real = ops.fused_forward
 
     def spy(*args):
-        seen.update(args[-1]["opts"])
+        seen["allow_tf32"] = args[16]                 # fused_forward(..., d_skip_delta, dt_softplus, allow_tf32, ...)
         return real(*args)
 
-    monkeypatch.setattr(tissd_module, "_apply_fused", spy)
+    monkeypatch.setattr(ops, "fused_forward", spy)
     matmul = torch.backends.cuda.matmul
     before = matmul.allow_tf32
     try:
@@ -302,7 +303,7 @@ def test_allow_tf32_none_follows_torch_matmul_flag(monkeypatch, flag):
 def test_quadratic_limit_is_declared_once():
     from mmm4rec_kernels import cuda
     from mmm4rec_kernels.triton import quadratic
-    assert quadratic.QUADRATIC_MAX_LEN == QUADRATIC_HARD_MAX_L == cuda.MAX_LEN
+    assert quadratic.QUADRATIC_MAX_LEN is QUADRATIC_MAX_LEN and cuda.QUADRATIC_MAX_LEN is QUADRATIC_MAX_LEN
 
 
 # -------------------------------------------------------------------------------------- mamba-compatible semantics

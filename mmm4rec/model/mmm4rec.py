@@ -89,6 +89,12 @@ class ModalityEmbedding(nn.Module):
         return self(torch.arange(self.num_rows, device=device))
 
 
+def _halves(t: torch.Tensor):
+    """The two halves of a [2b, ...] batch (slices: unlike chunk(2), they add no shape guard under torch.export)."""
+    b = t.shape[0] // 2
+    return t[:b], t[b:]
+
+
 class MMM4Rec(nn.Module):
     """MMM4Rec sequential recommender over frozen text / image item features.
 
@@ -197,7 +203,7 @@ class MMM4Rec(nn.Module):
         Dt = Dv = None
         if self.time_encoder is not None:
             D = self.time_encoder(times, tmask, copies=1 if from_text else 2)
-            Dt, Dv = (D, None) if from_text else D.chunk(2)
+            Dt, Dv = (D, None) if from_text else _halves(D)
         for i in range(c.n_layers):
             # hv None: the vision stream equals the text stream so far (no images): one TiSSD output serves both
             out_t, out_v, Dt, Dv = self._tissd(i, ht, hv, Dt, Dv, tmask, lengths)
@@ -224,8 +230,8 @@ class MMM4Rec(nn.Module):
             return out_t, out_v, Dt, Dv
         both = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
         out, D2 = tissd(both(ht, hv), both(Dt, Dv), both(tmask, tmask), both(lengths, lengths))
-        out_t, out_v = out.chunk(2)
-        Dt, Dv = (None, None) if D2 is None else D2.chunk(2)
+        out_t, out_v = _halves(out)
+        Dt, Dv = (None, None) if D2 is None else _halves(D2)
         return out_t, out_v, Dt, Dv
 
     def _cross(self, i, pt, pv, Dt, Dv, tmask, lengths, last_only: bool = False):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import cpu as native
 from .. import ops
+from ..dispatch import choose_causal_conv, log_choice, logger
 
 
 class _CausalConvChannelsLast(torch.autograd.Function):
@@ -92,6 +93,12 @@ def _causal_conv_traced(x, w, bias, silu, sizes):
     return y if sizes is None else tuple(y.split(list(sizes), dim=-1))
 
 
+def explain_causal_conv(x: torch.Tensor, weight=None) -> dict:
+    """Which backend `causal_conv1d_channels_last` would run on x [b, L, C], and why: {'path', 'backend', 'reason',
+    'table'}."""
+    return choose_causal_conv(x.device, x.dtype).as_dict()
+
+
 def causal_conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias=None, silu: bool = False, split=None):
     """Causal depthwise conv over the L axis of x [b, L, C] (weight [C, 1, k] or [C, k], bias [C] or None), then
     SiLU when silu=True.  Returns [b, L, C]: the same values as CausalDepthwiseConv1d on x.transpose(1, 2).
@@ -108,7 +115,10 @@ def causal_conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias=None
         if sum(split) != x.shape[2]:
             raise ValueError(f"split {list(split)} sums to {sum(split)}, x has {x.shape[2]} channels")
     w, bias = w.to(x.dtype), None if bias is None else bias.to(x.dtype)
-    if native.supports(x):
+    choice = choose_causal_conv(x.device, x.dtype)
+    if not torch.compiler.is_compiling() and logger.isEnabledFor(10):   # logging.DEBUG
+        log_choice("causal_conv", f"{tuple(x.shape)} {x.dtype} k={w.shape[1]} silu={silu}", choice)
+    if choice.backend == "native":
         return ops.causal_conv(native.rows(x), w, bias, bool(silu), split if split is not None else (x.shape[2],))
     if torch.compiler.is_compiling():
         return _causal_conv_traced(x, w, bias, bool(silu), split)
