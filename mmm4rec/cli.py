@@ -134,7 +134,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="stop after this many training batches in total (then evaluate and checkpoint)")
     g.add_argument("--checkpoint-every", type=_positive_float("--checkpoint-every"), default=10.0,
                    metavar="MINUTES", help="write last/ and log.json at least this often inside an epoch")
-    g.add_argument("--compile", action="store_true", help="torch.compile the loss (kernels stay opaque calls)")
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the whole training step's loss with fullgraph=True (one graph; our kernels "
+                        "are registered ops); reduce-overhead adds CUDA graphs on a GPU")
     g.add_argument("--metric", default="ndcg@10")
     g.add_argument("--exclude-seen", action="store_true", help="validation ranks only items not seen before")
     g.add_argument("--no-tf32", action="store_true")
@@ -520,7 +523,7 @@ def _train(a, data, cmd: str, init: Optional[str] = None, validate: bool = True)
     tr = Trainer(model, data, lr=st["lr"], weight_decay=st["weight_decay"], batch_size=st["batch_size"],
                  grad_accum=st["grad_accum"], epochs=st["epochs"], patience=st["patience"], metric=a.metric,
                  mode=a.mode, seed=a.seed, device=a.device, out_dir=a.out, tf32=not a.no_tf32,
-                 progress=not a.quiet, validate=validate, compile=a.compile, loss_reduction=a.loss_reduction,
+                 progress=not a.quiet, validate=validate, compile=a.compile or False, loss_reduction=a.loss_reduction,
                  max_total_batches=a.max_batches,
                  time_budget_s=None if a.time_budget is None else 60.0 * a.time_budget,
                  checkpoint_every_s=60.0 * a.checkpoint_every, exclude_seen=a.exclude_seen)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -35,6 +36,8 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist_utils
 from .metrics import DEFAULT_KS, RankingAccumulator
+
+logger = logging.getLogger("mmm4rec")
 
 LOSS_REDUCTIONS = ("sum_over_accum", "mean_over_accum")
 
@@ -202,6 +205,22 @@ class _LossModule(torch.nn.Module):
                                **({} if pool is None else {"pool": pool}))
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def compile_loss(fn, mode, device):
+    """torch.compile(fn, fullgraph=True, dynamic=True, mode=...) for the training step (mode True = "default").
+    fullgraph: the whole loss is one graph (a graph break raises instead of silently splitting the step)."""
+    mode = "default" if mode is True else mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be False, True or one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "reduce-overhead" and device.type != "cuda":
+        logger.info("compile='reduce-overhead' uses CUDA graphs on a GPU; on %s it compiles like 'default'",
+                    device.type)
+    logger.info("torch.compile of the training loss: fullgraph=True, dynamic=True, mode=%s", mode)
+    return torch.compile(fn, fullgraph=True, dynamic=True, mode=None if mode == "default" else mode)
+
+
 class Trainer:
     """Train / evaluate an MMM4Rec-like model on a SequentialData.
 
@@ -229,8 +248,10 @@ class Trainer:
         time_budget_s: budget: stop the run after this many seconds of this fit() call (validation included).
             Both budgets stop at an optimizer-step boundary, then validate, checkpoint and test as a finished run.
         checkpoint_every_s: inside an epoch, write last/ and log.json at least this often (None = epoch ends only).
-        compile: run the loss through torch.compile (the SSD kernels stay opaque calls; the projections, time path,
-            norms and FFNs around them are compiled). Off by default: its GPU effect is not measured yet.
+        compile: False (eager), True / "default" (torch.compile(fullgraph=True, dynamic=True) of the whole loss: one
+            graph, the kernels as registered ops torch.ops.mmm4rec.*) or "reduce-overhead" (the same plus CUDA graphs
+            on a GPU: the step is replayed without per-kernel launches; on CPU it equals "default").  Off by default:
+            its GPU effect is not measured yet.
         exclude_seen: validation/test rank only items the user has not interacted with before the target.
         distributed: a mmm4rec.distributed.DistContext; None = initialise from the environment when launched by
             torchrun (WORLD_SIZE > 1), else a single process.  With R ranks every rank draws the same shuffled global
@@ -245,7 +266,7 @@ class Trainer:
                  grad_accum: int = 1, epochs: int = 100, patience: int = 10, metric: str = "ndcg@10",
                  mode: str = "full", seed: int = 0, device=None, out_dir: Optional[str] = None, tf32: bool = True,
                  progress: bool = True, eval_batch_size: Optional[int] = None, ks: Sequence[int] = DEFAULT_KS,
-                 validate: bool = True, max_batches: Optional[int] = None, compile: bool = False,
+                 validate: bool = True, max_batches: Optional[int] = None, compile=False,
                  loss_reduction: str = "sum_over_accum", max_total_batches: Optional[int] = None,
                  time_budget_s: Optional[float] = None, checkpoint_every_s: Optional[float] = 600.0,
                  exclude_seen: bool = False, distributed: Optional["dist_utils.DistContext"] = None,
@@ -300,9 +321,9 @@ class Trainer:
             torch.manual_seed(seed + 1_000_003 * self.ctx.rank)  # independent dropout masks per rank
             if mode == "inbatch" and inbatch_negatives == "global":
                 self._pool = dist_utils.global_inbatch_pool(self.ctx)
-            self.loss_fn = torch.compile(self._ddp) if compile else self._ddp
+            self.loss_fn = compile_loss(self._ddp, compile, self.device) if compile else self._ddp
         else:
-            self.loss_fn = torch.compile(self.model.loss) if compile else self.model.loss
+            self.loss_fn = compile_loss(self.model.loss, compile, self.device) if compile else self.model.loss
         self.optimizer = torch.optim.NAdam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.train_batches = data.batches("train", batch_size, shuffle=True, seed=seed, device=self.device)
         self.epoch = 0                 # epochs completed
