@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +19,8 @@ PATHS = ("auto", "quadratic", "chunked", "reference")
 STACKINGS = ("per_layer", "streams_first")
 INITS = ("official", "torch")
 ABSENT_IMAGES = ("text_stream", "missing_vector")
+TIME_SHRINKS = ("tanhshrink", "series", "normalized")
+FOURIER_INITS = ("model", "identity")
 
 # Values that reproduce a checkpoint written before these fields existed (config.json without "stacking"): the
 # model as it was then.  `from_dict` fills them in (and says so) so that old checkpoints keep their exact math.
@@ -68,6 +71,18 @@ class MMM4RecConfig:
     inbatch_mask_duplicates: bool = True  # in-batch CE masks other rows' copies of the target (no false negatives)
     absent_images: str = "text_stream"    # no image modality: vision stream starts as the text stream (one TiSSD
     #                                       call less); missing_vector: it reads the learned missing vector
+    # --- time-path switches (defaults = official; docs/time_path.md measures each with `python -m mmm4rec.diagnose`) --
+    # With the official init the cross-SSD time MLP's pre-Tanhshrink output is ~1e-4 and x - tanh(x) rounds to exactly
+    # 0 in float32: the cross-SSD time path is dead and the Fourier filters only shrink under weight decay.
+    time_shrink: str = "tanhshrink"   # tanhshrink: official x - tanh(x); series: the same function, its small-|x|
+    #                                   branch from the Taylor series (no fp32 cancellation, still ~x^3/3);
+    #                                   normalized: Tanhshrink(x / rms_L(x)), the pre-activation at unit RMS over L
+    time_input_norm: bool = False     # the time MLP (and E = D * alpha) read D / rms_L(D): a scale-free input, so the
+    #                                   cross-SSD sees the Fourier output Dco at unit RMS however small it starts
+    time_mlp_gain: Optional[float] = None  # None: the model init; g: the time MLP Linear(L, L) weights ~ N(0, g^2 / L)
+    fourier_init: str = "model"       # identity: the adaptive gates start at 1 and CL3 as the identity (Dco = Dv + Dt
+    #                                   at init); applied by layers.init_official_ / layers.init_time_path_
+    time_weight_decay: bool = True    # False: layers.param_groups puts every time-path parameter at weight decay 0
     backend: str = "auto"         # mmm4rec_kernels backend for every SSD / gated RMSNorm call
     path: str = "auto"            # mmm4rec_kernels SSD path
 
@@ -96,7 +111,12 @@ class MMM4RecConfig:
         if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or self.d_inner % groups:
             raise ValueError(f"MMM4RecConfig.rmsnorm_groups must be a positive divisor of d_inner = {self.d_inner} "
                              f"(or None = ngroups), got {self.rmsnorm_groups!r}")
-        for name, allowed in (("stacking", STACKINGS), ("init", INITS), ("absent_images", ABSENT_IMAGES)):
+        if self.time_mlp_gain is not None and not (isinstance(self.time_mlp_gain, (int, float))
+                                                   and not isinstance(self.time_mlp_gain, bool)
+                                                   and self.time_mlp_gain > 0):
+            raise ValueError(f"MMM4RecConfig.time_mlp_gain must be None or > 0, got {self.time_mlp_gain!r}")
+        for name, allowed in (("stacking", STACKINGS), ("init", INITS), ("absent_images", ABSENT_IMAGES),
+                              ("time_shrink", TIME_SHRINKS), ("fourier_init", FOURIER_INITS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MMM4RecConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.backend not in BACKENDS:

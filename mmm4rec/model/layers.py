@@ -22,12 +22,58 @@ from .config import MMM4RecConfig
 
 def init_official_(module: nn.Module, std: float = 0.02) -> None:
     """The official initialisation pass: every nn.Linear weight ~ N(0, std), every Linear bias 0 (in place).
-    Everything else (convs, LayerNorms, SSD parameters, item biases) keeps its own init."""
+    Everything else (convs, LayerNorms, SSD parameters, item biases) keeps its own init.  Then init_time_path_ (a
+    no-op with the default, official time-path switches)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+    init_time_path_(module)
+
+
+def init_time_path_(module: nn.Module) -> None:
+    """Apply the time-path init switches, in place, after the model's own init: every TimeModulation with a
+    `mlp_gain` redraws its time MLP (mix1, mix2) weights from N(0, gain^2 / L) with zero bias, and when
+    `module.config.fourier_init == "identity"` every FourierFilter starts as a pass-through (the adaptive gates
+    CL1 / CL2 get the complex bias 1, so CL(F) * F ~ F; CL3 gets the identity added to its real weight, so
+    Dco ~ Dv + Dt).  A no-op with the official switches (mlp_gain None, fourier_init "model")."""
+    config = getattr(module, "config", None)
+    identity = config is not None and getattr(config, "fourier_init", "model") == "identity"
+    for m in module.modules():
+        if isinstance(m, TimeModulation):
+            m.reset_time_mlp()
+        elif isinstance(m, FourierFilter) and identity:
+            m.reset_identity()
+
+
+def _rms_normalize_l(x: torch.Tensor, m, eps: float) -> torch.Tensor:
+    """x / sqrt(mean over L of x^2 + eps), per [b, H] row; the mean runs over valid positions (m [b, 1, L] float, 1 on
+    valid positions) or over all L (m None).  Statistics in float32 or wider."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if m is None:
+        ms = xf.pow(2).mean(-1, keepdim=True)
+    else:
+        ms = (xf.pow(2) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return (xf * torch.rsqrt(ms + eps)).to(x.dtype)
+
+
+# Tanhshrink's Taylor series x - tanh x = sum c_k x^(2k+1), k = 1..5, used below |x| < _SERIES_CUT: there the direct
+# form loses ~3 eps / x^2 relative accuracy (everything below |x| ~ 5e-4 rounds to exactly 0 in float32); the first
+# omitted term (21844/6081075 x^13) is < 1e-8 relative at the cut, the direct form's cancellation < 3e-6.
+_SERIES_CUT = 0.25
+_TANHSHRINK_SERIES = (1.0 / 3.0, -2.0 / 15.0, 17.0 / 315.0, -62.0 / 2835.0, 1382.0 / 155925.0)
+
+
+def tanhshrink_series(x: torch.Tensor) -> torch.Tensor:
+    """x - tanh(x) without the float32 cancellation for small |x| (the same function; gradient tanh(x)^2 up to
+    the series' accuracy).  Branch-free (torch.where on a clamped copy, so no inf/nan reaches the unused branch)."""
+    xs = x.clamp(-_SERIES_CUT, _SERIES_CUT)
+    x2 = xs * xs
+    poly = x2.new_full((), _TANHSHRINK_SERIES[-1])
+    for c in reversed(_TANHSHRINK_SERIES[:-1]):
+        poly = poly * x2 + c
+    return torch.where(x.abs() < _SERIES_CUT, xs * x2 * poly, x - torch.tanh(x))
 
 
 def masked_layer_norm_l(x: torch.Tensor, mask, weight: torch.Tensor, bias: torch.Tensor,
@@ -90,35 +136,69 @@ class TimeEncoder(nn.Module):
 class TimeModulation(nn.Module):
     """TiSSD steps 4 and 8: the per-head time scale E2 that enters the discretisation, and the next time signal.
 
-        alpha  = Tanhshrink(Lin_LL(SiLU(Lin_LL(Drop(D)))))   along L   (hidden masked to valid positions)
-        E      = D * alpha
+        alpha  = shrink(Lin_LL(SiLU(Lin_LL(Drop(D')))))     along L   (hidden masked to valid positions)
+        E      = D' * alpha
         E2     = SiLU(dwconv(SiLU(dwconv(E))))                causal, over the H channels
         g      = sigmoid(Lin_{L->1}(Drop(D))) ;  D_next = LN_L(g * D + (1 - g) * E2)   (only if with_update)
 
     Drop is the official time dropout before the MLP and before the gate (two independent masks; p = 0 skips it).
+    Switches (defaults = official): D' = D (input_norm False) or D / rms_L(D) (True); shrink = Tanhshrink
+    ("tanhshrink", official), its fp32-exact series form ("series") or Tanhshrink(x / rms_L(x)) ("normalized");
+    mlp_gain: None keeps the model's init of mix1 / mix2, g redraws their weights from N(0, g^2 / L) (reset_time_mlp).
+    rms_L runs over valid positions (mask given) or all L (mask None), per (sequence, head), eps 1e-12.
     forward(D [b, H, L], mask [b, L] or None) -> (time_scale [b, L, H], D_next [b, H, L] or None); mask None: no
     masking (official)."""
 
+    NORM_EPS = 1e-12
+
     def __init__(self, max_len: int, nheads: int, d_conv: int, with_update: bool = True, dropout: float = 0.0,
-                 eps: float = 1e-12):
+                 eps: float = 1e-12, shrink: str = "tanhshrink", input_norm: bool = False, mlp_gain=None):
         super().__init__()
+        if shrink not in ("tanhshrink", "series", "normalized"):
+            raise ValueError(f"shrink must be tanhshrink, series or normalized, got {shrink!r}")
         self.mix1 = nn.Linear(max_len, max_len)
         self.mix2 = nn.Linear(max_len, max_len)
         self.conv1 = CausalDepthwiseConv1d(nheads, d_conv)
         self.conv2 = CausalDepthwiseConv1d(nheads, d_conv)
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.with_update = with_update
+        self.shrink, self.input_norm, self.mlp_gain = shrink, input_norm, mlp_gain
         if with_update:
             self.gate = nn.Linear(max_len, 1)
             self.norm = MaskedLayerNormL(max_len, eps)
+        self.reset_time_mlp()
+
+    @torch.no_grad()
+    def reset_time_mlp(self) -> None:
+        """mlp_gain g: mix1 / mix2 weights ~ N(0, g^2 / L), biases 0 (unit-variance input -> pre-activation std ~ g^2
+        / 2 through the SiLU); None: nothing (the model's own init stands)."""
+        if self.mlp_gain is None:
+            return
+        for lin in (self.mix1, self.mix2):
+            nn.init.normal_(lin.weight, mean=0.0, std=float(self.mlp_gain) / lin.in_features ** 0.5)
+            nn.init.zeros_(lin.bias)
+
+    def alpha(self, D, m):
+        """(D' [b, H, L], pre-activation x [b, H, L], alpha [b, H, L]); m [b, 1, L] float or None.  The pieces the
+        diagnostic (mmm4rec.diagnose) inspects."""
+        if self.input_norm:
+            D = _rms_normalize_l(D, m, self.NORM_EPS)
+        hidden = F.silu(self.mix1(self.dropout(D)))
+        if m is not None:
+            hidden = hidden * m
+        x = self.mix2(hidden)
+        if self.shrink == "tanhshrink":
+            alpha = F.tanhshrink(x)
+        elif self.shrink == "series":
+            alpha = tanhshrink_series(x)
+        else:
+            alpha = F.tanhshrink(_rms_normalize_l(x, m, self.NORM_EPS))
+        return D, x, alpha
 
     def forward(self, D, mask):
-        hidden = F.silu(self.mix1(self.dropout(D)))
-        if mask is not None:
-            m = mask[:, None, :].to(D.dtype)
-            hidden = hidden * m
-        alpha = F.tanhshrink(self.mix2(hidden))
-        E = D * alpha if mask is None else D * alpha * m
+        m = None if mask is None else mask[:, None, :].to(D.dtype)
+        Dn, _, alpha = self.alpha(D, m)
+        E = Dn * alpha if m is None else Dn * alpha * m
         # the two causal convs run over L with the H heads as channels, in [b, L, H] (channels-last) layout
         E2 = self.conv2.forward_channels_last(self.conv1.forward_channels_last(E.transpose(1, 2), silu=True),
                                               silu=True)                 # [b, L, H]
@@ -139,7 +219,9 @@ class _SSDCore(nn.Module):
         self.backend, self.path = c.backend, c.path
         self.A_log, self.dt_bias, self.D = init_ssd_params(c.nheads)
         self.time = (TimeModulation(c.max_len, c.nheads, c.d_conv, with_update=time_update,
-                                    dropout=c.time_mlp_dropout, eps=c.time_ln_eps) if c.use_time else None)
+                                    dropout=c.time_mlp_dropout, eps=c.time_ln_eps, shrink=c.time_shrink,
+                                    input_norm=c.time_input_norm, mlp_gain=c.time_mlp_gain)
+                     if c.use_time else None)
         self.norm_weight = nn.Parameter(torch.ones(c.d_inner))
         self.norm_eps, self.norm_group_size = c.rmsnorm_eps, c.d_inner // c.norm_groups
         self.out_proj = nn.Linear(c.d_inner, c.hidden_size)
@@ -273,6 +355,19 @@ class FourierFilter(nn.Module):
         self.cl_t = ComplexLinear(bins) if adaptive else None
         self.cl_co = ComplexLinear(bins) if learnable else None
 
+    @torch.no_grad()
+    def reset_identity(self) -> None:
+        """Start as a pass-through (config.fourier_init="identity"): CL1 / CL2 get the complex bias 1 + 0i (gates ~ 1,
+        so Fv' ~ Fv; the bias of CL is (b_re - b_im) + i (b_re + b_im)), CL3 the identity added to its real weight
+        (Dco ~ Dv + Dt); the random weights stay."""
+        for cl in (self.cl_v, self.cl_t):
+            if cl is not None:
+                cl.lin_re.bias.fill_(0.5)
+                cl.lin_im.bias.fill_(-0.5)
+        if self.cl_co is not None:
+            w = self.cl_co.lin_re.weight
+            w.add_(torch.eye(w.shape[0], dtype=w.dtype, device=w.device))
+
     def forward(self, Dv, Dt, mask):
         Fv = torch.fft.rfft(Dv, n=self.max_len, norm="ortho")
         Ft = torch.fft.rfft(Dt, n=self.max_len, norm="ortho")
@@ -321,3 +416,37 @@ class StreamLayer(nn.Module):
         """The wrapper alone, for a TiSSD output computed elsewhere: FFN(LN(Dropout(out) + h))."""
         h = self.norm(self.dropout(out) + h)
         return h if self.ffn is None else self.ffn(h)
+
+
+# ------------------------------------------------------------------------------------------------ optimizer groups
+TIME_PATH_MODULES = (TimeEncoder, TimeModulation, FourierFilter)
+
+
+def time_path_parameters(model: nn.Module):
+    """[(name, parameter)] of the time path: the L-axis time LayerNorms (TimeEncoder), every TimeModulation (time MLP,
+    causal convs, gate, update LayerNorm) and every FourierFilter; each parameter once."""
+    seen, out = set(), []
+    for prefix, m in model.named_modules():
+        if isinstance(m, TIME_PATH_MODULES):
+            for name, p in m.named_parameters(prefix=prefix):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((name, p))
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    """Optimizer parameter groups: everything at `weight_decay`, except the time path at 0 when
+    model.config.time_weight_decay is False (one group then holds all parameters when it is True, the official
+    setting: the optimizer behaves exactly as with model.parameters()).
+    Use: torch.optim.NAdam(param_groups(model, wd), lr=lr, weight_decay=wd)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "time_weight_decay", True):
+        return [{"params": [p for p in model.parameters()], "weight_decay": weight_decay}]
+    time_ids = {id(p) for _, p in time_path_parameters(model)}
+    rest = [p for p in model.parameters() if id(p) not in time_ids]
+    time_params = [p for p in model.parameters() if id(p) in time_ids]
+    groups = [{"params": rest, "weight_decay": weight_decay}]
+    if time_params:
+        groups.append({"params": time_params, "weight_decay": 0.0})
+    return groups
