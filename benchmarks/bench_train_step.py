@@ -50,6 +50,8 @@ CASES = {
 
 # the current package with the native CPU kernels off (MMM4REC_NATIVE_CPU=0): what they contribute
 NOW_TORCH_PATH = "now, torch path"
+# a variant name + this suffix: its loss under torch.compile (inductor; fullgraph=True for ours, as the Trainer does)
+COMPILED = ", compiled"
 
 
 def load_previous_model(commit: str):
@@ -156,6 +158,11 @@ def checkout_previous_package(commit: str) -> str:
 
 def build_variant(name: str, case: dict, previous_commit: str, whole_package: bool = False, device: str = "cpu"):
     """whole_package (worker processes): 'previous' imports the model AND the kernels at previous_commit."""
+    if name.endswith(COMPILED):
+        model, opt = build_variant(name[:-len(COMPILED)], case, previous_commit, whole_package, device)
+        ours = not name.startswith("RecBole")        # RecBole's SASRec is compiled as it is (graph breaks allowed)
+        model.loss = torch.compile(model.loss, fullgraph=ours, dynamic=True)
+        return model, opt
     if name in ("now", NOW_TORCH_PATH):
         import mmm4rec.model as now
         return build(now, case, device=device)
@@ -219,6 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sasrec", dest="sasrec", action="store_false", help="skip RecBole SASRec")
     ap.add_argument("--torch-path", action="store_true",
                     help=f"add the variant '{NOW_TORCH_PATH}': this package with its native CPU kernels off")
+    ap.add_argument("--compile", action="store_true",
+                    help=f"add '<variant>{COMPILED}' for now and SASRec: the loss under torch.compile (the 2 warm-up "
+                         f"steps compile; the timed steps run the compiled graph)")
     ap.add_argument("--in-process", action="store_true",
                     help="measure all variants in this one process (interleaved rounds) instead of one fresh process "
                          "per variant and round")
@@ -254,8 +264,9 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for name in a.cases:
         case = CASES[name]
-        names = (["now"] + ([NOW_TORCH_PATH] if a.torch_path else []) + (["previous"] if prev is not None else [])
-                 + (["RecBole SASRec"] if with_sasrec else []))
+        names = (["now"] + (["now" + COMPILED] if a.compile else []) + ([NOW_TORCH_PATH] if a.torch_path else [])
+                 + (["previous"] if prev is not None else []) + (["RecBole SASRec"] if with_sasrec else [])
+                 + (["RecBole SASRec" + COMPILED] if with_sasrec and a.compile else []))
         if a.in_process:
             variants = {v: build_variant(v, case, a.previous) for v in names}
             res = measure(variants, make_batch(case["items"], a.batch_size), a.rounds, a.steps)
@@ -267,6 +278,8 @@ def main(argv=None) -> int:
                 ratio += f"{'; ' if ratio else ''}{res[v][k] / res[NOW_TORCH_PATH][k]:.2f}x torch path"
             if v == "now" and "RecBole SASRec" in res:
                 ratio += f"{'; ' if ratio else ''}{res[v][k] / res['RecBole SASRec'][k]:.2f}x SASRec"
+            if v.endswith(COMPILED) and v[:-len(COMPILED)] in res:
+                ratio += f"{'; ' if ratio else ''}{res[v][k] / res[v[:-len(COMPILED)]][k]:.2f}x eager"
             print(f"| {name} | {v} | {cpu_ms:.2f} | {wall_ms:.0f} | {ratio} |", flush=True)
     return 0
 

@@ -20,4 +20,5 @@ def test_use_it_in_your_model_snippet_runs(capsys):
     exec(compile(code, "README.md:Use it in your model", "exec"), scope)
     assert tuple(scope["y"].shape) == (2, 5, 64) and tuple(scope["y_new"].shape) == (2, 64)
     assert scope["y"][0, 3:].abs().sum() == 0
+    assert (scope["y_fast"] - scope["y"]).abs().max() < 1e-5          # torch.compile(fullgraph=True) == eager
     assert "torch.Size([2, 5, 64])" in capsys.readouterr().out
