@@ -57,15 +57,15 @@ def compile_loss(loss_fn, batch, fullgraph: bool):
     return compiled, metrics.generated_kernel_count
 
 
-def rows(case_name: str, batch_size: int):
+def rows(case_name: str, batch_size: int, device: str = "cpu"):
     import mmm4rec.model as now
     case = CASES[case_name]
-    batch = make_batch(case["items"], batch_size)
+    batch = tuple(t.to(device) for t in make_batch(case["items"], batch_size))
     out = []
-    variants = [("MMM4Rec (ours)", lambda: build(now, case), True)]
+    variants = [("MMM4Rec (ours)", lambda: build(now, case, device=device), True)]
     try:
         import recbole  # noqa: F401
-        variants.append(("RecBole SASRec", lambda: build_sasrec(case), False))
+        variants.append(("RecBole SASRec", lambda: build_sasrec(case, device=device), False))
     except ImportError:
         print("recbole not installed: no SASRec rows")
     for name, make, fullgraph in variants:
@@ -83,13 +83,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", nargs="+", default=["h64-text", "paper-mm"], choices=sorted(CASES))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (ops counted on the host: each launches kernels)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, CPU, batch {a.batch_size}; per training step (loss fwd + bwd)")
+    print(f"torch {torch.__version__}, {a.device}, batch {a.batch_size}; per training step (loss fwd + bwd)")
     print("| case | model | graph breaks | ops per step, eager | ops per step, compiled | of which fused kernels |")
     print("|---|---|---|---|---|---|")
     for case in a.cases:
-        for r in rows(case, a.batch_size):
+        for r in rows(case, a.batch_size, a.device):
             print("| " + " | ".join(str(v) for v in r) + " |", flush=True)
     return 0
 

@@ -2,7 +2,8 @@
 # One command for a lent GPU (the device tool runs it in the repo root; files under $OUT come back):
 #
 #   bash benchmarks/run_gpu.sh                      # build, gpu_check (check + kernels + sweep), table4, pytest
-#   bash benchmarks/run_gpu.sh build kernels        # any subset of: build kernels table4 pytest bench trainstep csrc
+#   bash benchmarks/run_gpu.sh build kernels        # any subset of: build kernels table4 pytest bench trainstep compile
+#                                                   # csrc
 #
 # Device tool call (mamba_ssm is not in the GPU image and the machine has no internet: carry its wheel, see
 # `--prepare` below):   run(command="bash benchmarks/run_gpu.sh", carry=[".whl"], timeout_s=600)
@@ -15,7 +16,7 @@
 #   bash benchmarks/run_gpu.sh --prepare            # builds the mamba-ssm 2.3.2.post1 wheel (no CUDA ext) into .whl/
 #
 # Outputs ($OUT, else /tmp/mmm4rec_gpu_out): run.log, gpu_check.md, gpu_check.json, table4.json, bench_tissd.json,
-# train_step.md (stage trainstep).
+# train_step.md (stage trainstep), train_step_compile.md (stage compile).
 # The Triton kernels run pinned launch configs (mmm4rec_kernels/triton/configs.py, from the offline sm_90 table):
 # one compile per kernel, no autotune sweep, so timing starts within seconds. MMM4REC_AUTOTUNE=1 turns autotuning on
 # (slow first calls: 4-48 configs per kernel). gpu_check times fp32 both exact and with TF32 dots ("... tf32" rows).
@@ -109,13 +110,20 @@ for stage in "${STAGES[@]}"; do
         run trainstep "$(stage_time 240)" bash -c "$PY benchmarks/bench_train_step.py --device cuda \
             --cases h64-text paper-text paper-mm --rounds 3 --steps 20 --previous aadd586 | tee '$OUT/train_step.md'"
         ;;
+    compile)
+        # the paper-shape training step eager vs torch.compile(fullgraph=True) vs compiled + CUDA graphs
+        # (mode="reduce-overhead"); wall ms per step, fresh process per variant (each compiles in its warm-up)
+        run compile "$(stage_time 300)" bash -c "$PY benchmarks/bench_train_step.py --device cuda --compile \
+            --cases paper-mm --rounds 2 --steps 20 --previous '' --no-sasrec | tee '$OUT/train_step_compile.md'; \
+            $PY benchmarks/bench_compile.py --cases paper-mm --device cuda | tee -a '$OUT/train_step_compile.md'"
+        ;;
     csrc)
         # the standalone CUDA checker on the GPU: every csrc path (exact fp32, TF32, bf16, fp16) vs a float64 loop
         run csrc-check "$(stage_time 180)" bash -c 'nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc csrc/tissd_quadratic.cu \
             csrc/standalone/check_tissd.cu -o /tmp/tissd_cuda_check && /tmp/tissd_cuda_check'
         ;;
     *)
-        log "unknown stage $stage (build kernels csrc table4 pytest bench trainstep)"
+        log "unknown stage $stage (build kernels csrc table4 pytest bench trainstep compile)"
         ;;
     esac
 done
