@@ -82,28 +82,103 @@ class TimeAwareSSD(nn.Module):
         self.conv_dim = self.d_inner + 2 * ngroups * d_state
         self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=bias, **kw)
         self.conv1d = CausalDepthwiseConv1d(self.conv_dim, d_conv, bias=conv_bias, **kw)
-        self.A_log, self.dt_bias, self.D = init_ssd_params(
-            self.nheads, A_init_range=A_init_range, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
-            D_shape=self.d_inner if D_has_hdim else self.nheads, **kw)
+        self._ssd_init = dict(A_init_range=A_init_range, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
+                              D_shape=self.d_inner if D_has_hdim else self.nheads)
+        self.A_log, self.dt_bias, self.D = init_ssd_params(self.nheads, **self._ssd_init, **kw)
         if rmsnorm:
             self.norm = GatedRMSNorm(self.d_inner, RMSNORM_EPS, norm_before_gate, self.d_inner // ngroups,
                                      backend="auto" if backend == "cuda" else backend, **kw)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
         self.time_encoding = make_time_encoding(time_encoding, self.nheads, d_conv, time_dropout, **kw)
+        self._timestamps_checked = False
+
+    @classmethod
+    def for_recsys(cls, d_model: int, **kwargs) -> "TimeAwareSSD":
+        """Sizes that fit sequential-recommendation widths (d_model 32..256, any value with an even 2 * d_model):
+        expand 2, d_state 16, one group, and the largest head size <= 32 that gives at least 4 heads (d_model 64:
+        4 heads of 32; d_model 50: 4 heads of 25).  Mamba2's defaults (headdim 64, d_state 64) need d_model to be a
+        multiple of 32 and cost ~4x more per step at these widths.  Keyword arguments override any default."""
+        d_inner = kwargs.get("expand", 2) * d_model
+        heads = [p for p in range(min(32, d_inner // 4), 0, -1) if d_inner % p == 0]
+        if not heads:
+            raise ValueError(f"d_model={d_model}: expand * d_model = {d_inner} is too small for 4 heads")
+        defaults = dict(d_state=16, headdim=heads[0], ngroups=1, expand=2)
+        return cls(d_model, **{**defaults, **kwargs})
+
+    def reset_parameters(self) -> None:
+        """Re-draw every parameter with this layer's own initialisation (Mamba2's): nn.Linear / nn.Conv1d defaults,
+        A_log = log U(A_init_range), dt_bias = softplus^-1(log-uniform dt), D = 1, norm weight 1, and the time
+        encoding's own init.  Host models that re-initialise every Linear (e.g. a xavier loop over modules) should
+        call this afterwards for the layer's dynamics to start where Mamba2's do."""
+        self.in_proj.reset_parameters()
+        self.conv1d.reset_parameters()
+        self.out_proj.reset_parameters()
+        kw = dict(device=self.A_log.device, dtype=self.A_log.dtype)
+        with torch.no_grad():
+            for param, value in zip((self.A_log, self.dt_bias, self.D),
+                                    init_ssd_params(self.nheads, **self._ssd_init, **kw)):
+                param.copy_(value)
+            if self.rmsnorm:
+                self.norm.weight.fill_(1.0)
+        if self.time_encoding is not None and hasattr(self.time_encoding, "reset_parameters"):
+            self.time_encoding.reset_parameters()
 
     # ------------------------------------------------------------------------------------------------- forward
-    def forward(self, hidden, timestamps=None, *, lengths=None, attention_mask=None, key_padding_mask=None,
-                cu_seqlens=None, time_gaps=None, return_state=False):
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
-            raise ValueError(f"hidden must have shape [b, L, d_model={self.d_model}], got "
-                             f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}")
+    def _inputs(self, hidden, timestamps, lengths, attention_mask, key_padding_mask, cu_seqlens, time_gaps):
+        """Argument checks with one-line errors naming the argument; numpy arrays become tensors on hidden's
+        device (all but hidden, which must be a torch.Tensor)."""
+        if not isinstance(hidden, torch.Tensor):
+            raise TypeError(f"hidden must be a torch.Tensor [b, L, d_model={self.d_model}], got "
+                            f"{type(hidden).__module__}.{type(hidden).__name__}")
+        if hidden.dim() != 3 or hidden.shape[-1] != self.d_model:
+            raise ValueError(f"hidden must have shape [b, L, d_model={self.d_model}], got {tuple(hidden.shape)}")
+        weight = self.in_proj.weight
+        if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            raise ValueError(f"hidden is {hidden.dtype} but the layer's parameters are {weight.dtype}: cast one of "
+                             f"them (e.g. layer.to({hidden.dtype}) or hidden.to({weight.dtype}))")
+        named = dict(timestamps=timestamps, lengths=lengths, attention_mask=attention_mask,
+                     key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, time_gaps=time_gaps)
+        for name, value in named.items():
+            if value is None or isinstance(value, torch.Tensor):
+                continue
+            if type(value).__module__ == "numpy":
+                named[name] = torch.as_tensor(value, device=hidden.device)
+            else:
+                raise TypeError(f"{name} must be a torch.Tensor (or a numpy array), got {type(value).__name__}")
         b, L, _ = hidden.shape
-        for name, t in (("timestamps", timestamps), ("time_gaps", time_gaps)):
+        for name in ("timestamps", "time_gaps"):
+            t = named[name]
             if t is not None and tuple(t.shape) != (b, L):
                 raise ValueError(f"{name} must have shape ({b}, {L}) = hidden.shape[:2], got {tuple(t.shape)}")
         if timestamps is not None and time_gaps is not None:
             raise ValueError("pass timestamps or time_gaps, not both")
-        layout = SequenceLayout.build(b, L, hidden.device, lengths, attention_mask, cu_seqlens, key_padding_mask)
+        return named
+
+    def _check_timestamps_once(self, timestamps, layout):
+        """Warn (once per layer) when timestamps no mask covers look like padding: zeros after a non-zero time, or
+        times that go backwards.  Eager only (it reads values)."""
+        self._timestamps_checked = True
+        t = timestamps.detach()
+        if layout.lengths is not None or t.shape[1] < 2:
+            return
+        back = bool((t[:, 1:] < t[:, :-1]).any())
+        lead_zero = bool(((t[:, :-1] == 0) & (t[:, 1:] != 0)).any())
+        if back or lead_zero:
+            import warnings
+            what = "zeros before non-zero times (left padding?)" if lead_zero else "times that go backwards"
+            warnings.warn(f"TimeAwareSSD: timestamps hold {what} and no lengths / attention_mask / key_padding_mask "
+                          f"was given, so every position is read as a valid event: pass the padding mask (shown "
+                          f"once per layer)", stacklevel=3)
+
+    def forward(self, hidden, timestamps=None, *, lengths=None, attention_mask=None, key_padding_mask=None,
+                cu_seqlens=None, time_gaps=None, return_state=False):
+        named = self._inputs(hidden, timestamps, lengths, attention_mask, key_padding_mask, cu_seqlens, time_gaps)
+        timestamps, time_gaps = named["timestamps"], named["time_gaps"]
+        b, L, _ = hidden.shape
+        layout = SequenceLayout.build(b, L, hidden.device, named["lengths"], named["attention_mask"],
+                                      named["cu_seqlens"], named["key_padding_mask"])
+        if timestamps is not None and not self._timestamps_checked and not torch.compiler.is_compiling():
+            self._check_timestamps_once(timestamps, layout)
         out, state = self._forward_working(layout.pad(hidden), layout.pad(timestamps), layout.pad(time_gaps),
                                            layout.lengths, return_state)
         out = layout.unpad(out)

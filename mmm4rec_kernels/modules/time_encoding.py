@@ -120,6 +120,14 @@ class CausalTimeEncoding(_TimeEncodingBase):
         self.conv1 = CausalDepthwiseConv1d(nheads, d_conv, **kw)
         self.conv2 = CausalDepthwiseConv1d(nheads, d_conv, **kw)
 
+    def reset_parameters(self) -> None:
+        """The construction-time initialisation: scale 1, shift 0, nn.Linear / nn.Conv1d defaults."""
+        with torch.no_grad():
+            self.scale.fill_(1.0)
+            self.shift.zero_()
+        for m in (self.mix1, self.mix2, self.conv1, self.conv2):
+            m.reset_parameters()
+
     def _standardise(self, gap, count, gap_sum, gap_sq_sum):
         mean, mean_sq = gap_sum / count, gap_sq_sum / count
         var = (mean_sq - mean * mean).clamp(min=0.0)
@@ -174,6 +182,12 @@ class Log1pTimeEncoding(_TimeEncodingBase):
         self.dropout = nn.Dropout(dropout)
         self.weight = nn.Parameter(torch.zeros(nheads, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.ones(nheads, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        """weight 0, bias 1: no modulation at init."""
+        with torch.no_grad():
+            self.weight.zero_()
+            self.bias.fill_(1.0)
 
     def _encode(self, gap):
         return torch.log1p(gap / self.time_unit).to(self.weight.dtype)[..., None] * self.weight + self.bias

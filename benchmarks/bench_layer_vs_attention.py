@@ -1,0 +1,137 @@
+"""TimeAwareSSD vs nn.MultiheadAttention as the mixer of an SR model, on CPU: one layer call, equal d_model.
+
+    python benchmarks/bench_layer_vs_attention.py                   # the table: (b, L) in {1, 8, 128} x {50, 200}
+    python benchmarks/bench_layer_vs_attention.py --threads 2 --d-model 64 --profile 1,200
+    pytest benchmarks/bench_layer_vs_attention.py --benchmark-only
+
+eval: one forward under no_grad (serving a batch of histories); train: forward + backward of sum(y * w).
+Attention: nn.MultiheadAttention(d_model, 2 heads, batch_first) with a causal mask and key_padding_mask, as SASRec
+uses it. Ours: TimeAwareSSD.for_recsys(d_model) with timestamps and lengths (right padding). Medians of interleaved
+repetitions (both see the same machine state); the ratio is ours / attention.
+--profile B,L prints where our time goes for one call (torch.profiler, top ops by self CPU time).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mmm4rec_kernels.modules import TimeAwareSSD
+
+SHAPES = [(1, 50), (8, 50), (128, 50), (1, 200), (8, 200), (128, 200)]
+
+
+def make(d_model, b, L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(b, L, d_model, generator=g)
+    t = 1.6e9 + torch.cumsum(torch.rand(b, L, generator=g, dtype=torch.float64) * 3600, 1)
+    lengths = torch.randint(max(1, L // 2), L + 1, (b,), generator=g)
+    lengths[0] = L
+    return h, t, lengths
+
+
+class Attention(nn.Module):
+    """SASRec's mixer: causal self-attention with padding masked."""
+
+    def __init__(self, d_model, heads=2):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d_model, heads, batch_first=True)
+
+    def forward(self, h, t, lengths):
+        L = h.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=h.device).triu(1)
+        pad = torch.arange(L, device=h.device)[None, :] >= lengths[:, None]
+        return self.mha(h, h, h, attn_mask=causal, key_padding_mask=pad, need_weights=False)[0]
+
+
+class Ours(nn.Module):
+    def __init__(self, d_model):
+        super().__init__()
+        self.ssd = TimeAwareSSD.for_recsys(d_model)
+
+    def forward(self, h, t, lengths):
+        return self.ssd(h, t, lengths=lengths)
+
+
+def call(model, inputs, mode):
+    if mode == "eval":
+        with torch.no_grad():
+            model(*inputs)
+        return
+    h = inputs[0].detach().requires_grad_()
+    y = model(h, *inputs[1:])
+    y.backward(torch.ones_like(y))
+
+
+def measure(d_model, b, L, mode, reps):
+    torch.manual_seed(0)
+    models = {"ours": Ours(d_model), "attention": Attention(d_model)}
+    for m in models.values():
+        m.train(mode == "train")
+    inputs = make(d_model, b, L)
+    times = {k: [] for k in models}
+    for m in models.values():
+        for _ in range(3):
+            call(m, inputs, mode)                            # warm-up (native library, caches)
+    n = max(1, int(2000 / max(1, b * L) ** 0.5))             # more calls per sample for small shapes
+    for _ in range(reps):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            for _ in range(n):
+                call(m, inputs, mode)
+            times[name].append((time.perf_counter() - t0) / n * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def profile(d_model, b, L, mode):
+    from torch.profiler import ProfilerActivity, profile as prof
+    m = Ours(d_model).train(mode == "train")
+    inputs = make(d_model, b, L)
+    for _ in range(3):
+        call(m, inputs, mode)
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(20):
+            call(m, inputs, mode)
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--modes", default="eval,train")
+    ap.add_argument("--profile", default=None, metavar="B,L")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.profile:
+        b, L = map(int, a.profile.split(","))
+        for mode in a.modes.split(","):
+            print(f"## {mode}, b={b}, L={L}")
+            profile(a.d_model, b, L, mode)
+        return
+    import mmm4rec_kernels.cpu as native
+    print(f"# torch {torch.__version__}, {a.threads} thread(s), d_model {a.d_model}; {native.status()}")
+    print("| mode | b | L | ours ms | attention ms | ours / attention |")
+    print("|---|---|---|---|---|---|")
+    for mode in a.modes.split(","):
+        for b, L in SHAPES:
+            r = measure(a.d_model, b, L, mode, a.reps)
+            print(f"| {mode} | {b} | {L} | {r['ours']:.3f} | {r['attention']:.3f} | {r['ours'] / r['attention']:.2f} |",
+                  flush=True)
+
+
+@pytest.mark.parametrize("model", ["ours", "attention"])
+@pytest.mark.parametrize("b,L", [(1, 50), (8, 200)])
+def test_layer_eval(benchmark, model, b, L):
+    m = (Ours(64) if model == "ours" else Attention(64)).eval()
+    inputs = make(64, b, L)
+    benchmark(call, m, inputs, "eval")
+
+
+if __name__ == "__main__":
+    main()
