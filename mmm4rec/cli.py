@@ -668,6 +668,8 @@ def cmd_recommend(a) -> int:
 def cmd_export(a) -> int:
     import torch
     from tqdm.auto import tqdm
+
+    from .train import bars_off
     if a.format == "pt2":
         return _export_pt2(a)
     data, model = _load(a)
@@ -676,7 +678,7 @@ def cmd_export(a) -> int:
     parts = []
     with torch.no_grad():
         text_items, image_items = model.item_embeddings()
-        for lo in tqdm(range(0, len(users), a.batch_size), desc="users", disable=a.quiet):
+        for lo in tqdm(range(0, len(users), a.batch_size), desc="users", disable=bars_off(not a.quiet)):
             h = data.user_histories(users[lo:lo + a.batch_size])
             parts.append(model.encode(h["item_seq"].to(dev), h["time_seq"].to(dev), h["lengths"].to(dev)).cpu())
     arrays = {"user_embeddings": torch.cat(parts).numpy(), "item_text_embeddings": text_items.cpu().numpy(),

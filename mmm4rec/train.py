@@ -42,6 +42,13 @@ logger = logging.getLogger("mmm4rec")
 LOSS_REDUCTIONS = ("sum_over_accum", "mean_over_accum")
 
 
+def bars_off(progress: bool) -> bool:
+    """tqdm's `disable`: off when progress is not wanted, or when stderr is not a terminal (a log file or a CI
+    capture would fill with carriage returns), except inside Jupyter (its bars are widgets)."""
+    import sys
+    return not progress or not (sys.stderr.isatty() or "ipykernel" in sys.modules)
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -390,7 +397,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         scale = 1.0 / self.grad_accum if self.loss_reduction == "mean_over_accum" else 1.0
         opt.zero_grad(set_to_none=True)
-        bar = tqdm(total=nb, initial=start, desc=f"epoch {self.epoch + 1}", disable=not self.progress, leave=False)
+        bar = tqdm(total=nb, initial=start, desc=f"epoch {self.epoch + 1}", disable=bars_off(self.progress),
+                   leave=False)
         self.train_batches.epoch = self.epoch  # shuffle order depends on (seed, epoch): resumable
         done = start
         pending = 0
@@ -646,7 +654,7 @@ def evaluate_model(model, data, split: str = "test", batch_size: int = 1024, dev
                            shuffle=False) if hi > lo else []
     else:
         it = data.batches(split, batch_size, shuffle=False, device=device)
-    for bi, b in enumerate(tqdm(it, desc=f"eval {split}", disable=not progress, leave=False)):
+    for bi, b in enumerate(tqdm(it, desc=f"eval {split}", disable=bars_off(progress), leave=False)):
         scores = model.full_scores(model.encode(b["item_seq"], b["time_seq"], b["lengths"]))
         if exclude_seen:
             first = lo + bi * batch_size
