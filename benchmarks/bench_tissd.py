@@ -4,7 +4,7 @@ GPU (skipped without CUDA, with the reason): our paths/backends, the torch eager
 it and mamba_chunk_scan_combined (chunk 32/64/128) at the kernel-issue shapes, fwd and fwd+bwd, fp32 and bf16; plus
 an L sweep (b = 65536 // L) of our quadratic vs chunked kernels to locate the crossover. Every timed call ends with
 torch.cuda.synchronize(). extra_info carries GB/s and the ratio to the bandwidth floor: bytes of x, B, C, dt, E read
-once + y written once at 3.0e12 B/s, the device-to-device copy rate measured on an H100 here (DESIGN.md); the
+once + y written once at 3.0e12 B/s, the device-to-device copy rate measured on an H100 here (2026-11-22, docs/design.md "Kernel facts"); the
 fwd+bwd floor also reads the inputs and dy once and writes their gradients once.
 
 CPU: a small set of the torch backend paths at tiny shapes (what CI times).
@@ -98,7 +98,7 @@ def _run(benchmark, name, dims, dtype_name, mode, group, device="cuda"):
     nbytes = fb if mode == "fwd" else fbb
     benchmark.extra_info.update(dims="x".join(map(str, dims)), dtype=dtype_name, mode=mode, variant=name,
                                 floor_ms=float(f"{G.floor_ms(nbytes):.4g}"), floor_bytes=nbytes,
-                                floor_note="bytes / 3.0e12 B/s (H100 d2d copy, DESIGN.md)")
+                                floor_note="bytes / 3.0e12 B/s (H100 d2d copy, docs/design.md)")
     if benchmark.enabled or device == "cuda":
         try:
             fn()  # compile / autotune outside the timing

@@ -9,7 +9,7 @@
 2. Kernel timings: triton.testing.do_bench medians (ms) of fwd and fwd+bwd for our paths/backends, the torch eager
    quadratic reference, torch.compile of it and mamba_chunk_scan_combined (best of chunk 32/64/128) at the
    kernel-issue shapes, fp32 and bf16. Floor = bytes of x, B, C, dt, E read once + y written once at 3.0e12 B/s
-   (the device-to-device copy rate measured on this workplace's H100, DESIGN.md); the fwd+bwd floor additionally
+   (the device-to-device copy rate measured on this workplace's H100, docs/design.md); the fwd+bwd floor additionally
    reads x, B, C, dt, E and dy once and writes their gradients once.
 3. L sweep at a fixed token count: quadratic vs chunked, prints the crossover and a QUADRATIC_MAX_L suggestion.
 
@@ -36,7 +36,7 @@ for p in (ROOT, HERE):
 
 import torch  # noqa: E402
 
-COPY_BW = 3.0e12  # B/s: measured H100 device-to-device copy (bytes read + written), DESIGN.md 2026-11-22
+COPY_BW = 3.0e12  # B/s: measured H100 device-to-device copy (bytes read + written), 2026-11-22, docs/design.md
 
 # Kernel-issue shapes (b, L, H, P, n, G).
 SHAPES = {

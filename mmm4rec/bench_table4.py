@@ -11,7 +11,7 @@ decay 0.005, fp32 with TF32 matmuls). Epoch 1 (compilation, autotuning, allocato
 reported figure is the median of epochs 2..E.
 
 Data: `make_paper_like` (mmm4rec/data/synthetic.py) with the exact Table 1 users / items / interactions (so the
-average length matches) times --scale, 768-d text and image features, image coverage 100% (DESIGN.md gives no
+average length matches) times --scale, 768-d text and image features, image coverage 100% (the paper gives no
 per-domain image coverage; every item gets an image row), log-normal inter-arrival gaps (median ~1 day).
 The paper's Table 4 ran on a 24 GB GPU with a per-sample Python Dataset (num_workers=0); our batches are gathered
 from pre-built tensors on the device, so data loading is much cheaper here: the comparison is per training epoch,
@@ -29,7 +29,7 @@ import time
 from .data.synthetic import PAPER_DATASETS
 
 # Table 1 (users, items, interactions, avg length) and Table 4 (s/epoch: MMM4Rec, MISSRec, MMSRec) of the paper;
-# official-log batches per epoch at batch 1024 and steady-state with-ID seconds per epoch (DESIGN.md).
+# official-log batches per epoch at batch 1024 and steady-state with-ID seconds per epoch (docs/design.md, "The paper's figures").
 TABLE1 = PAPER_DATASETS  # users, items, interactions, avg length
 TABLE4 = {
     "scientific": (2.07, 2.21, 2.72),
@@ -42,7 +42,7 @@ OFFICIAL_LOG = {  # batches per epoch at 1024, steady-state training seconds per
     "scientific": (34, 2.08), "pantry": (86, 5.16), "instruments": (131, 9.10), "arts": (253, 16.48),
     "office": (413, 27.9),
 }
-IMAGE_COVERAGE = 1.0  # not given per domain in DESIGN.md: 100%
+IMAGE_COVERAGE = 1.0  # not given per domain by the paper (docs/design.md): 100%
 
 
 def parse_args(argv):

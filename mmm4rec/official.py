@@ -13,7 +13,7 @@ G * n is stored), so it is an argument (official: 8).  The frozen feature buffer
 checkpoint as features.safetensors (keys text_feats, image_feats) when present.
 
 Settings that do not show in the weights (dropout, temperature, eps, ...) are the official ones (MMM4RecConfig()
-defaults).  `exact=True` also switches our deliberate deviations to the official behaviour (see the README table
+defaults).  `exact=True` also switches our deliberate deviations to the official behaviour (see docs/model.md,
 "Official code vs ours"); by default the imported model keeps our fixes.  Our learned missing-image vector has no
 official counterpart: it is set to vision_adapter(0), the official embedding of an all-zero image feature row.
 """

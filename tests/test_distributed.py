@@ -182,7 +182,7 @@ def test_resume_on_another_world_size(tmp_path):
 
 
 def test_cli_finetune_under_torchrun(tmp_path):
-    """README's multi-process command as written, on CPU: `torchrun --nproc_per_node=2 -m mmm4rec finetune ...`;
+    """docs/distributed.md's multi-process command as written, on CPU: `torchrun --nproc_per_node=2 -m mmm4rec finetune ...`;
     rank 0 alone prints and writes; the run is resumable by a single process."""
     import shutil
     import subprocess

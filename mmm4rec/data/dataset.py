@@ -1,6 +1,6 @@
 """Sequential-recommendation data: k-core filtering, id mapping, leave-one-out splits, prefix samples, batching.
 
-Protocol (see shared DESIGN.md "Data protocol"):
+Protocol (see docs/design.md and docs/model.md, "Data protocol"):
   * raw ids map to 1..I for items (0 = padding) and 0..U-1 for users, in sorted raw-token order (deterministic);
   * each user's interactions are sorted by time (stable: ties keep file order);
   * leave-one-out: last item = test target, second last = valid target, every earlier position >= 1 is a training

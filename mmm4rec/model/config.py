@@ -3,7 +3,7 @@
 `MMM4RecConfig()` is the official fine-tune configuration and `MMM4RecConfig.pretrain()` the official pre-train one
 (architecture, norms, eps, init, dropout placement, item bias); the official values are tabulated in
 official_config.json beside this file and a test compares the two.  Where we deliberately differ from the official
-code (fixes of flaws, see the README table "Official code vs ours") the difference is a named field below, with the
+code (fixes of flaws, see docs/model.md, "Official code vs ours") the difference is a named field below, with the
 official value one assignment away.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ import logging
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+from mmm4rec_kernels.limits import BACKENDS, PATHS  # declared once, with the kernels
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
-PATHS = ("auto", "quadratic", "chunked", "reference")
 STACKINGS = ("per_layer", "streams_first")
 INITS = ("official", "torch")
 ABSENT_IMAGES = ("text_stream", "missing_vector")

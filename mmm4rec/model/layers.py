@@ -262,7 +262,7 @@ class _SSDCore(nn.Module):
 
 
 class TiSSD(nn.Module):
-    """Time-aware SSD block (DESIGN.md TiSSD steps 1-8).
+    """Time-aware SSD block (docs/design.md, "TiSSD", steps 1-8).
 
     forward(h [b, L, N], D [b, H, L] or None, mask [b, L] or None, lengths [b]) -> (out [b, L, N], D_next or None).
     in_proj N -> [z | x B C | dt_raw]; causal dwconv + SiLU on xBC; Delta = softplus(dt_raw * E2 + dt_bias) and the

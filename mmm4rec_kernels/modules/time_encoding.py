@@ -6,7 +6,7 @@ int/float dtype in any unit (seconds in the examples) and compute the gaps in fl
 Everything is causal: position i reads positions <= i only, so padding after a sequence never reaches it and
 `step` (one new event at a time) reproduces `forward` exactly.
 
-CausalTimeEncoding (default, "paper"): MMM4Rec's TiSSD time path (DESIGN.md steps 3-4) made causal and length-free.
+CausalTimeEncoding (default, "paper"): MMM4Rec's TiSSD time path (docs/design.md, TiSSD steps 3-4) made causal and length-free.
     1. gap_i (dropout in training, like the paper's time dropout)
     2. causal standardisation over the sequence so far (prefix statistics over positions 0..i, float64):
            mu_i = mean(gap_0..gap_i),  var_i = mean(gap_0^2..gap_i^2) - mu_i^2,
