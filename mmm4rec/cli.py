@@ -34,19 +34,8 @@ import numpy as np
 
 from mmm4rec_kernels.limits import BACKENDS, PATHS
 
-# Settings per preset. "model" entries override MMM4RecConfig() (fine-tune) / the pre-train config; "train" entries
-# are Trainer settings; "finetune"/"pretrain" entries override "train" for that command.
-PRESETS = {
-    "cpu": {"model": dict(hidden_size=64, expand=2, headdim=32, d_state=16, ngroups=1, ffn_inner=64,
-                          dropout=0.2, time_dropout=0.2),
-            "train": dict(batch_size=256, grad_accum=1, lr=1e-3, weight_decay=0.005, patience=5, epochs=100),
-            "finetune": {}, "pretrain": {}},
-    "paper": {"model": {},
-              "train": dict(batch_size=1024, weight_decay=0.005, patience=10, epochs=200),
-              "finetune": dict(lr=1e-4, grad_accum=8), "pretrain": dict(lr=2.5e-4, grad_accum=1)},
-}
-# Config fields a fine-tune run takes over from an --init checkpoint unless given as flags (the architecture).
-_NOT_INHERITED = ("max_len", "backend", "path", "with_id", "dropout", "time_dropout", "temperature", "feat_dim")
+from .presets import PRESETS, TRAIN_FLAGS, model_config, preset_for, train_settings
+
 RUN_FILES = ("best", "last", "log.json", "summary.json", "convergence.png")
 
 
@@ -117,7 +106,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (defaults: the preset)")
     g.add_argument("--out", required=True, help="run dir (checkpoints best/ last/, log.json, convergence.png)")
-    g.add_argument("--preset", default="auto", choices=["auto", "cpu", "paper"],
+    g.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                    help="cpu: small model, batch 256, lr 1e-3; paper: official settings; auto: cpu without CUDA")
     g.add_argument("--epochs", type=_positive_int("--epochs"), default=None)
     g.add_argument("--patience", type=_positive_int("--patience"), default=None)
@@ -402,58 +391,29 @@ def _load_matrix(load_matrix, path, flag):
         raise ValueError(f"{flag} {path} cannot be read ({type(e).__name__}: {e})") from None
 
 
-def _base_config(pretrain: bool) -> dict:
-    """The model config a preset starts from: MMM4RecConfig() (official fine-tune) or its pre-train config."""
-    from .model import MMM4RecConfig
-    if pretrain:
-        make = getattr(MMM4RecConfig, "pretrain", None)
-        return make().to_dict() if make is not None else MMM4RecConfig(n_layers=2).to_dict()
-    return MMM4RecConfig().to_dict()
-
-
 def _preset_name(a) -> str:
     from .train import resolve_device
-    if a.preset != "auto":
-        return a.preset
-    return "paper" if resolve_device(a.device).type == "cuda" else "cpu"
+    return preset_for(a.preset, resolve_device(a.device).type)
 
 
 def _config_from_args(a, max_len: int, pretrain: bool = False, inherit: Optional[dict] = None,
                       inherit_all: bool = False):
     """Model config = preset (over the official base) <- `inherit` (an --init / --resume checkpoint's config)
-    <- explicit flags."""
-    from .model import MMM4RecConfig
-    cfg = _base_config(pretrain)
-    cfg.update(PRESETS[_preset_name(a)]["model"])
-    if inherit:
-        cfg.update({k: v for k, v in inherit.items() if k in cfg and (inherit_all or k not in _NOT_INHERITED)
-                    and k not in ("max_len", "backend", "path")})
+    <- explicit flags (mmm4rec.presets.model_config)."""
     flags = {"hidden_size": a.hidden_size, "expand": a.expand, "headdim": a.headdim, "d_state": a.d_state,
              "ngroups": a.ngroups, "n_layers": a.n_layers, "ffn_inner": a.ffn_inner, "dropout": a.dropout,
              "time_dropout": a.time_dropout, "temperature": a.temperature, "with_id": a.with_id}
-    explicit = {k: v for k, v in flags.items() if v is not None}
     if a.no_time:
-        explicit["use_time"] = False
-    cfg.update(explicit)
-    if "ffn_inner" not in explicit and "hidden_size" in explicit:
-        cfg["ffn_inner"] = cfg["hidden_size"]
-    nheads = cfg["hidden_size"] * cfg["expand"] // max(cfg["headdim"], 1)
-    if "ngroups" not in explicit and nheads > 0 and nheads % cfg["ngroups"]:
-        cfg["ngroups"] = nheads
-    cfg.update(max_len=max_len, backend=a.backend, path=a.path)
+        flags["use_time"] = False
     try:
-        return MMM4RecConfig.from_dict(cfg)
+        return model_config(_preset_name(a), max_len, flags, backend=a.backend, path=a.path, pretrain=pretrain,
+                            inherit=inherit, inherit_all=inherit_all)
     except ValueError as e:
         raise ValueError(f"model flags: {e}") from None
 
 
 def _train_settings(a, cmd: str) -> dict:
-    p = PRESETS[_preset_name(a)]
-    s = {**p["train"], **p[cmd]}
-    for k in ("epochs", "patience", "lr", "weight_decay", "batch_size", "grad_accum"):
-        if getattr(a, k) is not None:
-            s[k] = getattr(a, k)
-    return s
+    return train_settings(_preset_name(a), cmd, {k: getattr(a, k) for k in TRAIN_FLAGS})
 
 
 def _check_out(out: str, resume: bool, overwrite: bool, files=RUN_FILES,
