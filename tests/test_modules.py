@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mmm4rec_kernels.modules import (CausalDepthwiseConv1d, CausalTimeEncoding, Log1pTimeEncoding, TimeAwareSSD,
                                      init_ssd_params, last_valid, no_weight_decay_param_groups)
-from mmm4rec_kernels.rivals import load_mamba_module
+from benchmarks._rivals import load_mamba_module
 
 SMALL = dict(d_model=12, d_state=4, headdim=6, ngroups=2, expand=2, d_conv=3, chunk_size=4)   # H = 4
 

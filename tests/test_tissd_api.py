@@ -7,7 +7,7 @@ import mmm4rec_kernels.cpu as native
 import mmm4rec_kernels as mk
 from mmm4rec_kernels import reference as ref
 from mmm4rec_kernels.limits import QUADRATIC_MAX_LEN
-from mmm4rec_kernels.rivals import load_mamba_module
+from benchmarks._rivals import load_mamba_module
 
 
 def rel(a, b):

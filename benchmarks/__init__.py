@@ -1,0 +1,1 @@
+"""Timing suites (pytest-benchmark and scripts); importable as `benchmarks.*` from the repository root."""
