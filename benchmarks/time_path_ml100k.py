@@ -2,16 +2,18 @@
 
     python benchmarks/time_path_ml100k.py --variants official live notime --seeds 0 1 2 --epochs 5 --out tp.jsonl
     python benchmarks/time_path_ml100k.py --summarize tp.jsonl          # mean +- std and paired differences
+    python benchmarks/time_path_ml100k.py --summarize tp.jsonl --base notime
 
 The data, split and model widths are those of benchmarks/ml100k_vs_sasrec.py (its `mmm4rec` rows: ML-100k from the
 recbole 1.2.1 wheel, 5-core, leave-one-out, history 20, MiniLM text features, no images; hidden 64, headdim 16,
 d_state 16, ngroups 8, FFN 64, 1 layer, torch backend, full-softmax CE, NAdam, weight decay 0.005, seen items ranked).
 Every (variant, seed) runs exactly --epochs epochs (patience = epochs: no early stop, so every variant gets the same
 number of optimizer steps) and reports the test metrics of its best-valid-NDCG@10 epoch.  The variants differ only in
-the MMM4RecConfig time-path switches (VARIANTS below); `live` also builds the optimizer from
-mmm4rec.model.layers.param_groups (time-path weight decay 0 when the config says so).  Same seed -> same
-initialisation of every shared parameter shape? No: the time-path switches change what is drawn; the seed fixes the
-data order and dropout streams per variant, and the paired difference is taken per seed.
+the MMM4RecConfig time-path switches (VARIANTS below); every run builds its optimizer from
+mmm4rec.model.layers.param_groups (time-path weight decay 0 where the config says so; one group = model.parameters()
+otherwise).  The seed fixes the initialisation, the batch order and the dropout streams; the switches add no
+parameters, so official and live draw the same initial weights; notime has no time-path parameters, so its draws
+after them differ.  Paired differences are taken per seed.
 Each line of --out: variant, seed, switches, test/valid metrics, epochs, best_epoch, train CPU-s, wall-s, env.
 """
 from __future__ import annotations
@@ -116,9 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", default="minilm", choices=["minilm", "hashed"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--summarize", default=None, metavar="FILE.jsonl")
+    ap.add_argument("--base", default="official", help="--summarize: the variant paired differences are taken against")
     a = ap.parse_args(argv)
     if a.summarize:
-        print(summarize(a.summarize))
+        print(summarize(a.summarize, a.base))
         return 0
     if not a.out:
         ap.error("--out is required")
