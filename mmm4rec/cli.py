@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=1024)
     _run_args(p)
 
+    sub.add_parser("diagnose", help="is the time path learning? zero activations, gradient vs weight decay and "
+                                    "drift per time-path module (`mmm4rec diagnose --help`)", add_help=False)
+
     p = sub.add_parser("import-official", help="convert a checkpoint of the official code into ours")
     p.add_argument("ckpt", help="the official checkpoint file (Lightning .ckpt or a plain state_dict)")
     p.add_argument("--out", required=True, help="checkpoint dir to write")
@@ -778,8 +781,12 @@ def _one_line(e: BaseException) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `mmm4rec` console script (and `python -m mmm4rec`). Returns the exit status:
     0 ok, 1 error (one line on stderr), 130 Ctrl-C."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["diagnose"]:                 # its own parser: python -m mmm4rec.diagnose
+        from . import diagnose
+        return diagnose.main(args[1:])
     try:
-        a = build_parser().parse_args(argv)
+        a = build_parser().parse_args(args)
     except SystemExit as e:  # --help (0) or a usage error (1, one line already printed)
         return int(e.code or 0)
     debug = getattr(a, "debug", False) or os.environ.get("MMM4REC_DEBUG") == "1"

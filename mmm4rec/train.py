@@ -220,7 +220,8 @@ class Trainer:
             self.loss_fn = compile_loss(self._ddp, compile, self.device) if compile else self._ddp
         else:
             self.loss_fn = compile_loss(self.model.loss, compile, self.device) if compile else self.model.loss
-        self.optimizer = torch.optim.NAdam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        from .model.layers import param_groups   # one group (all parameters) unless config.time_weight_decay=False
+        self.optimizer = torch.optim.NAdam(param_groups(self.model, weight_decay), lr=lr, weight_decay=weight_decay)
         self.train_batches = data.batches("train", batch_size, shuffle=True, seed=seed, device=self.device)
         self.epoch = 0                 # epochs completed
         self.batch_in_epoch = 0        # batches of epoch `epoch + 1` already applied (an optimizer step follows each)

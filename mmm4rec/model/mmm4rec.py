@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MMM4RecConfig
-from .layers import Dropout, FeedForward, FourierFilter, StreamLayer, TiCoSSD, TimeEncoder, TiSSD, init_official_
+from .layers import (Dropout, FeedForward, FourierFilter, StreamLayer, TiCoSSD, TimeEncoder, TiSSD, init_official_,
+                     init_time_path_)
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,8 @@ class MMM4Rec(nn.Module):
                                     for _ in range(n_cross))
         if c.init == "official":
             init_official_(self)
+        else:
+            init_time_path_(self)        # the time-path switches (a no-op with the official ones)
         self.register_load_state_dict_pre_hook(self._upgrade_state)
 
     # ----------------------------------------------------------------------------------------------- encoding
