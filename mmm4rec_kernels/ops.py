@@ -2,8 +2,8 @@
 
     ssd_scan_cpu(x, delta, log_decay, B, C, D?, valid_len, skip_delta) -> y        native C++ quadratic TiSSD scan
     ssd_scan_cpu_bwd(gy, x, delta, log_decay, B, C, D?, valid_len, skip_delta) -> (dx, ddelta, dlog_decay, dB, dC, dD)
-    causal_conv_cpu(x, w, bias?, silu, sizes) -> [y_k]                       native C++ causal conv (+ SiLU), split
-    causal_conv_cpu_bwd(gys, x, w, bias?, silu) -> (dx, dw, dbias)
+    causal_conv_cpu(x, w, bias?, silu) -> y                                 native C++ causal conv (+ SiLU)
+    causal_conv_cpu_bwd(gy, x, w, bias?, silu) -> (dx, dw, dbias)
     tissd_fused(x, dt, A, B, C, E?, dt_bias?, D?, h0?, seq_start, seq_len, max_len, backend, path, ...) -> (y, final)
     tissd_fused_bwd(dy, dfinal?, ...) -> (dx, ddt, dA, dB, dC, dE, ddt_bias, dD, dh0)   Triton / CUDA TiSSD kernels
     gated_rmsnorm_fused(y, z?, weight, eps, group_size) -> (out, rstd)        Triton gated RMSNorm
@@ -23,7 +23,7 @@ ordinary torch code that the compiler traces and fuses itself; they are not ops.
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -131,43 +131,39 @@ def ssd_scan(x, delta, log_decay, B, C, valid_len, D=None, skip_delta=True):
 
 # ------------------------------------------------------------------------------------ native CPU: causal conv + SiLU
 @torch.library.custom_op("mmm4rec::causal_conv_cpu", mutates_args=(), device_types="cpu")
-def causal_conv_cpu(x: Tensor, w: Tensor, bias: Optional[Tensor], silu: bool, sizes: Sequence[int]) -> list[Tensor]:
-    """Causal depthwise conv over L of x [b, L, C] (channel stride 1), w [C, k], bias [C]; SiLU when silu; the
-    output split into channel pieces of `sizes` (each piece its own tensor)."""
-    y = native.conv_forward(x, w, bias, silu)
-    return [p.contiguous() for p in y.split(list(sizes), dim=-1)] if len(sizes) > 1 else [y]
+def causal_conv_cpu(x: Tensor, w: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+    """Causal depthwise conv over L of x [b, L, C] (channel stride 1), w [C, k], bias [C]; SiLU when silu."""
+    return native.conv_forward(x, w, bias, silu)
 
 
 @causal_conv_cpu.register_fake
-def _(x, w, bias, silu, sizes):
-    return [x.new_empty(x.shape[0], x.shape[1], s) for s in sizes]
+def _(x, w, bias, silu):
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("mmm4rec::causal_conv_cpu_bwd", mutates_args=(), device_types="cpu")
-def causal_conv_cpu_bwd(gys: Sequence[Optional[Tensor]], x: Tensor, w: Tensor, bias: Optional[Tensor],
+def causal_conv_cpu_bwd(gy: Tensor, x: Tensor, w: Tensor, bias: Optional[Tensor],
                         silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    sizes = [g.shape[-1] for g in gys]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    dx, dw, db = native.conv_backward(x, w, bias, silu, list(zip(starts, sizes, gys)))
+    dx, dw, db = native.conv_backward(x, w, bias, silu, [(0, x.shape[2], native.rows(gy))])
     return dx, dw, _none_to_empty(db, x).to(x.dtype)
 
 
 @causal_conv_cpu_bwd.register_fake
-def _(gys, x, w, bias, silu):
+def _(gy, x, w, bias, silu):
     return (x.new_empty(x.shape), w.new_empty(w.shape), x.new_empty(_EMPTY) if bias is None else bias.new_empty(
         bias.shape))
 
 
 def _conv_setup(ctx, inputs, output):
-    x, w, bias, silu, sizes = inputs
+    x, w, bias, silu = inputs
     ctx.save_for_backward(x, w, bias)
     ctx.silu = silu
 
 
-def _conv_backward(ctx, grads):
+def _conv_backward(ctx, gy):
     x, w, bias = ctx.saved_tensors
-    dx, dw, db = torch.ops.mmm4rec.causal_conv_cpu_bwd([native.rows(g) for g in grads], x, w, bias, ctx.silu)
-    return dx, dw, _empty_to_none(db, bias), None, None
+    dx, dw, db = torch.ops.mmm4rec.causal_conv_cpu_bwd(gy, x, w, bias, ctx.silu)
+    return dx, dw, _empty_to_none(db, bias), None
 
 
 causal_conv_cpu.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -197,10 +193,9 @@ def causal_conv(x, w, bias, silu, sizes):
     """The native conv with autograd: x [b, L, C] (channel stride 1), w [C, k], bias [C] or None, sizes: channel
     pieces -> a tuple of [b, L, size] (one piece: a tensor)."""
     sizes = tuple(int(s) for s in sizes)
-    if torch.compiler.is_compiling():
-        out = torch.ops.mmm4rec.causal_conv_cpu(x, w.contiguous(), None if bias is None else bias.contiguous(),
-                                                silu, list(sizes))
-        return tuple(out) if len(sizes) > 1 else out[0]
+    if torch.compiler.is_compiling():    # one output; split as views (the compiler fuses the backward's concat)
+        y = torch.ops.mmm4rec.causal_conv_cpu(x, w.contiguous(), None if bias is None else bias.contiguous(), silu)
+        return tuple(y.split(list(sizes), dim=-1)) if len(sizes) > 1 else y
     return _ConvCPU.apply(x, w.contiguous(), None if bias is None else bias.contiguous(), silu, sizes)
 
 

@@ -41,7 +41,7 @@ def _scan_sample(g, D=True):
 def _conv_sample(g, bias=True):
     x = torch.randn(2, 7, 6, generator=g, requires_grad=True)
     return (x, torch.randn(6, 4, generator=g, requires_grad=True),
-            torch.randn(6, generator=g, requires_grad=True) if bias else None, True, [2, 4])
+            torch.randn(6, generator=g, requires_grad=True) if bias else None, True)
 
 
 def _fused_sample(g, path, E=True):
@@ -69,7 +69,7 @@ def _backward_sample(forward_op, sample):
     if forward_op is torch.ops.mmm4rec.ssd_scan_cpu:
         return (torch.randn_like(out), *args)
     if forward_op is torch.ops.mmm4rec.causal_conv_cpu:
-        return ([torch.randn_like(p) for p in out], *args[:4])
+        return (torch.randn_like(out), *args[:4])
     if forward_op is torch.ops.mmm4rec.tissd_fused:
         y, final = out
         dfinal = torch.randn_like(final) if final.numel() else None
