@@ -169,7 +169,8 @@ def _grads(m, *tensors):
     return [p.grad.clone() for p in m.parameters() if p.grad is not None] + [t.grad.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("layout", ["lengths", "attention_mask_left", "return_state"])
+@pytest.mark.parametrize("layout", ["lengths", pytest.param("attention_mask_left", marks=pytest.mark.slow),
+                                    pytest.param("return_state", marks=pytest.mark.slow)])
 def test_compiled_layer_equals_eager_and_compiles_once_for_five_shapes(layout):
     """dynamic=True: five batches of different (b, L) reuse one graph; outputs and every gradient equal eager's
     (aot_eager: the registered ops' fake impls and autograd formulas, without inductor's rounding)."""
@@ -240,6 +241,7 @@ def test_tissd_op_under_compile_triton_interpreter():
 
 
 # ------------------------------------------------------------------------------------- models built on the layer
+@pytest.mark.slow
 def test_example_sasrec_has_no_graph_break_and_compiles_once():
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     try:
@@ -281,6 +283,7 @@ def test_mmm4rec_loss_has_no_graph_break(mode, variant):
     assert (n_breaks, n_graphs) == (0, 1), why
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,variant", [("full", "images"), ("inbatch", "two_layers")])
 def test_mmm4rec_loss_compiled_equals_eager_and_compiles_once(mode, variant):
     """fullgraph=True, dynamic=True: one graph for five batch sizes; loss and every gradient equal eager's."""

@@ -88,6 +88,7 @@ def test_pretrain_then_transfer(tmp_path):
         Trainer(ft, c, metric="mrr@10")
 
 
+@pytest.mark.slow          # inductor compiles the loss: ~1 min on 2 cores
 def test_compiled_step_matches_eager(data):
     """Trainer(compile=True): torch.compile(fullgraph=True) of the model's loss (one graph, our kernels as
     registered ops) trains like eager."""
