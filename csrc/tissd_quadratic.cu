@@ -17,6 +17,13 @@
 // or C.B on warps 0-3 next to dy.x on warps 4-7 (grad); the L x P / L x n products give each warp a 16x16 tile
 // (TP = 32: warps 0-3 only). Reductions are in a fixed order: results are bitwise deterministic run to run.
 // Needs sm_80+ (bf16 / TF32 WMMA). No fast-math intrinsics: expf / log1pf are the accurate libdevice versions.
+//
+// Non-finite inputs (NaN / inf at a valid step t of a sequence) stay causal: masked scores are selected, never
+// multiplied by 0; the forward's S V product, whose masked zeros would meet a non-finite Delta_j x_j (0 * inf = NaN,
+// reaching rows < t and padding), runs on a sanitised V when a tile holds one and marks the outputs that keep a pair
+// with it as NaN; the backward runs on the live prefix of each (sequence, head[, head-dim tile]): output rows after
+// the last one with a nonzero dy contribute exactly nothing (all their terms carry dy_i), so a loss over rows < t
+// gets the gradients of the run without the bad value.
 #include <mma.h>
 
 #include <type_traits>
@@ -144,6 +151,33 @@ __device__ double block_sum(double v, double* scratch) {
   return total;
 }
 
+// Deterministic block max of non-negative ints (tree in shared scratch[kThreads]); every thread gets the result.
+__device__ int block_max(int v, double* scratch) {
+  const int t = threadIdx.x;
+  scratch[t] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (t < s) scratch[t] = fmax(scratch[t], scratch[t + s]);
+    __syncthreads();
+  }
+  const int total = int(scratch[0]);
+  __syncthreads();
+  return total;
+}
+
+__device__ __forceinline__ bool is_finite(float v) { return fabsf(v) <= 3.402823466e+38f; }  // false for NaN, inf
+
+// The live prefix of a sequence for the backward: 1 + the last step t < len whose dy row (head h, channels
+// [p0, p1)) has a nonzero (or NaN) entry, 0 if none. One thread per step; `scratch` is kThreads doubles.
+template <typename T>
+__device__ int live_prefix(const T* dyh, int64_t vstride, int64_t start, int len, int p0, int p1, double* scratch) {
+  const int t = threadIdx.x;
+  bool live = false;
+  if (t < len)
+    for (int q = p0; q < p1 && !live; ++q) live = to_float(dyh[(start + t) * vstride + q]) != 0.f;
+  return block_max(live ? t + 1 : 0, scratch);
+}
+
 // tile[r * ld + k] = scale_r * src[(start + r0 + r) * stride + col0 + k] for r0 + r < len and col0 + k < ncols,
 // else 0, converted to the tile type TS. `src` already points at the head/group column; `scale` (optional) is
 // indexed by step r0 + r.
@@ -229,7 +263,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_apply_kernel(const
   const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, g = h / (p.H / p.G);
   const int p0 = blockIdx.y * TP;
   const int64_t start = p.seq_start[s];
-  const int len = min(p.seq_len[s], p.max_len);  // max_len <= kTissdMaxLen bounds the shared arrays
+  int len = min(p.seq_len[s], p.max_len);  // max_len <= kTissdMaxLen bounds the shared arrays
+  const int64_t vstride = int64_t(p.H) * p.P;
+  const T* vsrc = static_cast<const T*>(kDx ? p.dy : p.x) + int64_t(h) * p.P;  // [T, H, P] at head h
+  // dx: only this head-dim tile of dy enters it, so its live prefix is exact (rows past it: zero-filled by the caller)
+  if (kDx && len > 0) len = live_prefix(vsrc, vstride, start, len, p0, min(p0 + TP, p.P), cs);
   if (len <= 0) return;  // uniform over the block
   discretize_cumsum(p, start, len, h, dl, cs);
 
@@ -237,8 +275,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_apply_kernel(const
   const T* Cg = static_cast<const T*>(p.C) + int64_t(g) * p.N;
   const T* rowM = kDx ? Bg : Cg;
   const T* colM = kDx ? Cg : Bg;
-  const int64_t vstride = int64_t(p.H) * p.P;
-  const T* vsrc = static_cast<const T*>(kDx ? p.dy : p.x) + int64_t(h) * p.P;  // [T, H, P] at head h
   T* out = static_cast<T*>(kDx ? p.dx : p.y) + int64_t(h) * p.P;
   const float Dh = p.D ? p.D[h] : 0.f;
 
@@ -250,7 +286,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_apply_kernel(const
   for (int rt = 0; rt < ntiles; ++rt) {
     const int r0 = rt * kBL;
     float acc[kRowsPerThread];
-    for (int m = 0; m < kRowsPerThread; ++m) acc[m] = 0.f;
+    bool poison[kRowsPerThread];  // forward: this output keeps a pair with a non-finite Delta_j x_j
+    for (int m = 0; m < kRowsPerThread; ++m) acc[m] = 0.f, poison[m] = false;
     FragAcc<TS> oacc;
     if constexpr (kTC) wmma::fill_fragment(oacc, 0.f);
     const int ct_lo = kDx ? rt : 0, ct_hi = kDx ? ntiles - 1 : rt;
@@ -269,7 +306,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_apply_kernel(const
       }
       // V[c][:] = Delta_c x_c (forward) or dy_c (dx), this head-dim tile
       load_tile<T, TS, kBL, TP>(V, ldv, vsrc, vstride, start, c0, len, p0, p.P, kDx ? nullptr : dl);
-      __syncthreads();
+      bool bad = false;  // forward: a NaN / inf among Delta_c x_c of this tile (never in a real run)
+      if constexpr (!kDx)
+        for (int e = threadIdx.x; e < kBL * TP; e += kThreads) bad |= !is_finite(to_float(V[(e / TP) * ldv + e % TP]));
+      if (__syncthreads_or(bad)) {  // uniform: mark the outputs it reaches, then zero it (no 0 * inf in S V)
+        for (int m = 0; m < kRowsPerThread; ++m) {
+          const int r = r0 + orow + kRowsPerPass * m;
+          for (int c = 0; c < kBL && r < len; ++c)
+            poison[m] |= c0 + c <= r && !is_finite(to_float(V[c * ldv + op]));
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < kBL * TP; e += kThreads) {
+          TS& v = V[(e / TP) * ldv + e % TP];
+          if (!is_finite(to_float(v))) v = from_float<TS>(0.f);
+        }
+        __syncthreads();
+      }
       if constexpr (kTC) {  // out[r][:] += S[r][:] V
         if (warp < kOutTiles) warp_mma<TS, false, false>(oacc, Sop + otm * 16 * lds, lds, V + otn * 16, ldv, kBL);
       } else {
@@ -295,6 +347,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_apply_kernel(const
         const float skip_scale = p.d_skip_delta ? dl[r] : 1.f;
         float o = kDx ? dl[r] * acc[m] : acc[m];
         if (p.D) o += Dh * skip_scale * to_float(vsrc[off]);  // skip reads x_r (forward) or dy_r (dx)
+        if (poison[m]) o = __int_as_float(0x7fc00000);        // NaN: reached by a non-finite Delta_j x_j, j <= r
         out[off] = from_float<T>(o);
       }
     }
@@ -335,17 +388,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) tissd_grad_kernel(const 
   const int t = threadIdx.x, warp = t / 32;
   const int s = blockIdx.x / p.H, h = blockIdx.x % p.H, g = h / (p.H / p.G);
   const int64_t start = p.seq_start[s];
-  const int len = min(p.seq_len[s], p.max_len);
-  if (len <= 0) return;  // partial buffers are zero-filled by the caller
+  const int64_t bstride = int64_t(p.G) * p.N, vstride = int64_t(p.H) * p.P;
+  const T* dyh = static_cast<const T*>(p.dy) + int64_t(h) * p.P;
+  int len = min(p.seq_len[s], p.max_len);
+  if (len > 0) len = live_prefix(dyh, vstride, start, len, 0, p.P, rowW);  // all of P enters dy_i . x_j
+  if (len <= 0) return;  // partial buffers (and the tokens past the live prefix) are zero-filled by the caller
   discretize_cumsum(p, start, len, h, dl, cs);
   rowW[t] = colW[t] = colZ[t] = diagQ[t] = 0.f;
   __syncthreads();
 
-  const int64_t bstride = int64_t(p.G) * p.N, vstride = int64_t(p.H) * p.P;
   const T* Bg = static_cast<const T*>(p.B) + int64_t(g) * p.N;
   const T* Cg = static_cast<const T*>(p.C) + int64_t(g) * p.N;
   const T* xh = static_cast<const T*>(p.x) + int64_t(h) * p.P;
-  const T* dyh = static_cast<const T*>(p.dy) + int64_t(h) * p.P;
   const int ntiles = (len + kBL - 1) / kBL;
   const int sc = t % kBL, sr = t / kBL;                 // score-tile element (sr + 8 m, sc)
   const int nk = t % kNC, nrow = t / kNC;               // [kBL, kNC] element (nrow + 4 m, nk)

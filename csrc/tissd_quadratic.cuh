@@ -8,6 +8,9 @@
 //   Delta_t = softplus(dt_t E_t + dt_bias), cs_t = sum_{k<=t} A Delta_k,
 //   y_i = sum_{j<=i} (C_i . B_j) exp(min(cs_i - cs_j, 0)) Delta_j x_j + D s_i x_i  (s = Delta or 1).
 // Padding tokens are never read or written: callers allocate outputs zero-filled.
+// A NaN / inf input at valid step t reaches only the outputs at steps >= t of its sequence (and, in the backward,
+// only through the rows whose dy is nonzero: rows after the last such row are not processed at all, their tokens
+// keep the caller's zeros).
 // Requires sm_80 or newer (bf16 / TF32 tensor cores).
 #pragma once
 

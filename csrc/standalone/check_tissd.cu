@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -127,11 +128,16 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
   return pb;
 }
 
-// fp32 inputs: exact FMA path (allow_tf32 = false) or TF32 tensor cores; 16-bit inputs: always tensor cores.
+// Everything the kernels write, downloaded as doubles (partials summed like the torch binding does).
+struct Outputs {
+  std::vector<double> y, dx, ddt, dE, dB, dC, dA, ddt_bias, dD;
+};
+
+// Uploads `pb` (its values are replaced by their T-rounded copies), runs forward + backward, downloads everything.
 template <typename T>
-bool run_case(const Case& c, std::mt19937& rng, double tol, bool allow_tf32 = false) {
-  Problem pb = make_problem(c, rng);
-  const size_t TH = size_t(pb.T) * c.H, THP = TH * c.P, TGN = size_t(pb.T) * c.G * c.N, THN = TH * c.N;
+Outputs run_kernels(Problem& pb, bool allow_tf32) {
+  const int H = pb.H, G = pb.G, P = pb.P, N = pb.N, nseq = pb.nseq;
+  const size_t TH = size_t(pb.T) * H, THP = TH * P, TGN = size_t(pb.T) * G * N, THN = TH * N;
   T* x = upload<T>(pb.x);
   T* dy = upload<T>(pb.dy);
   T* B = upload<T>(pb.B);
@@ -143,54 +149,76 @@ bool run_case(const Case& c, std::mt19937& rng, double tol, bool allow_tf32 = fa
   float* D = upload<float>(pb.D);
   int64_t* seq_start = nullptr;
   int32_t* seq_len = nullptr;
-  CUDA_OK(cudaMalloc(&seq_start, c.nseq * sizeof(int64_t)));
-  CUDA_OK(cudaMalloc(&seq_len, c.nseq * sizeof(int32_t)));
-  CUDA_OK(cudaMemcpy(seq_start, pb.seq_start.data(), c.nseq * sizeof(int64_t), cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(seq_len, pb.seq_len.data(), c.nseq * sizeof(int32_t), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMalloc(&seq_start, nseq * sizeof(int64_t)));
+  CUDA_OK(cudaMalloc(&seq_len, nseq * sizeof(int32_t)));
+  CUDA_OK(cudaMemcpy(seq_start, pb.seq_start.data(), nseq * sizeof(int64_t), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(seq_len, pb.seq_len.data(), nseq * sizeof(int32_t), cudaMemcpyHostToDevice));
 
   TissdParams p;
-  p.x = x; p.dt = dt; p.A = A; p.B = B; p.C = C; p.E = c.has_E ? E : nullptr; p.dt_bias = bias; p.D = D;
+  p.x = x; p.dt = dt; p.A = A; p.B = B; p.C = C; p.E = pb.has_E ? E : nullptr; p.dt_bias = bias; p.D = D;
   p.seq_start = seq_start; p.seq_len = seq_len;
-  p.nseq = c.nseq; p.H = c.H; p.G = c.G; p.P = c.P; p.N = c.N; p.max_len = c.L;
-  p.d_skip_delta = c.d_skip_delta; p.dt_softplus = c.dt_softplus; p.allow_tf32 = allow_tf32;
+  p.nseq = nseq; p.H = H; p.G = G; p.P = P; p.N = N;
+  p.max_len = *std::max_element(pb.seq_len.begin(), pb.seq_len.end());
+  p.d_skip_delta = pb.d_skip_delta; p.dt_softplus = pb.dt_softplus; p.allow_tf32 = allow_tf32;
   p.y = zeros<T>(THP);
   p.dy = dy; p.dx = zeros<T>(THP);
   p.dB_head = zeros<float>(THN); p.dC_head = zeros<float>(THN);
-  p.ddt = zeros<float>(TH); p.dE = c.has_E ? zeros<float>(TH) : nullptr;
-  p.dA_part = zeros<float>(size_t(c.nseq) * c.H);
-  p.ddt_bias_part = zeros<float>(size_t(c.nseq) * c.H);
-  p.dD_part = zeros<float>(size_t(c.nseq) * c.H);
+  p.ddt = zeros<float>(TH); p.dE = pb.has_E ? zeros<float>(TH) : nullptr;
+  p.dA_part = zeros<float>(size_t(nseq) * H);
+  p.ddt_bias_part = zeros<float>(size_t(nseq) * H);
+  p.dD_part = zeros<float>(size_t(nseq) * H);
   CUDA_OK(mmm4rec::tissd_quadratic_fwd_launch<T>(p, 0));
   CUDA_OK(mmm4rec::tissd_quadratic_bwd_launch<T>(p, 0));
   CUDA_OK(cudaDeviceSynchronize());
 
-  const mmm4rec_ref::Grads want = mmm4rec_ref::reference(pb);
-  // sum the per-head / per-sequence partials like the torch binding does
   auto sum_heads = [&](const std::vector<double>& head) {  // [T, H, N] -> [T, G, N]
     std::vector<double> out(TGN, 0.0);
     for (size_t t = 0; t < size_t(pb.T); ++t)
-      for (int h = 0; h < c.H; ++h)
-        for (int k = 0; k < c.N; ++k) out[(t * c.G + h / (c.H / c.G)) * c.N + k] += head[(t * c.H + h) * c.N + k];
+      for (int h = 0; h < H; ++h)
+        for (int k = 0; k < N; ++k) out[(t * G + h / (H / G)) * N + k] += head[(t * H + h) * N + k];
     return out;
   };
   auto sum_seqs = [&](const float* part) {  // [nseq, H] -> [H]
-    std::vector<double> v = download(part, size_t(c.nseq) * c.H), out(c.H, 0.0);
-    for (int s = 0; s < c.nseq; ++s)
-      for (int h = 0; h < c.H; ++h) out[h] += v[size_t(s) * c.H + h];
+    std::vector<double> v = download(part, size_t(nseq) * H), out(H, 0.0);
+    for (int s = 0; s < nseq; ++s)
+      for (int h = 0; h < H; ++h) out[h] += v[size_t(s) * H + h];
     return out;
   };
+  Outputs o;
+  o.y = download(static_cast<T*>(p.y), THP);
+  o.dx = download(static_cast<T*>(p.dx), THP);
+  o.ddt = download(p.ddt, TH);
+  if (pb.has_E) o.dE = download(p.dE, TH);
+  o.dB = sum_heads(download(p.dB_head, THN));
+  o.dC = sum_heads(download(p.dC_head, THN));
+  o.dA = sum_seqs(p.dA_part);
+  o.ddt_bias = sum_seqs(p.ddt_bias_part);
+  o.dD = sum_seqs(p.dD_part);
+  for (void* ptr : {(void*)x, (void*)dy, (void*)B, (void*)C, (void*)dt, (void*)E, (void*)A, (void*)bias, (void*)D,
+                    (void*)seq_start, (void*)seq_len, p.y, p.dx, (void*)p.dB_head, (void*)p.dC_head, (void*)p.ddt,
+                    (void*)p.dE, (void*)p.dA_part, (void*)p.ddt_bias_part, (void*)p.dD_part})
+    if (ptr) CUDA_OK(cudaFree(ptr));
+  return o;
+}
+
+// fp32 inputs: exact FMA path (allow_tf32 = false) or TF32 tensor cores; 16-bit inputs: always tensor cores.
+template <typename T>
+bool run_case(const Case& c, std::mt19937& rng, double tol, bool allow_tf32 = false) {
+  Problem pb = make_problem(c, rng);
+  const Outputs got = run_kernels<T>(pb, allow_tf32);
+  const mmm4rec_ref::Grads want = mmm4rec_ref::reference(pb);
   struct Item { const char* name; double err; };
   std::vector<Item> items = {
-      {"y", rel_err(download(static_cast<T*>(p.y), THP), want.y)},
-      {"dx", rel_err(download(static_cast<T*>(p.dx), THP), want.dx)},
-      {"ddt", rel_err(download(p.ddt, TH), want.ddt)},
-      {"dA", rel_err(sum_seqs(p.dA_part), want.dA)},
-      {"dB", rel_err(sum_heads(download(p.dB_head, THN)), want.dB)},
-      {"dC", rel_err(sum_heads(download(p.dC_head, THN)), want.dC)},
-      {"ddt_bias", rel_err(sum_seqs(p.ddt_bias_part), want.ddt_bias)},
-      {"dD", rel_err(sum_seqs(p.dD_part), want.dD)},
+      {"y", rel_err(got.y, want.y)},
+      {"dx", rel_err(got.dx, want.dx)},
+      {"ddt", rel_err(got.ddt, want.ddt)},
+      {"dA", rel_err(got.dA, want.dA)},
+      {"dB", rel_err(got.dB, want.dB)},
+      {"dC", rel_err(got.dC, want.dC)},
+      {"ddt_bias", rel_err(got.ddt_bias, want.ddt_bias)},
+      {"dD", rel_err(got.dD, want.dD)},
   };
-  if (c.has_E) items.push_back({"dE", rel_err(download(p.dE, TH), want.dE)});
+  if (c.has_E) items.push_back({"dE", rel_err(got.dE, want.dE)});
   bool ok = true;
   double worst = 0.0;
   std::string detail;
@@ -205,10 +233,47 @@ bool run_case(const Case& c, std::mt19937& rng, double tol, bool allow_tf32 = fa
               type_name<T>(allow_tf32), c.nseq, c.L, c.H, c.G, c.P, c.N, c.packed ? "packed" : "padded",
               c.d_skip_delta ? "delta" : "plain", int(c.dt_softplus), int(c.has_E), c.dt_shift, worst,
               ok ? "ok" : "FAIL", detail.c_str());
-  for (void* ptr : {(void*)x, (void*)dy, (void*)B, (void*)C, (void*)dt, (void*)E, (void*)A, (void*)bias, (void*)D,
-                    (void*)seq_start, (void*)seq_len, p.y, p.dx, (void*)p.dB_head, (void*)p.dC_head, (void*)p.ddt,
-                    (void*)p.dE, (void*)p.dA_part, (void*)p.ddt_bias_part, (void*)p.dD_part})
-    if (ptr) CUDA_OK(cudaFree(ptr));
+  return ok;
+}
+
+// NaN causality: one NaN / inf at valid step t of sequence s (in x, dt, E, B or C) may only reach the outputs at
+// steps >= t of s. With dy = 0 on those rows (a loss over rows < t), EVERY output of the backward equals the run
+// without the bad value exactly, and so do the forward's rows < t of s, the other sequences and the padding (0);
+// the bad value does reach some row >= t.
+template <typename T>
+bool nan_case(const char* input, double value, std::mt19937& rng, bool allow_tf32 = false) {
+  const Case c{3, 40, 2, 1, 64, 16, false, true, true, true, 0.0};  // two score tiles, a padded tail
+  Problem clean = make_problem(c, rng);
+  const int s = 1, t = 20, H = c.H, P = c.P;
+  clean.seq_len[s] = 37;
+  for (int tt = t; tt < c.L; ++tt)
+    for (int e = 0; e < H * P; ++e) clean.dy[(size_t(s) * c.L + tt) * H * P + e] = 0.0;
+  Problem bad = clean;
+  const size_t tok = size_t(s) * c.L + t;
+  std::string name(input);
+  if (name == "x") bad.x[(tok * H + 1) * P + 5] = value;
+  else if (name == "dt") bad.dt[tok * H + 0] = value;
+  else if (name == "E") bad.E[tok * H + 1] = value;
+  else if (name == "B") bad.B[(tok * c.G + 0) * c.N + 3] = value;
+  else bad.C[(tok * c.G + 0) * c.N + 7] = value;
+  const Outputs a = run_kernels<T>(clean, allow_tf32), b = run_kernels<T>(bad, allow_tf32);
+  bool ok = true, reached = false;
+  std::string detail;
+  auto same = [&](const std::vector<double>& u, const std::vector<double>& v, const char* what) {
+    for (size_t i = 0; i < u.size(); ++i)
+      if (!(u[i] == v[i])) { ok = false; detail += std::string(" ") + what; return; }
+  };
+  for (size_t i = 0; i < a.y.size(); ++i) {  // [T, H, P]: token i / (H P)
+    const size_t tk = i / (size_t(H) * P);
+    const int seq = int(tk / c.L), step = int(tk % c.L);
+    if (seq == s && step >= t && step < clean.seq_len[s]) { reached |= !std::isfinite(b.y[i]); continue; }
+    if (!(a.y[i] == b.y[i]) || (step >= clean.seq_len[seq] && b.y[i] != 0.0)) { ok = false; detail += " y"; break; }
+  }
+  if (!reached) { ok = false; detail += " (nothing reached rows >= t)"; }
+  same(a.dx, b.dx, "dx"); same(a.ddt, b.ddt, "ddt"); same(a.dE, b.dE, "dE"); same(a.dB, b.dB, "dB");
+  same(a.dC, b.dC, "dC"); same(a.dA, b.dA, "dA"); same(a.ddt_bias, b.ddt_bias, "ddt_bias"); same(a.dD, b.dD, "dD");
+  std::printf("%-4s non-finite %-2s = %-4g at step %d of sequence %d: %s%s\n", type_name<T>(allow_tf32), input, value,
+              t, s, ok ? "ok" : "FAIL", detail.c_str());
   return ok;
 }
 
@@ -307,6 +372,17 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < ncases; ++i) ok &= run_case<float>(cases[i], rng, kTolTf32, /*allow_tf32=*/true);
   for (size_t i = 0; i < ncases; ++i) ok &= run_case<__nv_bfloat16>(cases[i], rng, kTolBf16);
   for (size_t i = 0; i < ncases; ++i) ok &= run_case<__half>(cases[i], rng, kTolFp16);
+  const double kNan = std::nan(""), kInf = HUGE_VAL;
+  const std::vector<std::pair<const char*, double>> bad_inputs = {
+      {"x", kInf}, {"dt", kNan}, {"E", kNan}, {"B", -kInf}, {"C", kNan}};
+  for (const auto& [input, value] : bad_inputs) {
+    ok &= nan_case<float>(input, value, rng);
+    if (!quick || input[0] == 'x') {
+      ok &= nan_case<float>(input, value, rng, /*allow_tf32=*/true);
+      ok &= nan_case<__nv_bfloat16>(input, value, rng);
+      ok &= nan_case<__half>(input, value, rng);
+    }
+  }
   // error code beyond the length limit
   TissdParams bad;
   bad.nseq = 1; bad.H = 1; bad.G = 1; bad.P = 1; bad.N = 1; bad.max_len = mmm4rec::kTissdMaxLen + 1;

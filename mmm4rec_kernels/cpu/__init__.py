@@ -32,7 +32,10 @@ logger = logging.getLogger("mmm4rec_kernels")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_HERE, f) for f in ("causal_conv.cpp", "tissd_quadratic.cpp")]
 _HEADERS = [os.path.join(_HERE, "thread_sums.h")]                 # part of the build's identity (the hash)
-_FLAGS = ["-O3", "-ffast-math", "-std=c++17", "-shared", "-fPIC"]
+# fast math without its two hazards: -ffinite-math-only (NaN / inf assumed away: SiLU gave NaN below -89) and
+# crtfastmath.o (linked with -ffast-math: flush-to-zero for the whole process on load); libmvec: thread_sums.h
+_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+          "-freciprocal-math", "-std=c++17", "-shared", "-fPIC"]
 # tried in order until one builds: -march=native (AVX2 / AVX-512 and libmvec's vector exp) and OpenMP are optional
 _OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
 _lock = threading.Lock()

@@ -1,8 +1,21 @@
 // Shared by the native CPU kernels: per-thread partial sums (double) reduced in a fixed thread order, so a weight
-// gradient does not depend on how the threads were scheduled.
+// gradient does not depend on how the threads were scheduled; and the vector exp declarations below.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <vector>
+
+// glibc's libmvec has vector versions of exp / expf (_ZGV*_exp*); GCC calls them from vectorised loops only for
+// functions declared with the simd attribute, which <math.h> does only under __FAST_MATH__ (-ffast-math).  The
+// library is built without -ffast-math (it assumes no NaN / inf, and links crtfastmath.o, which turns on
+// flush-to-zero for the whole process on load), so the two functions are declared here.  libmvec handles every
+// input, inf / NaN / overflow included.  Other compilers and C libraries: scalar exp.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && !defined(__FAST_MATH__)
+extern "C" {
+float expf(float) noexcept __attribute__((__simd__("notinbranch")));
+double exp(double) noexcept __attribute__((__simd__("notinbranch")));
+}
+#endif
 
 // out[e] = sum over t < nt of partials[t * count + e]   (e < count)
 template <typename T>

@@ -13,7 +13,10 @@
 //   skip: dx_i += D s_i gy_i, ddelta_i += D gy_i . x_i (if s = delta), dD += sum over (b, i) of s_i gy_i x_i
 //   (dD per thread in double, added in a fixed order).
 // Inputs contiguous: x [b, L, H, P], delta / a [b, L, H], B / C [b, L, G, n], len [b] int64, D [H, P] or null.
-// Padded steps are never read, so they need not be clean.  Work per (b, h) is O(len^2 (P + n)) with no intermediate
+// Padded steps are never read, so they need not be clean.  NaN / inf at a valid step t: the forward only sums pairs
+// j <= i, so it reaches rows >= t only; the backward skips every output row whose gradient gy_i is exactly 0 (all
+// its terms carry the factor gy_i: the skip is exact), so a loss that reads rows < t gets the same gradients as
+// without the bad value (no 0 * NaN).  Work per (b, h) is O(len^2 (P + n)) with no intermediate
 // tensors; parallel over b (OpenMP), each thread writes only its own sequences.
 #include <algorithm>
 #include <cmath>
@@ -40,6 +43,14 @@ inline T dot(const T* u, const T* v, int64_t m) {
     T acc = T(0);
     for (int64_t k = 0; k < m; ++k) acc += u[k] * v[k];
     return acc;
+}
+
+// does v[0..m) hold a nonzero (or NaN) entry?
+template <typename T>
+inline bool any_nonzero(const T* v, int64_t m) {
+    int nz = 0;
+    for (int64_t k = 0; k < m; ++k) nz |= v[k] != T(0);
+    return nz != 0;
 }
 
 // steps of sequence b that are read: len[b] clamped to [0, L]
@@ -116,9 +127,10 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
             for (int64_t h = 0; h < d.H; ++h) {
                 const int64_t g = h / r;
                 for (int64_t i = 0; i < Lb; ++i) {
+                    const T* gyi = gy + d.x(b, i, h);
+                    if (!any_nonzero(gyi, d.P)) continue;               // a zero gradient row adds exactly 0
                     decay_row(a + d.s(b, 0, h), d.H, i, seg.data(), decay.data());
                     const T* Ci = C + d.bc(b, i, g);
-                    const T* gyi = gy + d.x(b, i, h);
                     T* dCi = dC + d.bc(b, i, g);
                     for (int64_t j = 0; j <= i; ++j) {
                         const T* Bj = B + d.bc(b, j, g);

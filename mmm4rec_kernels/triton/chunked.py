@@ -24,6 +24,16 @@ exp(cs_i) exp(-cs_j).  For the same reason the backward sums d a_t directly over
 reverse cumsum of large cancelling terms).  Everything accumulates in float32; fp32 dots use "tf32x3" (~fp32
 accurate on tensor cores), "tf32" with allow_tf32; 16-bit inputs round the dot operands to their dtype.
 
+Non-finite inputs: a NaN / inf at valid step t reaches only the outputs at steps >= t (the chunk's rows from t on
+and every later chunk, through the state), and padding stays exactly 0.  Masks are selects (tl.where), never
+products with 0.  The forward's S @ (Delta x), a dot over the steps of a chunk that would meet a masked 0 with a
+non-finite Delta_j x_j, is checked: a non-finite result (never in a real run) is recomputed with the bad rows zeroed
+and the rows from the first bad step on set to NaN.  (dC_i = sum_j dG_ij B_j is not guarded: a NaN / inf B_t can
+reach dC of the rows before t in its chunk when dy is nonzero at rows >= t; guarding it spilled.)  The backward runs on
+the live prefix of each (sequence, head, P-block): rows after the last one with a nonzero dy (and no dfinal) have
+exact-zero gradients and are not processed, so a loss over the rows before t gets exactly the gradients of the run
+without the bad value; _bwd_dt_kernel treats a zero dDelta as an exact zero (0 * NaN = 0 there).
+
 Interpreter: the Triton interpreter (numpy >= 2) cannot range() over a runtime scalar, so under TRITON_INTERPRET the
 chunk loops get a fixed trip count (ITERS constexpr, see _iters) and chunks past a sequence are masked no-ops.
 """
@@ -105,6 +115,44 @@ def _chunk_cumsum(a, Q: tl.constexpr):
     return hi, lo, hi_L, lo_L
 
 
+@triton.jit
+def _nonfinite(v):
+    """True where v is NaN or +-inf."""
+    return (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
+
+
+@triton.jit
+def _any_nonfinite(t):
+    """Does the 2-d tile t hold a NaN or inf?"""
+    return tl.max(tl.max(_nonfinite(t).to(tl.int32), axis=1), axis=0) > 0
+
+
+@triton.jit
+def _guarded_dot(acc, coef, rows, row_ok, cols, v, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + coef @ v for coef [M, K] that is 0 outside the causal pairs cols[k] <= rows[m] of valid steps (masked
+    pairs, padding: v is 0 on invalid steps) and v [K, N] that holds NaN / inf: in a plain dot a masked 0 times inf is
+    NaN, which would leak a bad v[k, :] backwards in time and into padding.  Here v's non-finite entries are zeroed
+    for the product and the valid rows at or after the first bad step become NaN (non-finite may reach them).
+    Slow path: the kernels run it only after the plain result came out non-finite."""
+    bad = _nonfinite(v)
+    first = tl.min(tl.where(tl.max(bad.to(tl.int32), axis=1) > 0, cols, 2147483647), axis=0)  # first bad step
+    acc += _dot(coef, tl.where(bad, 0.0, v), DOT, PRECISION)
+    return tl.where(((rows >= first) & row_ok)[:, None], float("nan"), acc)
+
+
+@triton.jit
+def _skip(x, delta, Dh, HAS_D: tl.constexpr, D_SKIP_DELTA: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The skip term D s_i x_i of a chunk [Q, BP] (s = Delta or 1; zeros without D)."""
+    if HAS_D:
+        if D_SKIP_DELTA:
+            out = (Dh * delta)[:, None] * x
+        else:
+            out = Dh * x
+    else:
+        out = tl.zeros([Q, BLOCK_P], dtype=tl.float32)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,6 +191,7 @@ def _fwd_kernel(
         hT = tl.load(h0_ptr + s_off + s_idx, mask=s_mask, other=0.0).to(tl.float32)
     else:
         hT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    Dh = A                                                                         # unused without D
     if HAS_D:
         Dh = tl.load(D_ptr + h).to(tl.float32)
     # chunks of this sequence; ITERS > 0: fixed trip count instead (see _iters), extra chunks are masked no-ops
@@ -158,21 +207,20 @@ def _fwd_kernel(
         Bm = tl.load(B_ptr + (tok0 * G + g) * N + bc_off, mask=bn_ok, other=0.0)   # [Q, BN]
         Cm = tl.load(C_ptr + (tok0 * G + g) * N + bc_off, mask=bn_ok, other=0.0)   # [Q, BN]
         diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-        S = tl.where(rq[:, None] >= rq[None, :], tl.exp(tl.minimum(diff, 0.0)), 0.0)
-        S *= _dot(Cm, tl.trans(Bm), DOT, PRECISION)                                # [Q, Q]
+        keep = (rq[:, None] >= rq[None, :]) & ok[:, None] & ok[None, :]          # pairs j <= i, both valid
+        # selected, never multiplied by a masked 0: a NaN / inf in B_j or cs stays in the pairs it belongs to
+        S = tl.where(keep, tl.exp(tl.minimum(diff, 0.0)) * _dot(Cm, tl.trans(Bm), DOT, PRECISION), 0.0)  # [Q, Q]
 
         x_off = rq[:, None] * (H * P) + rp[None, :]
         xp_ok = ok[:, None] & p_ok[None, :]
         x = tl.load(x_ptr + (tok0 * H + h) * P + x_off, mask=xp_ok, other=0.0).to(tl.float32)  # [Q, BP]
-        if HAS_D:                                                                  # skip: D s_i x_i
-            if D_SKIP_DELTA:
-                y = (Dh * delta)[:, None] * x
-            else:
-                y = Dh * x
-        else:
-            y = tl.zeros([Q, BLOCK_P], dtype=tl.float32)
         u = x * delta[:, None]                                                     # [Q, BP] Delta_j x_j
+        y = _skip(x, delta, Dh, HAS_D, D_SKIP_DELTA, Q, BLOCK_P)
         y += _dot(S, u, DOT, PRECISION)
+        # a finite result met no NaN / inf; otherwise (never in a real run) again, guarded: a non-finite u_j
+        # reaches rows i >= j only, never the rows before it or the padding through a masked 0 of S
+        if _any_nonfinite(y):
+            y = _guarded_dot(_skip(x, delta, Dh, HAS_D, D_SKIP_DELTA, Q, BLOCK_P), S, rq, ok, rq, u, DOT, PRECISION)
         y += tl.exp(hi + lo)[:, None] * _dot(Cm, hT, DOT, PRECISION)               # exp(cs_i) C_i . h[p, :]
         tl.store(y_ptr + (tok0 * H + h) * P + x_off, y.to(y_ptr.dtype.element_ty), mask=xp_ok)
 
@@ -200,7 +248,11 @@ def _bwd_kernel(
 ):
     """Outputs (fp32 unless said): dx [T, H, P] (x dtype); ddelta [n_pb, T, H] partial dDelta per P-block;
     dB, dC [n_pb * H/G, T, G, N] partials (slot pb * H/G + head-in-group); dh0 [nseq, H, P, N];
-    dA, dD [nseq * H * n_pb] partial sums; states [nseq, H, n_chunks, P, N] scratch."""
+    dA, dD [nseq * H * n_pb] partial sums; states [nseq, H, n_chunks, P, N] scratch.
+    Strong zeros of dy: the reverse sweep finds the last step whose dy row (this P-block) is nonzero (all of them
+    when dfinal is nonzero) and runs on the prefix that ends there; the rows after it contribute exactly nothing, so
+    a NaN / inf input at a later step never meets a 0 of dy (0 * NaN).  Everything this program computes depends
+    on dy only through its own P-block, so a per-P-block prefix is exact."""
     pid = tl.program_id(0)
     pb = pid % n_pb
     h = (pid // n_pb) % H
@@ -253,12 +305,19 @@ def _bwd_kernel(
             tl.debug_barrier()  # sweep 1 adds to the dDelta partials that sweep 0 stored (other threads)
         if HAS_DFINAL:
             dhT = tl.load(dhT_ptr + s_off + s_idx, mask=s_mask, other=0.0).to(tl.float32)
+            live = tl.where(tl.max(tl.max((dhT != 0.0).to(tl.int32), axis=1), axis=0) > 0, length, 0)
         else:
             dhT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+            live = tl.zeros([1], dtype=tl.int32).sum(axis=0)                           # live prefix so far
         for i in range(0, ITERS if ITERS > 0 else nc):
             c = (ITERS if ITERS > 0 else nc) - 1 - i
-            ok = c * Q + rq < length
+            in_seq = c * Q + rq < length
             tok0 = start + c * Q
+            x_off = (tok0 * H + h) * P + rq[:, None] * (H * P) + rp[None, :]
+            dy = tl.load(dy_ptr + x_off, mask=in_seq[:, None] & p_ok[None, :], other=0.0).to(tl.float32)  # [Q, BP]
+            row_live = tl.max((dy != 0.0).to(tl.int32), axis=1) > 0
+            live = tl.maximum(live, tl.max(tl.where(row_live, c * Q + rq + 1, 0), axis=0))
+            ok = in_seq & (c * Q + rq < live)                                          # steps of the live prefix
             v = _load_v(dt_ptr + tok0 * H + h, E_ptr + tok0 * H + h, bias_ptr + h, rq * H, ok, HAS_E, HAS_BIAS)
             delta = _delta(v, ok, DT_SOFTPLUS)
             hi, lo, hi_L, lo_L = _chunk_cumsum(A * delta, Q)
@@ -267,20 +326,20 @@ def _bwd_kernel(
             wg = tl.where(dL <= 0.0, w, 0.0)                                           # its derivative (clamp off)
             ecs = tl.exp(hi + lo)                                                      # exp(cs_i), [Q]
             ecs_L = tl.exp(hi_L + lo_L)
-            x_off = (tok0 * H + h) * P + rq[:, None] * (H * P) + rp[None, :]
             xp_ok = ok[:, None] & p_ok[None, :]
             x = tl.load(x_ptr + x_off, mask=xp_ok, other=0.0).to(tl.float32)           # [Q, BP]
-            dy = tl.load(dy_ptr + x_off, mask=xp_ok, other=0.0).to(tl.float32)         # [Q, BP]
             u = x * delta[:, None]                                                     # [Q, BP] Delta_j x_j
             bc_off = (tok0 * G + g) * N + rq[:, None] * (G * N) + rn[None, :]
             bn_ok = ok[:, None] & n_ok[None, :]
             Bm = tl.load(B_ptr + bc_off, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
             Cm = tl.load(C_ptr + bc_off, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
 
-            # decay M_ij = exp(min(cs_i - cs_j, 0)) (j <= i); S_ij = (C_i . B_j) M_ij
+            # decay M_ij = exp(min(cs_i - cs_j, 0)) (j <= i); S_ij = (C_i . B_j) M_ij; both selected on the kept
+            # pairs (j <= i, both live), never multiplied by a masked 0
             diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-            M = tl.where(rq[:, None] >= rq[None, :], tl.exp(tl.minimum(diff, 0.0)), 0.0)
-            S = M * _dot(Cm, tl.trans(Bm), DOT, PRECISION)                            # [Q, Q]
+            keep = (rq[:, None] >= rq[None, :]) & ok[:, None] & ok[None, :]
+            M = tl.where(keep, tl.exp(tl.minimum(diff, 0.0)), 0.0)
+            S = tl.where(keep, M * _dot(Cm, tl.trans(Bm), DOT, PRECISION), 0.0)       # [Q, Q]
             # da_t (a_t enters cs_i for all i >= t of the chunk), summed directly over the decays that contain a_t, so
             # that large terms of decays not containing it never cancel (stable after huge steps):
             #   pairs j < t <= i:       sum_{i >= t} sum_{j < t} W_ij,  W_ij = (dy_i . u_j) S_ij where the clamp is off
@@ -309,12 +368,14 @@ def _bwd_kernel(
                 tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=xp_ok)
             if sweep == 1 or not SPLIT_BC:  # dB, dC, pairs and read-state terms of da
                 dyu = _dot(dy, tl.trans(u), DOT, PRECISION)                            # [Q, Q] dy_i . u_j
-                W = tl.where((rq[:, None] > rq[None, :]) & (diff <= 0.0), dyu * S, 0.0)
+                W = tl.where(keep & (rq[:, None] > rq[None, :]) & (diff <= 0.0), dyu * S, 0.0)
                 F = tl.cumsum(W, axis=1)                                               # F[i, s] = sum_{j <= s} W_ij
                 before += tl.sum(tl.where(rq[:, None] > rq[None, :], F, 0.0), axis=0)  # [Q] pairs j <= s < i
-                dG = dyu * M                                                           # d loss / d (C_i . B_j)
+                dG = tl.where(keep, dyu * M, 0.0)                                      # d loss / d (C_i . B_j)
                 # dC_i = sum_j dG_ij B_j + exp(cs_i) h dy_i ;  dB_j = sum_i dG_ij C_i + w_j dh^T u_j
-                hT = tl.load(states_ptr + ((seq * H + h) * n_chunks + c) * (P * N) + s_idx, mask=s_mask, other=0.0)
+                # (a chunk that starts past the live prefix reads a zero state: the stored one may be NaN)
+                hT = tl.load(states_ptr + ((seq * H + h) * n_chunks + c) * (P * N) + s_idx,
+                             mask=s_mask & (c * Q < live), other=0.0)
                 dyh = _dot(dy, tl.trans(hT), DOT, PRECISION)                           # [Q, BN] sum_p dy_ip h[p, k]
                 dC = _dot(dG, Bm, DOT, PRECISION) + ecs[:, None] * dyh
                 tl.store(dC_ptr + part_off + bc_off, dC.to(dC_ptr.dtype.element_ty), mask=bn_ok)
@@ -328,7 +389,7 @@ def _bwd_kernel(
             if SPLIT_BC and sweep == 1:
                 ddelta = tl.load(dd_ptrs, mask=ok, other=0.0)                          # sweep 0's part
             ddelta += A * da
-            tl.store(dd_ptrs, ddelta, mask=ok)
+            tl.store(dd_ptrs, tl.where(ok, ddelta, 0.0), mask=in_seq)                  # 0 past the live prefix
             dA_acc += delta * da
 
             # dh (entering the chunk) = exp(cs_L) dh + sum_i exp(cs_i) dy_i C_i^T
@@ -348,7 +409,8 @@ def _bwd_dt_kernel(
     BLOCK_T: tl.constexpr,
 ):
     """Per (sequence, head): dDelta = sum of the P-block partials [N_PB, T, H]; dv = dDelta * sigmoid(v) (softplus);
-    ddt = dv E, dE = dv dt, dbias[seq, h] = sum_t dv."""
+    ddt = dv E, dE = dv dt, dbias[seq, h] = sum_t dv.  A zero gradient is a strong zero: dDelta = 0 gives dv = 0 and
+    dv = 0 gives ddt = dE = 0 even where v, dt or E is NaN / inf (steps past the live prefix of _bwd_kernel)."""
     pid = tl.program_id(0)
     h = pid % H
     seq = (pid // H).to(tl.int64)
@@ -373,10 +435,10 @@ def _bwd_dt_kernel(
             dv = dd / (1.0 + tl.exp(-v))                                           # d softplus / dv = sigmoid
         else:
             dv = dd
-        dv = tl.where(ok, dv, 0.0)
-        tl.store(ddt_ptr + off, dv * E, mask=ok)                                   # v = dt * E + bias
+        dv = tl.where(ok & (dd != 0.0), dv, 0.0)
+        tl.store(ddt_ptr + off, tl.where(dv != 0.0, dv * E, 0.0), mask=ok)         # v = dt * E + bias
         if HAS_E:
-            tl.store(dE_ptr + off, dv * dt, mask=ok)
+            tl.store(dE_ptr + off, tl.where(dv != 0.0, dv * dt, 0.0), mask=ok)
         acc += dv
     tl.store(dbias_ptr + pid, tl.sum(acc, axis=0))
 

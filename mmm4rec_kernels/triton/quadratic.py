@@ -28,6 +28,16 @@ accurate after huge steps (E ~ 1e4); decays are exp of clamped differences, neve
 d a_t is summed directly over the pairs it touches (j < t <= i), without cancelling row/column sums.
 Accumulation is float32; fp32 dots use input_precision="ieee" (exact) unless allow_tf32 ("tf32", tensor cores);
 fp32_precision= overrides.  dt, E, A, dt_bias, D may be any float dtype (cast on load).
+
+Non-finite inputs: a NaN / inf at valid step t of a sequence reaches only its outputs at steps >= t, and padding
+stays exactly 0.  Masks are selects (tl.where), never products with 0: the decay and score tiles, and in the
+backward C B^T M's gradient.  A dot over steps still meets masked zeros (0 * inf = NaN): in the forward the columns
+of a row block end at the first step of its own block with a bad x (the rows from there on are set to NaN; a bad
+x_j below the diagonal pairs with every row of the block anyway); B's product in dC is not guarded (a NaN / inf B_t
+can reach dC of the rows before t in its column block when dy is nonzero at rows >= t; guarding it cost
+occupancy).  The backward runs on the live prefix of each (sequence, head): rows after the last one with a nonzero dy
+have exact-zero gradients and are not processed, so a loss over the rows before t gets exactly the gradients of
+the run without the bad value (no 0 * NaN), its parameters' included.
 """
 from __future__ import annotations
 
@@ -35,15 +45,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import QUADRATIC_HARD_MAX_L
+from ..limits import QUADRATIC_MAX_LEN
 from . import configs
 from .layout import DOT_CODE, check_token_layout
 
 __all__ = ["tissd_quadratic_fwd", "tissd_quadratic_bwd", "QUADRATIC_MAX_LEN", "fp32_precision_of"]
 
-# Longest sequence these kernels accept: the rows of a whole sequence share one tile.  Longer: the chunked path.
-# Declared once, in dispatch.py.
-QUADRATIC_MAX_LEN = QUADRATIC_HARD_MAX_L
+# QUADRATIC_MAX_LEN (limits.py): the longest sequence these kernels accept, the rows of a whole sequence share one
+# tile.  Longer: the chunked path.
 
 _KEY = ["BLOCK_L", "H", "G", "P", "N", "DOT", "PRECISION"]
 
@@ -111,13 +120,33 @@ def _split(cs):
 
 
 @triton.jit
-def _decay(hi_r, lo_r, rows, hi_c, lo_c, cols, col_ok):
-    """M [BL, BJ] = exp(min(cs_i - cs_j, 0)) for j <= i and j valid, else 0; and the mask of the pairs j < i whose
-    decay moves with a (unclamped difference: the clamp's gradient is 0, as torch's)."""
+def _decay(hi_r, lo_r, rows, row_ok, hi_c, lo_c, cols, col_ok):
+    """keep [BL, BJ]: the pairs j <= i with both steps valid; M = exp(min(cs_i - cs_j, 0)) on them and exactly 0
+    elsewhere (selected, never multiplied in: a NaN / inf in cs after a non-finite step stays in the pairs it belongs
+    to); flows: the pairs j < i whose decay moves with a (unclamped difference: the clamp's gradient is 0, as
+    torch's).  Returns (M, keep, flows)."""
     diff = (hi_r[:, None] - hi_c[None, :]) + (lo_r[:, None] - lo_c[None, :])
-    keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :]
+    keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :] & row_ok[:, None]
     M = tl.where(keep, tl.exp(tl.minimum(diff, 0.0)), 0.0)
-    return M, keep & (cols[None, :] < rows[:, None]) & (diff <= 0.0)
+    return M, keep, keep & (cols[None, :] < rows[:, None]) & (diff <= 0.0)
+
+
+@triton.jit
+def _nonfinite(v):
+    """True where v is NaN or +-inf."""
+    return (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
+
+
+@triton.jit
+def _live_rows(dy_ptr, tok, ok, h, H, P: tl.constexpr, BLOCK_P: tl.constexpr):
+    """[M] int32: 1 where the output row has a nonzero (or NaN) gradient in some of its P channels, over tokens tok."""
+    live = tl.zeros(tok.shape, dtype=tl.int32)
+    for p0 in range(0, P, BLOCK_P):
+        rp = p0 + tl.arange(0, BLOCK_P)
+        dyt = tl.load(dy_ptr + tok[:, None] * (H * P) + h * P + rp[None, :], mask=ok[:, None] & (rp < P)[None, :],
+                      other=0.0)
+        live = tl.maximum(live, tl.max((dyt != 0.0).to(tl.int32), axis=1))
+    return live
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,7 +169,8 @@ def _fwd_kernel(
     n_ib = tl.cdiv(MAX_LEN, BT)
     n_pb: tl.constexpr = (P + BLOCK_P - 1) // BLOCK_P
     i0 = (pid % n_ib) * BT
-    rp = ((pid // n_ib) % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_base = ((pid // n_ib) % n_pb) * BLOCK_P
+    rp = p_base + tl.arange(0, BLOCK_P)
     h = (pid // (n_ib * n_pb)) % H
     seq = (pid // (n_ib * n_pb * H)).to(tl.int64)
     p_ok = rp < P
@@ -148,6 +178,7 @@ def _fwd_kernel(
     start = tl.load(start_ptr + seq).to(tl.int64)
     length = tl.load(len_ptr + seq).to(tl.int32)
     A = tl.load(A_ptr + h).to(tl.float32)
+    Dh = A                                                  # unused without D
     if HAS_D:
         Dh = tl.load(D_ptr + h).to(tl.float32)
     rn = tl.arange(0, BLOCK_N)
@@ -170,12 +201,27 @@ def _fwd_kernel(
     C = tl.load(C_ptr + tok_r[:, None] * (G * N) + g * N + rn[None, :],
                 mask=row_ok[:, None] & n_ok[None, :], other=0.0)                    # [BT, BN]
 
+    # NaN / inf in x: in the diagonal block a bad x_j meets the masked zeros of K (rows i < j, padding): 0 * inf =
+    # NaN would reach the rows before j.  So the columns end at the first bad step of this row block (this P-block)
+    # and the rows from that step on are set to NaN at the end (non-finite may reach those): the rows before it are
+    # exact (they pair with columns before it only).  Below the diagonal a bad x_j pairs with every row of the
+    # block (j < i), which it may reach.
+    first = tl.full([1], 2147483647, tl.int32).min(axis=0)
+    XC: tl.constexpr = 32 if BLOCK_P > 32 else BLOCK_P
+    x_rows = x_ptr + (start + i0) * (H * P) + h * P + p_base  # the diagonal block's x (this P-block)
+    for q0 in range(0, BLOCK_P, XC):                        # XC channels at a time, flat: few registers
+        e = tl.arange(0, BT * XC)
+        ok = (i0 + e // XC < length) & (p_base + q0 + e % XC < P)
+        xq = tl.load(x_rows + (e // XC) * (H * P) + q0 + e % XC, mask=ok, other=0.0)
+        first = tl.minimum(first, tl.min(tl.where(_nonfinite(xq), i0 + e // XC, 2147483647), axis=0))
+
+    lim = tl.minimum(length, first)                         # the columns read (rows from `first` on: NaN below)
     acc = tl.zeros([BT, BLOCK_P], dtype=tl.float32)
     carry = tl.zeros([1], dtype=tl.float64).sum(axis=0)                             # cs before column j0
     for j0 in range(0, BLOCK_L, BT):                        # static bounds; blocks past i0 / the end skipped
-        if (j0 <= i0) & (j0 < length):
+        if (j0 <= i0) & (j0 < lim):
             cols = j0 + tl.arange(0, BT)
-            col_ok = cols < length
+            col_ok = cols < lim
             tok_c = start + cols
             v_c, dt_c, E_c, delta_c = _discretize(dt_ptr, E_ptr, bias_ptr, tok_c, col_ok, h, H, HAS_E, HAS_BIAS,
                                                   DT_SOFTPLUS)
@@ -185,8 +231,9 @@ def _fwd_kernel(
 
             Bj = tl.load(B_ptr + tok_c[:, None] * (G * N) + g * N + rn[None, :],
                          mask=col_ok[:, None] & n_ok[None, :], other=0.0)          # [BT, BN]
-            M, flows = _decay(hi_r, lo_r, rows, hi_c, lo_c, cols, col_ok)           # [BT, BT]
-            K = _dot(C, tl.trans(Bj), DOT, PRECISION) * M * delta_c[None, :]        # (C_i . B_j) M_ij Delta_j
+            M, keep, flows = _decay(hi_r, lo_r, rows, row_ok, hi_c, lo_c, cols, col_ok)  # [BT, BT]
+            # (C_i . B_j) M_ij Delta_j on the kept pairs, selected: a NaN / inf in B_j or Delta_j stays in column j
+            K = tl.where(keep, _dot(C, tl.trans(Bj), DOT, PRECISION) * M * delta_c[None, :], 0.0)
             xj = tl.load(x_ptr + tok_c[:, None] * (H * P) + h * P + rp[None, :],
                          mask=col_ok[:, None] & p_ok[None, :], other=0.0)          # [BT, BP]
             acc += _dot(K, xj, DOT, PRECISION)
@@ -197,7 +244,14 @@ def _fwd_kernel(
                     else:
                         acc += Dh * xj.to(tl.float32)
 
-    # rows past the length hold exact zeros (C, x masked there): stored too when the caller asks (PAD_TO)
+    # rows from `first` on: NaN; padded rows: exactly 0 (K's zero rows may have met a bad x_j below the diagonal)
+    # (narrow P-blocks: only when some row needs it, a bad step or padding; that branch cost registers elsewhere)
+    if BLOCK_P > 32:
+        acc = tl.where((row_ok & (rows < first))[:, None], acc, tl.where(row_ok, float("nan"), 0.0)[:, None])
+    elif (first < 2147483647) | (i0 + BT > length):
+        acc = tl.where((row_ok & (rows < first))[:, None], acc, tl.where(row_ok, float("nan"), 0.0)[:, None])
+
+    # rows past the length are stored too (zeros) when the caller asks (PAD_TO)
     y_ok = (rows < tl.maximum(length, PAD_TO))[:, None] & p_ok[None, :]
     tl.store(y_ptr + tok_r[:, None] * (H * P) + h * P + rp[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_ok)
 
@@ -220,7 +274,10 @@ def _bwd_fused_kernel(
         da_t = sum_{i >= t > j} dS_ij S_ij           dDelta_j = (S^T dy)_j . x_j + A da_j (+ D x_j . dy_j)
     dB, dC go to [T, G, N] (group g), or to per-head partials [T, H, N] when PER_HEAD; part [3, nseq, H] gets
     the per-(sequence, head) sums of Delta da (dA), dv (ddt_bias) and s x . dy (dD).  Tokens [length, PAD_TO)
-    get explicit zeros."""
+    get explicit zeros.
+    Strong zeros of dy: the rows after the last one with a nonzero dy contribute exactly nothing, so everything runs
+    on the prefix of the sequence that ends there (`length` below); a NaN / inf at a later step never meets a 0 of
+    dy (0 * NaN), so a loss that reads rows < t only gets finite, exact gradients past a non-finite input at t."""
     BJ: tl.constexpr = BLOCK_J if BLOCK_J < BLOCK_L else BLOCK_L
     ONE_BLOCK: tl.constexpr = BJ == BLOCK_L
     seq = tl.program_id(0).to(tl.int64)
@@ -243,6 +300,8 @@ def _bwd_fused_kernel(
     n_ok = rn < N
 
     rows = tl.arange(0, BLOCK_L)
+    length = tl.max(tl.where(_live_rows(dy_ptr, start + rows, rows < length, h, H, P, BLOCK_P) > 0, rows + 1, 0),
+                    axis=0)                                 # the live prefix (tokens past it are written as zeros)
     row_ok = rows < length
     tok_r = start + rows
     v_r, dt_r, E_r, delta_r = _discretize(dt_ptr, E_ptr, bias_ptr, tok_r, row_ok, h, H, HAS_E, HAS_BIAS,
@@ -271,7 +330,7 @@ def _bwd_fused_kernel(
 
             Bj = tl.load(B_ptr + tok_c[:, None] * (G * N) + g * N + rn[None, :],
                          mask=col_ok[:, None] & n_ok[None, :], other=0.0)          # [BJ, BN]
-            M, flows = _decay(hi_r, lo_r, rows, hi_c, lo_c, cols, col_ok)
+            M, keep, flows = _decay(hi_r, lo_r, rows, row_ok, hi_c, lo_c, cols, col_ok)
             S = _dot(C, tl.trans(Bj), DOT, PRECISION) * M                           # [BL, BJ]
 
             # P loop: dS = dy u^T needs all of P; du = S^T dy (-> dx, dDelta) is done per P-block
@@ -305,7 +364,7 @@ def _bwd_fused_kernel(
                 tl.store(dx_ptr + xj_off, dxj.to(dx_ptr.dtype.element_ty), mask=col_out[:, None] & p_ok[None, :])
 
             # B, C through C_i . B_j
-            dCB = dS * M
+            dCB = tl.where(keep, dS * M, 0.0)                   # selected: a NaN / inf u_j stays in column j
             dC += _dot(dCB, Bj, DOT, PRECISION)                                     # [BL, BN]
             dBj = _dot(tl.trans(dCB), C, DOT, PRECISION)                            # [BJ, BN]
             tl.store(dB_ptr + tok_c[:, None] * (NBC * N) + slot * N + rn[None, :],
@@ -330,6 +389,7 @@ def _bwd_fused_kernel(
             if HAS_E:
                 tl.store(dE_ptr + tok_c * H + h, dv * dt_c, mask=col_out)
 
+    dC = tl.where(row_ok[:, None], dC, 0.0)                # rows outside the live prefix: exactly 0
     tl.store(dC_ptr + tok_r[:, None] * (NBC * N) + slot * N + rn[None, :],
              dC.to(dC_ptr.dtype.element_ty), mask=(rows < fill)[:, None] & n_ok[None, :])
     part = seq * H + h
@@ -355,10 +415,30 @@ def _cs_before(dt_ptr, E_ptr, bias_ptr, start, length, h, H, A, stop, HAS_E: tl.
     return carry
 
 
+@triton.jit
+def _live_len_kernel(dy_ptr, start_ptr, len_ptr, live_ptr, H, P: tl.constexpr, BLOCK_L: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """live[seq, h] = 1 + the last step whose dy row (head h) has a nonzero (or NaN) entry, 0 if none: the split
+    backward runs on that prefix.  Output rows past it have a zero gradient, so they contribute exactly nothing (the
+    strong zero), and a NaN / inf input at a later step never meets a 0 of dy (0 * NaN)."""
+    pid = tl.program_id(0)
+    h = pid % H
+    seq = (pid // H).to(tl.int64)
+    start = tl.load(start_ptr + seq).to(tl.int64)
+    length = tl.load(len_ptr + seq).to(tl.int32)
+    live = tl.zeros([1], dtype=tl.int32).sum(axis=0)
+    for r0 in range(0, BLOCK_L, BLOCK_R):                   # static bounds; blocks past the end skipped
+        if r0 < length:
+            rows = r0 + tl.arange(0, BLOCK_R)
+            flag = _live_rows(dy_ptr, start + rows, rows < length, h, H, P, BLOCK_P)
+            live = tl.maximum(live, tl.max(tl.where(flag > 0, rows + 1, 0), axis=0))
+    tl.store(live_ptr + pid, live)
+
+
 @configs.autotune("quadratic_bwd_dx", key=_KEY)
 @triton.jit(do_not_specialize=["T"])  # T.to(int64): never the constexpr 1
 def _bwd_dx_kernel(
-    dy_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, D_ptr, start_ptr, len_ptr,
+    dy_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, D_ptr, start_ptr, len_ptr, live_ptr,
     dx_ptr, dB_ptr, ddelta_ptr, dD_ptr,
     T, H, G, N, MAX_LEN, PAD_TO, P: tl.constexpr, PER_HEAD: tl.constexpr,
     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, D_SKIP_DELTA: tl.constexpr,
@@ -370,7 +450,8 @@ def _bwd_dx_kernel(
     I that reach J (fully masked causal blocks skipped), with S^T_ji = (B_j . C_i) M_ij:
         du_j = sum_i S^T_ji dy_i  ->  dx_j = Delta_j du_j + D s_j dy_j ;  ddelta[pb, j] = du_j . x_j (+ D x_j . dy_j)
         dB_j = sum_i (u_j . dy_i) M_ij C_i        (P-block 0 only; it loops over P when P > BLOCK_P)
-    dD[program] = sum_j s_j x_j . dy_j over its P-block.  Tokens [length, PAD_TO) get explicit zeros (dx, dB)."""
+    dD[program] = sum_j s_j x_j . dy_j over its P-block.  Tokens [length, PAD_TO) get explicit zeros (dx, dB).
+    Runs on the live prefix live[seq, h] (rows past the last nonzero dy add exactly nothing: _live_len_kernel)."""
     BI: tl.constexpr = BLOCK_I if BLOCK_I < BLOCK_L else BLOCK_L
     BJ: tl.constexpr = BLOCK_J if BLOCK_J < BLOCK_L else BLOCK_L
     n_pb: tl.constexpr = (P + BLOCK_P - 1) // BLOCK_P
@@ -391,6 +472,7 @@ def _bwd_dx_kernel(
     start = tl.load(start_ptr + seq).to(tl.int64)
     length = tl.load(len_ptr + seq).to(tl.int32)
     fill = tl.maximum(length, PAD_TO)
+    length = tl.load(live_ptr + seq * H + h)                # the live prefix: everything past it is exactly 0
     A = tl.load(A_ptr + h).to(tl.float32)
     rn = tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -477,7 +559,7 @@ def _bwd_dx_kernel(
 @configs.autotune("quadratic_bwd_dbc", key=_KEY)
 @triton.jit(do_not_specialize=["T"])  # T.to(int64): never the constexpr 1
 def _bwd_dc_kernel(
-    dy_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, start_ptr, len_ptr,
+    dy_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, start_ptr, len_ptr, live_ptr,
     dC_ptr, da_ptr,
     T, H, G, N, MAX_LEN, PAD_TO, P: tl.constexpr, PER_HEAD: tl.constexpr,
     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DOT: tl.constexpr,
@@ -488,7 +570,7 @@ def _bwd_dc_kernel(
     """Row pass, one program per (sequence, head, row block I of BI steps), walking the column blocks J <= I, with
     dS_ij = dy_i . u_j (dy_i kept on chip when P <= BLOCK_P), S_ij = (C_i . B_j) M_ij, W_ij = dS_ij S_ij:
         dC_i = sum_j dS_ij M_ij B_j ;  da[ib, t] = sum_{i in I, i >= t} sum_{j < t} W_ij  (row block I's share)
-    Tokens [length, PAD_TO) get explicit zeros (dC)."""
+    Tokens [length, PAD_TO) get explicit zeros (dC).  Runs on the live prefix live[seq, h] (see _bwd_dx_kernel)."""
     BI: tl.constexpr = BLOCK_I if BLOCK_I < BLOCK_L else BLOCK_L
     BJ: tl.constexpr = BLOCK_J if BLOCK_J < BLOCK_L else BLOCK_L
     ONE_P: tl.constexpr = P <= BLOCK_P
@@ -508,6 +590,7 @@ def _bwd_dc_kernel(
     start = tl.load(start_ptr + seq).to(tl.int64)
     length = tl.load(len_ptr + seq).to(tl.int32)
     fill = tl.maximum(length, PAD_TO)
+    length = tl.load(live_ptr + seq * H + h)                # the live prefix: everything past it is exactly 0
     A = tl.load(A_ptr + h).to(tl.float32)
     rn = tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -542,7 +625,7 @@ def _bwd_dc_kernel(
             carry_c += tl.sum(a_c, axis=0)
             Bj = tl.load(B_ptr + tok_c[:, None] * (G * N) + g * N + rn[None, :],
                          mask=col_ok[:, None] & n_ok[None, :], other=0.0)          # [BJ, BN]
-            M, flows = _decay(hi_r, lo_r, rows, hi_c, lo_c, cols, col_ok)           # [BI, BJ]
+            M, keep, flows = _decay(hi_r, lo_r, rows, row_ok, hi_c, lo_c, cols, col_ok)  # [BI, BJ]
             S = _dot(Ci, tl.trans(Bj), DOT, PRECISION) * M
             if ONE_P:
                 xj = tl.load(x_ptr + tok_c[:, None] * (H * P) + h * P + rp[None, :],
@@ -558,32 +641,36 @@ def _bwd_dc_kernel(
                     xq = tl.load(x_ptr + tok_c[:, None] * (H * P) + h * P + rq[None, :],
                                  mask=col_ok[:, None] & q_ok[None, :], other=0.0).to(tl.float32)
                     dS += _dot(dyq, tl.trans(xq * delta_c[:, None]), DOT, PRECISION)
-            dC += _dot(dS * M, Bj, DOT, PRECISION)
+            dC += _dot(tl.where(keep, dS * M, 0.0), Bj, DOT, PRECISION)     # selected: a bad u_j stays in column j
             # a_t moves seg_ij for j < t <= i: this row block's share of da_t, t in block J
             W = tl.where(flows, dS * S, 0.0)
             w_lt = w_before[:, None] + (tl.cumsum(W, axis=1) - W)                   # sum_{j < t} W_ij
             da_c = tl.sum(tl.where(rows[:, None] >= cols[None, :], w_lt, 0.0), axis=0)
             w_before += tl.sum(W, axis=1)
             tl.store(da_ptr + (T.to(tl.int64) * ib + tok_c) * H + h, da_c, mask=col_ok)
+    dC = tl.where(row_ok[:, None], dC, 0.0)                # rows outside the live prefix: exactly 0
     tl.store(dC_ptr + tok_r[:, None] * (NBC * N) + slot * N + rn[None, :], dC.to(dC_ptr.dtype.element_ty),
              mask=(rows < fill)[:, None] & n_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])  # T.to(int64): never the constexpr 1
 def _bwd_dt_kernel(
-    ddelta_ptr, da_ptr, dD_ptr, dt_ptr, A_ptr, E_ptr, bias_ptr, start_ptr, len_ptr, ddt_ptr, dE_ptr, part_ptr,
+    ddelta_ptr, da_ptr, dD_ptr, dt_ptr, A_ptr, E_ptr, bias_ptr, start_ptr, len_ptr, live_ptr, ddt_ptr, dE_ptr,
+    part_ptr,
     T, H, PAD_TO, N_PB: tl.constexpr, BI: tl.constexpr, N_DD: tl.constexpr,
     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Per (sequence, head): dDelta_t = sum_pb ddelta[pb, t] + A sum_{ib >= t // BI} da[ib, t];
     dv = dDelta sigmoid(v) (softplus); ddt = dv E, dE = dv dt; part [3, nseq, H] <- (sum_t Delta_t da_t,
-    sum_t dv_t, sum of the N_DD dD partials of this (sequence, head)).  Tokens [length, PAD_TO) get zeros."""
+    sum_t dv_t, sum of the N_DD dD partials of this (sequence, head)).  Tokens [live, max(length, PAD_TO)) get
+    zeros (past the live prefix every gradient is exactly 0; the partials were written on the live prefix only)."""
     pid = tl.program_id(0)
     h = pid % H
     seq = (pid // H).to(tl.int64)
     nseq = tl.num_programs(0).to(tl.int64) // H
     start = tl.load(start_ptr + seq).to(tl.int64)
-    length = tl.load(len_ptr + seq).to(tl.int32)
+    fill = tl.maximum(tl.load(len_ptr + seq).to(tl.int32), PAD_TO)
+    length = tl.load(live_ptr + pid)                        # the live prefix
     A = tl.load(A_ptr + h).to(tl.float32)
     rt = tl.arange(0, BLOCK_L)
     ok = rt < length
@@ -602,7 +689,7 @@ def _bwd_dt_kernel(
     else:
         dv = dd
     dv = tl.where(ok, dv, 0.0)
-    out = rt < tl.maximum(length, PAD_TO)
+    out = rt < fill
     tl.store(ddt_ptr + tok * H + h, dv * E, mask=out)
     if HAS_E:
         tl.store(dE_ptr + tok * H + h, dv * dt, mask=out)
@@ -772,14 +859,18 @@ def _bwd_split(dy, x, dt, A, B, C, E, dt_bias, opt, seq_start, seq_len, max_len,
     ddelta = torch.empty(n_pb, T, H, **f32)         # du . x per P-block
     da = torch.empty(n_ib, T, H, **f32)             # row block's share of d a_t
     dD_part = torch.empty(nseq * H * n_jb * n_pb, **f32)
+    live = torch.empty(nseq * H, dtype=torch.int32, device=x.device)    # live prefix per (sequence, head)
+    _live_len_kernel[(nseq * H,)](dy, seq_start, seq_len, live, H, P=P, BLOCK_L=bl, BLOCK_R=min(bl, 32),
+                                  BLOCK_P=min(64, max(16, triton.next_power_of_2(P))), num_warps=4)
     configs.launch(_bwd_dx_kernel, (nseq * H * n_jb * n_pb,),
-                   (dy, x, dt, A, B, C, *opt, seq_start, seq_len, dx, dB, ddelta, dD_part,
+                   (dy, x, dt, A, B, C, *opt, seq_start, seq_len, live, dx, dB, ddelta, dD_part,
                     T, H, G, N, max_len, pad_to, P), dict(meta, PER_HEAD=shared), cfg_dx)
     meta_dc = {k: v for k, v in meta.items() if k not in ("HAS_D", "D_SKIP_DELTA")}
     configs.launch(_bwd_dc_kernel, (nseq * H * n_ib,),
-                   (dy, x, dt, A, B, C, opt[0], opt[1], seq_start, seq_len, dC, da, T, H, G, N, max_len, pad_to, P),
+                   (dy, x, dt, A, B, C, opt[0], opt[1], seq_start, seq_len, live, dC, da, T, H, G, N, max_len, pad_to,
+                    P),
                    dict(meta_dc, PER_HEAD=shared), cfg_dc)
     _bwd_dt_kernel[(nseq * H,)](
-        ddelta, da, dD_part, dt, A, opt[0], opt[1], seq_start, seq_len, ddt, ddt if dE is None else dE, part,
+        ddelta, da, dD_part, dt, A, opt[0], opt[1], seq_start, seq_len, live, ddt, ddt if dE is None else dE, part,
         T, H, pad_to, N_PB=n_pb, BI=bi, N_DD=n_jb * n_pb, HAS_E=E is not None, HAS_BIAS=dt_bias is not None,
         DT_SOFTPLUS=meta["DT_SOFTPLUS"], BLOCK_L=bl, num_warps=4 if bl <= 128 else 8)

@@ -2,6 +2,7 @@
 // blockDim std::threads, __syncthreads = std::barrier, __shared__ = static locals shared by the threads).
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -27,6 +28,17 @@ struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c 
 inline thread_local dim3 threadIdx, blockIdx;
 inline std::barrier<>* g_bar = nullptr;
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
+inline std::atomic<int> g_or{0};
+inline int __syncthreads_or(int pred) {  // barrier; nonzero when pred is nonzero on any thread of the block
+  if (pred) g_or.fetch_or(1);
+  g_bar->arrive_and_wait();
+  const int any = g_or.load();
+  g_bar->arrive_and_wait();
+  if (threadIdx.x == 0) g_or.store(0);
+  g_bar->arrive_and_wait();
+  return any;
+}
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, sizeof f); return f; }
 template <typename K, typename P>
 void emu_launch(K kernel, dim3 grid, int threads, int, cudaStream_t, const P& p) {
   std::barrier<> bar(threads);
