@@ -209,6 +209,19 @@ def _packed_gather(cu, T):
     return idx, pos[None, :] < lens[:, None]
 
 
+def _nonfinite_onward(x, dt, E, B, C, mask):
+    """[nseq, L, H] bool: True on the valid steps of a sequence and head from its first non-finite input on (x, dt,
+    E at that head; B, C of its group).  The recurrence turns every later output of that head NaN, never an earlier
+    one."""
+    H, G = x.shape[2], B.shape[2]
+    bad = ~torch.isfinite(x).all(-1) | ~torch.isfinite(dt)
+    if E is not None:
+        bad = bad | ~torch.isfinite(E)
+    bad = bad | ~(torch.isfinite(B).all(-1) & torch.isfinite(C).all(-1)).repeat_interleave(H // G, dim=2)
+    valid = mask[..., None]
+    return ((bad & valid).cumsum(1) > 0) & valid
+
+
 def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delta", dt_softplus=True,
                 lengths=None, cu_seqlens=None, initial_states=None, return_final_states=False, path="quadratic",
                 chunk_size=64):
@@ -244,6 +257,14 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
         dt_, E_ = clean(dt_), clean(E_)
     else:
         x_, dt_, B_, C_, E_ = (clean(t) for t in (x_, dt_, B_, C_, E_))
+    # NaN causality: non-finite inputs are replaced by 0 (with where: no 0 * NaN reaches a valid output or a
+    # gradient), and NaN is added at the end to the outputs from the first such step of a sequence and head on (a
+    # constant: the gradients of the finite inputs are those of the recurrence, whose outputs are linear in x and B)
+    marked = None
+    if path != "reference" and mask.shape[1] > 0 and nseq > 0:
+        marked = _nonfinite_onward(x_, dt_, E_, B_, C_, mask)
+        finite = lambda t: None if t is None else torch.where(torch.isfinite(t), t, 0.0)  # noqa: E731
+        x_, dt_, E_, B_, C_ = (finite(t) for t in (x_, dt_, E_, B_, C_))
     A_ = A.to(cd)
     bias_ = None if dt_bias is None else dt_bias.to(cd)
     h0 = None if initial_states is None else initial_states.to(cd)
@@ -283,6 +304,10 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
         else:
             y = y + D_ * x_
     # y is already exactly 0 on padded steps (C and x were zeroed there; the native kernel writes 0): no mask pass
+    if marked is not None:
+        y = y + torch.where(marked[..., None], float("nan"), 0.0).to(y.dtype)
+        if final is not None:
+            final = final + torch.where(marked.any(1)[..., None, None], float("nan"), 0.0).to(final.dtype)
     y = y.to(x.dtype)
     if cu_seqlens is not None:
         y = y[mask].unsqueeze(0)                                          # back to [1, T, H, P] (in order)

@@ -35,14 +35,6 @@ BACKENDS = [("triton", "quadratic"), ("triton", "chunked"), ("torch", "quadratic
 TOKEN_INPUTS = ("x", "dt", "time_scale", "B", "C")
 NAMES = ("x", "dt", "A", "B", "C", "time_scale", "dt_bias", "D")
 
-# torch_backend.py (not the kernels of this file's issue) still lets a non-finite value through its einsums and
-# autograd.  Strict: the marks must go when torch_backend.py is fixed.
-TORCH_CHUNKED = "torch backend, chunked: the decay matrix is an addmm over every step (a NaN a_t * 0 reaches all " \
-                "pairs) and the einsums multiply masked zeros by the bad x / B"
-TORCH_SOFTPLUS = "torch backend: softplus / a = A * Delta run through torch autograd, so a NaN Delta_t times its " \
-                 "zero gradient gives NaN in ddt_t, dtime_scale_t, dA and ddt_bias"
-
-
 def _inputs(L=L_, lengths=LENGTHS, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -125,17 +117,8 @@ def _check_all_grads(clean, bad):
         _same(bad[1][k], clean[1][k], f"d{k} (every step / the whole parameter)")
 
 
-def _marks(backend, path, name, tier):
-    if backend == "torch" and path == "chunked":
-        return [pytest.mark.xfail(strict=True, reason=TORCH_CHUNKED)]
-    if backend == "torch" and tier == "all" and name in ("dt", "time_scale"):
-        return [pytest.mark.xfail(strict=True, reason=TORCH_SOFTPLUS)]
-    return []
-
-
 def _params(tier):
-    return [pytest.param(backend, path, name, value, t, id=f"{backend}-{path}-{name}-{value}-t{t}",
-                         marks=_marks(backend, path, name, tier))
+    return [pytest.param(backend, path, name, value, t, id=f"{backend}-{path}-{name}-{value}-t{t}")
             for backend, path in BACKENDS for name, value, t in SOURCES]
 
 
@@ -173,9 +156,7 @@ def _full_loss_params():
     for backend, path in BACKENDS:
         for name, value, t in FULL_LOSS:
             marks = []
-            if backend == "torch" and path == "chunked":
-                marks = [pytest.mark.xfail(strict=True, reason=TORCH_CHUNKED)]
-            elif backend == "triton" and name == "B":
+            if backend == "triton" and name == "B":
                 marks = [pytest.mark.xfail(strict=True, reason=TRITON_DC)]
             out.append(pytest.param(backend, path, name, value, t, id=f"{backend}-{path}-{name}-{value}-t{t}",
                                     marks=marks))

@@ -8,8 +8,9 @@ ctypes (no torch headers: the build takes a few seconds, once, and works with an
     thread_sums.h        per-thread partial sums reduced in a fixed order (weight gradients)
 
 The library is built into MMM4REC_CACHE_DIR (default ~/.cache/mmm4rec_kernels; the temp dir if that is not
-writable), named by a hash of the source, the compiler, the flags and the CPU, with `-O3 -march=native
--ffast-math` (vectorised exp from glibc's libmvec) and OpenMP when the compiler has it.  MMM4REC_NATIVE_CPU=0
+writable), named by a hash of the source, the compiler, the flags and the CPU, with `-O3 -march=native`,
+the value-safe subset of fast math (no errno, no traps, reassociation; NOT finite-math-only: NaN / inf are handled,
+and no flush-to-zero is switched on for the process), glibc's vector exp, and OpenMP when the compiler has it.  MMM4REC_NATIVE_CPU=0
 turns it off.  When it cannot be built or loaded, callers use the torch path and one warning says why (`status()`
 returns the same line).
 """
