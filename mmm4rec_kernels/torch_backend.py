@@ -222,6 +222,17 @@ def _nonfinite_onward(x, dt, E, B, C, mask):
     return ((bad & valid).cumsum(1) > 0) & valid
 
 
+def _maybe_nonfinite(*tensors) -> bool:
+    """Could any input hold a NaN / inf?  Eager: one sum per tensor and one host read (a finite sum proves there is
+    none; an overflowing one only sends the call down the exact per-step path).  Traced: always True (the compiler
+    fuses the per-step marking into the graph, with no host read)."""
+    if torch.compiler.is_compiling():
+        return True
+    total = sum(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors
+                if t is not None)
+    return not bool(torch.isfinite(total))
+
+
 def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delta", dt_softplus=True,
                 lengths=None, cu_seqlens=None, initial_states=None, return_final_states=False, path="quadratic",
                 chunk_size=64):
@@ -261,7 +272,7 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
     # gradient), and NaN is added at the end to the outputs from the first such step of a sequence and head on (a
     # constant: the gradients of the finite inputs are those of the recurrence, whose outputs are linear in x and B)
     marked = None
-    if path != "reference" and mask.shape[1] > 0 and nseq > 0:
+    if path != "reference" and mask.shape[1] > 0 and nseq > 0 and _maybe_nonfinite(x_, dt_, E_, B_, C_):
         marked = _nonfinite_onward(x_, dt_, E_, B_, C_, mask)
         finite = lambda t: None if t is None else torch.where(torch.isfinite(t), t, 0.0)  # noqa: E731
         x_, dt_, E_, B_, C_ = (finite(t) for t in (x_, dt_, E_, B_, C_))
