@@ -434,6 +434,23 @@ def mmm4rec_config(data, variant: str, a) -> dict:
                 trainer=trainer, threads=a.threads, device=a.device)
 
 
+def fit_timed(tr):
+    """tr.fit() with the process CPU seconds of each training epoch recorded: (summary, [cpu_s], wall_s)."""
+    cpu = []
+    train_epoch = tr.train_epoch
+
+    def timed_epoch():
+        c = time.process_time()
+        out = train_epoch()
+        cpu.append(time.process_time() - c)
+        return out
+
+    tr.train_epoch = timed_epoch
+    t0 = time.perf_counter()
+    s = tr.fit()
+    return s, cpu, time.perf_counter() - t0
+
+
 def run_mmm4rec(data, variant: str, seed: int, a) -> dict:
     """One MMM4Rec run (variant in mmm4rec, mmm4rec-noid, mmm4rec-notime); returns the result fields."""
     import torch
@@ -447,19 +464,7 @@ def run_mmm4rec(data, variant: str, seed: int, a) -> dict:
     tr = Trainer(model, data, lr=a.lr, weight_decay=0.005, batch_size=a.batch_size, epochs=a.epochs,
                  patience=a.patience, metric="ndcg@10", mode="full", seed=seed, device=a.device, progress=a.progress,
                  ks=(10, 20), max_batches=a.max_batches, exclude_seen=False, checkpoint_every_s=None)
-    cpu = []
-    train_epoch = tr.train_epoch
-
-    def timed_epoch():
-        c = time.process_time()
-        out = train_epoch()
-        cpu.append(time.process_time() - c)
-        return out
-
-    tr.train_epoch = timed_epoch
-    t0 = time.perf_counter()
-    s = tr.fit()
-    wall = time.perf_counter() - t0
+    s, cpu, wall = fit_timed(tr)
     n_train = data.num_samples("train")
     per_epoch = min(tr.batches_per_epoch() * a.batch_size, n_train)
     samples = per_epoch * len(cpu)

@@ -9,7 +9,7 @@ recbole 1.2.1 wheel, 5-core, leave-one-out, history 20, MiniLM text features, no
 d_state 16, ngroups 8, FFN 64, 1 layer, torch backend, full-softmax CE, NAdam, weight decay 0.005, seen items ranked).
 Every (variant, seed) runs exactly --epochs epochs (patience = epochs: no early stop, so every variant gets the same
 number of optimizer steps) and reports the test metrics of its best-valid-NDCG@10 epoch.  The variants differ only in
-the MMM4RecConfig time-path switches (VARIANTS below); every run builds its optimizer from
+the MMM4RecConfig time-path switches (VARIANTS below); the Trainer builds every run's optimizer from
 mmm4rec.model.layers.param_groups (time-path weight decay 0 where the config says so; one group = model.parameters()
 otherwise).  The seed fixes the initialisation, the batch order and the dropout streams; the switches add no
 parameters, so official and live draw the same initial weights; notime has no time-path parameters, so its draws
@@ -43,9 +43,8 @@ METRICS = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
 def run(data, variant: str, seed: int, a) -> dict:
     import torch
 
-    from ml100k_vs_sasrec import MMM4REC_SMALL
+    from ml100k_vs_sasrec import MMM4REC_SMALL, fit_timed
     from mmm4rec.model import MMM4RecConfig
-    from mmm4rec.model.layers import param_groups
     from mmm4rec.train import Trainer, build_model, set_seed
     torch.set_num_threads(a.threads)
     set_seed(seed)
@@ -55,23 +54,10 @@ def run(data, variant: str, seed: int, a) -> dict:
     tr = Trainer(model, data, lr=a.lr, weight_decay=0.005, batch_size=a.batch_size, epochs=a.epochs,
                  patience=a.epochs, metric="ndcg@10", mode="full", seed=seed, device="cpu", progress=False,
                  ks=(10, 20), max_batches=a.max_batches, exclude_seen=False, checkpoint_every_s=None)
-    # the optimizer with the config's time-path weight decay (one group = model.parameters() when it is official)
-    tr.optimizer = torch.optim.NAdam(param_groups(model, 0.005), lr=a.lr, weight_decay=0.005)
-    cpu = []
-    train_epoch = tr.train_epoch
-
-    def timed_epoch():
-        c = time.process_time()
-        out = train_epoch()
-        cpu.append(time.process_time() - c)
-        return out
-
-    tr.train_epoch = timed_epoch
-    t0 = time.perf_counter()
-    s = tr.fit()
+    s, cpu, wall = fit_timed(tr)
     return dict(test={m: float(s["test"][m]) for m in METRICS}, valid_ndcg10=float(s["best_valid"]),
                 epochs=s["epochs_run"], best_epoch=s["best_epoch"], train_cpu_s=sum(cpu),
-                wall_s=time.perf_counter() - t0, switches=VARIANTS[variant])
+                wall_s=wall, switches=VARIANTS[variant])
 
 
 def _ms(xs):
