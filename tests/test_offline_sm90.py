@@ -1,6 +1,6 @@
 """CI gate: every shipped Triton kernel config compiles for sm_90 (H100) without a GPU and spills nothing.
 
-Runs benchmarks/offline_sm90.py --check in a subprocess (it must compile for real: TRITON_INTERPRET is removed
+Runs `python -m tools.offline_sm90 --check` in a subprocess (it must compile for real: TRITON_INTERPRET is removed
 from its environment) over the configs the package would launch at the four benchmark shapes, bf16, fp32+TF32 and
 exact fp32, for the path the dispatcher picks at each shape (the table in RESULTS.md covers every path).  Fails on
 a compile error, a spill store/load (beyond a capped, reasoned WAIVED_SPILLS entry for this Triton series), shared
@@ -21,7 +21,6 @@ import warnings
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "offline_sm90.py")
 
 
 def _ptxas():
@@ -31,11 +30,7 @@ def _ptxas():
 
 
 def _offline():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import offline_sm90
-    finally:
-        sys.path.pop(0)
+    from tools import offline_sm90
     return offline_sm90
 
 
@@ -95,8 +90,8 @@ def test_shipped_configs_compile_for_sm90_without_spills():
     from mmm4rec_kernels.triton import configs
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MMM4REC_AUTOTUNE")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, SCRIPT, "--check", "--paths", "auto", "--jobs", "2"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "tools.offline_sm90", "--check", "--paths", "auto", "--jobs", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     failing = [line for line in out.splitlines() if line.startswith("|") and not line.rstrip().endswith("| ok |")
                and "WAIVED" not in line and "gate |" not in line and not line.startswith("|---")]

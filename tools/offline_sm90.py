@@ -1,16 +1,17 @@
 """Offline sm_90 compile table of every Triton kernel of the package: no GPU needed (static, not a timing).
 
-    python benchmarks/offline_sm90.py                     # shipped (pinned) configs at the benchmark shapes
-    python benchmarks/offline_sm90.py --check             # + exit 1 on a compile error, a spill, too much shared
+    python -m tools.offline_sm90                          # shipped (pinned) configs at the benchmark shapes
+    python -m tools.offline_sm90 --check                  # + exit 1 on a compile error, a spill, too much shared
                                                           #   memory, or a bf16/TF32 dot off the tensor cores
-    python benchmarks/offline_sm90.py --sweep quadratic_fwd --shapes L200 --precisions bf16
+    python -m tools.offline_sm90 --sweep quadratic_fwd --shapes L200 --precisions bf16
                                                           # every config of configs.sweep_space(kernel)
-    python benchmarks/offline_sm90.py --versions 3.6.0,3.8.0,3.9.0
+    python -m tools.offline_sm90 --versions 3.6.0,3.8.0,3.9.0
                                                           # the --paths auto table under other Tritons (pip
                                                           # --target into --triton-dir), one summary row each;
                                                           # warns only (--check: fails when TRITON_PINNED fails)
     options: --shapes paper,wide-head,L200,L1024  --precisions bf16,tf32,fp32  --paths auto|all  --jobs 2
              --md OUT.md  --json OUT.json
+    (from the repo root; `python tools/offline_sm90.py` works too where the package is installed)
 
 The configs compiled are those the package would launch with this Triton: the pinned set on a series of
 configs.PINNED_SERIES, else the fallback set (MMM4REC_TRITON_CONFIGS=pinned|fallback forces one).
@@ -46,16 +47,12 @@ import time
 if __name__ == "__main__":  # compile for real, pinned configs: before triton and the package are imported
     os.environ.pop("TRITON_INTERPRET", None)  # (triton reads it at import; an importer keeps its own mode)
     os.environ.pop("MMM4REC_AUTOTUNE", None)
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-SHAPES = {  # (b, L, H, P, n, G): the kernel-issue shapes (benchmarks/gpu_check.py SHAPES)
+SHAPES = {  # (b, L, H, P, n, G): the kernel-issue shapes (tools/gpu_check.py SHAPES)
     "paper": (1024, 20, 8, 64, 64, 8),
     "wide-head": (2048, 50, 1, 512, 64, 1),
     "L200": (256, 200, 8, 64, 64, 8),
@@ -336,7 +333,7 @@ def versions_table(versions, triton_dir, args) -> tuple[str, bool]:
             env["PYTHONPATH"] = target + os.pathsep + env["PYTHONPATH"]
         with tempfile.TemporaryDirectory() as tmpdir:
             out_json = os.path.join(tmpdir, "rows.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--check", "--paths", "auto", "--shapes", args.shapes,
+            cmd = [sys.executable, "-m", "tools.offline_sm90", "--check", "--paths", "auto", "--shapes", args.shapes,
                    "--precisions", args.precisions, "--jobs", str(args.jobs), "--json", out_json]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if not os.path.exists(out_json):
@@ -366,7 +363,7 @@ def versions_table(versions, triton_dir, args) -> tuple[str, bool]:
 def main(argv=None):
     from triton import knobs
     if knobs.runtime.interpret or os.environ.get("MMM4REC_AUTOTUNE") == "1":
-        raise SystemExit("offline_sm90: run it as a script (python benchmarks/offline_sm90.py): it must import triton "
+        raise SystemExit("offline_sm90: run it as a script (python -m tools.offline_sm90): it must import triton "
                          "without TRITON_INTERPRET and the package without MMM4REC_AUTOTUNE")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
