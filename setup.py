@@ -72,7 +72,7 @@ def cuda_extensions():
 
 def pinned_triton():
     """TRITON_PINNED of mmm4rec_kernels/triton/configs.py (read as text: importing it needs triton): the Triton whose
-    sm_90 compile the pinned launch configs are gated on (benchmarks/offline_sm90.py --check)."""
+    sm_90 compile the pinned launch configs are gated on (python -m tools.offline_sm90 --check)."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mmm4rec_kernels", "triton", "configs.py")) as f:
         found = re.search(r'^TRITON_PINNED = "([0-9.]+)"', f.read(), re.M)
     if found is None:

@@ -1,7 +1,7 @@
 """torch.compile of one training step on CPU: graph breaks, ops per step, and time per sample, ours vs RecBole SASRec.
 
-    PYTHONPATH=. python benchmarks/bench_compile.py                    # counts for h64-text and paper-mm
-    PYTHONPATH=. python benchmarks/bench_train_step.py --compile --previous '' --cases h64-text paper-mm
+    python -m benchmarks.bench_compile                                 # counts for h64-text and paper-mm
+    python -m benchmarks.bench_train_step --compile --previous '' --cases h64-text paper-mm
                                                                        # CPU-ms per sample, eager vs compiled
     pytest benchmarks/bench_compile.py --benchmark-only                # eager vs compiled step (h64-text, batch 64)
 
@@ -17,16 +17,11 @@ replay the whole compiled step as one launch.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-from bench_train_step import CASES, build, build_sasrec, make_batch  # noqa: E402
+from benchmarks.bench_train_step import CASES, build, build_sasrec, make_batch
 
 
 def launched_ops(loss_fn, batch) -> int:

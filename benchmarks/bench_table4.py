@@ -1,4 +1,4 @@
-"""pytest-benchmark wrapper of the Table 4 harness (mmm4rec/bench_table4.py): seconds per training epoch.
+"""pytest-benchmark wrapper of the Table 4 harness (benchmarks/table4.py): seconds per training epoch.
 
 The timed call is Trainer.train_epoch() (batch assembly + fwd + bwd + NAdam, synchronised on GPU); one warm-up epoch
 is not timed, then MMM4REC_TABLE4_EPOCHS - 1 timed epochs (default 3 -> 2 timed, pytest-benchmark's median).
@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from mmm4rec.bench_table4 import OFFICIAL_LOG, TABLE1, TABLE4, make_trainer
+from benchmarks.table4 import OFFICIAL_LOG, TABLE1, TABLE4, make_trainer
 
 CUDA = torch.cuda.is_available()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gpu_check as G
+import tools.gpu_check as G
 
 CUDA = torch.cuda.is_available()
 # one compiled reference per (shape, dtype, mode): keep dynamo from falling back to eager after 8 recompiles
@@ -26,7 +26,7 @@ torch._dynamo.config.cache_size_limit = max(128, torch._dynamo.config.cache_size
 if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
     torch._dynamo.config.accumulated_cache_size_limit = max(1024, torch._dynamo.config.accumulated_cache_size_limit)
 gpu = pytest.mark.skipif(not CUDA, reason="no CUDA device: GPU kernel benchmarks need a GPU "
-                                          "(run `bash benchmarks/run_gpu.sh` on one)")
+                                          "(run `bash tools/run_gpu.sh` on one)")
 
 _CACHE = {}
 

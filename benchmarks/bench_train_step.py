@@ -1,7 +1,7 @@
 """CPU cost of one MMM4Rec training step per sample: the model now vs a previous commit, in one run, same threads.
 
-    PYTHONPATH=. python benchmarks/bench_train_step.py                       # hidden 64 and paper width, vs a4d5b78
-    PYTHONPATH=. python benchmarks/bench_train_step.py --cases h64-text --threads 2 --rounds 5
+    python -m benchmarks.bench_train_step                                    # hidden 64 and paper width, vs a4d5b78
+    python -m benchmarks.bench_train_step --cases h64-text --threads 2 --rounds 5
 
 A step = zero_grad, full-softmax CE loss (fwd), backward, NAdam step, on a fixed random batch of right-padded
 histories (max_len 20, lengths uniform in 1..20).  CPU-ms per sample = process CPU time of the step (all threads) /
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -70,8 +71,18 @@ def load_previous_model(commit: str):
     except (OSError, subprocess.CalledProcessError):
         print(f"previous version {commit} not available through git: measuring the current model only")
         return None
-    sys.path.insert(0, tmp)
-    return importlib.import_module("mmm4rec_model_prev")
+    return import_package_from(tmp, "mmm4rec_model_prev")
+
+
+def import_package_from(directory: str, name: str):
+    """Import the package directory/name as the top-level module `name` (registered in sys.modules; its own
+    submodules then import from that directory), whatever sys.path holds."""
+    init = os.path.join(directory, name, "__init__.py")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_batch(num_items: int, b: int, L: int = 20, seed: int = 0):
@@ -177,9 +188,12 @@ def build_variant(name: str, case: dict, previous_commit: str, whole_package: bo
         return build(now, case, device=device)
     if name == "previous":
         if whole_package:
-            sys.path.insert(0, checkout_previous_package(previous_commit))
-            import mmm4rec.model as prev
-            assert prev.__file__.startswith(sys.path[0]), f"previous package not imported: {prev.__file__}"
+            tmp = checkout_previous_package(previous_commit)
+            for package in ("mmm4rec_kernels", "mmm4rec"):    # the kernels first: mmm4rec imports them
+                if package not in sys.modules:
+                    import_package_from(tmp, package)
+            prev = importlib.import_module("mmm4rec.model")
+            assert prev.__file__.startswith(tmp), f"previous package not imported: {prev.__file__}"
             return build(prev, case, device=device)
         return build(load_previous_model(previous_commit), case)
     return build_sasrec(case, device=device)
@@ -214,7 +228,7 @@ def measure_isolated(case_name: str, names, a) -> dict:
     cpu, wall = {k: [] for k in names}, {k: [] for k in names}
     for _ in range(a.rounds):
         for name in names:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", case_name, name, "--batch-size",
+            cmd = [sys.executable, "-m", "benchmarks.bench_train_step", "--worker", case_name, name, "--batch-size",
                    str(a.batch_size), "--threads", str(a.threads), "--steps", str(a.steps), "--previous", a.previous,
                    "--device", a.device]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
@@ -245,7 +259,6 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    sys.path.insert(0, ROOT)
     if a.worker:
         import json
         print(json.dumps(worker(a.worker[0], a.worker[1], a.batch_size, a.steps, a.previous, a.device)))

@@ -1,19 +1,14 @@
 """pytest setup for the benchmarks (collected only when the path is given: `pytest benchmarks/ ...`).
 
 - collects `bench_*.py` here (the repo's python_files default is test_*.py);
-- puts the repo root and this folder on sys.path (no install needed);
+- imports are packages from the repo root (`benchmarks.*`, `tools.*`; pyproject's pytest `pythonpath`);
 - `--benchmark-disable` (CI quick mode) runs each benchmark body once; see README.md.
 """
 import os
-import sys
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 
 def pytest_collect_file(file_path, parent):

@@ -1,4 +1,4 @@
-# Run: PYTHONPATH=. python benchmarks/step_stream_batching.py
+# Run: python -m benchmarks.step_stream_batching
 """CPU: one training step (fwd+bwd) of the official-config MMM4Rec, both shared-TiSSD streams in one [2b] call
 vs two calls (same module), median of 7 after 2 warm-ups."""
 import statistics, time, torch

@@ -42,7 +42,7 @@ namespace wmma = nvcuda::wmma;
 constexpr int kThreads = 256;  // threads per block; also one thread per sequence step in scans
 // 2 resident blocks per SM caps registers at 128: spill-free for every kernel on sm_80 / sm_90 (nvcc 13.0 -O3).
 // Without it ptxas aims at 3-4 blocks (64-80 registers) and spills 4-40 bytes in some instantiations; at 3 the fp32
-// gradient kernel spills ~100 bytes (benchmarks/offline_csrc.sh shows the table).
+// gradient kernel spills ~100 bytes (tools/offline_csrc.sh shows the table).
 constexpr int kMinBlocks = 2;
 constexpr int kBL = 32;        // sequence tile: rows/columns of one score tile
 constexpr int kNC = 64;        // d_state chunk loaded at once

@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _common(p)
 
-    p = sub.add_parser("bench", help="benchmarks")
+    p = sub.add_parser("bench", help="benchmarks (source checkout only: benchmarks/table4.py)")
     p.add_argument("which", choices=["table4"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (e.g. --scale 0.1)")
     _common(p)
@@ -701,15 +701,31 @@ def cmd_import_official(a) -> int:
     return 0
 
 
+# The source checkout mmm4rec runs from (editable install, PYTHONPATH): its benchmarks/ hold the Table 4 harness,
+# which the installed package does not ship.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _table4_harness():
+    """benchmarks/table4.py of the source checkout as a module, or None outside a checkout."""
+    import importlib.util
+    path = os.path.join(_CHECKOUT, "benchmarks", "table4.py")
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(_CHECKOUT, "setup.py"))):
+        return None
+    spec = importlib.util.spec_from_file_location("mmm4rec_checkout_table4", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cmd_bench(a) -> int:
-    try:
-        from . import bench_table4
-    except ImportError as e:
-        print(f"mmm4rec bench table4: mmm4rec.bench_table4 is not available ({e})", file=sys.stderr)
+    harness = _table4_harness()
+    if harness is None:
+        print("mmm4rec bench table4: the Table 4 harness is not installed with the package; run it from a source "
+              "checkout: python -m benchmarks.table4 ...", file=sys.stderr)
         return 2
     rest = [x for x in a.rest if x != "--"]
-    ret = bench_table4.main(rest)
-    return int(ret or 0)
+    return int(harness.main(rest, prog="mmm4rec bench table4") or 0)
 
 
 def cmd_demo(a) -> int:

@@ -8,7 +8,7 @@ TiSSD path tables (path='auto', no states):
                        chunked   = L Q (P + n) + 4 L P n                 state carried across chunks
                    quadratic while its cost is not larger: L* = (Q (P + n) + 4 P n) / (QUADRATIC_DISCOUNT (P + n)),
                    capped by QUADRATIC_MAX_LEN (limits.py).  QUADRATIC_DISCOUNT = 0.75 until measured on H100/H200
-                   (benchmarks/gpu_check.py prints the crossover).
+                   (tools/gpu_check.py prints the crossover).
   cpu-measured     CPU tensors with the native kernels: CPU_CROSSOVER, the longest L at which the native quadratic
                    scan measured no slower than the chunked einsums (benchmarks/bench_cpu_crossover.py), by P + n.
   env              MMM4REC_QUADRATIC_MAX_L: a fixed threshold for every device (MMM4REC_QUADRATIC_DISCOUNT changes

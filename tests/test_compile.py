@@ -243,11 +243,7 @@ def test_tissd_op_under_compile_triton_interpreter():
 # ------------------------------------------------------------------------------------- models built on the layer
 @pytest.mark.slow
 def test_example_sasrec_has_no_graph_break_and_compiles_once():
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    try:
-        from sasrec_time_ssd import TimeSSDRec, synthetic_batches
-    finally:
-        sys.path.pop(0)
+    from examples.sasrec_time_ssd import TimeSSDRec, synthetic_batches
     torch.manual_seed(0)
     model = TimeSSDRec(num_items=50, d_model=32, n_layers=2, d_state=16, headdim=16)
     assert breaks(model.loss, *synthetic_batches()[0])[:2] == (0, 1)
@@ -263,11 +259,7 @@ def test_example_sasrec_has_no_graph_break_and_compiles_once():
 
 
 def _mmm4rec(**overrides):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    try:
-        from test_model import make_batch, make_model
-    finally:
-        sys.path.pop(0)
+    from test_model import make_batch, make_model
     return make_model(**overrides), make_batch
 
 
@@ -307,11 +299,7 @@ def test_mmm4rec_loss_compiled_equals_eager_and_compiles_once(mode, variant):
 
 def test_recbole_adapter_forward_has_no_graph_break():
     pytest.importorskip("recbole")
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    try:
-        from test_recbole_adapter import _Config, _Dataset
-    finally:
-        sys.path.pop(0)
+    from test_recbole_adapter import _Config, _Dataset
     from mmm4rec.recbole import TimeAwareSSDRec
     config = _Config(USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", LIST_SUFFIX="_list", NEG_PREFIX="neg_",
                      ITEM_LIST_LENGTH_FIELD="item_length", MAX_ITEM_LIST_LENGTH=6, device="cpu", TIME_FIELD="timestamp",

@@ -1,22 +1,16 @@
-"""benchmarks/ml100k_vs_sasrec.py: the shared-split export, RecBole equivalence check, jsonl bookkeeping, summary.
+"""experiments/ml100k_vs_sasrec.py: the shared-split export, RecBole equivalence check, jsonl bookkeeping, summary.
 
 Tiny synthetic data, CPU, no network; the RecBole tests skip when recbole is not installed."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import ml100k_vs_sasrec as B  # noqa: E402
-
-from mmm4rec.data import SequentialData  # noqa: E402
+import experiments.ml100k_vs_sasrec as B
+from mmm4rec.data import SequentialData
 
 HAVE_RECBOLE = importlib.util.find_spec("recbole") is not None
 needs_recbole = pytest.mark.skipif(not HAVE_RECBOLE, reason="recbole not installed (pip install recbole==1.2.1)")

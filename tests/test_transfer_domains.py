@@ -1,13 +1,10 @@
-"""Domain splitting of benchmarks/transfer_ml100k.py on tiny synthetic input: one domain per item (first matching
+"""Domain splitting of experiments/transfer_ml100k.py on tiny synthetic input: one domain per item (first matching
 rule), disjoint item sets, every domain a k-core, deterministic."""
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from transfer_ml100k import DOMAIN_RULES, assign_domains, split_domains  # noqa: E402
+from experiments.transfer_ml100k import DOMAIN_RULES, assign_domains, split_domains
 
 RULES = (("a", ("G1", "G2")), ("b", ("G3",)), ("c", ("G4", "G5")))
 

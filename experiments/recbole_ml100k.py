@@ -1,7 +1,7 @@
 """SASRec vs TimeAwareSSDRec (mmm4rec.recbole) with and without timestamps on ML-100k, through RecBole's pipeline.
 
     pip install recbole==1.2.1 "pandas<3"
-    PYTHONPATH=. python benchmarks/recbole_ml100k.py --epochs 200 --stopping-step 10 --json out.json
+    python -m experiments.recbole_ml100k --epochs 200 --stopping-step 10 --json out.json
 
 Same protocol and seed for every model: leave-one-out split (order by time, last item = test, second last = valid),
 full-sort ranking over all items, CE loss over all items, Adam, early stopping on valid NDCG@10, test metrics of the
@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODELS = ("SASRec", "TimeAwareSSDRec-time", "TimeAwareSSDRec-notime")
 

@@ -1,7 +1,10 @@
 """Table 4 harness: training seconds per epoch of MMM4Rec on synthetic domains with the paper's Table 1 sizes.
 
-    mmm4rec bench table4 [--scale 0.1] [--datasets scientific,pantry] [--epochs 3] [--json out.json]
-    python -m mmm4rec.bench_table4 --scale 0.01 --datasets scientific        (same thing)
+    python -m benchmarks.table4 [--scale 0.1] [--datasets scientific,pantry] [--epochs 3] [--json out.json]
+    mmm4rec bench table4 --scale 0.01 --datasets scientific     (the same, when mmm4rec is imported from this checkout)
+
+A benchmark helper, not part of the installed package: it lives in the source checkout (benchmarks/bench_table4.py
+is its pytest-benchmark wrapper).
 
 What is timed: `Trainer.train_epoch()` = one pass over the training samples (every prefix of each user's sequence
 except the valid/test targets, interactions - 3 x users samples), batch assembly + forward + backward + NAdam step,
@@ -26,7 +29,7 @@ import statistics
 import sys
 import time
 
-from .data.synthetic import PAPER_DATASETS
+from mmm4rec.data.synthetic import PAPER_DATASETS
 
 # Table 1 (users, items, interactions, avg length) and Table 4 (s/epoch: MMM4Rec, MISSRec, MMSRec) of the paper;
 # official-log batches per epoch at batch 1024 and steady-state with-ID seconds per epoch (docs/design.md, "The paper's figures").
@@ -45,8 +48,8 @@ OFFICIAL_LOG = {  # batches per epoch at 1024, steady-state training seconds per
 IMAGE_COVERAGE = 1.0  # not given per domain by the paper (docs/design.md): 100%
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="mmm4rec bench table4", description="Table 4: training seconds per epoch")
+def parse_args(argv, prog=None):
+    ap = argparse.ArgumentParser(prog=prog, description="Table 4: training seconds per epoch")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply users/items/interactions (1.0 = Table 1)")
     ap.add_argument("--datasets", default=",".join(TABLE1), help="comma list of " + ", ".join(TABLE1))
     ap.add_argument("--epochs", type=int, default=3, help="epochs per dataset (>= 2; epoch 1 is not counted)")
@@ -80,9 +83,9 @@ def make_trainer(name, scale=1.0, batch_size=1024, grad_accum=8, with_id=True, b
                  device="auto", tf32=True, max_batches=None, seed=0, epochs=3, compile=False, progress=False):
     """Synthetic Table 1 domain + official-config model + Trainer (no validation). Returns (trainer, info dict).
     progress=True shows a per-batch progress bar (stderr) while an epoch runs."""
-    from .data.synthetic import make_paper_like
-    from .model import MMM4RecConfig
-    from .train import Trainer, build_model, resolve_device
+    from mmm4rec.data.synthetic import make_paper_like
+    from mmm4rec.model import MMM4RecConfig
+    from mmm4rec.train import Trainer, build_model, resolve_device
 
     t0 = time.perf_counter()
     syn = make_paper_like(name, scale=scale, feat_dim=768, seed=seed, image_coverage=IMAGE_COVERAGE)
@@ -148,18 +151,18 @@ def table(results, scale):
     return lines
 
 
-def main(argv=None) -> int:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv=None, prog="python -m benchmarks.table4") -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv, prog)
     import torch
 
-    from .train import resolve_device
+    from mmm4rec.train import resolve_device
     log = (lambda *_: None) if a.quiet else (lambda s: print(s, flush=True))
     dev = resolve_device(a.device)
     devname = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     info = dict(date=datetime.date.today().isoformat(), device=devname, torch=torch.__version__, scale=a.scale,
                 epochs=a.epochs, batch_size=a.batch_size, grad_accum=a.grad_accum, with_id=not a.no_id,
                 backend=a.backend, path=a.path, tf32=not a.no_tf32, max_batches=a.max_batches, compile=a.compile,
-                image_coverage=IMAGE_COVERAGE, command="mmm4rec bench table4 " + " ".join(argv or sys.argv[1:]))
+                image_coverage=IMAGE_COVERAGE, command=f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv))
     log(f"# Table 4 harness: {info}")
     results = []
     for name in a.datasets:

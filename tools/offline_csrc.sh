@@ -4,8 +4,8 @@
 # loads), static shared memory, resident blocks per SM (register / smem / thread limits), and from the SASS
 # (cuobjdump -sass) the counts of tensor-core MMAs (HMMA), shared loads (LDS + LDSM) and FP32 FMAs (FFMA); without a
 # cuobjdump, the PTX mma.sync count instead.
-#   bash benchmarks/offline_csrc.sh               table for sm_90 and sm_80 (markdown)
-#   bash benchmarks/offline_csrc.sh --check       also exit 1 on a spill or a tensor-core kernel without HMMA
+#   bash tools/offline_csrc.sh               table for sm_90 and sm_80 (markdown)
+#   bash tools/offline_csrc.sh --check       also exit 1 on a spill or a tensor-core kernel without HMMA
 # Env: NVCC (default /usr/local/cuda/bin/nvcc or nvcc on PATH), ARCHS (default "90 80"), CUOBJDUMP.
 set -euo pipefail
 cd "$(dirname "$0")/.."

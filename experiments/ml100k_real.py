@@ -1,7 +1,7 @@
 """MMM4Rec on real data: MovieLens-100k, the example dataset shipped inside the RecBole wheel.
 
-    python benchmarks/ml100k_real.py --epochs 30 --device auto              # official fine-tune width (GPU)
-    python benchmarks/ml100k_real.py --small --epochs 5 --device cpu         # a quick CPU run
+    python -m experiments.ml100k_real --epochs 30 --device auto              # official fine-tune width (GPU)
+    python -m experiments.ml100k_real --small --epochs 5 --device cpu         # a quick CPU run
 
 What it does:
   1. `pip download --no-deps recbole==1.2.1 -d ~/.cache/mmm4rec` once (the wheel only; nothing is installed), and
@@ -24,11 +24,9 @@ import sys
 import time
 import zipfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from mmm4rec.data import SequentialData, attach_features, encode_texts, item_texts, read_atomic  # noqa: E402
-from mmm4rec.model import MMM4RecConfig  # noqa: E402
-from mmm4rec.train import Trainer, build_model, popularity_metrics, set_seed  # noqa: E402
+from mmm4rec.data import SequentialData, attach_features, encode_texts, item_texts, read_atomic
+from mmm4rec.model import MMM4RecConfig
+from mmm4rec.train import Trainer, build_model, popularity_metrics, set_seed
 
 CACHE = os.path.expanduser("~/.cache/mmm4rec")
 MEMBER = "recbole/dataset_example/ml-100k/ml-100k"

@@ -2,17 +2,17 @@
 # On a GPU box with CUDA torch and nvcc: build the torch extension in place, build + run the standalone CUDA check
 # (correctness vs a float64 CPU loop for fp32 exact, fp32 TF32, bf16 and fp16, and timings), then the pytest
 # comparison with the float64 reference.
-#   bash benchmarks/cuda_build_check.sh               (from anywhere; PYTHON=... to pick the interpreter)
-#   bash benchmarks/cuda_build_check.sh --build-only  no GPU needed: build the package wheel the way the README's GPU
-#                                                     line does (pip --no-build-isolation, setup.py's CUDAExtension)
-#                                                     from a scratch copy of the repo, install it into a scratch
-#                                                     folder, require `python -m mmm4rec_kernels` to report the
-#                                                     extension built, and build the standalone checker
+#   bash tools/cuda_build_check.sh               (from anywhere; PYTHON=... to pick the interpreter)
+#   bash tools/cuda_build_check.sh --build-only  no GPU needed: build the package wheel the way the README's GPU
+#                                                line does (pip --no-build-isolation, setup.py's CUDAExtension)
+#                                                from a scratch copy of the repo, install it into a scratch
+#                                                folder, require `python -m mmm4rec_kernels` to report the
+#                                                extension built, and build the standalone checker
 #        --wheel-dir DIR   (with --build-only) keep the built wheel in DIR
 #        --no-cmake        (with --build-only) skip the standalone CMake build
 # Without a GPU, a CUDA torch in its own venv works for --build-only (never in the project's CPU venv), e.g.
 #   python3 -m venv /work/venv-cuda && /work/venv-cuda/bin/pip install torch==2.13.0 numpy ninja setuptools wheel
-#   PYTHON=/work/venv-cuda/bin/python bash benchmarks/cuda_build_check.sh --build-only
+#   PYTHON=/work/venv-cuda/bin/python bash tools/cuda_build_check.sh --build-only
 # Nothing here points the compiler at torch's CUDA wheels (CPATH etc.): setup.py adds their nvidia/*/include and
 # lib itself (a bare nvcc install has no cusparse.h / cublas headers), and this check shows that it does.
 # Env: CUDA_ARCH (default: the visible GPU's, e.g. 90), PYTHON (default: python), MAX_JOBS (default 4), CUDA_HOME

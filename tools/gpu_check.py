@@ -1,7 +1,7 @@
 """One-command GPU check of the TiSSD kernels: correctness of every path/backend, then timings.
 
-    python benchmarks/gpu_check.py [--json OUT.json] [--md OUT.md] [--budget-s 420] [--skip-check] [--skip-bench]
-                                   [--skip-sweep] [--no-compile] [--no-mamba] [--dtypes fp32,bf16] [--shapes paper,...]
+    python -m tools.gpu_check [--json OUT.json] [--md OUT.md] [--budget-s 420] [--skip-check] [--skip-bench]
+                              [--skip-sweep] [--no-compile] [--no-mamba] [--dtypes fp32,bf16] [--shapes paper,...]
 
 1. Correctness: output and EVERY gradient (x, dt, A, B, C, time_scale, dt_bias, D) of each (path, backend) against the
    float64 quadratic reference, relative-norm error ||out - ref|| / ||ref||, on awkward shapes (L not a multiple of the
@@ -22,19 +22,12 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import sys
 import time
 import traceback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for p in (ROOT, HERE):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-import torch  # noqa: E402
+import torch
 
 COPY_BW = 3.0e12  # B/s: measured H100 device-to-device copy (bytes read + written), 2026-11-22, docs/design.md
 
@@ -129,7 +122,7 @@ def torch_reference(compiled=False):
 
 def mamba(chunk_size):
     """None (with the reason in .reason) when mamba_ssm is unavailable."""
-    from _rivals import load_mamba, mamba_call
+    from benchmarks._rivals import load_mamba, mamba_call
 
     fn, why = load_mamba()
     if fn is None:
@@ -524,7 +517,7 @@ def main(argv=None):
     info = device_info()
     log(f"# gpu_check {info}")
     if not torch.cuda.is_available() and not args.cpu_smoke:
-        log("no CUDA device: nothing to check or time here (run `bash benchmarks/run_gpu.sh` on a lent GPU; "
+        log("no CUDA device: nothing to check or time here (run `bash tools/run_gpu.sh` on a lent GPU; "
             "--cpu-smoke exercises the script on CPU)")
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -550,7 +543,7 @@ def main(argv=None):
     except Exception as e:  # noqa: BLE001
         log(f"cannot import mmm4rec_kernels: {e}")
         return 2
-    from _rivals import load_mamba
+    from benchmarks._rivals import load_mamba
     mfn, why = load_mamba()
     log(f"mamba_chunk_scan_combined: {'available' if mfn else 'unavailable: ' + why}")
     log(f"our variants on this device: {[v[0] for v in our_variants(device)]}")

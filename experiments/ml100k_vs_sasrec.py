@@ -1,11 +1,11 @@
 """MMM4Rec vs RecBole's SASRec vs popularity on ONE identical MovieLens-100k split, several seeds.
 
     # each (model, seed) run appends one JSON line to --out; runs already in the file are skipped (--rerun: redo)
-    python benchmarks/ml100k_vs_sasrec.py --models sasrec pop --seeds 0 1 2 --out results.jsonl
-    python benchmarks/ml100k_vs_sasrec.py --models mmm4rec --seeds 0 --out results.jsonl      # another process
-    python benchmarks/ml100k_vs_sasrec.py --summarize results.jsonl                           # markdown table
+    python -m experiments.ml100k_vs_sasrec --models sasrec pop --seeds 0 1 2 --out results.jsonl
+    python -m experiments.ml100k_vs_sasrec --models mmm4rec --seeds 0 --out results.jsonl      # another process
+    python -m experiments.ml100k_vs_sasrec --summarize results.jsonl                           # markdown table
     # smoke run (numbers meaningless): one epoch, MMM4Rec capped at 5 batches per epoch
-    python benchmarks/ml100k_vs_sasrec.py --epochs 1 --max-batches 5 --seeds 0 --out /tmp/smoke.jsonl
+    python -m experiments.ml100k_vs_sasrec --epochs 1 --max-batches 5 --seeds 0 --out /tmp/smoke.jsonl
 
 What is compared (--models):
   pop             our popularity baseline (training-part interaction counts), seen items NOT excluded, also written
@@ -78,8 +78,6 @@ from typing import Dict, List, Optional
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = ("pop", "sasrec", "mmm4rec", "mmm4rec-noid", "mmm4rec-notime")
 POP_ROWS = ("pop", "pop-excl-seen", "recbole-pop")
@@ -512,7 +510,7 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(a.threads)
-    from ml100k_real import load_ml100k
+    from experiments.ml100k_real import load_ml100k
     try:
         from mmm4rec.recbole import RECBOLE_IMPORT_ERROR
     except ImportError as e:  # pragma: no cover

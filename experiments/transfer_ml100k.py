@@ -1,11 +1,11 @@
 """Transfer on real data: pre-train MMM4Rec on two MovieLens-100k genre domains, fine-tune on the third, and compare
 with training from scratch at the same number of fine-tuning epochs (the paper's transfer claim, once, on a CPU).
 
-    python benchmarks/transfer_ml100k.py --out transfer.json                     # default run (~15 min, 1 thread)
-    python benchmarks/transfer_ml100k.py --max-batches 3 --pretrain-epochs 1 --finetune-epochs 2   # smoke run
+    python -m experiments.transfer_ml100k --out transfer.json                     # default run (~15 min, 1 thread)
+    python -m experiments.transfer_ml100k --max-batches 3 --pretrain-epochs 1 --finetune-epochs 2   # smoke run
 
 What it does:
-  1. reads ml-100k.inter / ml-100k.item from the recbole 1.2.1 wheel (benchmarks/ml100k_real.recbole_wheel: the
+  1. reads ml-100k.inter / ml-100k.item from the recbole 1.2.1 wheel (experiments/ml100k_real.recbole_wheel: the
      wheel only, nothing installed, the data never enters the repo);
   2. splits the ITEMS into three disjoint domains by genre (`class` column): each item goes to the first domain in
      DOMAIN_RULES whose genre list meets its genres (comedy, then action, then drama; every ML-100k item matches one).
@@ -38,12 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-
-from mmm4rec.data import SequentialData, attach_features, concat_domains, encode_texts, item_texts  # noqa: E402
-from mmm4rec.data import read_atomic  # noqa: E402
+from mmm4rec.data import SequentialData, attach_features, concat_domains, encode_texts, item_texts
+from mmm4rec.data import read_atomic
 
 # (domain, genres): an item belongs to the FIRST domain whose genres it has.  Chosen so that the three domains hold
 # comparable numbers of interactions on ML-100k (before 5-core: comedy 35.6k, action 30.5k, drama 33.9k).
@@ -107,7 +103,7 @@ def split_domains(users: Sequence, items: Sequence, timestamps: Sequence, item_d
 def load_domains(max_len: int = 20, kcore: int = 5, encoder: str = "auto", rules=DOMAIN_RULES
                  ) -> Tuple[Dict[str, SequentialData], dict]:
     """ML-100k from the recbole wheel -> {domain: SequentialData with text features}, info dict (sizes, encoder)."""
-    from ml100k_real import MEMBER, recbole_wheel
+    from experiments.ml100k_real import MEMBER, recbole_wheel
     with zipfile.ZipFile(recbole_wheel()) as z:
         inter = read_atomic(z.read(MEMBER + ".inter"), fields=["user_id", "item_id", "timestamp"])
         item_cols = read_atomic(z.read(MEMBER + ".item"))

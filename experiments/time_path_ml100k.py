@@ -1,10 +1,10 @@
 """Does a live time path help on real data?  MMM4Rec official vs time-path switches vs no time, ML-100k, several seeds.
 
-    python benchmarks/time_path_ml100k.py --variants official live notime --seeds 0 1 2 --epochs 5 --out tp.jsonl
-    python benchmarks/time_path_ml100k.py --summarize tp.jsonl          # mean +- std and paired differences
-    python benchmarks/time_path_ml100k.py --summarize tp.jsonl --base notime
+    python -m experiments.time_path_ml100k --variants official live notime --seeds 0 1 2 --epochs 5 --out tp.jsonl
+    python -m experiments.time_path_ml100k --summarize tp.jsonl          # mean +- std and paired differences
+    python -m experiments.time_path_ml100k --summarize tp.jsonl --base notime
 
-The data, split and model widths are those of benchmarks/ml100k_vs_sasrec.py (its `mmm4rec` rows: ML-100k from the
+The data, split and model widths are those of experiments/ml100k_vs_sasrec.py (its `mmm4rec` rows: ML-100k from the
 recbole 1.2.1 wheel, 5-core, leave-one-out, history 20, MiniLM text features, no images; hidden 64, headdim 16,
 d_state 16, ngroups 8, FFN 64, 1 layer, torch backend, full-softmax CE, NAdam, weight decay 0.005, seen items ranked).
 Every (variant, seed) runs exactly --epochs epochs (patience = epochs: no early stop, so every variant gets the same
@@ -26,8 +26,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {
     "official": dict(),
@@ -43,7 +41,7 @@ METRICS = ("ndcg@10", "ndcg@20", "recall@10", "recall@20")
 def run(data, variant: str, seed: int, a) -> dict:
     import torch
 
-    from ml100k_vs_sasrec import MMM4REC_SMALL, fit_timed
+    from experiments.ml100k_vs_sasrec import MMM4REC_SMALL, fit_timed
     from mmm4rec.model import MMM4RecConfig
     from mmm4rec.train import Trainer, build_model, set_seed
     torch.set_num_threads(a.threads)
@@ -116,7 +114,7 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(a.threads)
-    from ml100k_real import load_ml100k
+    from experiments.ml100k_real import load_ml100k
     data = load_ml100k(max_len=20, encoder=a.encoder)
     print(data.describe(), flush=True)
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
