@@ -44,13 +44,14 @@ import triton
 import triton.language as tl
 
 from . import configs
+from .common import _dot, _nonfinite, _softplus, _split
 from .layout import DOT_CODE, check_token_layout
 
 __all__ = ["tissd_chunked_fwd", "tissd_chunked_bwd"]
 
 _INTERPRET = configs.INTERPRET
 
-# dot operand types: 0 = float32 (input_precision PRECISION), 1 = bfloat16, 2 = float16 (fp32 accumulation)
+# dot operand code DOT: see common.py (_dot, _softplus, _split, _nonfinite are shared with quadratic.py)
 
 
 # fp32 dots: "tf32x3" (three TF32 tensor-core products, ~fp32 accurate) unless allow_tf32 asks for plain "tf32";
@@ -59,28 +60,8 @@ _FP32_PRECISION = "tf32x3"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# shared jit helpers
+# jit helpers of this path (the ones shared with quadratic.py are in common.py)
 # ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """a [M, K] @ b [K, N] -> fp32 [M, N]; operands rounded to the input dtype for 16-bit inputs."""
-    if DOT == 1:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif DOT == 2:
-        return tl.dot(a.to(tl.float16), b.to(tl.float16))
-    else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-
-
-@triton.jit
-def _softplus(v):
-    """log(1 + exp(v)) (v > 20 -> v), with an accurate log1p: log1p(e) = log(1+e) * e / ((1+e) - 1)."""
-    e = tl.exp(-tl.abs(v))
-    w = 1.0 + e
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
-    return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_e)
-
-
 @triton.jit
 def _load_v(dt_ptrs, E_ptrs, bias_ptr, offs, ok, HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr):
     """v_t = dt_t * E_t + dt_bias at dt_ptrs + offs ([Q] steps of one head); 0 * E + bias where not ok."""
@@ -106,19 +87,11 @@ def _delta(v, ok, DT_SOFTPLUS: tl.constexpr):
 def _chunk_cumsum(a, Q: tl.constexpr):
     """a [Q] fp32 -> (hi, lo, hi_L, lo_L): inclusive cumsum cs = hi + lo (float64 scan split into two float32),
     and its last element cs_L = hi_L + lo_L."""
-    cs = tl.cumsum(a.to(tl.float64), axis=0)
-    hi = cs.to(tl.float32)
-    lo = (cs - hi.to(tl.float64)).to(tl.float32)
+    hi, lo = _split(tl.cumsum(a.to(tl.float64), axis=0))
     last = tl.arange(0, Q) == Q - 1
     hi_L = tl.sum(tl.where(last, hi, 0.0), axis=0)
     lo_L = tl.sum(tl.where(last, lo, 0.0), axis=0)
     return hi, lo, hi_L, lo_L
-
-
-@triton.jit
-def _nonfinite(v):
-    """True where v is NaN or +-inf."""
-    return (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
 
 
 @triton.jit

@@ -47,6 +47,7 @@ import triton.language as tl
 
 from ..limits import QUADRATIC_MAX_LEN
 from . import configs
+from .common import _dot, _nonfinite, _softplus, _split
 from .layout import DOT_CODE, check_token_layout
 
 __all__ = ["tissd_quadratic_fwd", "tissd_quadratic_bwd", "QUADRATIC_MAX_LEN", "fp32_precision_of"]
@@ -56,34 +57,12 @@ __all__ = ["tissd_quadratic_fwd", "tissd_quadratic_bwd", "QUADRATIC_MAX_LEN", "f
 
 _KEY = ["BLOCK_L", "H", "G", "P", "N", "DOT", "PRECISION"]
 
-# dot operand code: 0 = float32 (input_precision PRECISION), 1 = bfloat16, 2 = float16 (fp32 accumulation)
+# dot operand code DOT: see common.py (_dot, _softplus, _split, _nonfinite are shared with chunked.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# shared jit helpers
+# jit helpers of this path (the ones shared with chunked.py are in common.py)
 # ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """a [M, K] @ b [K, N] -> float32 [M, N]; 16-bit inputs: operands rounded to that type (tensor cores)."""
-    if DOT == 1:
-        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif DOT == 2:
-        out = tl.dot(a.to(tl.float16), b.to(tl.float16))
-    else:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-    return out
-
-
-@triton.jit
-def _softplus(v):
-    """softplus(v) = max(v, 0) + log1p(exp(-|v|)), = v above 20 (torch's threshold).
-    log1p(e) is taken as log(w) * e / (w - 1) with w = 1 + e, exact also when e is tiny."""
-    e = tl.exp(-tl.abs(v))
-    w = 1.0 + e
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * (e / tl.where(w == 1.0, 1.0, w - 1.0)))
-    return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + log1p_e)
-
-
 @triton.jit
 def _softplus_grad(v):
     """d softplus / dv = sigmoid(v) (exactly 1 above the threshold 20, as torch)."""
@@ -113,13 +92,6 @@ def _discretize(dt_ptr, E_ptr, bias_ptr, tok, ok, h, H, HAS_E: tl.constexpr, HAS
 
 
 @triton.jit
-def _split(cs):
-    """float64 cs -> (hi, lo) float32 with hi + lo = cs to ~1e-16 relative."""
-    hi = cs.to(tl.float32)
-    return hi, (cs - hi.to(tl.float64)).to(tl.float32)
-
-
-@triton.jit
 def _decay(hi_r, lo_r, rows, row_ok, hi_c, lo_c, cols, col_ok):
     """keep [BL, BJ]: the pairs j <= i with both steps valid; M = exp(min(cs_i - cs_j, 0)) on them and exactly 0
     elsewhere (selected, never multiplied in: a NaN / inf in cs after a non-finite step stays in the pairs it belongs
@@ -129,12 +101,6 @@ def _decay(hi_r, lo_r, rows, row_ok, hi_c, lo_c, cols, col_ok):
     keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :] & row_ok[:, None]
     M = tl.where(keep, tl.exp(tl.minimum(diff, 0.0)), 0.0)
     return M, keep, keep & (cols[None, :] < rows[:, None]) & (diff <= 0.0)
-
-
-@triton.jit
-def _nonfinite(v):
-    """True where v is NaN or +-inf."""
-    return (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
 
 
 @triton.jit
