@@ -8,6 +8,7 @@
     tissd_fused_bwd(dy, dfinal?, ...) -> (dx, ddt, dA, dB, dC, dE, ddt_bias, dD, dh0)   Triton / CUDA TiSSD kernels
     gated_rmsnorm_fused(y, z?, weight, eps, group_size) -> (out, rstd)        Triton gated RMSNorm
     gated_rmsnorm_fused_bwd(dout, y, z?, weight, rstd, eps, group_size) -> (dy, dz, dweight)
+    nonfinite_onward(x, dt, E?, B, C, mask) -> marked [nseq, L, H] bool     the torch backend's NaN-causality marks
 
 Each op has a fake (meta) implementation, so torch.compile(fullgraph=True), torch.export and CUDA graphs see its
 output shapes without running it, and a registered autograd formula (the *_bwd op).  None of them mutates an input
@@ -419,5 +420,40 @@ def gated_rmsnorm_triton(y2, z2, weight, eps, group_size):
     return out
 
 
+# ------------------------------------------------------------------------ NaN causality marks (torch backend)
+def nonfinite_onward_steps(x, dt, E, B, C, mask):
+    """[nseq, L, H] bool: True on the valid steps of a sequence and head from its first non-finite input on (x, dt,
+    E at that head; B, C of its group).  The recurrence turns every later output of that head NaN, never an earlier
+    one.  x [nseq, L, H, P], dt / E [nseq, L, H], B / C [nseq, L, G, n], mask [nseq, L] bool (valid steps)."""
+    H, G = x.shape[2], B.shape[2]
+    bad = ~torch.isfinite(x).all(-1) | ~torch.isfinite(dt)
+    if E is not None:
+        bad = bad | ~torch.isfinite(E)
+    bad = bad | ~(torch.isfinite(B).all(-1) & torch.isfinite(C).all(-1)).repeat_interleave(H // G, dim=2)
+    valid = mask[..., None]
+    # the first bad step of each (sequence, head) by a min-reduction (no scan)
+    steps = torch.arange(bad.shape[1], device=bad.device)[None, :, None]
+    first = torch.where(bad & valid, steps, bad.shape[1]).amin(1, keepdim=True)
+    return (steps >= first) & valid
+
+
+@torch.library.custom_op("mmm4rec::nonfinite_onward", mutates_args=())
+def nonfinite_onward(x: Tensor, dt: Tensor, E: Optional[Tensor], B: Tensor, C: Tensor, mask: Tensor) -> Tensor:
+    """nonfinite_onward_steps as one op, so that a compiled graph runs it as one opaque call.  On CPU it first sums
+    each input (a finite sum proves there is nothing to mark: all False, the common case); on other devices it always
+    marks (no host read: CUDA graphs stay capturable).  Not differentiable (a bool output)."""
+    if x.device.type == "cpu":
+        total = sum(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+                    for t in (x, dt, E, B, C) if t is not None)
+        if bool(torch.isfinite(total)):
+            return torch.zeros(x.shape[:3], dtype=torch.bool, device=x.device)
+    return nonfinite_onward_steps(x, dt, E, B, C, mask)
+
+
+@nonfinite_onward.register_fake
+def _(x, dt, E, B, C, mask):
+    return x.new_empty(x.shape[:3], dtype=torch.bool)
+
+
 OPS = ("ssd_scan_cpu", "ssd_scan_cpu_bwd", "causal_conv_cpu", "causal_conv_cpu_bwd", "tissd_fused",
-       "tissd_fused_bwd", "gated_rmsnorm_fused", "gated_rmsnorm_fused_bwd")
+       "tissd_fused_bwd", "gated_rmsnorm_fused", "gated_rmsnorm_fused_bwd", "nonfinite_onward")

@@ -78,6 +78,17 @@ def _backward_sample(forward_op, sample):
     return (torch.randn_like(y), args[0], args[1], args[2], rstd, args[3], args[4])
 
 
+def _marks_sample(g, E=True, bad=True):
+    """nonfinite_onward's inputs: 3 sequences of 6 steps (lengths 6, 4, 0), H 4, G 2; NaN / inf at valid steps."""
+    b, L, H, P, G, n = 3, 6, 4, 3, 2, 5
+    x, dt, B, C = torch.randn(b, L, H, P, generator=g), torch.randn(b, L, H, generator=g), \
+        torch.randn(b, L, G, n, generator=g), torch.randn(b, L, G, n, generator=g)
+    if bad:
+        x[0, 2, 1, 0], B[1, 1, 1, 3], dt[0, 4, 3] = float("nan"), float("inf"), float("-inf")
+    mask = torch.arange(L)[None, :] < torch.tensor([6, 4, 0])[:, None]
+    return (x, dt, torch.rand(b, L, H, generator=g) if E else None, B, C, mask)
+
+
 SAMPLES = {   # op name -> list of (label, builder(generator) -> args, needs)
     "ssd_scan_cpu": [("D", lambda g: _scan_sample(g)), ("noD", lambda g: _scan_sample(g, D=False))],
     "causal_conv_cpu": [("bias", lambda g: _conv_sample(g)), ("nobias", lambda g: _conv_sample(g, bias=False))],
@@ -85,11 +96,14 @@ SAMPLES = {   # op name -> list of (label, builder(generator) -> args, needs)
                     ("chunked", lambda g: _fused_sample(g, "chunked")),
                     ("quadratic-noE", lambda g: _fused_sample(g, "quadratic", E=False))],
     "gated_rmsnorm_fused": [("z", lambda g: _norm_sample(g)), ("noz", lambda g: _norm_sample(g, z=False))],
+    "nonfinite_onward": [("bad", lambda g: _marks_sample(g)), ("noE", lambda g: _marks_sample(g, E=False)),
+                         ("finite", lambda g: _marks_sample(g, bad=False))],
 }
 NEEDS = {"ssd_scan_cpu": "native", "causal_conv_cpu": "native", "tissd_fused": "triton",
-         "gated_rmsnorm_fused": "triton"}
+         "gated_rmsnorm_fused": "triton", "nonfinite_onward": "torch"}
 CASES = [(name, label, build) for name, cases in SAMPLES.items() for label, build in cases] + \
-        [(name + "_bwd", label, build) for name, cases in SAMPLES.items() for label, build in cases]
+        [(name + "_bwd", label, build) for name, cases in SAMPLES.items() for label, build in cases
+         if NEEDS[name] != "torch"]                                      # nonfinite_onward: no gradient
 
 
 def test_every_registered_op_has_an_opcheck_case():
@@ -103,6 +117,8 @@ def test_opcheck(name, label, build, request):
     base = name[:-4] if name.endswith("_bwd") else name
     if NEEDS[base] == "native":
         request.getfixturevalue("native_cpu")
+    elif NEEDS[base] == "torch":
+        pass
     elif os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("Triton ops need a GPU or TRITON_INTERPRET=1")
     sample = build(torch.Generator().manual_seed(0))
@@ -110,6 +126,21 @@ def test_opcheck(name, label, build, request):
         sample = _backward_sample(getattr(torch.ops.mmm4rec, base), sample)
     result = torch.library.opcheck(getattr(torch.ops.mmm4rec, name), sample)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_nonfinite_marks_op_equals_the_per_step_rule():
+    """The op (its sum shortcut on CPU included) marks exactly the valid steps from the first bad one of each
+    (sequence, head) on: NaN at x[0, 2, head 1] -> steps 2..5 of head 1; -inf at dt[0, 4, head 3] -> 4..5 of head 3;
+    inf at B[1, 1, group 1] -> steps 1..3 of heads 2, 3 (group 1) of sequence 1 (length 4); none in sequence 2."""
+    x, dt, E, B, C, mask = _marks_sample(torch.Generator().manual_seed(0))
+    got = torch.ops.mmm4rec.nonfinite_onward(x, dt, E, B, C, mask)
+    want = torch.zeros(3, 6, 4, dtype=torch.bool)
+    want[0, 2:, 1] = want[0, 4:, 3] = True
+    want[1, 1:4, 2:] = True
+    assert torch.equal(got, want)
+    assert torch.equal(ops.nonfinite_onward_steps(x, dt, E, B, C, mask), want)
+    clean = _marks_sample(torch.Generator().manual_seed(0), bad=False)
+    assert not torch.ops.mmm4rec.nonfinite_onward(*clean).any()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA extension's op cases need a GPU")
