@@ -151,28 +151,52 @@ def test_triton_quadratic_split_backward_causal(name, value, t):
 FULL_LOSS = [("x", "nan", 6), ("x", "inf", 17), ("B", "nan", 6), ("B", "-inf", 17)]
 
 
-def _full_loss_params():
-    out = []
-    for backend, path in BACKENDS:
-        for name, value, t in FULL_LOSS:
-            marks = []
-            if backend == "triton" and name == "B":
-                marks = [pytest.mark.xfail(strict=True, reason=TRITON_DC)]
-            out.append(pytest.param(backend, path, name, value, t, id=f"{backend}-{path}-{name}-{value}-t{t}",
-                                    marks=marks))
-    return out
+def _full_loss_params(sources):
+    return [pytest.param(backend, path, name, value, t, id=f"{backend}-{path}-{name}-{value}-t{t}")
+            for backend, path in BACKENDS for name, value, t in sources]
 
 
-TRITON_DC = "triton backward: dC_i = sum_j dCB_ij B_j is one dot over the steps j of a block / chunk, where a NaN / " \
-            "inf B_t meets the masked zeros of the rows i < t (guarding it cost registers: spills / occupancy)"
-
-
-@pytest.mark.parametrize("backend,path,name,value,t", _full_loss_params())
+@pytest.mark.parametrize("backend,path,name,value,t", _full_loss_params(FULL_LOSS))
 def test_nonfinite_x_or_b_prefix_gradients_with_a_loss_over_every_row(backend, path, name, value, t):
     """Backward with a random dy on EVERY row, the same in both runs (the loss sum(y * w) itself is NaN): a NaN /
     inf in x_t or B_t enters y_i (i >= t) only through the pair (i, t), so the gradients of x, dt, time_scale, B, C
     at the steps < t still equal the clean run's (only a bad Delta_t, from dt or time_scale, enters the decays of
-    every pair that spans t)."""
+    every pair that spans t).  On the Triton backward this covers dC_i = sum_j dCB_ij B_j, a dot over the steps of
+    a block / chunk where a bad B_t meets the masked zeros of the rows i < t."""
     clean, bad = _pair(backend, path, name, value, t, full_loss=True)
     for k in TOKEN_INPUTS:
         _same(bad[1][k][S, :t], clean[1][k][S, :t], f"d{k}, steps < t of the bad sequence (loss over every row)")
+
+
+def _check_c_full_loss(clean, bad, t, lengths=LENGTHS, L=L_):
+    """A bad C_t with dy on every row: y_t = C_t . h_t reads x, B, Delta of every step <= t, so their gradients at
+    the steps < t may be non-finite (the gradients of an output at a step >= t); dC at the steps < t may not (dC_i
+    reads dy_i and steps <= i only), nor anything of the other sequences, and padded steps stay exactly 0 (in a
+    block / chunk a bad C_t meets the masked zeros of the padded columns j > t)."""
+    pad = _pad_mask(lengths, L)
+    others = [i for i in range(len(lengths)) if i != S]
+    _same(bad[1]["C"][S, :t], clean[1]["C"][S, :t], "dC, steps < t of the bad sequence (loss over every row)")
+    for k in TOKEN_INPUTS:
+        _same(bad[1][k][others], clean[1][k][others], f"d{k}, the other sequences (loss over every row)")
+        assert (bad[1][k][pad] == 0).all(), f"d{k} is not exactly 0 on padded steps (loss over every row)"
+
+
+@pytest.mark.parametrize("backend,path,name,value,t", _full_loss_params([("C", "nan", 6), ("C", "inf", 17)]))
+def test_nonfinite_c_with_a_loss_over_every_row(backend, path, name, value, t):
+    """See _check_c_full_loss (L = 20: the bad step and the padding share a block of the fused Triton backward)."""
+    clean, bad = _pair(backend, path, name, value, t, full_loss=True)
+    _check_c_full_loss(clean, bad, t)
+
+
+@pytest.mark.parametrize("name,value,t", [("C", "-inf", 34), ("B", "nan", 34)])
+def test_triton_quadratic_split_backward_loss_over_every_row(name, value, t):
+    """L = 40 (BLOCK_L 64, the split backward), dy on every row, the bad step in the column / row block of the
+    padded steps 37..39 of the bad sequence."""
+    lengths = (40, 37, 23)
+    clean, bad = _pair("triton", "quadratic", name, value, t, 40, lengths, full_loss=True)
+    if name == "C":
+        _check_c_full_loss(clean, bad, t, lengths, 40)
+    else:
+        for k in TOKEN_INPUTS:
+            _same(bad[1][k][S, :t], clean[1][k][S, :t], f"d{k}, steps < t of the bad sequence (loss over every row)")
+        assert all((bad[1][k][_pad_mask(lengths, 40)] == 0).all() for k in TOKEN_INPUTS)

@@ -155,8 +155,9 @@ def test_chunked_matches_reference(b, L, H, P, n, G, chunk, opt):
 @pytest.mark.parametrize("precision,case", [("ieee", 3), ("tf32", 8), ("ieee", 13)])
 def test_single_reverse_sweep_matches_reference(precision, case):
     """The default exact fp32 ("tf32x3") backward runs its reverse sweep twice (SPLIT_BC: dx / dDelta, then
-    dB / dC, for registers); every other precision runs one sweep with everything: check that path too (the
-    interpreter computes every fp32 dot exactly, so the same tolerance holds)."""
+    dB / dC, for registers) and reads each chunk's C B^T from a scratch that the forward pass of the kernel wrote
+    (CB_SCRATCH); every other precision runs one sweep with everything: check that path too (the interpreter
+    computes every fp32 dot exactly, so the same tolerance holds)."""
     b, L, H, P, n, G, chunk, opt = CASES[case]
     opt = dict(opt)
     d_skip, softplus = opt.pop("d_skip", "delta"), opt.pop("softplus", True)

@@ -9,11 +9,13 @@ every chunk of Q steps, h the [P, n] state entering the chunk):
 Kernels (one program per (sequence, head, block of BLOCK_P state rows); rows p of the state are independent, so
 P-blocks never talk to each other; the program walks the chunks of its sequence in order, state in registers):
     _fwd_kernel     discretization + quadratic form inside the chunk (tl.dot) + state passing; writes y (+ h_T).
-    _bwd_kernel     pass 1 walks forward and stores the chunk-start states (scratch, fp32), pass 2 walks backward
-                    carrying dh [BLOCK_P, n]; writes dx, per-P-block partial dDelta / dB / dC and dA / dD sums.
-                    Exact fp32 (tf32x3 dots, three products each) runs pass 2 twice (SPLIT_BC): dx / dDelta
-                    first, then dB / dC (+ the dh recurrence again, adding its dDelta terms), so that no sweep
-                    holds every tile at once (spill-free on sm_90; one sweep with everything spills 36+32 B).
+    _bwd_kernel     pass 1 walks forward and stores the chunk-start states and every chunk's C B^T [Q, Q] (scratch,
+                    fp32: the K = n dot is not redone in pass 2, whose tiles are what fill the registers), pass 2
+                    walks backward carrying dh [BLOCK_P, n]; writes dx, per-P-block partial dDelta / dB / dC and
+                    dA / dD sums.  Exact fp32 (tf32x3 dots, three products each) runs pass 2 twice (SPLIT_BC):
+                    dx / dDelta first, then dB / dC (+ the dh recurrence again, adding its dDelta terms), so that
+                    no sweep holds every tile at once (spill-free on sm_90 with triton 3.6-3.9; with C B^T redone in
+                    pass 2 it spilled 12+12 B with 3.7.1, and one sweep with everything 36+32 B).
     _bwd_dt_kernel  sums the dDelta partials, applies d softplus, writes ddt, dE and per-(sequence, head) ddt_bias.
 Partial buffers are reduced with torch sums (deterministic, no atomics).
 
@@ -28,11 +30,12 @@ Non-finite inputs: a NaN / inf at valid step t reaches only the outputs at steps
 and every later chunk, through the state), and padding stays exactly 0.  Masks are selects (tl.where), never
 products with 0.  The forward's S @ (Delta x), a dot over the steps of a chunk that would meet a masked 0 with a
 non-finite Delta_j x_j, is checked: a non-finite result (never in a real run) is recomputed with the bad rows zeroed
-and the rows from the first bad step on set to NaN.  (dC_i = sum_j dG_ij B_j is not guarded: a NaN / inf B_t can
-reach dC of the rows before t in its chunk when dy is nonzero at rows >= t; guarding it spilled.)  The backward runs on
-the live prefix of each (sequence, head, P-block): rows after the last one with a nonzero dy (and no dfinal) have
-exact-zero gradients and are not processed, so a loss over the rows before t gets exactly the gradients of the run
-without the bad value; _bwd_dt_kernel treats a zero dDelta as an exact zero (0 * NaN = 0 there).
+and the rows from the first bad step on set to NaN.  In the backward, dC_i = sum_j dG_ij B_j reads B as 0 from the
+first step t with a NaN / inf B on (pass 1 finds it with a min-reduction) and sets the rows i >= t of dC to NaN, so
+the rows before t are exact whatever dy holds at the rows >= t.  The backward runs on the live prefix of each
+(sequence, head, P-block): rows after the last one with a nonzero dy (and no dfinal) have exact-zero gradients and
+are not processed, so a loss over the rows before t gets exactly the gradients of the run without the bad value;
+_bwd_dt_kernel treats a zero dDelta as an exact zero (0 * NaN = 0 there).
 
 Interpreter: the Triton interpreter (numpy >= 2) cannot range() over a runtime scalar, so under TRITON_INTERPRET the
 chunk loops get a fixed trip count (ITERS constexpr, see _iters) and chunks past a sequence are masked no-ops.
@@ -44,7 +47,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import _dot, _nonfinite, _softplus, _split
+from .common import _dot, _first_nonfinite_row, _nonfinite, _softplus, _split
 from .layout import DOT_CODE, check_token_layout
 
 __all__ = ["tissd_chunked_fwd", "tissd_chunked_bwd"]
@@ -212,7 +215,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_kernel(
     dy_ptr, dhT_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, D_ptr, start_ptr, len_ptr, h0_ptr,
-    states_ptr, dx_ptr, ddelta_ptr, dB_ptr, dC_ptr, dh0_ptr, dA_ptr, dD_ptr,
+    states_ptr, cb_ptr, dx_ptr, ddelta_ptr, dB_ptr, dC_ptr, dh0_ptr, dA_ptr, dD_ptr,
     T, H, G, P, N, n_pb, n_chunks,
     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_DFINAL: tl.constexpr, ITERS: tl.constexpr, D_SKIP_DELTA: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
@@ -253,6 +256,7 @@ def _bwd_kernel(
         hT = tl.load(h0_ptr + s_off + s_idx, mask=s_mask, other=0.0).to(tl.float32)
     else:
         hT = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    first_b = tl.full([1], 2147483647, tl.int32).min(axis=0)                    # first step with a NaN / inf B
     for c in range(0, ITERS if ITERS > 0 else nc):
         tl.store(states_ptr + ((seq * H + h) * n_chunks + c) * (P * N) + s_idx, hT, mask=s_mask)  # chunk start
         ok = c * Q + rq < length
@@ -263,8 +267,14 @@ def _bwd_kernel(
         w = tl.exp(tl.minimum((hi_L - hi) + (lo_L - lo), 0.0)) * delta            # decay to chunk end * Delta
         Bm = tl.load(B_ptr + (tok0 * G + g) * N + rq[:, None] * (G * N) + rn[None, :],
                      mask=ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        first_b = tl.minimum(first_b, _first_nonfinite_row(Bm, c * Q + rq))
         x = tl.load(x_ptr + (tok0 * H + h) * P + rq[:, None] * (H * P) + rp[None, :],
                     mask=ok[:, None] & p_ok[None, :], other=0.0)
+        # the chunk's C_i . B_j for pass 2 (B read as 0 from its first non-finite step on, as there)
+        Cm = tl.load(C_ptr + (tok0 * G + g) * N + rq[:, None] * (G * N) + rn[None, :],
+                     mask=ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        CB = _dot(Cm, tl.trans(tl.where((c * Q + rq < first_b)[:, None], Bm, 0.0)), DOT, PRECISION)
+        tl.store(cb_ptr + (pid.to(tl.int64) * n_chunks + c) * (Q * Q) + rq[:, None] * Q + rq[None, :], CB)
         hT = tl.exp(hi_L + lo_L) * hT + _dot(tl.trans(Bm * w[:, None]), x, DOT, PRECISION)
     tl.debug_barrier()  # the states written above are read back below by other threads of this program
 
@@ -304,7 +314,9 @@ def _bwd_kernel(
             u = x * delta[:, None]                                                     # [Q, BP] Delta_j x_j
             bc_off = (tok0 * G + g) * N + rq[:, None] * (G * N) + rn[None, :]
             bn_ok = ok[:, None] & n_ok[None, :]
-            Bm = tl.load(B_ptr + bc_off, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
+            # B read as 0 from the first step with a NaN / inf B on (pass 1 found it): dC_i = sum_j dG_ij B_j would
+            # meet the masked zeros of the rows i < t; the rows of dC from that step on are set to NaN below
+            Bm = tl.load(B_ptr + bc_off, mask=bn_ok & (c * Q + rq < first_b)[:, None], other=0.0).to(tl.float32)
             Cm = tl.load(C_ptr + bc_off, mask=bn_ok, other=0.0).to(tl.float32)         # [Q, BN]
 
             # decay M_ij = exp(min(cs_i - cs_j, 0)) (j <= i); S_ij = (C_i . B_j) M_ij; both selected on the kept
@@ -312,7 +324,8 @@ def _bwd_kernel(
             diff = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
             keep = (rq[:, None] >= rq[None, :]) & ok[:, None] & ok[None, :]
             M = tl.where(keep, tl.exp(tl.minimum(diff, 0.0)), 0.0)
-            S = tl.where(keep, M * _dot(Cm, tl.trans(Bm), DOT, PRECISION), 0.0)       # [Q, Q]
+            CB = tl.load(cb_ptr + (pid.to(tl.int64) * n_chunks + c) * (Q * Q) + rq[:, None] * Q + rq[None, :])
+            S = tl.where(keep, M * CB, 0.0)                                            # [Q, Q], CB from pass 1
             # da_t (a_t enters cs_i for all i >= t of the chunk), summed directly over the decays that contain a_t, so
             # that large terms of decays not containing it never cancel (stable after huge steps):
             #   pairs j < t <= i:       sum_{i >= t} sum_{j < t} W_ij,  W_ij = (dy_i . u_j) S_ij where the clamp is off
@@ -351,6 +364,7 @@ def _bwd_kernel(
                              mask=s_mask & (c * Q < live), other=0.0)
                 dyh = _dot(dy, tl.trans(hT), DOT, PRECISION)                           # [Q, BN] sum_p dy_ip h[p, k]
                 dC = _dot(dG, Bm, DOT, PRECISION) + ecs[:, None] * dyh
+                dC = tl.where((c * Q + rq >= first_b)[:, None], float("nan"), dC)     # from the first bad B on
                 tl.store(dC_ptr + part_off + bc_off, dC.to(dC_ptr.dtype.element_ty), mask=bn_ok)
                 dB = _dot(tl.trans(dG), Cm, DOT, PRECISION) + w[:, None] * _dot(u, tl.trans(dhT), DOT, PRECISION)
                 tl.store(dB_ptr + part_off + bc_off, dB.to(dB_ptr.dtype.element_ty), mask=bn_ok)
@@ -550,6 +564,7 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
     dA_part = torch.empty(nseq * H * n_pb, device=dev, dtype=f32)
     dD_part = torch.empty(nseq * H * n_pb, device=dev, dtype=f32)
     states = torch.empty(nseq * H * n_chunks * P * N, device=dev, dtype=f32)
+    cbs = torch.empty(nseq * H * n_pb * n_chunks * Q * Q, device=dev, dtype=f32)   # C B^T per chunk and program
     dummy = x
     meta = dict(HAS_E=E is not None, HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_H0=h0 is not None,
                 HAS_DFINAL=dfin is not None, ITERS=_iters(max_len, Q), D_SKIP_DELTA=bool(d_skip_delta),
@@ -560,7 +575,7 @@ def tissd_chunked_bwd(dy, dfinal_states, x, dt, A, B, C, E, dt_bias, D, seq_star
         _bwd_kernel, (nseq * H * n_pb,),
         (dy, dummy if dfin is None else dfin, x, dt, A, B, C, dummy if E is None else E,
          dummy if dt_bias is None else dt_bias, dummy if D is None else D, seq_start, seq_len,
-         dummy if h0 is None else h0, states, dx, ddelta, dB_part, dC_part, dummy if dh0 is None else dh0,
+         dummy if h0 is None else h0, states, cbs, dx, ddelta, dB_part, dC_part, dummy if dh0 is None else dh0,
          dA_part, dD_part, T, H, G, P, N, n_pb, n_chunks),
         meta, cfg)
     dbias_part = torch.empty(nseq * H, device=dev, dtype=f32)

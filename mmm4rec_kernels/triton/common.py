@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["_dot", "_softplus", "_split", "_nonfinite"]
+__all__ = ["_dot", "_softplus", "_split", "_nonfinite", "_first_nonfinite_row"]
 
 
 @triton.jit
@@ -47,3 +47,10 @@ def _split(cs):
 def _nonfinite(v):
     """True where v is NaN (the only value with v != v) or +-inf."""
     return (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
+
+
+@triton.jit
+def _first_nonfinite_row(v, steps):
+    """v [K, N], row k at step steps[k] -> the first step whose row holds a NaN / inf (2**31 - 1 if none)."""
+    bad = tl.max(_nonfinite(v).to(tl.int32), axis=1) > 0
+    return tl.min(tl.where(bad, steps, 2147483647), axis=0)

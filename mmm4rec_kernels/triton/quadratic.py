@@ -29,15 +29,18 @@ d a_t is summed directly over the pairs it touches (j < t <= i), without cancell
 Accumulation is float32; fp32 dots use input_precision="ieee" (exact) unless allow_tf32 ("tf32", tensor cores);
 fp32_precision= overrides.  dt, E, A, dt_bias, D may be any float dtype (cast on load).
 
-Non-finite inputs: a NaN / inf at valid step t of a sequence reaches only its outputs at steps >= t, and padding
-stays exactly 0.  Masks are selects (tl.where), never products with 0: the decay and score tiles, and in the
-backward C B^T M's gradient.  A dot over steps still meets masked zeros (0 * inf = NaN): in the forward the columns
-of a row block end at the first step of its own block with a bad x (the rows from there on are set to NaN; a bad
-x_j below the diagonal pairs with every row of the block anyway); B's product in dC is not guarded (a NaN / inf B_t
-can reach dC of the rows before t in its column block when dy is nonzero at rows >= t; guarding it cost
-occupancy).  The backward runs on the live prefix of each (sequence, head): rows after the last one with a nonzero dy
-have exact-zero gradients and are not processed, so a loss over the rows before t gets exactly the gradients of
-the run without the bad value (no 0 * NaN), its parameters' included.
+Non-finite inputs: a NaN / inf at valid step t of a sequence reaches only its outputs at steps >= t (and the
+gradients that flow from them), and padding stays exactly 0.  Masks are selects (tl.where), never products with 0:
+the decay and score tiles, and in the backward C B^T M's gradient.  A dot over steps still meets masked zeros
+(0 * inf = NaN): in the forward the columns of a row block end at the first step of its own block with a bad x (the
+rows from there on are set to NaN; a bad x_j below the diagonal pairs with every row of the block anyway); in the
+backward dC_i = sum_j dCB_ij B_j reads B as 0 from the first step t with a NaN / inf B on (found by a min-reduction
+over B: in the fused kernel before its column loop, for the split passes in _live_len_kernel) and sets the rows
+i >= t of dC to NaN, so the rows before t are exact; a bad C_t meets the masked zeros of the columns j > t in
+dB_j and dx_j (steps >= t), and the columns past the live prefix (padding) are stored as exact zeros.  The backward
+runs on the live prefix of each (sequence, head): rows after the last one with a nonzero dy have exact-zero
+gradients and are not processed, so a loss over the rows before t gets exactly the gradients of the run without the
+bad value (no 0 * NaN), its parameters' included.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ import triton.language as tl
 
 from ..limits import QUADRATIC_MAX_LEN
 from . import configs
-from .common import _dot, _nonfinite, _softplus, _split
+from .common import _dot, _first_nonfinite_row, _nonfinite, _softplus, _split
 from .layout import DOT_CODE, check_token_layout
 
 __all__ = ["tissd_quadratic_fwd", "tissd_quadratic_bwd", "QUADRATIC_MAX_LEN", "fp32_precision_of"]
@@ -101,6 +104,15 @@ def _decay(hi_r, lo_r, rows, row_ok, hi_c, lo_c, cols, col_ok):
     keep = (cols[None, :] <= rows[:, None]) & col_ok[None, :] & row_ok[:, None]
     M = tl.where(keep, tl.exp(tl.minimum(diff, 0.0)), 0.0)
     return M, keep, keep & (cols[None, :] < rows[:, None]) & (diff <= 0.0)
+
+
+@triton.jit
+def _first_bad_b(B_ptr, tok, ok, steps, g, G, N, BLOCK_N: tl.constexpr):
+    """The first of the steps (tokens tok where ok) whose B row (group g) holds a NaN / inf; 2**31 - 1 if none."""
+    rn = tl.arange(0, BLOCK_N)
+    Bt = tl.load(B_ptr + tok[:, None] * (G * N) + g * N + rn[None, :], mask=ok[:, None] & (rn < N)[None, :],
+                 other=0.0)
+    return _first_nonfinite_row(Bt, steps)
 
 
 @triton.jit
@@ -270,6 +282,9 @@ def _bwd_fused_kernel(
                     axis=0)                                 # the live prefix (tokens past it are written as zeros)
     row_ok = rows < length
     tok_r = start + rows
+    # B is read as 0 from its first step with a NaN / inf on: dC_i = sum_j dCB_ij B_j would meet the masked zeros of
+    # the rows i < t; the rows of dC from that step on are set to NaN at the end
+    first_b = _first_bad_b(B_ptr, tok_r, row_ok, rows, g, G, N, BLOCK_N)
     v_r, dt_r, E_r, delta_r = _discretize(dt_ptr, E_ptr, bias_ptr, tok_r, row_ok, h, H, HAS_E, HAS_BIAS,
                                           DT_SOFTPLUS)
     hi_r, lo_r = _split(tl.cumsum((A * delta_r).to(tl.float64), axis=0))
@@ -295,7 +310,7 @@ def _bwd_fused_kernel(
             carry += tl.sum(a_c, axis=0)
 
             Bj = tl.load(B_ptr + tok_c[:, None] * (G * N) + g * N + rn[None, :],
-                         mask=col_ok[:, None] & n_ok[None, :], other=0.0)          # [BJ, BN]
+                         mask=(col_ok & (cols < first_b))[:, None] & n_ok[None, :], other=0.0)   # [BJ, BN]
             M, keep, flows = _decay(hi_r, lo_r, rows, row_ok, hi_c, lo_c, cols, col_ok)
             S = _dot(C, tl.trans(Bj), DOT, PRECISION) * M                           # [BL, BJ]
 
@@ -327,12 +342,16 @@ def _bwd_fused_kernel(
                     else:
                         dxj += Dh * dyj
                         dD_acc += tl.sum(xdy, axis=0)
-                tl.store(dx_ptr + xj_off, dxj.to(dx_ptr.dtype.element_ty), mask=col_out[:, None] & p_ok[None, :])
+                # steps past the live prefix: exactly 0 (a bad C_t meets their masked zeros in S)
+                tl.store(dx_ptr + xj_off, tl.where(col_ok[:, None], dxj, 0.0).to(dx_ptr.dtype.element_ty),
+                         mask=col_out[:, None] & p_ok[None, :])
 
             # B, C through C_i . B_j
             dCB = tl.where(keep, dS * M, 0.0)                   # selected: a NaN / inf u_j stays in column j
             dC += _dot(dCB, Bj, DOT, PRECISION)                                     # [BL, BN]
-            dBj = _dot(tl.trans(dCB), C, DOT, PRECISION)                            # [BJ, BN]
+            # a NaN / inf C_t meets the masked zeros of the columns j > t: steps >= t, but the ones past the live
+            # prefix (padding) are stored as exact zeros
+            dBj = tl.where(col_ok[:, None], _dot(tl.trans(dCB), C, DOT, PRECISION), 0.0)  # [BJ, BN]
             tl.store(dB_ptr + tok_c[:, None] * (NBC * N) + slot * N + rn[None, :],
                      dBj.to(dB_ptr.dtype.element_ty), mask=col_out[:, None] & n_ok[None, :])
 
@@ -355,7 +374,8 @@ def _bwd_fused_kernel(
             if HAS_E:
                 tl.store(dE_ptr + tok_c * H + h, dv * dt_c, mask=col_out)
 
-    dC = tl.where(row_ok[:, None], dC, 0.0)                # rows outside the live prefix: exactly 0
+    # rows outside the live prefix: exactly 0; rows from the first bad B step on: NaN
+    dC = tl.where(row_ok[:, None], tl.where((rows < first_b)[:, None], dC, float("nan")), 0.0)
     tl.store(dC_ptr + tok_r[:, None] * (NBC * N) + slot * N + rn[None, :],
              dC.to(dC_ptr.dtype.element_ty), mask=(rows < fill)[:, None] & n_ok[None, :])
     part = seq * H + h
@@ -382,23 +402,29 @@ def _cs_before(dt_ptr, E_ptr, bias_ptr, start, length, h, H, A, stop, HAS_E: tl.
 
 
 @triton.jit
-def _live_len_kernel(dy_ptr, start_ptr, len_ptr, live_ptr, H, P: tl.constexpr, BLOCK_L: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-    """live[seq, h] = 1 + the last step whose dy row (head h) has a nonzero (or NaN) entry, 0 if none: the split
+def _live_len_kernel(dy_ptr, B_ptr, start_ptr, len_ptr, live_ptr, H, G, N, P: tl.constexpr, BLOCK_L: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """live[0, seq, h] = 1 + the last step whose dy row (head h) has a nonzero (or NaN) entry, 0 if none: the split
     backward runs on that prefix.  Output rows past it have a zero gradient, so they contribute exactly nothing (the
-    strong zero), and a NaN / inf input at a later step never meets a 0 of dy (0 * NaN)."""
+    strong zero), and a NaN / inf input at a later step never meets a 0 of dy (0 * NaN).
+    live[1, seq, h] = the first step whose B row (head h's group) holds a NaN / inf, 2**31 - 1 if none (the row
+    pass reads B as 0 from there on and sets those rows of dC to NaN)."""
     pid = tl.program_id(0)
     h = pid % H
     seq = (pid // H).to(tl.int64)
+    g = h // (H // G)
     start = tl.load(start_ptr + seq).to(tl.int64)
     length = tl.load(len_ptr + seq).to(tl.int32)
     live = tl.zeros([1], dtype=tl.int32).sum(axis=0)
+    first_b = tl.full([1], 2147483647, tl.int32).min(axis=0)
     for r0 in range(0, BLOCK_L, BLOCK_R):                   # static bounds; blocks past the end skipped
         if r0 < length:
             rows = r0 + tl.arange(0, BLOCK_R)
             flag = _live_rows(dy_ptr, start + rows, rows < length, h, H, P, BLOCK_P)
             live = tl.maximum(live, tl.max(tl.where(flag > 0, rows + 1, 0), axis=0))
+            first_b = tl.minimum(first_b, _first_bad_b(B_ptr, start + rows, rows < length, rows, g, G, N, BLOCK_N))
     tl.store(live_ptr + pid, live)
+    tl.store(live_ptr + tl.num_programs(0) + pid, first_b)
 
 
 @configs.autotune("quadratic_bwd_dx", key=_KEY)
@@ -514,18 +540,21 @@ def _bwd_dx_kernel(
             dxj += Dh * dyj
             dD_acc += tl.sum(xdy, axis=0)
     col_out = cols < fill
+    # steps past the live prefix (padding): exactly 0 (a NaN / inf C_t of a row block meets the masked zeros of S^T
+    # and of MT in the columns j > t of the same blocks: steps >= t, but padding stays 0)
+    dxj = tl.where(col_ok[:, None], dxj, 0.0)
     tl.store(dx_ptr + x_off, dxj.to(dx_ptr.dtype.element_ty), mask=col_out[:, None] & p_ok[None, :])
     tl.store(ddelta_ptr + (T.to(tl.int64) * pb + tok_c) * H + h, pdelta, mask=col_ok)
     tl.store(dD_ptr + pid, dD_acc)
     if pb == 0:
-        tl.store(dB_ptr + tok_c[:, None] * (NBC * N) + slot * N + rn[None, :], dB.to(dB_ptr.dtype.element_ty),
-                 mask=col_out[:, None] & n_ok[None, :])
+        tl.store(dB_ptr + tok_c[:, None] * (NBC * N) + slot * N + rn[None, :],
+                 tl.where(col_ok[:, None], dB, 0.0).to(dB_ptr.dtype.element_ty), mask=col_out[:, None] & n_ok[None, :])
 
 
 @configs.autotune("quadratic_bwd_dbc", key=_KEY)
 @triton.jit(do_not_specialize=["T"])  # T.to(int64): never the constexpr 1
 def _bwd_dc_kernel(
-    dy_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, start_ptr, len_ptr, live_ptr,
+    dy_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, E_ptr, bias_ptr, start_ptr, len_ptr, live_ptr, first_b_ptr,
     dC_ptr, da_ptr,
     T, H, G, N, MAX_LEN, PAD_TO, P: tl.constexpr, PER_HEAD: tl.constexpr,
     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DOT: tl.constexpr,
@@ -557,6 +586,9 @@ def _bwd_dc_kernel(
     length = tl.load(len_ptr + seq).to(tl.int32)
     fill = tl.maximum(length, PAD_TO)
     length = tl.load(live_ptr + seq * H + h)                # the live prefix: everything past it is exactly 0
+    # B is read as 0 from its first step with a NaN / inf on (dC_i = sum_j dS_ij M_ij B_j would meet the masked zeros
+    # of the rows i < t); the rows of dC from that step on are set to NaN at the end
+    first_b = tl.load(first_b_ptr + seq * H + h)
     A = tl.load(A_ptr + h).to(tl.float32)
     rn = tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -590,7 +622,7 @@ def _bwd_dc_kernel(
             hi_c, lo_c = _split(carry_c + tl.cumsum(a_c, axis=0))
             carry_c += tl.sum(a_c, axis=0)
             Bj = tl.load(B_ptr + tok_c[:, None] * (G * N) + g * N + rn[None, :],
-                         mask=col_ok[:, None] & n_ok[None, :], other=0.0)          # [BJ, BN]
+                         mask=(col_ok & (cols < first_b))[:, None] & n_ok[None, :], other=0.0)   # [BJ, BN]
             M, keep, flows = _decay(hi_r, lo_r, rows, row_ok, hi_c, lo_c, cols, col_ok)  # [BI, BJ]
             S = _dot(Ci, tl.trans(Bj), DOT, PRECISION) * M
             if ONE_P:
@@ -614,7 +646,8 @@ def _bwd_dc_kernel(
             da_c = tl.sum(tl.where(rows[:, None] >= cols[None, :], w_lt, 0.0), axis=0)
             w_before += tl.sum(W, axis=1)
             tl.store(da_ptr + (T.to(tl.int64) * ib + tok_c) * H + h, da_c, mask=col_ok)
-    dC = tl.where(row_ok[:, None], dC, 0.0)                # rows outside the live prefix: exactly 0
+    # rows outside the live prefix: exactly 0; rows from the first bad B step on: NaN
+    dC = tl.where(row_ok[:, None], tl.where((rows < first_b)[:, None], dC, float("nan")), 0.0)
     tl.store(dC_ptr + tok_r[:, None] * (NBC * N) + slot * N + rn[None, :], dC.to(dC_ptr.dtype.element_ty),
              mask=(rows < fill)[:, None] & n_ok[None, :])
 
@@ -825,16 +858,18 @@ def _bwd_split(dy, x, dt, A, B, C, E, dt_bias, opt, seq_start, seq_len, max_len,
     ddelta = torch.empty(n_pb, T, H, **f32)         # du . x per P-block
     da = torch.empty(n_ib, T, H, **f32)             # row block's share of d a_t
     dD_part = torch.empty(nseq * H * n_jb * n_pb, **f32)
-    live = torch.empty(nseq * H, dtype=torch.int32, device=x.device)    # live prefix per (sequence, head)
-    _live_len_kernel[(nseq * H,)](dy, seq_start, seq_len, live, H, P=P, BLOCK_L=bl, BLOCK_R=min(bl, 32),
-                                  BLOCK_P=min(64, max(16, triton.next_power_of_2(P))), num_warps=4)
+    # per (sequence, head): [0] the live prefix, [1] the first step with a NaN / inf B (see _live_len_kernel)
+    live = torch.empty(2, nseq * H, dtype=torch.int32, device=x.device)
+    _live_len_kernel[(nseq * H,)](dy, B, seq_start, seq_len, live, H, G, N, P=P, BLOCK_L=bl, BLOCK_R=min(bl, 32),
+                                  BLOCK_P=min(64, max(16, triton.next_power_of_2(P))), BLOCK_N=meta["BLOCK_N"],
+                                  num_warps=4)
     configs.launch(_bwd_dx_kernel, (nseq * H * n_jb * n_pb,),
                    (dy, x, dt, A, B, C, *opt, seq_start, seq_len, live, dx, dB, ddelta, dD_part,
                     T, H, G, N, max_len, pad_to, P), dict(meta, PER_HEAD=shared), cfg_dx)
     meta_dc = {k: v for k, v in meta.items() if k not in ("HAS_D", "D_SKIP_DELTA")}
     configs.launch(_bwd_dc_kernel, (nseq * H * n_ib,),
-                   (dy, x, dt, A, B, C, opt[0], opt[1], seq_start, seq_len, live, dC, da, T, H, G, N, max_len, pad_to,
-                    P),
+                   (dy, x, dt, A, B, C, opt[0], opt[1], seq_start, seq_len, live[0], live[1], dC, da, T, H, G, N,
+                    max_len, pad_to, P),
                    dict(meta_dc, PER_HEAD=shared), cfg_dc)
     _bwd_dt_kernel[(nseq * H,)](
         ddelta, da, dD_part, dt, A, opt[0], opt[1], seq_start, seq_len, live, ddt, ddt if dE is None else dE, part,
