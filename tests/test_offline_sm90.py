@@ -43,16 +43,20 @@ def test_occupancy_estimate_limits():
     assert occupancy(64, 100_000, 4)[1] == "smem"
 
 
-def test_spill_waivers_are_per_triton_series_and_capped():
-    """A waiver covers its own (kernel, precision, Triton series) up to its byte cap, nothing else."""
+def test_spill_waivers_are_per_triton_series_and_capped(monkeypatch):
+    """A waiver covers its own (kernel, precision, Triton series) up to its byte cap, nothing else (checked on a
+    fake entry: the shipped WAIVED_SPILLS may be empty)."""
     off = _offline()
-    (kernel, prec, series), (cap, why) = next(iter(off.WAIVED_SPILLS.items()))
-    assert why
+    kernel, prec, series, cap = "chunked.bwd_kernel", "fp32", "3.7", 32
+    monkeypatch.setattr(off, "WAIVED_SPILLS", {(kernel, prec, series): (cap, "a fake waiver for this test")})
     row = dict(kernel=kernel, prec=prec, path="chunked", triton=series + ".9", spill_st=cap // 2, spill_ld=cap // 2,
                smem=0, dots=1, dots_tc=1)
-    assert off.waiver(row) and off.problems(row) == []
+    assert off.waiver(row) == "a fake waiver for this test" and off.problems(row) == []
     assert off.problems(dict(row, spill_st=cap)) == [f"spills {cap}+{cap // 2} B"]       # over the cap
     assert off.problems(dict(row, triton="2.0.0")) == [f"spills {cap // 2}+{cap // 2} B"]  # another series
+    assert off.problems(dict(row, prec="bf16")) == [f"spills {cap // 2}+{cap // 2} B"]     # another precision
+    clean = dict(row, spill_st=0, spill_ld=0)
+    assert off.problems(clean) == [] and off.waiver(clean) is None                       # no spill: nothing waived
 
 
 def test_pinned_triton_is_what_the_test_extra_installs():

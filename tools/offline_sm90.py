@@ -257,13 +257,11 @@ COLS = ("shape", "prec", "path", "kernel", "config", "warps", "stages", "regs", 
 
 
 # Known spills the gate tolerates up to a byte cap (a regression above the cap fails): (kernel, prec, triton minor
-# series) -> (bytes of spill stores + loads, reason).  Keep this list short and say it in RESULTS.md.  None on
-# triton 3.6.
-WAIVED_SPILLS: dict[tuple[str, str, str], tuple[int, str]] = {
-    ("chunked.bwd_kernel", "fp32", "3.7"): (
-        32, ("exact-fp32 (tf32x3) chunked backward: 255 registers + 8-16 B with every config of the sweep space on "
-             "triton 3.7 (spill-free on 3.6); needs a kernel change (fewer live tiles in the reverse sweep)")),
-}
+# series) -> (bytes of spill stores + loads, reason).  Keep this list short and say it in RESULTS.md.  Empty: the
+# last entry, the exact-fp32 (tf32x3) chunked backward on triton 3.7 (255 registers + 12+12 B), went with its
+# kernel change (each chunk's C B^T computed once in pass 1, read back in the reverse sweeps: 253 registers, no
+# spill, on 3.6-3.9).
+WAIVED_SPILLS: dict[tuple[str, str, str], tuple[int, str]] = {}
 
 
 def waiver(row) -> str | None:

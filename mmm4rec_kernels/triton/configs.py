@@ -77,9 +77,9 @@ def pick(kernel: str, *, BLOCK_L: int = 0, P: int = 0, N: int = 0, PREC: str = "
     PREC = dot flavour ("bf16" / "fp16" for 16-bit inputs, else the fp32 input_precision "ieee", "tf32" or
     "tf32x3"), Q chunk.  Values from the offline sm_90 table (RESULTS.md): the config with the fewest waves at the
     benchmark shapes (paper L=20, wide head P=512, L=200, L=1024) among those spill-free on every Triton of
-    PINNED_SERIES (and, where one was found, on 3.8 and 3.9 too; the one exception, the exact-fp32 chunked
-    backward on 3.7, is in offline_sm90.WAIVED_SPILLS).  The fallback set (`config_set()`) swaps in the
-    lower-register variants for another Triton."""
+    PINNED_SERIES (and, where one was found, on 3.8 and 3.9 too; tools/offline_sm90.WAIVED_SPILLS lists the
+    tolerated exceptions, none at present).  The fallback set (`config_set()`) swaps in the lower-register variants
+    for another Triton."""
     fallback = config_set() == "fallback"
     if fallback and not _FORCED:
         _tell_fallback()
@@ -130,10 +130,11 @@ def _pinned(kernel, BLOCK_L, P, PREC, fallback=False):
     if kernel == "chunked_bwd":
         # chunks of 16 keep the Q x Q tiles and the [n, BLOCK_P] states in registers; BLOCK_P = 64 (= P at the
         # benchmark shapes) needs no partial dB / dC / dDelta buffers.  tf32x3 (three products per dot) runs the
-        # reverse sweep twice (SPLIT_BC: dx / dDelta, then dB / dC); spill-free only at BLOCK_P = 32 with 8 warps
-        # (255 registers; BLOCK_P 16: 8-20 B spills, 64: 170+ B, 4 warps: 20-60 B; RESULTS.md 2026-12-02).
-        # With triton 3.7.1 every config of the sweep space spills (BLOCK_P 32: 16+16 B, 16: 12+8 B): waived in
-        # benchmarks/offline_sm90.py until the kernel needs fewer registers there.
+        # reverse sweep twice (SPLIT_BC: dx / dDelta, then dB / dC) at BLOCK_P = 32 with 8 warps; each chunk's C B^T
+        # comes from the kernel's pass 1 (scratch).  Triton 3.7.1, L=1024: 253 registers, no spill (also on 3.6,
+        # 3.8, 3.9); BLOCK_P 16 is spill-free too with 1 stage (the same waves from twice the programs), 64 spills
+        # 92+ B, 4 warps at 32: 52-64 B.  (With C B^T redone in the reverse sweeps every config of the sweep space
+        # spilled on 3.7.1: BLOCK_P 32 12+12 B, 16: 12+8 B.)
         if PREC == "tf32x3":
             return _cfg(8, 1, BLOCK_P=32, Q_MAX=16)
         return _cfg(8, 1, BLOCK_P=64, Q_MAX=16)
