@@ -180,8 +180,11 @@ def build_variant(name: str, case: dict, previous_commit: str, whole_package: bo
         return model, opt
     if name.endswith(COMPILED):
         model, opt = build_variant(name[:-len(COMPILED)], case, previous_commit, whole_package, device)
-        ours = not name.startswith("RecBole")        # RecBole's SASRec is compiled as it is (graph breaks allowed)
-        model.loss = torch.compile(model.loss, fullgraph=ours, dynamic=True)
+        if name.startswith("RecBole"):             # RecBole's SASRec is compiled as it is (graph breaks allowed)
+            model.loss = torch.compile(model.loss, dynamic=True)
+        else:                                      # ours as the Trainer's --compile does it (fullgraph)
+            from mmm4rec.train import compile_loss
+            model.loss = compile_loss(model.loss, True, torch.device(device))
         return model, opt
     if name in ("now", NOW_TORCH_PATH):
         import mmm4rec.model as now

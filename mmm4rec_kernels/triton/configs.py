@@ -1,5 +1,5 @@
 """Pinned launch configs of the Triton kernels, chosen from the offline sm_90 compile table
-(benchmarks/offline_sm90.py: registers, spills, shared memory, occupancy at the benchmark shapes).
+(tools/offline_sm90.py: registers, spills, shared memory, occupancy at the benchmark shapes).
 
 A GPU run starts timing at once: each kernel gets ONE config per shape class, no autotune sweep.  Autotuning is an
 opt-in (env MMM4REC_AUTOTUNE=1, read at import): then the kernels are wrapped in triton.autotune over `candidates`
@@ -28,7 +28,7 @@ import triton
 __all__ = ["AUTOTUNE", "INTERPRET", "OVERRIDE", "TRITON_PINNED", "PINNED_SERIES", "config_set", "pick", "candidates",
            "sweep_space", "autotune", "launch"]
 
-# The Triton whose sm_90 compile of the pinned configs is gated (benchmarks/offline_sm90.py --check, CI: a spill
+# The Triton whose sm_90 compile of the pinned configs is gated (python -m tools.offline_sm90 --check, CI: a spill
 # fails): the one torch 2.13's CUDA wheel pins.  setup.py's `test` extra pins it (read from this line).
 TRITON_PINNED = "3.7.1"
 # Minor series the pinned configs are for (requirement form: triton>=3.6,<3.8); 3.6 is checked by the warn-only
@@ -68,7 +68,7 @@ def _tell_fallback():
         # under the interpreter there are no registers to spill: say it, but below the default log level
         _log.log(logging.INFO if INTERPRET else logging.WARNING,
                  "mmm4rec_kernels: triton %s is not a version the launch configs are pinned for (%s.x; gated on %s): "
-                 "using the spill-safer fallback configs (re-pin with benchmarks/offline_sm90.py --sweep)",
+                 "using the spill-safer fallback configs (re-pin with python -m tools.offline_sm90 --sweep)",
                  triton.__version__, ".x, ".join(PINNED_SERIES), TRITON_PINNED)
 
 

@@ -6,7 +6,7 @@ Token layout and math: ../CONTRACT.md.  Per sequence and head, with Delta, a, cs
     y_i  = sum_j K_ij x_j + D * s_i * x_i                            (s_i = Delta_i or 1)
 
 Kernels (BLOCK_L = next power of 2 >= max_len, at least 16; one block of 32 covers the paper's L = 20; launch
-configs pinned per shape class in configs.py, from the offline sm_90 table benchmarks/offline_sm90.py):
+configs pinned per shape class in configs.py, from the offline sm_90 table tools/offline_sm90.py):
     _fwd_kernel   1-d grid, (sequence, head) major, row block fastest.  Flash-style: a program owns BLOCK_T rows
                   and one P-block and walks the column blocks up to the diagonal.  Discretization, C B^T, decay,
                   K @ x and the skip are fused: x, B, C, dt, E are read from HBM once (short L), y written once.
