@@ -4,7 +4,10 @@ torch backend (H 8, P 16, G 8, n 16, D skip, time scale).  1 CPU thread, float32
 
     pytest benchmarks/bench_cpu_kernels.py --benchmark-only --benchmark-columns=median,iqr,rounds
 
-"native" needs a C++ compiler (skipped without one); "torch" is the same call with the native library bypassed.
+"native" needs a C++ compiler (skipped without one); "torch" is the same call with the native library bypassed;
+"floor" copies the bytes the call must move once (every input it reads, forward and backward, and every output and
+gradient it writes, float32) with one tensor copy_ of (read + written) / 2 bytes: what the kernels would take if they
+were bound by this thread's memory bandwidth alone (the ratio native / floor is how far they are from it).
 """
 import pytest
 import torch
@@ -16,20 +19,32 @@ from mmm4rec_kernels.modules.conv import causal_conv1d_channels_last
 B, L, H, P, G, N = 256, 20, 8, 16, 8, 16
 
 
-@pytest.fixture(params=["native", "torch"])
+@pytest.fixture(params=["native", "torch", "floor"])
 def impl(request, monkeypatch):
     if request.param == "native":
         if native.library() is None:
             pytest.skip(native.status())
     else:
-        monkeypatch.setattr(native, "supports", lambda x, dtype=None: False)
+        monkeypatch.setattr(native, "supports", lambda x, dtype=None: False)   # the TiSSD's torch backend
+        monkeypatch.setattr(native, "available", lambda: False)               # the conv's dispatch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield request.param
     torch.set_num_threads(threads)
 
 
+def floor_copy(read_elems: int, written_elems: int):
+    """A step that moves (read + written) float32 elements once: copy_ of half of them (a copy reads and writes)."""
+    half = (read_elems + written_elems + 1) // 2
+    src, dst = torch.randn(half), torch.empty(half)
+    return lambda: dst.copy_(src)
+
+
 def test_causal_conv_silu_fwd_bwd(benchmark, impl):
+    if impl == "floor":        # fwd reads x, writes y; bwd reads gy, x, writes dx (w, bias: negligible)
+        n = B * L * 384
+        benchmark(floor_copy(3 * n, 2 * n))
+        return
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, L, 384, generator=g, requires_grad=True)
     w = torch.randn(384, 1, 4, generator=g, requires_grad=True)
@@ -43,6 +58,10 @@ def test_causal_conv_silu_fwd_bwd(benchmark, impl):
 
 
 def test_tissd_quadratic_call_fwd_bwd(benchmark, impl):
+    if impl == "floor":        # fwd reads x, dt, E, B, C, writes y; bwd reads gy and the inputs again, writes their grads
+        inputs = B * L * H * P + 2 * B * L * H + 2 * B * L * G * N
+        benchmark(floor_copy(2 * inputs + B * L * H * P, B * L * H * P + inputs))
+        return
     g = torch.Generator().manual_seed(0)
     leaves = [torch.randn(*s, generator=g).requires_grad_() for s in ((B, L, H, P), (B, L, H), (B, L, G, N),
                                                                      (B, L, G, N))]
