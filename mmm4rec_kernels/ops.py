@@ -11,8 +11,9 @@
     nonfinite_onward(x, dt, E?, B, C, mask) -> marked [nseq, L, H] bool     the torch backend's NaN-causality marks
 
 Each op has a fake (meta) implementation, so torch.compile(fullgraph=True), torch.export and CUDA graphs see its
-output shapes without running it, and a registered autograd formula (the *_bwd op).  None of them mutates an input
-or syncs with the host.  A `Tensor?` input that is None gives an empty (numel 0) gradient output, mapped back to
+output shapes without running it, and a registered autograd formula (the *_bwd op; nonfinite_onward has none: a bool
+output).  None of them mutates an input or syncs with a device (nonfinite_onward reads one scalar of CPU tensors
+only).  A `Tensor?` input that is None gives an empty (numel 0) gradient output, mapped back to
 None by the autograd formula (op outputs cannot be None).
 
 Eager calls skip the op dispatcher: `call(...)` runs the same forward/backward functions through a plain
@@ -421,6 +422,14 @@ def gated_rmsnorm_triton(y2, z2, weight, eps, group_size):
 
 
 # ------------------------------------------------------------------------ NaN causality marks (torch backend)
+def may_hold_nonfinite(*tensors) -> bool:
+    """Could any of the tensors (None skipped) hold a NaN / inf?  One sum per tensor and one host read: a finite sum
+    proves there is none; an overflowing one only sends the caller down the exact per-step marking."""
+    total = sum(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors
+                if t is not None)
+    return not bool(torch.isfinite(total))
+
+
 def nonfinite_onward_steps(x, dt, E, B, C, mask):
     """[nseq, L, H] bool: True on the valid steps of a sequence and head from its first non-finite input on (x, dt,
     E at that head; B, C of its group).  The recurrence turns every later output of that head NaN, never an earlier
@@ -442,11 +451,8 @@ def nonfinite_onward(x: Tensor, dt: Tensor, E: Optional[Tensor], B: Tensor, C: T
     """nonfinite_onward_steps as one op, so that a compiled graph runs it as one opaque call.  On CPU it first sums
     each input (a finite sum proves there is nothing to mark: all False, the common case); on other devices it always
     marks (no host read: CUDA graphs stay capturable).  Not differentiable (a bool output)."""
-    if x.device.type == "cpu":
-        total = sum(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-                    for t in (x, dt, E, B, C) if t is not None)
-        if bool(torch.isfinite(total)):
-            return torch.zeros(x.shape[:3], dtype=torch.bool, device=x.device)
+    if x.device.type == "cpu" and not may_hold_nonfinite(x, dt, E, B, C):
+        return torch.zeros(x.shape[:3], dtype=torch.bool, device=x.device)
     return nonfinite_onward_steps(x, dt, E, B, C, mask)
 
 

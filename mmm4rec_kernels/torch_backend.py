@@ -209,14 +209,6 @@ def _packed_gather(cu, T):
     return idx, pos[None, :] < lens[:, None]
 
 
-def _maybe_nonfinite(*tensors) -> bool:
-    """Could any input hold a NaN / inf?  (Eager only.)  One sum per tensor and one host read: a finite sum proves
-    there is none; an overflowing one only sends the call down the exact per-step path."""
-    total = sum(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors
-                if t is not None)
-    return not bool(torch.isfinite(total))
-
-
 def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delta", dt_softplus=True,
                 lengths=None, cu_seqlens=None, initial_states=None, return_final_states=False, path="quadratic",
                 chunk_size=64):
@@ -264,7 +256,7 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
     if path != "reference" and mask.shape[1] > 0 and nseq > 0:
         if torch.compiler.is_compiling():
             marked = ops.nonfinite_onward(x_, dt_, E_, B_, C_, mask)
-        elif _maybe_nonfinite(x_, dt_, E_, B_, C_):
+        elif ops.may_hold_nonfinite(x_, dt_, E_, B_, C_):
             marked = ops.nonfinite_onward_steps(x_, dt_, E_, B_, C_, mask)
     if marked is not None:
         finite = lambda t: None if t is None else torch.where(torch.isfinite(t), t, 0.0)  # noqa: E731
