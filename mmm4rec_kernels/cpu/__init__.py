@@ -5,6 +5,8 @@ ctypes (no torch headers: the build takes a few seconds, once, and works with an
                          one pass over memory each (the torch path walks the activations ~7 and ~20 times)
     tissd_quadratic.cpp  the time-aware SSD's quadratic form without states (torch_backend.quadratic_form's
                          training case): per sequence and head over its valid steps only, no intermediate tensors
+    layer_infer.cpp      inference of a TimeAwareSSD layer in two calls (the causal time encoding; step sizes, scan
+                         and gated RMSNorm): modules/infer_cpu.py
     thread_sums.h        per-thread partial sums reduced in a fixed order (weight gradients)
 
 The library is built into MMM4REC_CACHE_DIR (default ~/.cache/mmm4rec_kernels; the temp dir if that is not
@@ -31,7 +33,7 @@ import torch
 logger = logging.getLogger("mmm4rec_kernels")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_HERE, f) for f in ("causal_conv.cpp", "tissd_quadratic.cpp")]
+_SOURCES = [os.path.join(_HERE, f) for f in ("causal_conv.cpp", "tissd_quadratic.cpp", "layer_infer.cpp")]
 _HEADERS = [os.path.join(_HERE, "thread_sums.h")]                 # part of the build's identity (the hash)
 # fast math without its two hazards: -ffinite-math-only (NaN / inf assumed away: SiLU gave NaN below -89) and
 # crtfastmath.o (linked with -ffast-math: flush-to-zero for the whole process on load); libmvec: thread_sums.h
@@ -96,6 +98,12 @@ def _bind(lib):
         bwd = getattr(lib, f"mmm4rec_ssd_quadratic_bwd_{dt}")
         bwd.argtypes = [p] * 7 + [i32] + [p] * 7 + [i64] * 6 + [i32]
         bwd.restype = None
+        enc = getattr(lib, f"mmm4rec_time_encoding_fwd_{dt}")            # layer_infer.cpp
+        enc.argtypes = [p, i32] + [i64] * 4 + [p] * 10 + [ctypes.c_double, p, i32]
+        enc.restype = None
+        infer = getattr(lib, f"mmm4rec_ssd_infer_{dt}")
+        infer.argtypes = [p, i64, p, p, i64] + [p] * 4 + [i32, p, i64, ctypes.c_double, p] + [i64] * 6 + [p, i32]
+        infer.restype = i32
     lib.mmm4rec_conv_has_openmp.restype = i32
     return lib
 

@@ -56,15 +56,15 @@ class SequenceLayout:
             raise ValueError(f"pass at most one of lengths / attention_mask / key_padding_mask / cu_seqlens, got "
                              f"{' and '.join(given)}")
         tracing = torch.compiler.is_compiling()
-        pos = torch.arange(L, device=device)
         if lengths is not None:
             _int_tensor(lengths, "lengths")
             if tuple(lengths.shape) != (b,):
                 raise ValueError(f"lengths must have shape ({b},), got {tuple(lengths.shape)}")
             lengths = lengths.to(device=device, dtype=torch.long)
-            if not tracing and lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > L):
+            if not tracing and lengths.numel() and not 0 <= int(lengths.min()) <= int(lengths.max()) <= L:
                 raise ValueError(f"lengths must lie in [0, L={L}], got {lengths.tolist()[:8]}")
             return SequenceLayout(b, L, lengths, None, None)
+        pos = torch.arange(L, device=device)
         if key_padding_mask is not None:
             _mask_tensor(key_padding_mask, "key_padding_mask", b, L)
             if key_padding_mask.dtype != torch.bool:

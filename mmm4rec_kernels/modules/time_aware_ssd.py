@@ -1,6 +1,7 @@
 """TimeAwareSSD: a Mamba2-style mixer block whose scan is the time-aware SSD (`mmm4rec_kernels.tissd`)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -8,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..tissd import tissd
+from . import infer_cpu
 from .conv import CausalDepthwiseConv1d
 from .layout import SequenceLayout
 from .linear_split import linear_split
@@ -16,6 +18,7 @@ from .params import init_ssd_params
 from .time_encoding import TimeState, make_time_encoding
 
 RMSNORM_EPS = 1e-5
+logger = logging.getLogger("mmm4rec_kernels")
 
 
 @dataclass
@@ -179,8 +182,16 @@ class TimeAwareSSD(nn.Module):
                                       named["cu_seqlens"], named["key_padding_mask"])
         if timestamps is not None and not self._timestamps_checked and not torch.compiler.is_compiling():
             self._check_timestamps_once(timestamps, layout)
-        out, state = self._forward_working(layout.pad(hidden), layout.pad(timestamps), layout.pad(time_gaps),
-                                           layout.lengths, return_state)
+        u, timestamps, time_gaps = layout.pad(hidden), layout.pad(timestamps), layout.pad(time_gaps)
+        if not torch.is_grad_enabled():                          # CPU inference: few ops (modules/infer_cpu.py)
+            why = infer_cpu.reason_not_covered(self, u, layout.lengths, return_state)
+            out = infer_cpu.infer(self, u, timestamps, time_gaps, layout.lengths) if why is None else None
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("TimeAwareSSD %s: %s", tuple(hidden.shape), "CPU inference path" if out is not None
+                             else f"general path ({why or 'NaN / inf input'})")
+            if out is not None:       # rows past each length are already 0: only a gather layout needs unpad
+                return out if layout.index is None else layout.unpad(out)
+        out, state = self._forward_working(u, timestamps, time_gaps, layout.lengths, return_state)
         out = layout.unpad(out)
         return (out, state) if return_state else out
 
