@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -28,6 +29,19 @@
 
 #include "thread_sums.h"
 
+// How it is computed (same sums as above, in a cache- and SIMD-friendly order), per sequence b and group g:
+//   * B_j is transposed once into Bt [n][j], so C_i . B_j for all j <= i is one FMA per k over contiguous j; it is
+//     computed once per row and shared by the group's H/G heads.
+//   * seg_i[j] (j < i) is kept per head as a running row: seg_i[j] = seg_{i-1}[j] + a_i, seg_i[i] = 0.  The same
+//     additions as summing a_{j+1} .. a_i directly (all <= 0, no cancellation; never a difference of prefix sums,
+//     which loses everything in fp32 for large time gaps), one vectorised pass per row instead of a serial chain.
+//     exp(seg) is taken per entry (libmvec's vector exp), never as a product of exps (no error growth, no denormals).
+//   * rows are processed R at a time: the forward's y_i = sum_j w_ij x_j and the backward's dx_j += sum_i md_ij gy_i
+//     keep R rows of accumulators in SIMD registers (P a multiple of the vector width; other P: plain loops), so each
+//     x_j / dx_j is loaded once per block; only pairs j <= i of each row are touched (the diagonal block row by row).
+//   * backward: gy_i . x_j over j <= i from a transposed x [P][j] (R rows at once, vectorised over j); the head sums
+//     Z_ij = sum_h G^h_ij exp(seg^h_ij) give dC_i = sum_j Z_ij B_j and dB_j += Z_ij C_i (through a transposed dB
+//     [n][j]) once per group; da_k = sum_{j<k<=i} G_ij M_ij via prefix sums of the block's summed rows.
 namespace {
 
 template <typename T>
@@ -38,12 +52,16 @@ struct Dims {
     int64_t bc(int64_t b, int64_t t, int64_t g) const { return ((b * L + t) * G + g) * n; }
 };
 
+// one 64-byte SIMD vector of T (GCC / clang vector extension: one AVX-512 register, two or four elsewhere)
 template <typename T>
-inline T dot(const T* u, const T* v, int64_t m) {
-    T acc = T(0);
-    for (int64_t k = 0; k < m; ++k) acc += u[k] * v[k];
-    return acc;
-}
+struct Simd {
+    typedef T v __attribute__((vector_size(64)));
+    static constexpr int lanes = 64 / sizeof(T);
+    static v load(const T* p) { v r; std::memcpy(&r, p, sizeof r); return r; }
+    static void store(T* p, v r) { std::memcpy(p, &r, sizeof r); }
+};
+
+constexpr int R = 4;                                 // rows per block
 
 // does v[0..m) hold a nonzero (or NaN) entry?
 template <typename T>
@@ -58,43 +76,254 @@ inline int64_t valid_steps(const int64_t* len, int64_t b, int64_t L) {
     return std::min<int64_t>(std::max<int64_t>(len[b], 0), L);
 }
 
-// decay[j] = exp(sum_{k=j+1..i} a_k) for j <= i, of one (b, h): a_k read at stride H
+// out[j] = C_i . B_j for j < jend (rounded up to 2 vectors: entries past row i are junk, never read); Bt [n][Lp]
 template <typename T>
-inline void decay_row(const T* a_bh, int64_t H, int64_t i, T* seg, T* decay) {
-    seg[i] = T(0);
-    for (int64_t j = i - 1; j >= 0; --j) seg[j] = seg[j + 1] + a_bh[(j + 1) * H];
-    for (int64_t j = 0; j <= i; ++j) decay[j] = std::exp(seg[j]);
+void cb_row(const T* Bt, int64_t Lp, int64_t n, const T* Ci, int64_t jend, T* out) {
+    using S = Simd<T>;
+    using V = typename S::v;
+    constexpr int VL = S::lanes;
+    for (int64_t j0 = 0; j0 < jend; j0 += 2 * VL) {
+        V a0 = V{}, a1 = V{};
+        for (int64_t k = 0; k < n; ++k) {
+            const T c = Ci[k];
+            a0 += c * S::load(Bt + k * Lp + j0);
+            a1 += c * S::load(Bt + k * Lp + j0 + VL);
+        }
+        S::store(out + j0, a0);
+        S::store(out + j0 + VL, a1);
+    }
 }
+
+// y_{rows[t]} = sum_{j <= rows[t]} w[t][j] x_j  (t < NR, rows ascending; x_j at xh + j xs; w rows Lp apart)
+template <typename T, int NV, int NR>
+void y_rows_simd(const T* xh, int64_t xs, const T* w, int64_t Lp, const int64_t* rows, T* yh) {
+    using S = Simd<T>;
+    using V = typename S::v;
+    constexpr int VL = S::lanes;
+    V acc[NR][NV];
+    for (int t = 0; t < NR; ++t)
+        for (int v = 0; v < NV; ++v) acc[t][v] = V{};
+    const int64_t j0 = rows[0];
+    for (int64_t j = 0; j <= j0; ++j) {                 // pairs every row of the block has
+        const T* xj = xh + j * xs;
+        V xv[NV];
+        for (int v = 0; v < NV; ++v) xv[v] = S::load(xj + v * VL);
+        for (int t = 0; t < NR; ++t) {
+            const T wt = w[t * Lp + j];
+            for (int v = 0; v < NV; ++v) acc[t][v] += wt * xv[v];
+        }
+    }
+    for (int t = 1; t < NR; ++t)                        // the rest of each row (the diagonal block)
+        for (int64_t j = j0 + 1; j <= rows[t]; ++j) {
+            const T wt = w[t * Lp + j];
+            for (int v = 0; v < NV; ++v) acc[t][v] += wt * S::load(xh + j * xs + v * VL);
+        }
+    for (int t = 0; t < NR; ++t)
+        for (int v = 0; v < NV; ++v) S::store(yh + rows[t] * xs + v * VL, acc[t][v]);
+}
+
+// dx_j += sum_t md[t][j] gy_t over j <= rows[t]
+template <typename T, int NV, int NR>
+void dx_rows_simd(T* dxh, int64_t xs, const T* md, int64_t Lp, const int64_t* rows, const T* const* gyr) {
+    using S = Simd<T>;
+    using V = typename S::v;
+    constexpr int VL = S::lanes;
+    V g[NR][NV];
+    for (int t = 0; t < NR; ++t)
+        for (int v = 0; v < NV; ++v) g[t][v] = S::load(gyr[t] + v * VL);
+    const int64_t j0 = rows[0];
+    for (int64_t j = 0; j <= j0; ++j) {
+        T* dxj = dxh + j * xs;
+        for (int v = 0; v < NV; ++v) {
+            V d = S::load(dxj + v * VL);
+            for (int t = 0; t < NR; ++t) d += md[t * Lp + j] * g[t][v];
+            S::store(dxj + v * VL, d);
+        }
+    }
+    for (int t = 1; t < NR; ++t)
+        for (int64_t j = j0 + 1; j <= rows[t]; ++j) {
+            T* dxj = dxh + j * xs;
+            const T m = md[t * Lp + j];
+            for (int v = 0; v < NV; ++v) S::store(dxj + v * VL, S::load(dxj + v * VL) + m * g[t][v]);
+        }
+}
+
+template <typename T>
+void y_rows_plain(const T* xh, int64_t xs, int64_t P, const T* w, int64_t Lp, const int64_t* rows, int nr, T* yh) {
+    for (int t = 0; t < nr; ++t) {
+        T* __restrict yi = yh + rows[t] * xs;
+        for (int64_t j = 0; j <= rows[t]; ++j) {
+            const T* __restrict xj = xh + j * xs;
+            const T wt = w[t * Lp + j];
+            for (int64_t p = 0; p < P; ++p) yi[p] += wt * xj[p];
+        }
+    }
+}
+
+template <typename T>
+void dx_rows_plain(T* dxh, int64_t xs, int64_t P, const T* md, int64_t Lp, const int64_t* rows, int nr,
+                   const T* const* gyr) {
+    for (int t = 0; t < nr; ++t) {
+        const T* __restrict g = gyr[t];
+        for (int64_t j = 0; j <= rows[t]; ++j) {
+            T* __restrict dxj = dxh + j * xs;
+            const T m = md[t * Lp + j];
+            for (int64_t p = 0; p < P; ++p) dxj[p] += m * g[p];
+        }
+    }
+}
+
+template <typename T, int NV>
+void y_rows_nv(const T* xh, int64_t xs, const T* w, int64_t Lp, const int64_t* rows, int nr, T* yh) {
+    switch (nr) {
+        case 4: return y_rows_simd<T, NV, 4>(xh, xs, w, Lp, rows, yh);
+        case 3: return y_rows_simd<T, NV, 3>(xh, xs, w, Lp, rows, yh);
+        case 2: return y_rows_simd<T, NV, 2>(xh, xs, w, Lp, rows, yh);
+        default: return y_rows_simd<T, NV, 1>(xh, xs, w, Lp, rows, yh);
+    }
+}
+
+template <typename T, int NV>
+void dx_rows_nv(T* dxh, int64_t xs, const T* md, int64_t Lp, const int64_t* rows, int nr, const T* const* gyr) {
+    switch (nr) {
+        case 4: return dx_rows_simd<T, NV, 4>(dxh, xs, md, Lp, rows, gyr);
+        case 3: return dx_rows_simd<T, NV, 3>(dxh, xs, md, Lp, rows, gyr);
+        case 2: return dx_rows_simd<T, NV, 2>(dxh, xs, md, Lp, rows, gyr);
+        default: return dx_rows_simd<T, NV, 1>(dxh, xs, md, Lp, rows, gyr);
+    }
+}
+
+// y rows (zero on entry) of one head; nr <= R rows
+template <typename T>
+void y_rows(const T* xh, int64_t xs, int64_t P, const T* w, int64_t Lp, const int64_t* rows, int nr, T* yh) {
+    constexpr int VL = Simd<T>::lanes;
+    if (P == VL) return y_rows_nv<T, 1>(xh, xs, w, Lp, rows, nr, yh);
+    if (P == 2 * VL) return y_rows_nv<T, 2>(xh, xs, w, Lp, rows, nr, yh);
+    if (P == 4 * VL) return y_rows_nv<T, 4>(xh, xs, w, Lp, rows, nr, yh);
+    y_rows_plain(xh, xs, P, w, Lp, rows, nr, yh);
+}
+
+template <typename T>
+void dx_rows(T* dxh, int64_t xs, int64_t P, const T* md, int64_t Lp, const int64_t* rows, int nr,
+             const T* const* gyr) {
+    constexpr int VL = Simd<T>::lanes;
+    if (P == VL) return dx_rows_nv<T, 1>(dxh, xs, md, Lp, rows, nr, gyr);
+    if (P == 2 * VL) return dx_rows_nv<T, 2>(dxh, xs, md, Lp, rows, nr, gyr);
+    if (P == 4 * VL) return dx_rows_nv<T, 4>(dxh, xs, md, Lp, rows, nr, gyr);
+    dx_rows_plain(dxh, xs, P, md, Lp, rows, nr, gyr);
+}
+
+// gx[t][j] = gy_t . x_j for j < jend (rounded up to 2 vectors; entries past row t are junk, never read);
+// xT [P][Lp] (zero past the valid steps)
+template <typename T, int NR>
+void gx_rows_nr(const T* xT, int64_t Lp, int64_t P, const T* const* gyr, int64_t jend, T* gx) {
+    using S = Simd<T>;
+    using V = typename S::v;
+    constexpr int VL = S::lanes;
+    for (int64_t j0 = 0; j0 < jend; j0 += 2 * VL) {
+        V acc[NR][2];
+        for (int t = 0; t < NR; ++t) acc[t][0] = acc[t][1] = V{};
+        for (int64_t p = 0; p < P; ++p) {
+            const V x0 = S::load(xT + p * Lp + j0), x1 = S::load(xT + p * Lp + j0 + VL);
+            for (int t = 0; t < NR; ++t) {
+                const T g = gyr[t][p];
+                acc[t][0] += g * x0;
+                acc[t][1] += g * x1;
+            }
+        }
+        for (int t = 0; t < NR; ++t) {
+            S::store(gx + t * Lp + j0, acc[t][0]);
+            S::store(gx + t * Lp + j0 + VL, acc[t][1]);
+        }
+    }
+}
+
+template <typename T>
+void gx_rows(const T* xT, int64_t Lp, int64_t P, const T* const* gyr, int nr, int64_t jend, T* gx) {
+    switch (nr) {
+        case 4: return gx_rows_nr<T, 4>(xT, Lp, P, gyr, jend, gx);
+        case 3: return gx_rows_nr<T, 3>(xT, Lp, P, gyr, jend, gx);
+        case 2: return gx_rows_nr<T, 2>(xT, Lp, P, gyr, jend, gx);
+        default: return gx_rows_nr<T, 1>(xT, Lp, P, gyr, jend, gx);
+    }
+}
+
+// per-thread work buffers, sized for one (b, g) of r = H / G heads; Lp = L rounded up to 2 vectors
+template <typename T>
+struct Work {
+    int64_t Lp;
+    std::vector<T> Bt, cb, seg, dl, al, w;
+    Work(const Dims<T>& d, int64_t r) : Lp((d.L + 2 * Simd<T>::lanes - 1) / (2 * Simd<T>::lanes) * (2 * Simd<T>::lanes)) {
+        Bt.assign(size_t(d.n) * Lp, T(0));
+        cb.assign(size_t(R) * Lp, T(0));
+        seg.assign(size_t(r) * Lp, T(0));
+        dl.assign(size_t(r) * Lp, T(0));
+        al.assign(size_t(r) * Lp, T(0));
+    }
+    // Bt <- B_j^T of group g (zero past Lb); per head q: delta / a rows, seg cleared
+    void load(const T* B, const T* delta, const T* a, int64_t b, int64_t g, int64_t r, int64_t Lb, const Dims<T>& d) {
+        std::fill(Bt.begin(), Bt.end(), T(0));
+        for (int64_t j = 0; j < Lb; ++j) {
+            const T* Bj = B + d.bc(b, j, g);
+            for (int64_t k = 0; k < d.n; ++k) Bt[k * Lp + j] = Bj[k];
+        }
+        std::fill(seg.begin(), seg.end(), T(0));
+        for (int64_t q = 0; q < r; ++q)
+            for (int64_t j = 0; j < Lb; ++j) {
+                dl[q * Lp + j] = delta[d.s(b, j, g * r + q)];
+                al[q * Lp + j] = a[d.s(b, j, g * r + q)];
+            }
+    }
+};
 
 template <typename T>
 void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, const int64_t* len, const T* D,
              int skip_delta, T* y, int64_t nb, Dims<T> d, int nthreads) {
-    const int64_t r = d.H / d.G;
+    const int64_t r = d.H / d.G, xs = d.H * d.P;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        std::vector<T> seg(d.L), w(d.L);
+        Work<T> wk(d, r);
+        const int64_t Lp = wk.Lp;
+        std::vector<T> wbuf(size_t(R) * Lp, T(0));
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t Lb = valid_steps(len, b, d.L);
             std::fill(y + d.x(b, 0, 0), y + d.x(b + 1, 0, 0), T(0));
-            for (int64_t h = 0; h < d.H; ++h) {
-                const int64_t g = h / r;
-                for (int64_t i = 0; i < Lb; ++i) {
-                    decay_row(a + d.s(b, 0, h), d.H, i, seg.data(), w.data());
-                    const T* Ci = C + d.bc(b, i, g);
-                    for (int64_t j = 0; j <= i; ++j)
-                        w[j] *= dot(Ci, B + d.bc(b, j, g), d.n) * delta[d.s(b, j, h)];
-                    T* yi = y + d.x(b, i, h);
-                    for (int64_t j = 0; j <= i; ++j) {
-                        const T* xj = x + d.x(b, j, h);
-                        const T wj = w[j];
-                        for (int64_t p = 0; p < d.P; ++p) yi[p] += wj * xj[p];
+            for (int64_t g = 0; g < d.G && Lb > 0; ++g) {
+                wk.load(B, delta, a, b, g, r, Lb, d);
+                for (int64_t i0 = 0; i0 < Lb; i0 += R) {
+                    const int nr = int(std::min<int64_t>(R, Lb - i0));
+                    int64_t rows[R];
+                    for (int t = 0; t < nr; ++t) {
+                        rows[t] = i0 + t;
+                        cb_row(wk.Bt.data(), Lp, d.n, C + d.bc(b, i0 + t, g), i0 + t + 1, wk.cb.data() + t * Lp);
                     }
-                    if (D) {                                                // skip D s_i x_i
-                        const T si = skip_delta ? delta[d.s(b, i, h)] : T(1);
-                        const T* xi = x + d.x(b, i, h);
-                        const T* Dh = D + h * d.P;
-                        for (int64_t p = 0; p < d.P; ++p) yi[p] += Dh[p] * si * xi[p];
+                    for (int64_t q = 0; q < r; ++q) {
+                        const int64_t h = g * r + q;
+                        T* __restrict sg = wk.seg.data() + q * Lp;
+                        const T* __restrict dl = wk.dl.data() + q * Lp;
+                        for (int t = 0; t < nr; ++t) {       // w_ij = (C_i . B_j) exp(seg_ij) delta_j, j <= i
+                            const int64_t i = rows[t];
+                            const T ai = wk.al[q * Lp + i];
+                            const T* __restrict cb = wk.cb.data() + t * Lp;
+                            T* __restrict w = wbuf.data() + t * Lp;
+                            for (int64_t j = 0; j < i; ++j) {
+                                sg[j] += ai;
+                                w[j] = cb[j] * std::exp(sg[j]) * dl[j];
+                            }
+                            sg[i] = T(0);
+                            w[i] = cb[i] * dl[i];
+                        }
+                        y_rows(x + d.x(b, 0, h), xs, d.P, wbuf.data(), Lp, rows, nr, y + d.x(b, 0, h));
+                        if (D)                                      // skip D s_i x_i
+                            for (int t = 0; t < nr; ++t) {
+                                const int64_t i = rows[t];
+                                const T si = skip_delta ? delta[d.s(b, i, h)] : T(1);
+                                const T* xi = x + d.x(b, i, h);
+                                const T* Dh = D + h * d.P;
+                                T* yi = y + d.x(b, i, h);
+                                for (int64_t p = 0; p < d.P; ++p) yi[p] += Dh[p] * si * xi[p];
+                            }
                     }
                 }
             }
@@ -106,7 +335,7 @@ template <typename T>
 void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, const int64_t* len, const T* D,
               int skip_delta, const T* gy, T* dx, T* ddelta, T* da, T* dB, T* dC, T* dD, int64_t nb, Dims<T> d,
               int nthreads) {
-    const int64_t r = d.H / d.G;
+    const int64_t r = d.H / d.G, xs = d.H * d.P;
     const int nt = nthreads > 1 ? nthreads : 1;
     std::vector<double> dD_acc(D ? size_t(nt) * d.H * d.P : 0, 0.0);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -115,7 +344,12 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        std::vector<T> seg(d.L), decay(d.L), dseg(d.L);
+        Work<T> wk(d, r);
+        const int64_t Lp = wk.Lp;
+        std::vector<T> xT(size_t(r) * d.P * Lp, T(0)), e(size_t(r) * R * Lp, T(0)), Z(size_t(R) * Lp, T(0)),
+            gx(size_t(R) * Lp, T(0)), md(size_t(R) * Lp, T(0)), dseg(size_t(R) * Lp, T(0)), ssum(Lp, T(0)),
+            ddl(size_t(r) * Lp), dal(size_t(r) * Lp), dBt(size_t(d.n) * Lp);
+        std::vector<unsigned char> act(size_t(r) * d.L);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t Lb = valid_steps(len, b, d.L);
@@ -124,54 +358,151 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
             std::fill(da + d.s(b, 0, 0), da + d.s(b + 1, 0, 0), T(0));
             std::fill(dB + d.bc(b, 0, 0), dB + d.bc(b + 1, 0, 0), T(0));
             std::fill(dC + d.bc(b, 0, 0), dC + d.bc(b + 1, 0, 0), T(0));
-            for (int64_t h = 0; h < d.H; ++h) {
-                const int64_t g = h / r;
-                for (int64_t i = 0; i < Lb; ++i) {
-                    const T* gyi = gy + d.x(b, i, h);
-                    if (!any_nonzero(gyi, d.P)) continue;               // a zero gradient row adds exactly 0
-                    decay_row(a + d.s(b, 0, h), d.H, i, seg.data(), decay.data());
-                    const T* Ci = C + d.bc(b, i, g);
-                    T* dCi = dC + d.bc(b, i, g);
-                    for (int64_t j = 0; j <= i; ++j) {
-                        const T* Bj = B + d.bc(b, j, g);
+            for (int64_t g = 0; g < d.G && Lb > 0; ++g) {
+                wk.load(B, delta, a, b, g, r, Lb, d);
+                for (int64_t q = 0; q < r; ++q) {
+                    const int64_t h = g * r + q;
+                    T* xq = xT.data() + q * d.P * Lp;
+                    for (int64_t j = 0; j < Lb; ++j) {
                         const T* xj = x + d.x(b, j, h);
-                        const T dj = delta[d.s(b, j, h)];
-                        const T m = dot(Ci, Bj, d.n) * decay[j];            // M_ij
-                        const T gx = dot(gyi, xj, d.P);                     // gy_i . x_j
-                        const T G = gx * dj;                                // dL / dM_ij
-                        T* dxj = dx + d.x(b, j, h);
-                        const T md = m * dj;
-                        for (int64_t p = 0; p < d.P; ++p) dxj[p] += md * gyi[p];
-                        ddelta[d.s(b, j, h)] += m * gx;
-                        const T dcb = G * decay[j];                         // dL / d(C_i . B_j)
-                        T* dBj = dB + d.bc(b, j, g);
-                        for (int64_t k = 0; k < d.n; ++k) {
-                            dCi[k] += dcb * Bj[k];
-                            dBj[k] += dcb * Ci[k];
-                        }
-                        dseg[j] = G * m;                                    // dL / dseg_ij
+                        for (int64_t p = 0; p < d.P; ++p) xq[p * Lp + j] = xj[p];
+                        act[q * d.L + j] = any_nonzero(gy + d.x(b, j, h), d.P);   // a zero gy row adds exactly 0
                     }
-                    if (D) {                                                // skip D s_i x_i
-                        const T* xi = x + d.x(b, i, h);
-                        const T* Dh = D + h * d.P;
-                        const T si = skip_delta ? delta[d.s(b, i, h)] : T(1);
-                        T* dxi = dx + d.x(b, i, h);
-                        double* dDh = dD_acc.data() + (size_t(tid) * d.H + h) * d.P;
-                        T gDx = T(0);
-                        for (int64_t p = 0; p < d.P; ++p) {
-                            dxi[p] += Dh[p] * si * gyi[p];
-                            gDx += Dh[p] * gyi[p] * xi[p];
-                            dDh[p] += double(si) * double(gyi[p]) * double(xi[p]);
-                        }
-                        if (skip_delta) ddelta[d.s(b, i, h)] += gDx;
-                    }
-                    // da_k gets dseg_ij for every j < k <= i: a running sum over j
-                    T run = T(0);
-                    for (int64_t k = 1; k <= i; ++k) {
-                        run += dseg[k - 1];
-                        da[d.s(b, k, h)] += run;
-                    }
+                    for (int64_t p = 0; p < d.P; ++p) std::fill(xq + p * Lp + Lb, xq + (p + 1) * Lp, T(0));
                 }
+                std::fill(ddl.begin(), ddl.end(), T(0));
+                std::fill(dal.begin(), dal.end(), T(0));
+                std::fill(dBt.begin(), dBt.end(), T(0));
+
+                int64_t rows[R];                                // the block: up to R rows active in some head
+                int nr = 0;
+                for (int64_t i = 0; i < Lb; ++i) {
+                    bool any = false;
+                    for (int64_t q = 0; q < r; ++q) {           // every row advances seg; active rows keep exp(seg)
+                        T* __restrict sg = wk.seg.data() + q * Lp;
+                        const T ai = wk.al[q * Lp + i];
+                        if (act[q * d.L + i]) {
+                            T* __restrict er = e.data() + (q * R + nr) * Lp;
+                            for (int64_t j = 0; j < i; ++j) {
+                                sg[j] += ai;
+                                er[j] = std::exp(sg[j]);
+                            }
+                            er[i] = T(1);
+                            any = true;
+                        } else {
+                            for (int64_t j = 0; j < i; ++j) sg[j] += ai;
+                        }
+                        sg[i] = T(0);
+                    }
+                    if (any) rows[nr++] = i;
+                    if (nr < R && !(i == Lb - 1 && nr > 0)) continue;
+
+                    // ---- one block of nr rows
+                    for (int s = 0; s < nr; ++s) {
+                        cb_row(wk.Bt.data(), Lp, d.n, C + d.bc(b, rows[s], g), rows[s] + 1, wk.cb.data() + s * Lp);
+                        std::fill(Z.data() + s * Lp, Z.data() + (s + 1) * Lp, T(0));
+                    }
+                    for (int64_t q = 0; q < r; ++q) {
+                        const int64_t h = g * r + q;
+                        int slot[R], nq = 0;
+                        int64_t rq[R];
+                        const T* gyr[R];
+                        for (int s = 0; s < nr; ++s)
+                            if (act[q * d.L + rows[s]]) {
+                                slot[nq] = s;
+                                rq[nq] = rows[s];
+                                gyr[nq++] = gy + d.x(b, rows[s], h);
+                            }
+                        if (nq == 0) continue;
+                        gx_rows(xT.data() + q * d.P * Lp, Lp, d.P, gyr, nq, rq[nq - 1] + 1, gx.data());
+                        const T* __restrict dl = wk.dl.data() + q * Lp;
+                        T* __restrict dd = ddl.data() + q * Lp;
+                        for (int t = 0; t < nq; ++t) {
+                            const int s = slot[t];
+                            const T* __restrict er = e.data() + (q * R + s) * Lp;
+                            const T* __restrict cb = wk.cb.data() + s * Lp;
+                            const T* __restrict gxt = gx.data() + t * Lp;
+                            T* __restrict Zs = Z.data() + s * Lp;
+                            T* __restrict dsg = dseg.data() + t * Lp;
+                            T* __restrict mdt = md.data() + t * Lp;
+                            for (int64_t j = 0; j <= rq[t]; ++j) {
+                                const T m = cb[j] * er[j];          // M_ij
+                                const T Gij = gxt[j] * dl[j];       // dL / dM_ij
+                                dd[j] += m * gxt[j];
+                                Zs[j] += Gij * er[j];               // dL / d(C_i . B_j), summed over heads
+                                dsg[j] = Gij * m;                   // dL / dseg_ij
+                                mdt[j] = m * dl[j];
+                            }
+                        }
+                        dx_rows(dx + d.x(b, 0, h), xs, d.P, md.data(), Lp, rq, nq, gyr);
+                        // da_k += sum over rows i >= k of sum_{j<k} dseg_ij: k <= rq[0] from the rows' sum, the
+                        // rest of each row by its own running sum
+                        T* __restrict dak = dal.data() + q * Lp;
+                        const int64_t i0 = rq[0];
+                        for (int64_t j = 0; j < i0; ++j) {
+                            T acc = dseg[j];
+                            for (int t = 1; t < nq; ++t) acc += dseg[t * Lp + j];
+                            ssum[j] = acc;
+                        }
+                        T run = T(0);
+                        for (int64_t k = 1; k <= i0; ++k) {
+                            run += ssum[k - 1];
+                            dak[k] += run;
+                        }
+                        for (int t = 1; t < nq; ++t) {
+                            const T* dsg = dseg.data() + t * Lp;
+                            T rt = T(0);
+                            for (int64_t j = 0; j <= i0; ++j) rt += dsg[j];
+                            for (int64_t k = i0 + 1; k <= rq[t]; ++k) {
+                                dak[k] += rt;
+                                rt += dsg[k];
+                            }
+                        }
+                        if (D)                                      // skip D s_i x_i
+                            for (int t = 0; t < nq; ++t) {
+                                const int64_t i = rq[t];
+                                const T* gyi = gyr[t];
+                                const T* xi = x + d.x(b, i, h);
+                                const T* Dh = D + h * d.P;
+                                const T si = skip_delta ? dl[i] : T(1);
+                                T* dxi = dx + d.x(b, i, h);
+                                double* dDh = dD_acc.data() + (size_t(tid) * d.H + h) * d.P;
+                                T gDx = T(0);
+                                for (int64_t p = 0; p < d.P; ++p) {
+                                    dxi[p] += Dh[p] * si * gyi[p];
+                                    gDx += Dh[p] * gyi[p] * xi[p];
+                                    dDh[p] += double(si) * double(gyi[p]) * double(xi[p]);
+                                }
+                                if (skip_delta) dd[i] += gDx;
+                            }
+                    }
+                    // dC_i = sum_{j<=i} Z_ij B_j,  dB_j += Z_ij C_i
+                    for (int s = 0; s < nr; ++s) {
+                        const int64_t i = rows[s];
+                        const T* __restrict Zs = Z.data() + s * Lp;
+                        const T* Ci = C + d.bc(b, i, g);
+                        T* dCi = dC + d.bc(b, i, g);
+                        for (int64_t k = 0; k < d.n; ++k) {
+                            const T* __restrict bk = wk.Bt.data() + k * Lp;
+                            T* __restrict dbk = dBt.data() + k * Lp;
+                            const T c = Ci[k];
+                            T acc = T(0);
+                            for (int64_t j = 0; j <= i; ++j) {
+                                acc += Zs[j] * bk[j];
+                                dbk[j] += c * Zs[j];
+                            }
+                            dCi[k] = acc;
+                        }
+                    }
+                    nr = 0;
+                }
+                for (int64_t q = 0; q < r; ++q)
+                    for (int64_t j = 0; j < Lb; ++j) {
+                        ddelta[d.s(b, j, g * r + q)] = ddl[q * Lp + j];
+                        da[d.s(b, j, g * r + q)] = dal[q * Lp + j];
+                    }
+                for (int64_t j = 0; j < Lb; ++j)
+                    for (int64_t k = 0; k < d.n; ++k) dB[d.bc(b, j, g) + k] = dBt[k * Lp + j];
             }
         }
     }
