@@ -253,7 +253,8 @@ def choose(L: int, P: int, n: int, H: int, dtype: torch.dtype, device: torch.dev
 
 # ---------------------------------------------------------------------------------------- the two other ops
 def choose_gated_rmsnorm(device: torch.device, dtype: torch.dtype, backend: str = "auto") -> Choice:
-    """The gated RMSNorm's backend: Triton on CUDA (fp16/bf16/fp32), else torch ops (CPU, float64, no triton)."""
+    """The gated RMSNorm's backend: Triton on CUDA (fp16/bf16/fp32); the native CPU kernel in eager on CPU (any
+    float dtype, computed in float32 / float64) with the library loaded; else torch ops."""
     if backend not in NORM_BACKENDS:
         raise ValueError(f"backend must be one of {NORM_BACKENDS}, got {backend!r}")
     why = _Reasons()
@@ -268,6 +269,10 @@ def choose_gated_rmsnorm(device: torch.device, dtype: torch.dtype, backend: str 
     if backend == "auto" and device.type == "cuda" and dtype != torch.float64 and triton_usable(device):
         why.add("CUDA tensors -> triton (one fused kernel each way)")
         return Choice("fused", "triton", why.text(), "fixed")
+    if (backend == "auto" and device.type == "cpu" and not torch.compiler.is_compiling()
+            and _native_cpu(device, torch.float64 if dtype == torch.float64 else torch.float32)):
+        why.add("CPU {} eager -> native kernel (one pass each way; traced: torch ops, fused by the compiler)", dtype)
+        return Choice("fused", "native", why.text(), "fixed")
     why.add("backend=torch requested" if backend == "torch" else "{} {} -> torch ops", device.type, dtype)
     return Choice("fused", "torch", why.text(), "request" if backend == "torch" else "fixed")
 

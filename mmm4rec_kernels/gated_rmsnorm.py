@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import logging
 
+from . import cpu as native
 from . import ops
 from .dispatch import choose_gated_rmsnorm, log_choice
 
@@ -20,6 +21,23 @@ def gated_rmsnorm_torch(y, z, weight, eps, group_size=None):
     v = y * F.silu(z) if z is not None else y
     vg = v.reshape(*v.shape[:-1], d // g, g)
     return (vg * torch.rsqrt(vg.square().mean(-1, keepdim=True) + eps)).reshape(v.shape) * weight
+
+
+class _GatedRMSNormCPU(torch.autograd.Function):
+    """The native CPU kernels (mmm4rec_kernels/cpu/gated_rmsnorm.cpp) with autograd; y, z [R, d] contiguous."""
+
+    @staticmethod
+    def forward(ctx, y, z, weight, eps, group_size):
+        ctx.save_for_backward(y, z, weight)
+        ctx.eps, ctx.group_size = eps, group_size
+        return native.norm_forward(y, z, weight, eps, group_size)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        y, z, weight = ctx.saved_tensors
+        dy, dz, dw = native.norm_backward(dout.contiguous(), y, z, weight, ctx.eps, ctx.group_size)
+        return dy, dz, dw, None, None
 
 
 def explain_gated_rmsnorm(y, z=None, weight=None, eps=1e-5, group_size=None, backend="auto"):
@@ -50,5 +68,10 @@ def gated_rmsnorm(y, z, weight, eps=1e-5, group_size=None, backend="auto"):
                                        weight, eps, group_size if group_size is not None else d)
         return out.view(y.shape)
     cd = torch.float64 if y.dtype == torch.float64 else torch.float32
+    if choice.backend == "native":                      # eager CPU only (traced: the torch ops below, fused)
+        g = d if group_size is None else group_size
+        row = lambda t: None if t is None else t.reshape(-1, d).to(cd).contiguous()  # noqa: E731
+        out = _GatedRMSNormCPU.apply(row(y), row(z), weight.to(cd).contiguous(), float(eps), int(g))
+        return out.view(y.shape).to(y.dtype)
     up = lambda t: None if t is None else t.to(cd)  # noqa: E731
     return gated_rmsnorm_torch(up(y), up(z), up(weight), eps, group_size).to(y.dtype)

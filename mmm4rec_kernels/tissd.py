@@ -225,6 +225,14 @@ def _run_fused(choice, x, dt, A, B, C, time_scale, dt_bias, D, d_skip, dt_softpl
     return y.view(b, L, H, P), final
 
 
+def _norm_backend(ssd_backend, device):
+    """The fused norm follows the SSD's backend: Triton kernels -> Triton norm; torch backend -> torch ops, except
+    on CPU, where 'auto' runs the native CPU norm in eager (torch ops while tracing)."""
+    if ssd_backend != "torch":
+        return "triton"
+    return "auto" if device.type == "cpu" else "torch"
+
+
 def _skip_per_channel(y, x, dt, time_scale, dt_bias, D, d_skip, dt_softplus, mask):
     """y + D[h, p] * s_t * x_t for a per-channel D [H, P] (outside the fused kernels; autograd does dD).
     s_t = Delta_t (delta) or 1 (plain); zero on padded steps (masked with where, NaN-proof)."""
@@ -324,7 +332,7 @@ def tissd(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delt
     if norm_weight is not None:
         y = gated_rmsnorm(y.reshape(b, L, H * P), None if z is None else z.reshape(b, L, H * P), norm_weight,
                           eps=norm_eps, group_size=norm_group_size,
-                          backend="torch" if choice.backend == "torch" else "triton").view(b, L, H, P).to(x.dtype)
+                          backend=_norm_backend(choice.backend, x.device)).view(b, L, H, P).to(x.dtype)
     elif z is not None:  # mamba_ssm semantics: the gate applies without a norm too (y * SiLU(z))
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         y = (y.to(cd) * torch.nn.functional.silu(z.to(cd))).to(x.dtype)

@@ -7,6 +7,7 @@ ctypes (no torch headers: the build takes a few seconds, once, and works with an
                          training case): per sequence and head over its valid steps only, no intermediate tensors
     layer_infer.cpp      inference of a TimeAwareSSD layer in two calls (the causal time encoding; step sizes, scan
                          and gated RMSNorm): modules/infer_cpu.py
+    gated_rmsnorm.cpp    RMSNorm(y * SiLU(z)) * w over channel groups, forward and backward in one pass each
     thread_sums.h        per-thread partial sums reduced in a fixed order (weight gradients)
 
 The library is built into MMM4REC_CACHE_DIR (default ~/.cache/mmm4rec_kernels; the temp dir if that is not
@@ -33,7 +34,8 @@ import torch
 logger = logging.getLogger("mmm4rec_kernels")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_HERE, f) for f in ("causal_conv.cpp", "tissd_quadratic.cpp", "layer_infer.cpp")]
+_SOURCES = [os.path.join(_HERE, f) for f in ("causal_conv.cpp", "tissd_quadratic.cpp", "layer_infer.cpp",
+                                                "gated_rmsnorm.cpp")]
 _HEADERS = [os.path.join(_HERE, "thread_sums.h")]                 # part of the build's identity (the hash)
 # fast math without its two hazards: -ffinite-math-only (NaN / inf assumed away: SiLU gave NaN below -89) and
 # crtfastmath.o (linked with -ffast-math: flush-to-zero for the whole process on load); libmvec: thread_sums.h
@@ -104,6 +106,12 @@ def _bind(lib):
         infer = getattr(lib, f"mmm4rec_ssd_infer_{dt}")
         infer.argtypes = [p, i64, p, p, i64] + [p] * 4 + [i32, p, i64, ctypes.c_double, p] + [i64] * 6 + [p, i32]
         infer.restype = i32
+        norm = getattr(lib, f"mmm4rec_gated_rmsnorm_fwd_{dt}")          # gated_rmsnorm.cpp
+        norm.argtypes = [p, p, p, i64, i64, i64, ctypes.c_double, p, i32]
+        norm.restype = None
+        norm = getattr(lib, f"mmm4rec_gated_rmsnorm_bwd_{dt}")
+        norm.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_double, p, p, p, i32]
+        norm.restype = None
     lib.mmm4rec_conv_has_openmp.restype = i32
     return lib
 
@@ -249,3 +257,30 @@ def scan_backward(gy, x, delta, log_decay, B, C, D, valid_len, skip_delta: bool)
            int(skip_delta), _ptr(gy.contiguous()), *[_ptr(t) for t in grads], _ptr(dD), b, L, H, P, G, n,
            torch.get_num_threads())
     return (*grads, dD)
+
+
+# ------------------------------------------------------------------------------------------------- gated RMSNorm
+def _fn(name, dtype):
+    return getattr(library(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
+def norm_forward(y, z, w, eps: float, group: int) -> torch.Tensor:
+    """out [R, d] = RMSNorm(y * SiLU(z)) * w over groups of `group` channels: y, z (or None) [R, d] contiguous,
+    w [d]; one float dtype (float32 / float64)."""
+    R, d = y.shape
+    out = torch.empty_like(y)
+    if out.numel():
+        _fn("mmm4rec_gated_rmsnorm_fwd", y.dtype)(y.data_ptr(), None if z is None else z.data_ptr(), w.data_ptr(),
+                                                  R, d, group, float(eps), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def norm_backward(dout, y, z, w, eps: float, group: int):
+    """Gradients of norm_forward: (dy, dz or None, dw)."""
+    R, d = y.shape
+    dy, dz, dw = torch.empty_like(y), None if z is None else torch.empty_like(z), torch.zeros_like(w)
+    if dy.numel():
+        _fn("mmm4rec_gated_rmsnorm_bwd", y.dtype)(
+            dout.data_ptr(), y.data_ptr(), None if z is None else z.data_ptr(), w.data_ptr(), R, d, group,
+            float(eps), dy.data_ptr(), None if dz is None else dz.data_ptr(), dw.data_ptr(), torch.get_num_threads())
+    return dy, dz, dw
