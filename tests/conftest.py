@@ -1,6 +1,7 @@
 """Test setup: without a CUDA device, Triton kernels run under the interpreter (must be set before triton imports).
 
-Torch CPU threads are fixed for the whole session (MMM4REC_TEST_THREADS, default 1: the suite's ops are small, and
+`pytest` without paths spreads the tests over worker processes when pytest-xdist is installed (see
+pytest_cmdline_main).  Torch CPU threads are fixed for the whole session (MMM4REC_TEST_THREADS, default 1: the suite's ops are small, and
 on a shared 2-core machine one thread was many times faster than two) and restored after every test, because the
 CLI's `main()` sets its own thread count and would otherwise make the suite's speed depend on test order.  Autograd
 anomaly detection must be off after every test (RecBole's model import switches it on process-wide)."""
@@ -15,6 +16,20 @@ if not torch.cuda.is_available():
 
 TEST_THREADS = int(os.environ.get("MMM4REC_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """`pytest` / `pytest -q` without paths (the README's command) runs over worker processes when pytest-xdist is
+    installed (the test extra installs it): MMM4REC_TEST_WORKERS of them, default min(CPU count, 4), one torch
+    thread each.  Given paths, `-n N` (N = 0: one process) or `-p no:xdist` keep pytest's own behaviour."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    if config.option.numprocesses is not None or config.args != config.getini("testpaths"):
+        return
+    workers = int(os.environ.get("MMM4REC_TEST_WORKERS", min(os.cpu_count() or 1, 4)))
+    if workers > 1:
+        config.option.numprocesses = workers
 
 
 @pytest.fixture(autouse=True)
