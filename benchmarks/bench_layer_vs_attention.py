@@ -9,6 +9,11 @@ Attention: nn.MultiheadAttention(d_model, 2 heads, batch_first) with a causal ma
 uses it. Ours: TimeAwareSSD.for_recsys(d_model) with timestamps and lengths (right padding). Medians of interleaved
 repetitions (both see the same machine state); the ratio is ours / attention.
 --profile B,L prints where our time goes for one call (torch.profiler, top ops by self CPU time).
+--infer-crossover times our eval call on the CPU inference path (quadratic form, modules/infer_cpu.py) against the
+general path's chunked form at longer L: the data behind dispatch.CPU_INFER_MAX_LEN.
+Under no_grad on CPU our layer takes the inference path (4 torch ops + 3 native calls) up to that length; training
+calls take the general path (torch backend: native conv, native quadratic scan up to dispatch.CPU_CROSSOVER,
+native gated RMSNorm).
 """
 from __future__ import annotations
 
@@ -99,6 +104,29 @@ def profile(d_model, b, L, mode):
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+def infer_crossover(d_model, reps, shapes=((8, 200), (8, 400), (8, 800), (64, 400))):
+    """Eval ms of the inference path (path='quadratic') vs the general chunked path (path='chunked')."""
+    print("| b | L | inference path (quadratic) ms | general path (chunked) ms | ratio |")
+    print("|---|---|---|---|---|")
+    for b, L in shapes:
+        torch.manual_seed(0)
+        quad = TimeAwareSSD.for_recsys(d_model, path="quadratic").eval()
+        chunked = TimeAwareSSD.for_recsys(d_model, path="chunked").eval()
+        chunked.load_state_dict(quad.state_dict())
+        h, t, lengths = make(d_model, b, L)
+        times = {"q": [], "c": []}
+        with torch.no_grad():
+            for m in (quad, chunked):
+                m(h, t, lengths=lengths)
+            for _ in range(reps):
+                for key, m in (("q", quad), ("c", chunked)):
+                    t0 = time.perf_counter()
+                    m(h, t, lengths=lengths)
+                    times[key].append((time.perf_counter() - t0) * 1e3)
+        q, c = statistics.median(times["q"]), statistics.median(times["c"])
+        print(f"| {b} | {L} | {q:.2f} | {c:.2f} | {q / c:.2f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d-model", type=int, default=64)
@@ -106,8 +134,12 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--modes", default="eval,train")
     ap.add_argument("--profile", default=None, metavar="B,L")
+    ap.add_argument("--infer-crossover", action="store_true", help="inference path vs chunked at longer L")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.infer_crossover:
+        infer_crossover(a.d_model, a.reps)
+        return
     if a.profile:
         b, L = map(int, a.profile.split(","))
         for mode in a.modes.split(","):

@@ -169,3 +169,14 @@ def test_not_covered_calls_take_the_general_path(caplog):
         caplog.clear()
         make_layer()(h, t, lengths=lengths)
         assert any("CPU inference path" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_leaves_long_sequences_to_the_chunked_path(monkeypatch, caplog):
+    monkeypatch.setattr(infer_cpu, "CPU_INFER_MAX_LEN", 12)
+    h, t, lengths = inputs(2, 20, seed=16)
+    with caplog.at_level(logging.DEBUG, logger="mmm4rec_kernels"), torch.no_grad():
+        make_layer()(h, t, lengths=lengths)
+        assert any("CPU_INFER_MAX_LEN=12" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        make_layer()(h, t, lengths=torch.tensor([12, 5]))          # longest valid length decides, not L
+        assert any("CPU inference path" in r.getMessage() for r in caplog.records)

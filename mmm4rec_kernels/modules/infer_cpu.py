@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import cpu as native
-from ..dispatch import cpu_crossover_length
+from ..dispatch import CPU_INFER_MAX_LEN
 from .time_encoding import CausalTimeEncoding
 
 logger = logging.getLogger("mmm4rec_kernels")
@@ -44,10 +44,10 @@ def reason_not_covered(layer, hidden, lengths, return_state) -> str | None:
     enc = layer.time_encoding
     if enc is not None and enc.training and isinstance(enc, CausalTimeEncoding) and enc.dropout.p > 0:
         return "time dropout active"
-    if layer.path == "auto" and hidden.shape[1] > cpu_crossover_length(layer.headdim, layer.d_state):
+    if layer.path == "auto" and hidden.shape[1] > CPU_INFER_MAX_LEN:
         longest = hidden.shape[1] if lengths is None or not lengths.numel() else int(lengths.max())
-        if longest > cpu_crossover_length(layer.headdim, layer.d_state):
-            return f"longest sequence {longest} past the CPU quadratic crossover"
+        if longest > CPU_INFER_MAX_LEN:
+            return f"longest sequence {longest} > CPU_INFER_MAX_LEN={CPU_INFER_MAX_LEN} (chunked is faster there)"
     if not native.available():
         return "no native library"
     return None
