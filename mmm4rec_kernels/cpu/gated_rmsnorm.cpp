@@ -36,10 +36,15 @@ void forward(const T* y, const T* z, const T* w, int64_t R, int64_t d, int64_t g
         for (int64_t r = 0; r < R; ++r) {
             const T* yr = y + r * d;
             T* o = out + r * d;
-            for (int64_t c = 0; c < d; ++c) {
-                T s = T(1), cc;
-                if (z) sigmoid_pair(z[r * d + c], s, cc);
-                v[c] = z ? yr[c] * (z[r * d + c] * s) : yr[c];
+            if (z) {                                                    // two loops: each one vectorises
+                const T* zr = z + r * d;
+                for (int64_t c = 0; c < d; ++c) {
+                    T s, cc;
+                    sigmoid_pair(zr[c], s, cc);
+                    v[c] = yr[c] * (zr[c] * s);
+                }
+            } else {
+                for (int64_t c = 0; c < d; ++c) v[c] = yr[c];
             }
             for (int64_t g0 = 0; g0 < d; g0 += group) {
                 T ss = T(0);
@@ -68,12 +73,21 @@ void backward(const T* dout, const T* y, const T* z, const T* w, int64_t R, int6
         for (int64_t r = 0; r < R; ++r) {
             const T* yr = y + r * d;
             const T* gr = dout + r * d;
-            for (int64_t c = 0; c < d; ++c) {
-                T s = T(1), cc = T(0);
-                if (z) sigmoid_pair(z[r * d + c], s, cc);
-                sz[c] = z ? z[r * d + c] * s : T(1);                        // SiLU(z)
-                szc[c] = z ? s * (T(1) + z[r * d + c] * cc) : T(0);         // SiLU'(z)
-                v[c] = yr[c] * sz[c];
+            if (z) {
+                const T* zr = z + r * d;
+                for (int64_t c = 0; c < d; ++c) {
+                    T s, cc;
+                    sigmoid_pair(zr[c], s, cc);
+                    sz[c] = zr[c] * s;                                      // SiLU(z)
+                    szc[c] = s * (T(1) + zr[c] * cc);                       // SiLU'(z)
+                    v[c] = yr[c] * sz[c];
+                }
+            } else {
+                for (int64_t c = 0; c < d; ++c) {
+                    sz[c] = T(1);
+                    szc[c] = T(0);
+                    v[c] = yr[c];
+                }
             }
             for (int64_t g0 = 0; g0 < d; g0 += group) {
                 T ss = T(0), gv = T(0);
