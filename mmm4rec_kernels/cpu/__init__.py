@@ -9,6 +9,7 @@ ctypes (no torch headers: the build takes a few seconds, once, and works with an
                          and gated RMSNorm): modules/infer_cpu.py
     gated_rmsnorm.cpp    RMSNorm(y * SiLU(z)) * w over channel groups, forward and backward in one pass each
     thread_sums.h        per-thread partial sums reduced in a fixed order (weight gradients)
+    activations.h        overflow-free sigmoid / SiLU / softplus shared by the kernels
 
 The library is built into MMM4REC_CACHE_DIR (default ~/.cache/mmm4rec_kernels; the temp dir if that is not
 writable), named by a hash of the source, the compiler, the flags and the CPU, with `-O3 -march=native`,
@@ -36,7 +37,7 @@ logger = logging.getLogger("mmm4rec_kernels")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_HERE, f) for f in ("causal_conv.cpp", "tissd_quadratic.cpp", "layer_infer.cpp",
                                                 "gated_rmsnorm.cpp")]
-_HEADERS = [os.path.join(_HERE, "thread_sums.h")]                 # part of the build's identity (the hash)
+_HEADERS = [os.path.join(_HERE, f) for f in ("thread_sums.h", "activations.h")]                 # part of the build's identity (the hash)
 # fast math without its two hazards: -ffinite-math-only (NaN / inf assumed away: SiLU gave NaN below -89) and
 # crtfastmath.o (linked with -ffast-math: flush-to-zero for the whole process on load); libmvec: thread_sums.h
 _FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",

@@ -12,19 +12,10 @@
 #include <omp.h>
 #endif
 
+#include "activations.h"
 #include "thread_sums.h"
 
 namespace {
-
-// sigmoid s and 1 - s without overflow at any p (see causal_conv.cpp)
-template <typename T>
-inline void sigmoid_pair(T p, T& s, T& c) {
-    const T e = std::exp(-std::abs(p));
-    const T r = T(1) / (T(1) + e);
-    const bool pos = p >= T(0);
-    s = pos ? r : e * r;
-    c = pos ? e * r : r;
-}
 
 template <typename T>
 void forward(const T* y, const T* z, const T* w, int64_t R, int64_t d, int64_t group, double eps, T* out,

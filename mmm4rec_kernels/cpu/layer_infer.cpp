@@ -23,6 +23,7 @@
 #include <omp.h>
 #endif
 
+#include "activations.h"
 #include "thread_sums.h"
 
 extern "C" {
@@ -48,17 +49,6 @@ inline void scan_fwd(const double* x, const double* delta, const double* a, cons
 }
 
 template <typename T>
-inline T silu(T v) {                              // v * sigmoid(v), no overflow at any v
-    const T e = std::exp(-std::abs(v));
-    return v >= T(0) ? v / (T(1) + e) : v * e / (T(1) + e);
-}
-
-template <typename T>
-inline T softplus(T v) {                          // torch's F.softplus (beta 1, threshold 20)
-    return v > T(20) ? v : std::log1p(std::exp(v));
-}
-
-template <typename T>
 inline bool finite(T v) { return std::abs(v) <= std::numeric_limits<T>::max(); }   // false for NaN / inf
 
 // causal depthwise conv over the rows of e [L, H] (taps w [H, k], bias [H]) then SiLU, into out [L, H]
@@ -71,7 +61,7 @@ void conv_silu(const T* e, int64_t L, int64_t H, const T* w, const T* bias, int6
                 const int64_t src = i - (k - 1) + j;
                 if (src >= 0) acc += w[h * k + j] * e[src * H + h];
             }
-            out[i * H + h] = silu(acc);
+            out[i * H + h] = silu_of(acc);
         }
 }
 
@@ -104,7 +94,7 @@ void time_encoding(const double* t, int is_gaps, int64_t nb, int64_t L, int64_t 
                 for (int64_t o = 0; o < H; ++o) {                    // mix1 then SiLU
                     T acc = T(0);
                     for (int64_t c = 0; c < H; ++c) acc += w1[o * H + c] * Dv[c];
-                    m1[o] = silu(acc + b1[o]);
+                    m1[o] = silu_of(acc + b1[o]);
                 }
                 for (int64_t o = 0; o < H; ++o) {                    // mix2, Tanhshrink, times D
                     T acc = T(0);
@@ -148,7 +138,7 @@ int ssd_infer(const T* xbc, int64_t s_xbc, const T* z, const T* dt, int64_t s_zd
                 ok &= finite(v);
                 if (ts) { ok &= finite(ts[r * H + h]); v = v * ts[r * H + h]; }
                 if (dt_bias) v = v + dt_bias[h];
-                delta[r * H + h] = softplus(v);
+                delta[r * H + h] = softplus_of(v);
                 a[r * H + h] = delta[r * H + h] * A[h];
             }
             bad |= !ok;
@@ -173,7 +163,7 @@ int ssd_infer(const T* xbc, int64_t s_xbc, const T* z, const T* dt, int64_t s_zd
                 if (i >= lens[b]) { std::fill(o, o + d_inner, T(0)); continue; }
                 const T* zr = z + r * s_zdt;
                 const T* yr = y.data() + r * d_inner;
-                for (int64_t c = 0; c < d_inner; ++c) v[c] = yr[c] * silu(zr[c]);
+                for (int64_t c = 0; c < d_inner; ++c) v[c] = yr[c] * silu_of(zr[c]);
                 for (int64_t g0 = 0; g0 < d_inner; g0 += group) {
                     T ss = T(0);
                     for (int64_t c = g0; c < g0 + group; ++c) ss += v[c] * v[c];
