@@ -40,8 +40,8 @@
 //     keep R rows of accumulators in SIMD registers (P a multiple of the vector width; other P: plain loops), so each
 //     x_j / dx_j is loaded once per block; only pairs j <= i of each row are touched (the diagonal block row by row).
 //   * backward: gy_i . x_j over j <= i from a transposed x [P][j] (R rows at once, vectorised over j); the head sums
-//     Z_ij = sum_h G^h_ij exp(seg^h_ij) give dC_i = sum_j Z_ij B_j and dB_j += Z_ij C_i (through a transposed dB
-//     [n][j]) once per group; da_k = sum_{j<k<=i} G_ij M_ij via prefix sums of the block's summed rows.
+//     Z_ij = sum_h G^h_ij exp(seg^h_ij) give dC_i = sum_j Z_ij B_j and dB_j += Z_ij C_i once per group (the same
+//     row-block kernels as y and dx); da_k = sum_{j<k<=i} G_ij M_ij via prefix sums of the block's summed rows.
 namespace {
 
 template <typename T>
@@ -76,21 +76,38 @@ inline int64_t valid_steps(const int64_t* len, int64_t b, int64_t L) {
     return std::min<int64_t>(std::max<int64_t>(len[b], 0), L);
 }
 
-// out[j] = C_i . B_j for j < jend (rounded up to 2 vectors: entries past row i are junk, never read); Bt [n][Lp]
-template <typename T>
-void cb_row(const T* Bt, int64_t Lp, int64_t n, const T* Ci, int64_t jend, T* out) {
+// cb[t][j] = C_{rows[t]} . B_j for j <= rows[t] (computed up to rows[NR-1] rounded up to 2 vectors: entries past a
+// row are junk, never read); Bt [n][Lp] (zero past the valid steps), Ci[t] = C_{rows[t]}; NR rows share each load
+template <typename T, int NR>
+void cb_rows_nr(const T* Bt, int64_t Lp, int64_t n, const T* const* Ci, int64_t jend, T* cb) {
     using S = Simd<T>;
     using V = typename S::v;
     constexpr int VL = S::lanes;
     for (int64_t j0 = 0; j0 < jend; j0 += 2 * VL) {
-        V a0 = V{}, a1 = V{};
+        V acc[NR][2];
+        for (int t = 0; t < NR; ++t) acc[t][0] = acc[t][1] = V{};
         for (int64_t k = 0; k < n; ++k) {
-            const T c = Ci[k];
-            a0 += c * S::load(Bt + k * Lp + j0);
-            a1 += c * S::load(Bt + k * Lp + j0 + VL);
+            const V b0 = S::load(Bt + k * Lp + j0), b1 = S::load(Bt + k * Lp + j0 + VL);
+            for (int t = 0; t < NR; ++t) {
+                const T c = Ci[t][k];
+                acc[t][0] += c * b0;
+                acc[t][1] += c * b1;
+            }
         }
-        S::store(out + j0, a0);
-        S::store(out + j0 + VL, a1);
+        for (int t = 0; t < NR; ++t) {
+            S::store(cb + t * Lp + j0, acc[t][0]);
+            S::store(cb + t * Lp + j0 + VL, acc[t][1]);
+        }
+    }
+}
+
+template <typename T>
+void cb_rows(const T* Bt, int64_t Lp, int64_t n, const T* const* Ci, int nr, int64_t jend, T* cb) {
+    switch (nr) {
+        case 4: return cb_rows_nr<T, 4>(Bt, Lp, n, Ci, jend, cb);
+        case 3: return cb_rows_nr<T, 3>(Bt, Lp, n, Ci, jend, cb);
+        case 2: return cb_rows_nr<T, 2>(Bt, Lp, n, Ci, jend, cb);
+        default: return cb_rows_nr<T, 1>(Bt, Lp, n, Ci, jend, cb);
     }
 }
 
@@ -193,7 +210,7 @@ void dx_rows_nv(T* dxh, int64_t xs, const T* md, int64_t Lp, const int64_t* rows
     }
 }
 
-// y rows (zero on entry) of one head; nr <= R rows
+// y rows (zero on entry) of one head; nr <= R rows (also dC: x = B, P = n)
 template <typename T>
 void y_rows(const T* xh, int64_t xs, int64_t P, const T* w, int64_t Lp, const int64_t* rows, int nr, T* yh) {
     constexpr int VL = Simd<T>::lanes;
@@ -248,6 +265,14 @@ void gx_rows(const T* xT, int64_t Lp, int64_t P, const T* const* gyr, int nr, in
     }
 }
 
+// software prefetch of [p, p + count) (the next sequence's inputs: its rows are visited strided, per group / head,
+// which the hardware prefetchers follow poorly; a hint only, never a read)
+template <typename T>
+inline void prefetch(const T* p, int64_t count) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t o = 0; o < count * int64_t(sizeof(T)); o += 64) __builtin_prefetch(c + o);
+}
+
 // per-thread work buffers, sized for one (b, g) of r = H / G heads; Lp = L rounded up to 2 vectors
 template <typename T>
 struct Work {
@@ -280,6 +305,7 @@ template <typename T>
 void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, const int64_t* len, const T* D,
              int skip_delta, T* y, int64_t nb, Dims<T> d, int nthreads) {
     const int64_t r = d.H / d.G, xs = d.H * d.P;
+    constexpr int VL = Simd<T>::lanes;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         Work<T> wk(d, r);
@@ -288,16 +314,29 @@ void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, con
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t Lb = valid_steps(len, b, d.L);
-            std::fill(y + d.x(b, 0, 0), y + d.x(b + 1, 0, 0), T(0));
+            if (b + 1 < nb) {
+                const int64_t Ln = valid_steps(len, b + 1, d.L);
+                prefetch(x + d.x(b + 1, 0, 0), Ln * xs);
+                prefetch(B + d.bc(b + 1, 0, 0), Ln * d.G * d.n);
+                prefetch(C + d.bc(b + 1, 0, 0), Ln * d.G * d.n);
+                prefetch(delta + d.s(b + 1, 0, 0), Ln * d.H);
+                prefetch(a + d.s(b + 1, 0, 0), Ln * d.H);
+            }
+            // rows past Lb are 0; valid rows are stored whole by the SIMD kernels (the plain one adds: zero them)
+            constexpr int VL1 = Simd<T>::lanes;
+            const bool plain = d.P != VL1 && d.P != 2 * VL1 && d.P != 4 * VL1;   // as in y_rows
+            std::fill(y + d.x(b, plain ? 0 : Lb, 0), y + d.x(b + 1, 0, 0), T(0));
             for (int64_t g = 0; g < d.G && Lb > 0; ++g) {
                 wk.load(B, delta, a, b, g, r, Lb, d);
                 for (int64_t i0 = 0; i0 < Lb; i0 += R) {
                     const int nr = int(std::min<int64_t>(R, Lb - i0));
                     int64_t rows[R];
+                    const T* Ci[R];
                     for (int t = 0; t < nr; ++t) {
                         rows[t] = i0 + t;
-                        cb_row(wk.Bt.data(), Lp, d.n, C + d.bc(b, i0 + t, g), i0 + t + 1, wk.cb.data() + t * Lp);
+                        Ci[t] = C + d.bc(b, i0 + t, g);
                     }
+                    cb_rows(wk.Bt.data(), Lp, d.n, Ci, nr, rows[nr - 1] + 1, wk.cb.data());
                     for (int64_t q = 0; q < r; ++q) {
                         const int64_t h = g * r + q;
                         T* __restrict sg = wk.seg.data() + q * Lp;
@@ -307,8 +346,9 @@ void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, con
                             const T ai = wk.al[q * Lp + i];
                             const T* __restrict cb = wk.cb.data() + t * Lp;
                             T* __restrict w = wbuf.data() + t * Lp;
-                            for (int64_t j = 0; j < i; ++j) {
-                                sg[j] += ai;
+                            const int64_t jv = (i + VL - 1) / VL * VL; // whole vectors (no scalar exp tail): entries
+                            for (int64_t j = 0; j < jv; ++j) {         // past i are junk (seg_j is reset at row j,
+                                sg[j] += ai;                           // w is read up to i only)
                                 w[j] = cb[j] * std::exp(sg[j]) * dl[j];
                             }
                             sg[i] = T(0);
@@ -336,6 +376,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
               int skip_delta, const T* gy, T* dx, T* ddelta, T* da, T* dB, T* dC, T* dD, int64_t nb, Dims<T> d,
               int nthreads) {
     const int64_t r = d.H / d.G, xs = d.H * d.P;
+    constexpr int VL = Simd<T>::lanes;
     const int nt = nthreads > 1 ? nthreads : 1;
     std::vector<double> dD_acc(D ? size_t(nt) * d.H * d.P : 0, 0.0);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -348,11 +389,20 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
         const int64_t Lp = wk.Lp;
         std::vector<T> xT(size_t(r) * d.P * Lp, T(0)), e(size_t(r) * R * Lp, T(0)), Z(size_t(R) * Lp, T(0)),
             gx(size_t(R) * Lp, T(0)), md(size_t(R) * Lp, T(0)), dseg(size_t(R) * Lp, T(0)), ssum(Lp, T(0)),
-            ddl(size_t(r) * Lp), dal(size_t(r) * Lp), dBt(size_t(d.n) * Lp);
+            ddl(size_t(r) * Lp), dal(size_t(r) * Lp);
         std::vector<unsigned char> act(size_t(r) * d.L);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t Lb = valid_steps(len, b, d.L);
+            if (b + 1 < nb) {
+                const int64_t Ln = valid_steps(len, b + 1, d.L);
+                prefetch(x + d.x(b + 1, 0, 0), Ln * xs);
+                prefetch(gy + d.x(b + 1, 0, 0), Ln * xs);
+                prefetch(B + d.bc(b + 1, 0, 0), Ln * d.G * d.n);
+                prefetch(C + d.bc(b + 1, 0, 0), Ln * d.G * d.n);
+                prefetch(delta + d.s(b + 1, 0, 0), Ln * d.H);
+                prefetch(a + d.s(b + 1, 0, 0), Ln * d.H);
+            }
             std::fill(dx + d.x(b, 0, 0), dx + d.x(b + 1, 0, 0), T(0));
             std::fill(ddelta + d.s(b, 0, 0), ddelta + d.s(b + 1, 0, 0), T(0));
             std::fill(da + d.s(b, 0, 0), da + d.s(b + 1, 0, 0), T(0));
@@ -372,7 +422,6 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                 }
                 std::fill(ddl.begin(), ddl.end(), T(0));
                 std::fill(dal.begin(), dal.end(), T(0));
-                std::fill(dBt.begin(), dBt.end(), T(0));
 
                 int64_t rows[R];                                // the block: up to R rows active in some head
                 int nr = 0;
@@ -381,16 +430,17 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                     for (int64_t q = 0; q < r; ++q) {           // every row advances seg; active rows keep exp(seg)
                         T* __restrict sg = wk.seg.data() + q * Lp;
                         const T ai = wk.al[q * Lp + i];
-                        if (act[q * d.L + i]) {
+                        const int64_t jv = (i + VL - 1) / VL * VL;
+                        if (act[q * d.L + i]) {                 // whole vectors, as in the forward
                             T* __restrict er = e.data() + (q * R + nr) * Lp;
-                            for (int64_t j = 0; j < i; ++j) {
+                            for (int64_t j = 0; j < jv; ++j) {
                                 sg[j] += ai;
                                 er[j] = std::exp(sg[j]);
                             }
                             er[i] = T(1);
                             any = true;
                         } else {
-                            for (int64_t j = 0; j < i; ++j) sg[j] += ai;
+                            for (int64_t j = 0; j < jv; ++j) sg[j] += ai;
                         }
                         sg[i] = T(0);
                     }
@@ -398,10 +448,10 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                     if (nr < R && !(i == Lb - 1 && nr > 0)) continue;
 
                     // ---- one block of nr rows
-                    for (int s = 0; s < nr; ++s) {
-                        cb_row(wk.Bt.data(), Lp, d.n, C + d.bc(b, rows[s], g), rows[s] + 1, wk.cb.data() + s * Lp);
-                        std::fill(Z.data() + s * Lp, Z.data() + (s + 1) * Lp, T(0));
-                    }
+                    const T* Cr[R];
+                    for (int s = 0; s < nr; ++s) Cr[s] = C + d.bc(b, rows[s], g);
+                    cb_rows(wk.Bt.data(), Lp, d.n, Cr, nr, rows[nr - 1] + 1, wk.cb.data());
+                    std::fill(Z.begin(), Z.begin() + nr * Lp, T(0));
                     for (int64_t q = 0; q < r; ++q) {
                         const int64_t h = g * r + q;
                         int slot[R], nq = 0;
@@ -476,24 +526,9 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                                 if (skip_delta) dd[i] += gDx;
                             }
                     }
-                    // dC_i = sum_{j<=i} Z_ij B_j,  dB_j += Z_ij C_i
-                    for (int s = 0; s < nr; ++s) {
-                        const int64_t i = rows[s];
-                        const T* __restrict Zs = Z.data() + s * Lp;
-                        const T* Ci = C + d.bc(b, i, g);
-                        T* dCi = dC + d.bc(b, i, g);
-                        for (int64_t k = 0; k < d.n; ++k) {
-                            const T* __restrict bk = wk.Bt.data() + k * Lp;
-                            T* __restrict dbk = dBt.data() + k * Lp;
-                            const T c = Ci[k];
-                            T acc = T(0);
-                            for (int64_t j = 0; j <= i; ++j) {
-                                acc += Zs[j] * bk[j];
-                                dbk[j] += c * Zs[j];
-                            }
-                            dCi[k] = acc;
-                        }
-                    }
+                    // dC_i = sum_{j<=i} Z_ij B_j,  dB_j += Z_ij C_i: the y / dx kernels with (x, P) = (B, n)
+                    y_rows(B + d.bc(b, 0, g), d.G * d.n, d.n, Z.data(), Lp, rows, nr, dC + d.bc(b, 0, g));
+                    dx_rows(dB + d.bc(b, 0, g), d.G * d.n, d.n, Z.data(), Lp, rows, nr, Cr);
                     nr = 0;
                 }
                 for (int64_t q = 0; q < r; ++q)
@@ -501,8 +536,6 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                         ddelta[d.s(b, j, g * r + q)] = ddl[q * Lp + j];
                         da[d.s(b, j, g * r + q)] = dal[q * Lp + j];
                     }
-                for (int64_t j = 0; j < Lb; ++j)
-                    for (int64_t k = 0; k < d.n; ++k) dB[d.bc(b, j, g) + k] = dBt[k * Lp + j];
             }
         }
     }
