@@ -105,7 +105,7 @@ setup(
         # everything `pytest` needs (Triton kernels run under TRITON_INTERPRET=1 on CPU; pytest-xdist: `pytest`
         # without paths runs over the cores, tests/conftest.py); triton pinned to the
         # version the offline sm_90 gate (tests/test_offline_sm90.py) checks, = the one torch's CUDA wheel pins
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", f"triton=={pinned_triton()}", "einops"],
+        "test": ["pytest", "pytest-benchmark", f"triton=={pinned_triton()}", "einops", "pytest-xdist"],
         # the RecBole adapter (mmm4rec.recbole); pandas 3 breaks RecBole 1.2.1's missing-value filling
         "recbole": ["recbole==1.2.1", "pandas<3"],
     },
