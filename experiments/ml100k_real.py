@@ -32,17 +32,19 @@ CACHE = os.path.expanduser("~/.cache/mmm4rec")
 MEMBER = "recbole/dataset_example/ml-100k/ml-100k"
 
 
-def recbole_wheel(cache: str = CACHE) -> str:
-    """Path of the cached recbole 1.2.1 wheel, downloading it (no dependencies) when absent."""
-    found = glob.glob(os.path.join(cache, "recbole-1.2.1-*.whl"))
+def recbole_wheel(cache: str = CACHE, package: str = "recbole", version: str = "1.2.1") -> str:
+    """Path of the cached `package`==`version` wheel (default recbole 1.2.1), downloading it (no dependencies) when
+    absent."""
+    pattern = os.path.join(cache, f"{package.replace('-', '_')}-{version}-*.whl")
+    found = glob.glob(pattern)
     if not found:
         os.makedirs(cache, exist_ok=True)
-        print(f"downloading the recbole 1.2.1 wheel (no deps) into {cache} ...")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "recbole==1.2.1", "-d", cache,
+        print(f"downloading the {package} {version} wheel (no deps) into {cache} ...")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", f"{package}=={version}", "-d", cache,
                         "-q"], check=True)
-        found = glob.glob(os.path.join(cache, "recbole-1.2.1-*.whl"))
+        found = glob.glob(pattern)
     if not found:
-        raise RuntimeError("recbole wheel not found after pip download")
+        raise RuntimeError(f"{package} wheel not found after pip download")
     return found[0]
 
 

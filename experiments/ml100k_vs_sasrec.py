@@ -388,8 +388,67 @@ def sasrec_config(data, a) -> dict:
                 epochs_cap=a.epochs, patience=a.patience, threads=a.threads, device=a.device, **SASREC)
 
 
-def run_sasrec(data, seed: int, a, data_root: str, verified: dict) -> dict:
-    """One RecBole SASRec run on the exported split; returns the result fields of the jsonl line."""
+@contextlib.contextmanager
+def recbole_cpu_budget(cpu_budget: Optional[float], chunk: Optional[int] = None):
+    """While active, every RecBole Trainer trains at most `cpu_budget` process CPU seconds in total (checked before
+    each batch; validation excluded) and, with `chunk`, a RecBole "epoch" is `chunk` batches of one continuing pass
+    over the training data (a new shuffled pass starts when one ends), so validation runs every `chunk` batches.
+    Once the budget is spent the remaining epochs train nothing and skip validation (eval_step set out of reach):
+    RecBole's best-valid checkpoint and test evaluation are untouched.  Yields a dict {'cpu_s', 'batches'}."""
+    from recbole.trainer import Trainer
+    state = {"cpu_s": 0.0, "batches": 0}
+    original = Trainer._train_epoch
+    streams: dict = {}
+
+    def batches(train_data):
+        while True:
+            yield from train_data
+
+    class Limited:
+        def __init__(self, train_data):
+            self.train_data = train_data
+
+        def __getattr__(self, name):
+            return getattr(self.train_data, name)
+
+        def __len__(self):
+            return chunk or len(self.train_data)
+
+        def __iter__(self):
+            it = streams.setdefault(id(self.train_data), batches(self.train_data)) if chunk else iter(self.train_data)
+            for n in range(len(self)):
+                c = time.process_time()
+                if cpu_budget is not None and state["cpu_s"] >= cpu_budget:
+                    return
+                try:
+                    b = next(it)
+                except StopIteration:
+                    return
+                state["cpu_s"] += time.process_time() - c
+                t = time.process_time()
+                yield b
+                state["cpu_s"] += time.process_time() - t
+                state["batches"] += 1
+
+    def limited_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if cpu_budget is not None and state["cpu_s"] >= cpu_budget:
+            self.eval_step = 10 ** 9         # nothing trained any more: no validation, no checkpoint
+            return 0.0
+        return original(self, Limited(train_data), epoch_idx, loss_func=loss_func, show_progress=show_progress)
+
+    Trainer._train_epoch = limited_epoch
+    try:
+        yield state
+    finally:
+        Trainer._train_epoch = original
+
+
+def run_sasrec(data, seed: int, a, data_root: str, verified: dict, cpu_budget: Optional[float] = None,
+               chunk: Optional[int] = None, **overrides) -> dict:
+    """One RecBole SASRec run on the exported split; returns the result fields of the jsonl line.
+
+    overrides: RecBole settings replacing SASREC's (e.g. train_batch_size=256, learning_rate=1e-3); cpu_budget /
+    chunk: recbole_cpu_budget (then `cpu_s` / `batches` in the result are the budgeted training's)."""
     import torch
 
     from mmm4rec.recbole import run
@@ -401,10 +460,10 @@ def run_sasrec(data, seed: int, a, data_root: str, verified: dict) -> dict:
             assert verified["sasrec"]["train_samples"] == EXPECTED_TRAIN_SAMPLES, verified["sasrec"]
     ckpt = tempfile.mkdtemp(prefix=f"sasrec-s{seed}-", dir=data_root)
     cfg = recbole_config(data_root, seed, data.max_len, a.epochs, a.patience, a.device, a.progress,
-                         checkpoint_dir=ckpt, **SASREC)
+                         checkpoint_dir=ckpt, **dict(SASREC, **overrides))
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    with plain_argv():
+    with plain_argv(), recbole_cpu_budget(cpu_budget, chunk) as budget:
         res = run("SASRec", DATASET, config_dict=cfg, saved=True)
     wall = time.perf_counter() - t0
     files = glob.glob(os.path.join(ckpt, "*.pth"))
@@ -418,7 +477,8 @@ def run_sasrec(data, seed: int, a, data_root: str, verified: dict) -> dict:
     return dict(test={m: float(t[m]) for m in METRICS}, valid_ndcg10=float(res["best_valid_score"]), epochs=epochs,
                 best_epoch=best_epoch, stopped="early stop" if early else "cap", s_per_epoch=res["s_per_epoch"],
                 cpu_ms_per_sample=1000.0 * res["cpu_s_train"] / max(samples, 1),
-                train_samples_per_epoch=res["train_samples"], wall_s=wall, split_verified=verified["sasrec"])
+                train_samples_per_epoch=res["train_samples"], wall_s=wall, split_verified=verified["sasrec"],
+                cpu_s=budget["cpu_s"], batches=budget["batches"])
 
 
 def mmm4rec_config(data, variant: str, a) -> dict:
@@ -432,18 +492,31 @@ def mmm4rec_config(data, variant: str, a) -> dict:
                 trainer=trainer, threads=a.threads, device=a.device)
 
 
-def fit_timed(tr):
-    """tr.fit() with the process CPU seconds of each training epoch recorded: (summary, [cpu_s], wall_s)."""
+def fit_timed(tr, cpu_budget: Optional[float] = None):
+    """tr.fit() with the process CPU seconds of each training epoch recorded: (summary, [cpu_s], wall_s).
+
+    cpu_budget: stop training (at an optimizer-step boundary, then validate and test as the Trainer's own budgets
+    do) once the training epochs have used this many process CPU seconds (validation excluded)."""
     cpu = []
     train_epoch = tr.train_epoch
+    started = []
 
     def timed_epoch():
         c = time.process_time()
+        started.append(c)
         out = train_epoch()
         cpu.append(time.process_time() - c)
         return out
 
     tr.train_epoch = timed_epoch
+    if cpu_budget is not None:
+        budget_hit = tr._budget_hit
+
+        def cpu_budget_hit():
+            used = sum(cpu) + (time.process_time() - started[-1] if len(started) > len(cpu) else 0.0)
+            return "cpu budget" if used >= cpu_budget else budget_hit()
+
+        tr._budget_hit = cpu_budget_hit
     t0 = time.perf_counter()
     s = tr.fit()
     return s, cpu, time.perf_counter() - t0
