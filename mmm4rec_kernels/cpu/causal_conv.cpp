@@ -49,90 +49,153 @@ inline T silu_grad(T p) {                       // d SiLU / dp = s (1 + p (1 - s
     return s * (T(1) + p * c);
 }
 
-// pre-activation of row t of one sequence into out[0..C)
-template <typename T>
-inline void pre_row(const T* xs, int64_t sx, int64_t t, int64_t C, const T* wt, int64_t k, const T* bias, T* out) {
-    for (int64_t c = 0; c < C; ++c) out[c] = bias ? bias[c] : T(0);
-    for (int64_t j = 0; j < k; ++j) {
-        int64_t src = t - (k - 1) + j;
-        if (src < 0) continue;
-        const T* xr = xs + src * sx;
-        const T* wj = wt + j * C;
-        for (int64_t c = 0; c < C; ++c) out[c] += wj[c] * xr[c];
+// Every row is one fused pass over its channels: the k taps are summed in registers (K = k when k is 2..4, so the
+// tap loop unrolls and the channel loop vectorises, libmvec's exp included; K = 0: any k), taps before t = 0 read a
+// row of zeros.  taps[j] = the input row of tap j for output row t (or the zero row).
+template <typename T, int K>
+inline void tap_rows(const T* xs, int64_t sx, int64_t t, int64_t k, const T* zeros, const T** taps) {
+    const int64_t kk = K ? K : k;
+    for (int64_t j = 0; j < kk; ++j) {
+        const int64_t src = t - (kk - 1) + j;
+        taps[j] = src < 0 ? zeros : xs + src * sx;
     }
 }
 
-template <typename T>
-void forward(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, T* y, int64_t B, int64_t L, int64_t C,
-             int64_t k, int silu, int nthreads) {
+// pre[c] = bias[c] + sum_j w[c, j] x[t - (k-1) + j, c] for one channel c
+template <typename T, int K>
+inline T pre_at(const T* const* taps, const T* wt, int64_t C, int64_t k, const T* bias, int64_t c) {
+    const int64_t kk = K ? K : k;
+    T acc = bias ? bias[c] : T(0);
+    for (int64_t j = 0; j < kk; ++j) acc += wt[j * C + c] * taps[j][c];
+    return acc;
+}
+
+template <typename T, int K>
+void forward_k(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, T* y, int64_t B, int64_t L,
+               int64_t C, int64_t k, int silu, int nthreads) {
+    const int64_t kk = K ? K : k;
+    std::vector<T> zeros(C, T(0));
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t b = 0; b < B; ++b) {
+        std::vector<const T*> taps(kk);
         for (int64_t t = 0; t < L; ++t) {
-            T* yr = y + (b * L + t) * C;
-            pre_row(x + b * sxb, sx, t, C, wt, k, bias, yr);
+            T* __restrict yr = y + (b * L + t) * C;
+            tap_rows<T, K>(x + b * sxb, sx, t, k, zeros.data(), taps.data());
             if (silu)
-                for (int64_t c = 0; c < C; ++c) yr[c] = silu_of(yr[c]);
+                for (int64_t c = 0; c < C; ++c) yr[c] = silu_of(pre_at<T, K>(taps.data(), wt, C, k, bias, c));
+            else
+                for (int64_t c = 0; c < C; ++c) yr[c] = pre_at<T, K>(taps.data(), wt, C, k, bias, c);
         }
     }
 }
 
 // gy pieces: npieces channel ranges [start, start + size) with their own base pointer and row strides; a null
 // pointer is an unused piece (gradient 0).
-template <typename T>
-void backward(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, int64_t B, int64_t L, int64_t C,
-              int64_t k, int silu, int npieces, const T* const* gy, const int64_t* starts, const int64_t* sizes,
-              const int64_t* sgb, const int64_t* sg, T* dx, T* dw, T* dbias, int nthreads) {
+template <typename T, int K>
+void backward_k(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, int64_t B, int64_t L, int64_t C,
+                int64_t k, int silu, int npieces, const T* const* gy, const int64_t* starts, const int64_t* sizes,
+                const int64_t* sgb, const int64_t* sg, T* dx, T* dw, T* dbias, int nthreads) {
+    const int64_t kk = K ? K : k;
     int nt = nthreads > 1 ? nthreads : 1;
-    std::vector<double> dw_acc(size_t(nt) * C * k, 0.0), db_acc(size_t(nt) * C, 0.0);
+    std::vector<double> dw_acc(size_t(nt) * C * kk, 0.0), db_acc(size_t(nt) * C, 0.0);
+    std::vector<T> zeros(C, T(0));
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int tid = 0;
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
-        std::vector<T> g(size_t(L) * C), pre(C);
-        double* dwt = dw_acc.data() + size_t(tid) * C * k;
+        std::vector<T> g(size_t(L) * C);
+        std::vector<const T*> taps(kk), grows(kk);
+        double* dwt = dw_acc.data() + size_t(tid) * C * kk;
         double* dbt = db_acc.data() + size_t(tid) * C;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
             const T* xs = x + b * sxb;
             for (int64_t t = 0; t < L; ++t) {                  // g = gy * SiLU'(pre), row by row
-                T* gr = g.data() + t * C;
-                if (silu) pre_row(xs, sx, t, C, wt, k, bias, pre.data());
+                T* __restrict gr = g.data() + t * C;
+                tap_rows<T, K>(xs, sx, t, k, zeros.data(), taps.data());
                 for (int p = 0; p < npieces; ++p) {
-                    const T* src = gy[p] ? gy[p] + b * sgb[p] + t * sg[p] : nullptr;
-                    for (int64_t c = 0; c < sizes[p]; ++c) {
-                        int64_t cc = starts[p] + c;
-                        T v = src ? src[c] : T(0);
-                        gr[cc] = silu ? v * silu_grad(pre[cc]) : v;
+                    const int64_t c0 = starts[p], m = sizes[p];
+                    T* __restrict gp = gr + c0;
+                    if (!gy[p]) {                              // unused piece: 0 (times SiLU', as with a zero gy)
+                        if (silu)
+                            for (int64_t c = 0; c < m; ++c)
+                                gp[c] = T(0) * silu_grad(pre_at<T, K>(taps.data(), wt, C, k, bias, c0 + c));
+                        else
+                            for (int64_t c = 0; c < m; ++c) gp[c] = T(0);
+                        continue;
                     }
+                    const T* __restrict src = gy[p] + b * sgb[p] + t * sg[p];
+                    if (silu)
+                        for (int64_t c = 0; c < m; ++c)
+                            gp[c] = src[c] * silu_grad(pre_at<T, K>(taps.data(), wt, C, k, bias, c0 + c));
+                    else
+                        for (int64_t c = 0; c < m; ++c) gp[c] = src[c];
                 }
             }
-            for (int64_t s = 0; s < L; ++s) {                  // dx, and dw / dbias from the same rows
-                T* dxr = dx + (b * L + s) * C;
-                for (int64_t c = 0; c < C; ++c) dxr[c] = T(0);
-                for (int64_t j = 0; j < k; ++j) {
-                    int64_t t = s + (k - 1) - j;
-                    if (t >= L) continue;
-                    const T* gr = g.data() + t * C;
-                    const T* wj = wt + j * C;
-                    for (int64_t c = 0; c < C; ++c) dxr[c] += wj[c] * gr[c];
+            // x row s meets output row t_j = s + (k-1) - j through tap j (g = 0 past the end):
+            //   dx_s = sum_j w_j g_{t_j},  dw_j += g_{t_j} x_s,  dbias += g_s   (rows in L1; simple loops that vectorise)
+            for (int64_t s = 0; s < L; ++s) {
+                for (int64_t j = 0; j < kk; ++j) {
+                    const int64_t t = s + (kk - 1) - j;
+                    grows[j] = t < L ? g.data() + t * C : zeros.data();
                 }
-                const T* gs = g.data() + s * C;
-                const T* xr = xs + s * sx;                     // x row s feeds output rows s .. s + k - 1
-                for (int64_t j = 0; j < k; ++j) {
-                    int64_t t = s + (k - 1) - j;               // output row where x row s meets tap j
-                    if (t >= L) continue;
-                    const T* gr = g.data() + t * C;
-                    double* dwj = dwt + j * C;
-                    for (int64_t c = 0; c < C; ++c) dwj[c] += double(gr[c]) * double(xr[c]);
+                const T* __restrict xr = xs + s * sx;
+                const T* __restrict gs = g.data() + s * C;
+                T* __restrict dxr = dx + (b * L + s) * C;
+                if (kk == 4) {                                 // (the common k: four rows in one pass)
+                    const T *__restrict g0 = grows[0], *__restrict g1 = grows[1], *__restrict g2 = grows[2],
+                                                       *__restrict g3 = grows[3];
+                    const T *__restrict w0 = wt, *__restrict w1 = wt + C, *__restrict w2 = wt + 2 * C,
+                                                 *__restrict w3 = wt + 3 * C;
+                    for (int64_t c = 0; c < C; ++c) dxr[c] = w0[c] * g0[c] + w1[c] * g1[c] + w2[c] * g2[c] + w3[c] * g3[c];
+                } else {
+                    for (int64_t c = 0; c < C; ++c) dxr[c] = T(0);
+                    for (int64_t j = 0; j < kk; ++j) {
+                        const T* __restrict gj = grows[j];
+                        const T* __restrict wj = wt + j * C;
+                        for (int64_t c = 0; c < C; ++c) dxr[c] += wj[c] * gj[c];
+                    }
                 }
-                for (int64_t c = 0; c < C; ++c) dbt[c] += double(gs[c]);
+                for (int64_t j = 0; j < kk; ++j) {             // exact products, summed in double
+                    const T* __restrict gj = grows[j];
+                    double* __restrict dwj = dwt + j * C;
+                    for (int64_t c = 0; c < C; ++c) dwj[c] += double(gj[c]) * double(xr[c]);
+                }
+                double* __restrict dbp = dbt;
+                for (int64_t c = 0; c < C; ++c) dbp[c] += double(gs[c]);
             }
         }
     }
-    sum_thread_partials(dw_acc, nt, C * k, dw);
+    sum_thread_partials(dw_acc, nt, C * kk, dw);
     if (dbias) sum_thread_partials(db_acc, nt, C, dbias);
+}
+
+template <typename T>
+void forward(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, T* y, int64_t B, int64_t L, int64_t C,
+             int64_t k, int silu, int nthreads) {
+    switch (k) {
+        case 4: return forward_k<T, 4>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);
+        case 3: return forward_k<T, 3>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);
+        case 2: return forward_k<T, 2>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);
+        default: return forward_k<T, 0>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);
+    }
+}
+
+template <typename T>
+void backward(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, int64_t B, int64_t L, int64_t C,
+              int64_t k, int silu, int npieces, const T* const* gy, const int64_t* starts, const int64_t* sizes,
+              const int64_t* sgb, const int64_t* sg, T* dx, T* dw, T* dbias, int nthreads) {
+#define MMM4REC_CONV_BWD(KK) \
+    backward_k<T, KK>(x, sxb, sx, wt, bias, B, L, C, k, silu, npieces, gy, starts, sizes, sgb, sg, dx, dw, dbias, nthreads)
+    switch (k) {
+        case 4: return MMM4REC_CONV_BWD(4);
+        case 3: return MMM4REC_CONV_BWD(3);
+        case 2: return MMM4REC_CONV_BWD(2);
+        default: return MMM4REC_CONV_BWD(0);
+    }
+#undef MMM4REC_CONV_BWD
 }
 
 }  // namespace
