@@ -13,6 +13,7 @@
 // double and then added in a fixed order, so results do not depend on the thread count's timing.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -89,6 +90,47 @@ void forward_k(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, 
     }
 }
 
+// one sequence's dw_j[c] += sum_s g[s + (k-1) - j][c] x[s][c] (g = 0 past the end), dbias[c] += sum_s g[s][c]:
+// exact products of T in double, 8 channels at a time with the k + 1 sums in registers across the whole sequence
+// (no load / store of the double sums per row); other channels and k: the same sums, scalar
+template <typename T, int K>
+void dw_sequence(const T* xs, int64_t sx, const T* g, int64_t L, int64_t C, int64_t k, double* dwt, double* dbt) {
+    typedef double d8 __attribute__((vector_size(64)));
+    typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
+    const int64_t kk = K ? K : k;
+    auto load8 = [](const T* p) {
+        t8 v;
+        std::memcpy(&v, p, sizeof v);
+        return __builtin_convertvector(v, d8);
+    };
+    int64_t c0 = 0;
+    if (K > 0)
+        for (; c0 + 8 <= C; c0 += 8) {
+            d8 acc[K > 0 ? K : 1], db = d8{};
+            for (int j = 0; j < K; ++j) acc[j] = d8{};
+            for (int64_t s = 0; s < L; ++s) {
+                const d8 xv = load8(xs + s * sx + c0);
+                for (int j = 0; j < K; ++j) {
+                    const int64_t t = s + (K - 1) - j;
+                    if (t < L) acc[j] += load8(g + t * C + c0) * xv;
+                }
+                db += load8(g + s * C + c0);
+            }
+            for (int j = 0; j < K; ++j)
+                for (int e = 0; e < 8; ++e) dwt[j * C + c0 + e] += acc[j][e];
+            for (int e = 0; e < 8; ++e) dbt[c0 + e] += db[e];
+        }
+    for (; c0 < C; ++c0)
+        for (int64_t s = 0; s < L; ++s) {
+            const double xv = double(xs[s * sx + c0]);
+            for (int64_t j = 0; j < kk; ++j) {
+                const int64_t t = s + (kk - 1) - j;
+                if (t < L) dwt[j * C + c0] += double(g[t * C + c0]) * xv;
+            }
+            dbt[c0] += double(g[s * C + c0]);
+        }
+}
+
 // gy pieces: npieces channel ranges [start, start + size) with their own base pointer and row strides; a null
 // pointer is an unused piece (gradient 0).
 template <typename T, int K>
@@ -135,14 +177,12 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias,
                 }
             }
             // x row s meets output row t_j = s + (k-1) - j through tap j (g = 0 past the end):
-            //   dx_s = sum_j w_j g_{t_j},  dw_j += g_{t_j} x_s,  dbias += g_s   (rows in L1; simple loops that vectorise)
+            //   dx_s = sum_j w_j g_{t_j} (row by row),  dw_j += g_{t_j} x_s,  dbias += g_s (dw_sequence)
             for (int64_t s = 0; s < L; ++s) {
                 for (int64_t j = 0; j < kk; ++j) {
                     const int64_t t = s + (kk - 1) - j;
                     grows[j] = t < L ? g.data() + t * C : zeros.data();
                 }
-                const T* __restrict xr = xs + s * sx;
-                const T* __restrict gs = g.data() + s * C;
                 T* __restrict dxr = dx + (b * L + s) * C;
                 if (kk == 4) {                                 // (the common k: four rows in one pass)
                     const T *__restrict g0 = grows[0], *__restrict g1 = grows[1], *__restrict g2 = grows[2],
@@ -158,14 +198,8 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias,
                         for (int64_t c = 0; c < C; ++c) dxr[c] += wj[c] * gj[c];
                     }
                 }
-                for (int64_t j = 0; j < kk; ++j) {             // exact products, summed in double
-                    const T* __restrict gj = grows[j];
-                    double* __restrict dwj = dwt + j * C;
-                    for (int64_t c = 0; c < C; ++c) dwj[c] += double(gj[c]) * double(xr[c]);
-                }
-                double* __restrict dbp = dbt;
-                for (int64_t c = 0; c < C; ++c) dbp[c] += double(gs[c]);
             }
+            dw_sequence<T, K>(xs, sx, g.data(), L, C, k, dwt, dbt);
         }
     }
     sum_thread_partials(dw_acc, nt, C * kk, dw);
