@@ -9,7 +9,7 @@ Attention: nn.MultiheadAttention(d_model, 2 heads, batch_first) with a causal ma
 uses it. Ours: TimeAwareSSD.for_recsys(d_model) with timestamps and lengths (right padding). Medians of interleaved
 repetitions (both see the same machine state); the ratio is ours / attention.
 --profile B,L prints where our time goes for one call (torch.profiler, top ops by self CPU time).
---infer-crossover times our eval call on the CPU inference path (quadratic form, modules/infer_cpu.py) against the
+--infer-crossover times our eval call on the CPU inference path (quadratic form, modules/layer_cpu.py) against the
 general path's chunked form at longer L: the data behind dispatch.CPU_INFER_MAX_LEN.
 Under no_grad on CPU our layer takes the inference path (4 torch ops + 3 native calls) up to that length; training
 calls take the general path (torch backend: native conv, native quadratic scan up to dispatch.CPU_CROSSOVER,

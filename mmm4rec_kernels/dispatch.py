@@ -43,7 +43,7 @@ COST_CHUNK = 64
 # fwd+bwd, 1 thread, 8192 tokens (benchmarks/bench_cpu_crossover.py; values recorded in benchmarks/RESULTS.md).
 # Between the points the crossover is interpolated linearly in P + n; outside them it is clamped.
 CPU_CROSSOVER = ((32, 140), (128, 210))
-# CPU inference (no autograd): TimeAwareSSD's native inference path (quadratic form, modules/infer_cpu.py) runs up to
+# CPU inference (no autograd): TimeAwareSSD's native inference path (quadratic form, modules/layer_cpu.py) runs up to
 # this longest length under path="auto".  Measured against the general path's chunked einsums, eval, 1 thread,
 # for_recsys(64) (P 32, n 16), b 8: time ratio 0.41 at L 200, 0.55 at 400, 1.25 at 800; b 64, L 400: 0.87 (CPU box,
 # 2026-12-06, benchmarks/bench_layer_vs_attention.py --infer-crossover).

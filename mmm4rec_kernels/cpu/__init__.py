@@ -5,8 +5,8 @@ ctypes (no torch headers: the build takes a few seconds, once, and works with an
                          one pass over memory each (the torch path walks the activations ~7 and ~20 times)
     tissd_quadratic.cpp  the time-aware SSD's quadratic form without states (torch_backend.quadratic_form's
                          training case): per sequence and head over its valid steps only, no intermediate tensors
-    layer_infer.cpp      inference of a TimeAwareSSD layer in two calls (the causal time encoding; step sizes, scan
-                         and gated RMSNorm): modules/infer_cpu.py
+    tissd_layer.cpp      a TimeAwareSSD layer's core in few calls (the causal time encoding; step sizes + scan + gated
+                         RMSNorm, forward and backward): modules/layer_cpu.py
     gated_rmsnorm.cpp    RMSNorm(y * SiLU(z)) * w over channel groups, forward and backward in one pass each
     thread_sums.h        per-thread partial sums reduced in a fixed order (weight gradients)
     activations.h        overflow-free sigmoid / SiLU / softplus shared by the kernels
@@ -35,7 +35,7 @@ import torch
 logger = logging.getLogger("mmm4rec_kernels")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_HERE, f) for f in ("causal_conv.cpp", "tissd_quadratic.cpp", "layer_infer.cpp",
+_SOURCES = [os.path.join(_HERE, f) for f in ("causal_conv.cpp", "tissd_quadratic.cpp", "tissd_layer.cpp",
                                                 "gated_rmsnorm.cpp")]
 _HEADERS = [os.path.join(_HERE, f) for f in ("thread_sums.h", "activations.h")]                 # part of the build's identity (the hash)
 # fast math without its two hazards: -ffinite-math-only (NaN / inf assumed away: SiLU gave NaN below -89) and
@@ -101,17 +101,24 @@ def _bind(lib):
         bwd = getattr(lib, f"mmm4rec_ssd_quadratic_bwd_{dt}")
         bwd.argtypes = [p] * 7 + [i32] + [p] * 7 + [i64] * 6 + [i32]
         bwd.restype = None
-        enc = getattr(lib, f"mmm4rec_time_encoding_fwd_{dt}")            # layer_infer.cpp
-        enc.argtypes = [p, i32] + [i64] * 4 + [p] * 10 + [ctypes.c_double, p, i32]
+        enc = getattr(lib, f"mmm4rec_time_encoding_fwd_{dt}")            # tissd_layer.cpp
+        enc.argtypes = [p, i32] + [i64] * 4 + [p, ctypes.c_double, p, i32]
         enc.restype = None
-        infer = getattr(lib, f"mmm4rec_ssd_infer_{dt}")
-        infer.argtypes = [p, i64, p, p, i64] + [p] * 4 + [i32, p, i64, ctypes.c_double, p] + [i64] * 6 + [p, i32]
-        infer.restype = i32
+        enc = getattr(lib, f"mmm4rec_time_encoding_bwd_{dt}")
+        enc.argtypes = [p, i32] + [i64] * 4 + [p, ctypes.c_double, p, p, i32]
+        enc.restype = None
+        core = getattr(lib, f"mmm4rec_ssd_core_fwd_{dt}")
+        core.argtypes = [p, i64, p, p, i64] + [p] * 4 + [i32, p, i64, ctypes.c_double, p] + [i64] * 6 + [p, p, i32]
+        core.restype = i32
+        core = getattr(lib, f"mmm4rec_ssd_core_bwd_{dt}")
+        core.argtypes = ([p, p, i64, p, p, i64] + [p] * 4 + [i32, p, i64, ctypes.c_double, p] + [i64] * 6 + [p] * 9
+                         + [i32])
+        core.restype = None
         norm = getattr(lib, f"mmm4rec_gated_rmsnorm_fwd_{dt}")          # gated_rmsnorm.cpp
-        norm.argtypes = [p, p, p, i64, i64, i64, ctypes.c_double, p, i32]
+        norm.argtypes = [p, p, i64, p, i64, i64, i64, ctypes.c_double, p, i64, p, i32]
         norm.restype = None
         norm = getattr(lib, f"mmm4rec_gated_rmsnorm_bwd_{dt}")
-        norm.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_double, p, p, p, i32]
+        norm.argtypes = [p, p, p, i64, p, i64, i64, i64, ctypes.c_double, p, i64, p, p, p, i32]
         norm.restype = None
     lib.mmm4rec_conv_has_openmp.restype = i32
     return lib
@@ -265,23 +272,30 @@ def _fn(name, dtype):
     return getattr(library(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
-def norm_forward(y, z, w, eps: float, group: int) -> torch.Tensor:
-    """out [R, d] = RMSNorm(y * SiLU(z)) * w over groups of `group` channels: y, z (or None) [R, d] contiguous,
-    w [d]; one float dtype (float32 / float64)."""
+def norm_forward(y, z, w, eps: float, group: int, lengths=None) -> torch.Tensor:
+    """out [R, d] = RMSNorm(y * SiLU(z)) * w over groups of `group` channels: y [R, d] contiguous, z (or None) [R, d]
+    with unit channel stride, w [d]; one float dtype (float32 / float64).  lengths [nb] (R = nb * L rows): rows
+    past each length give 0 (y, z not read there)."""
     R, d = y.shape
     out = torch.empty_like(y)
     if out.numel():
-        _fn("mmm4rec_gated_rmsnorm_fwd", y.dtype)(y.data_ptr(), None if z is None else z.data_ptr(), w.data_ptr(),
-                                                  R, d, group, float(eps), out.data_ptr(), torch.get_num_threads())
+        lens = None if lengths is None else lengths.to(torch.int64).contiguous()
+        _fn("mmm4rec_gated_rmsnorm_fwd", y.dtype)(
+            y.data_ptr(), None if z is None else z.data_ptr(), 0 if z is None else z.stride(0), w.data_ptr(), R, d,
+            group, float(eps), None if lens is None else lens.data_ptr(), R // max(len(lens), 1) if lens is not None
+            else R, out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def norm_backward(dout, y, z, w, eps: float, group: int):
-    """Gradients of norm_forward: (dy, dz or None, dw)."""
+def norm_backward(dout, y, z, w, eps: float, group: int, lengths=None):
+    """Gradients of norm_forward: (dy, dz or None, dw); dout [R, d] contiguous."""
     R, d = y.shape
-    dy, dz, dw = torch.empty_like(y), None if z is None else torch.empty_like(z), torch.zeros_like(w)
+    dy, dz, dw = torch.empty_like(y), None if z is None else torch.empty(R, d, dtype=y.dtype), torch.zeros_like(w)
     if dy.numel():
+        lens = None if lengths is None else lengths.to(torch.int64).contiguous()
         _fn("mmm4rec_gated_rmsnorm_bwd", y.dtype)(
-            dout.data_ptr(), y.data_ptr(), None if z is None else z.data_ptr(), w.data_ptr(), R, d, group,
-            float(eps), dy.data_ptr(), None if dz is None else dz.data_ptr(), dw.data_ptr(), torch.get_num_threads())
+            dout.data_ptr(), y.data_ptr(), None if z is None else z.data_ptr(), 0 if z is None else z.stride(0),
+            w.data_ptr(), R, d, group, float(eps), None if lens is None else lens.data_ptr(),
+            R // max(len(lens), 1) if lens is not None else R, dy.data_ptr(), None if dz is None else dz.data_ptr(),
+            dw.data_ptr(), torch.get_num_threads())
     return dy, dz, dw

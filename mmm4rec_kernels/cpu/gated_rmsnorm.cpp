@@ -5,6 +5,9 @@
 //   dv = rstd * g - rstd^3 * v * mean_group(g * v)
 //   dy = dv * SiLU(z),   dz = dv * y * SiLU'(z),   dw = sum_rows dout * v * rstd
 // dw is summed per thread in double and the threads' sums added in a fixed order (thread_sums.h).
+// z is read with a row stride s_z (a slice of a wider tensor needs no copy).  Rows: R = nb * L; with len [nb] (int64,
+// optional) row r is valid when r % L < len[r / L]: other rows get out = 0, dy = dz = 0 and add nothing to dw
+// (what masking y and z to 0 there gives, without reading them).
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -17,9 +20,11 @@
 
 namespace {
 
+inline bool row_valid(const int64_t* len, int64_t L, int64_t r) { return !len || r % L < len[r / L]; }
+
 template <typename T>
-void forward(const T* y, const T* z, const T* w, int64_t R, int64_t d, int64_t group, double eps, T* out,
-             int nthreads) {
+void forward(const T* y, const T* z, int64_t s_z, const T* w, int64_t R, int64_t d, int64_t group, double eps,
+             const int64_t* len, int64_t L, T* out, int nthreads) {
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         std::vector<T> v(d);
@@ -27,8 +32,12 @@ void forward(const T* y, const T* z, const T* w, int64_t R, int64_t d, int64_t g
         for (int64_t r = 0; r < R; ++r) {
             const T* yr = y + r * d;
             T* o = out + r * d;
+            if (!row_valid(len, L, r)) {
+                for (int64_t c = 0; c < d; ++c) o[c] = T(0);
+                continue;
+            }
             if (z) {                                                    // two loops: each one vectorises
-                const T* zr = z + r * d;
+                const T* zr = z + r * s_z;
                 for (int64_t c = 0; c < d; ++c) {
                     T s, cc;
                     sigmoid_pair(zr[c], s, cc);
@@ -48,8 +57,8 @@ void forward(const T* y, const T* z, const T* w, int64_t R, int64_t d, int64_t g
 }
 
 template <typename T>
-void backward(const T* dout, const T* y, const T* z, const T* w, int64_t R, int64_t d, int64_t group, double eps,
-              T* dy, T* dz, T* dw, int nthreads) {
+void backward(const T* dout, const T* y, const T* z, int64_t s_z, const T* w, int64_t R, int64_t d, int64_t group,
+              double eps, const int64_t* len, int64_t L, T* dy, T* dz, T* dw, int nthreads) {
     const int nt = nthreads > 1 ? nthreads : 1;
     std::vector<double> dw_acc(size_t(nt) * d, 0.0);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -64,8 +73,14 @@ void backward(const T* dout, const T* y, const T* z, const T* w, int64_t R, int6
         for (int64_t r = 0; r < R; ++r) {
             const T* yr = y + r * d;
             const T* gr = dout + r * d;
+            if (!row_valid(len, L, r)) {
+                for (int64_t c = 0; c < d; ++c) dy[r * d + c] = T(0);
+                if (dz)
+                    for (int64_t c = 0; c < d; ++c) dz[r * d + c] = T(0);
+                continue;
+            }
             if (z) {
-                const T* zr = z + r * d;
+                const T* zr = z + r * s_z;
                 for (int64_t c = 0; c < d; ++c) {
                     T s, cc;
                     sigmoid_pair(zr[c], s, cc);
@@ -105,14 +120,15 @@ void backward(const T* dout, const T* y, const T* z, const T* w, int64_t R, int6
 extern "C" {
 
 #define MMM4REC_NORM_ENTRIES(T, SUFFIX)                                                                               \
-    void mmm4rec_gated_rmsnorm_fwd_##SUFFIX(const T* y, const T* z, const T* w, int64_t R, int64_t d,              \
-                                            int64_t group, double eps, T* out, int nthreads) {                      \
-        forward<T>(y, z, w, R, d, group, eps, out, nthreads);                                                       \
-    }                                                                                                               \
-    void mmm4rec_gated_rmsnorm_bwd_##SUFFIX(const T* dout, const T* y, const T* z, const T* w, int64_t R,          \
-                                            int64_t d, int64_t group, double eps, T* dy, T* dz, T* dw,              \
+    void mmm4rec_gated_rmsnorm_fwd_##SUFFIX(const T* y, const T* z, int64_t s_z, const T* w, int64_t R, int64_t d, \
+                                            int64_t group, double eps, const int64_t* len, int64_t L, T* out,       \
                                             int nthreads) {                                                         \
-        backward<T>(dout, y, z, w, R, d, group, eps, dy, dz, dw, nthreads);                                         \
+        forward<T>(y, z, s_z, w, R, d, group, eps, len, L, out, nthreads);                                          \
+    }                                                                                                               \
+    void mmm4rec_gated_rmsnorm_bwd_##SUFFIX(const T* dout, const T* y, const T* z, int64_t s_z, const T* w,        \
+                                            int64_t R, int64_t d, int64_t group, double eps, const int64_t* len,    \
+                                            int64_t L, T* dy, T* dz, T* dw, int nthreads) {                         \
+        backward<T>(dout, y, z, s_z, w, R, d, group, eps, len, L, dy, dz, dw, nthreads);                            \
     }
 
 MMM4REC_NORM_ENTRIES(float, f32)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..tissd import tissd
-from . import infer_cpu
+from . import layer_cpu
 from .conv import CausalDepthwiseConv1d
 from .layout import SequenceLayout
 from .linear_split import linear_split
@@ -183,14 +183,12 @@ class TimeAwareSSD(nn.Module):
         if timestamps is not None and not self._timestamps_checked and not torch.compiler.is_compiling():
             self._check_timestamps_once(timestamps, layout)
         u, timestamps, time_gaps = layout.pad(hidden), layout.pad(timestamps), layout.pad(time_gaps)
-        if not torch.is_grad_enabled():                          # CPU inference: few ops (modules/infer_cpu.py)
-            why = infer_cpu.reason_not_covered(self, u, layout.lengths, return_state)
-            out = infer_cpu.infer(self, u, timestamps, time_gaps, layout.lengths) if why is None else None
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("TimeAwareSSD %s: %s", tuple(hidden.shape), "CPU inference path" if out is not None
-                             else f"general path ({why or 'NaN / inf input'})")
-            if out is not None:       # rows past each length are already 0: only a gather layout needs unpad
-                return out if layout.index is None else layout.unpad(out)
+        out, why = layer_cpu.forward(self, u, timestamps, time_gaps, layout.lengths, return_state)   # CPU: few ops
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("TimeAwareSSD %s: %s", tuple(hidden.shape), f"general path ({why})" if out is None else
+                         "CPU " + ("training" if torch.is_grad_enabled() else "inference") + " path")
+        if out is not None:           # rows past each length are already 0: only a gather layout needs unpad
+            return out if layout.index is None else layout.unpad(out)
         out, state = self._forward_working(u, timestamps, time_gaps, layout.lengths, return_state)
         out = layout.unpad(out)
         return (out, state) if return_state else out

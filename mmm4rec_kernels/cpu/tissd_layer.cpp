@@ -1,0 +1,432 @@
+// A TimeAwareSSD layer's core on CPU in few native calls, for CPU batches where the general path's ~150 small
+// torch ops per call (and as many backward nodes) cost more than the math: modules/layer_cpu.py calls these between
+// in_proj, the causal conv and out_proj (eager only; torch.compile traces the general path).
+//
+// 1. mmm4rec_time_encoding_fwd / _bwd: CausalTimeEncoding.forward (dropout, if any, applied to the gaps by the
+//    caller) and the gradients of its 10 parameters; per sequence b, step i, head h:
+//      gap_0 = 0, gap_i = max(t_i - t_{i-1}, 0)  (or the given gaps), float64
+//      mu_i = sum_{j<=i} gap_j / (i+1),  m2_i = sum_{j<=i} gap_j^2 / (i+1),  var_i = max(m2_i - mu_i^2, 0)
+//      s_i = (gap_i - mu_i) / sqrt(var_i + eps m2_i + 1e-30)                  (float64, then cast to T)
+//      D_ih = s_i scale_h + shift_h;  E_ih = D_ih * Tanhshrink(W2 SiLU(W1 D_i + b1) + b2)_h
+//      time_scale = SiLU(conv2(SiLU(conv1(E))))   conv: causal depthwise over i, k taps, bias first then taps
+// 2. mmm4rec_ssd_core_fwd: from the conv output xBC (x | B | C per row) and the in_proj pieces z, dt (row strides):
+//      v = dt * time_scale + dt_bias (time_scale optional),  Delta = softplus(v),  a = A Delta
+//      y = the quadratic form with the D skip (mmm4rec_ssd_quadratic_fwd, tissd_quadratic.cpp)
+//      out = RMSNorm_group(y * SiLU(z)) * w  (mmm4rec_gated_rmsnorm_fwd, gated_rmsnorm.cpp); rows past len[b]: 0
+//    y is also written to y_out when given (the backward reads it).  Returns 1, writing nothing, when x, B, C, dt or
+//    time_scale hold NaN / inf at a valid step: the caller then runs the general path (its NaN-causality rule).
+// 3. mmm4rec_ssd_core_bwd: gradients of 2 from dout: the norm's backward (dy, dz, dw), the scan's (dx, dDelta, da,
+//    dB, dC, dD), then da -> dDelta += A da, dA = sum Delta da;  dv = dDelta * sigmoid(v) (torch's softplus
+//    backward: dDelta where v > 20);  ddt = dv * time_scale (or dv), dtime_scale = dv * dt, ddt_bias = sum dv.
+//    dxBC [b, L, conv_dim] = dx | dB | dC; every gradient is 0 on padded rows.  Parameter gradients are summed per
+//    thread in double and added in a fixed order.
+// Same math as the torch modules; sums run in other orders (rounding only).  T = float or double.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "activations.h"
+#include "thread_sums.h"
+
+// the scan (tissd_quadratic.cpp) and the norm (gated_rmsnorm.cpp) of the same library
+#define MMM4REC_DECLARE(T, S)                                                                                         \
+    void mmm4rec_ssd_quadratic_fwd_##S(const T*, const T*, const T*, const T*, const T*, const int64_t*, const T*,   \
+                                       int, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);          \
+    void mmm4rec_ssd_quadratic_bwd_##S(const T*, const T*, const T*, const T*, const T*, const int64_t*, const T*,   \
+                                       int, const T*, T*, T*, T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t,    \
+                                       int64_t, int64_t, int);                                                      \
+    void mmm4rec_gated_rmsnorm_fwd_##S(const T*, const T*, int64_t, const T*, int64_t, int64_t, int64_t, double,     \
+                                       const int64_t*, int64_t, T*, int);                                           \
+    void mmm4rec_gated_rmsnorm_bwd_##S(const T*, const T*, const T*, int64_t, const T*, int64_t, int64_t, int64_t,   \
+                                       double, const int64_t*, int64_t, T*, T*, T*, int);
+extern "C" {
+MMM4REC_DECLARE(float, f32)
+MMM4REC_DECLARE(double, f64)
+}
+
+namespace {
+
+template <typename T> struct Lib;
+#define MMM4REC_LIB(T, S)                                                                                             \
+    template <> struct Lib<T> {                                                                                     \
+        static constexpr auto scan_fwd = mmm4rec_ssd_quadratic_fwd_##S;                                             \
+        static constexpr auto scan_bwd = mmm4rec_ssd_quadratic_bwd_##S;                                             \
+        static constexpr auto norm_fwd = mmm4rec_gated_rmsnorm_fwd_##S;                                             \
+        static constexpr auto norm_bwd = mmm4rec_gated_rmsnorm_bwd_##S;                                             \
+    };
+MMM4REC_LIB(float, f32)
+MMM4REC_LIB(double, f64)
+
+template <typename T>
+inline bool finite(T v) { return std::abs(v) <= std::numeric_limits<T>::max(); }   // false for NaN / inf
+
+// Causal depthwise conv over the rows of e [L, H] (taps w [H, k], bias [H]): the pre-activations, into out [L, H]
+template <typename T>
+void conv_pre(const T* e, int64_t L, int64_t H, const T* w, const T* bias, int64_t k, T* out) {
+    for (int64_t i = 0; i < L; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+            T acc = bias ? bias[h] : T(0);
+            for (int64_t j = 0; j < k; ++j) {
+                const int64_t src = i - (k - 1) + j;
+                if (src >= 0) acc += w[h * k + j] * e[src * H + h];
+            }
+            out[i * H + h] = acc;
+        }
+}
+
+// Backward of conv_pre: de [L, H] (overwritten) from dpre; dw [H, k] / dbias [H] accumulated (double)
+template <typename T>
+void conv_pre_bwd(const T* e, const T* dpre, int64_t L, int64_t H, const T* w, int64_t k, T* de, double* dw,
+                  double* dbias) {
+    for (int64_t s = 0; s < L; ++s)
+        for (int64_t h = 0; h < H; ++h) {
+            T acc = T(0);
+            for (int64_t j = 0; j < k; ++j) {
+                const int64_t t = s + (k - 1) - j;                       // output row where input row s meets tap j
+                if (t < L) {
+                    acc += w[h * k + j] * dpre[t * H + h];
+                    dw[h * k + j] += double(dpre[t * H + h]) * double(e[s * H + h]);
+                }
+            }
+            de[s * H + h] = acc;
+            dbias[h] += double(dpre[s * H + h]);
+        }
+}
+
+// CausalTimeEncoding's parameters, in its forward's order; the gradients of the same shapes
+template <typename T>
+struct TimeParams {
+    const T *scale, *shift, *w1, *b1, *w2, *b2, *cw1, *cb1, *cw2, *cb2;
+};
+
+// One sequence of the time encoding with every intermediate kept (the backward reads them): s [L] and, per step and
+// head, D, the mix pre-activations p1 / p2, E, the conv pre-activations c1 / c2 and h1 = SiLU(c1).
+template <typename T>
+struct TimeSeq {
+    int64_t L, H, k;
+    std::vector<T> s, D, p1, p2, E, c1, h1, c2;
+    TimeSeq(int64_t L_, int64_t H_, int64_t k_) : L(L_), H(H_), k(k_), s(L_), D(L_ * H_), p1(L_ * H_), p2(L_ * H_),
+        E(L_ * H_), c1(L_ * H_), h1(L_ * H_), c2(L_ * H_) {}
+
+    void run(const double* tb, int is_gaps, const TimeParams<T>& q, double eps) {
+        double sum = 0.0, sum_sq = 0.0;
+        for (int64_t i = 0; i < L; ++i) {
+            double gap;
+            if (is_gaps) {
+                gap = tb[i];
+            } else {
+                const double d = i ? tb[i] - tb[i - 1] : 0.0;
+                gap = d < 0.0 ? 0.0 : d;                             // NaN stays NaN (as clamp(min=0))
+            }
+            sum += gap;
+            sum_sq += gap * gap;
+            const double cnt = double(i + 1), mean = sum / cnt, mean_sq = sum_sq / cnt;
+            double var = mean_sq - mean * mean;
+            var = var < 0.0 ? 0.0 : var;
+            s[i] = T((gap - mean) / std::sqrt(var + eps * mean_sq + 1e-30));
+            T* Di = &D[i * H];
+            for (int64_t h = 0; h < H; ++h) Di[h] = s[i] * q.scale[h] + q.shift[h];
+            for (int64_t o = 0; o < H; ++o) {                        // mix1 (SiLU applied where read)
+                T acc = T(0);
+                for (int64_t c = 0; c < H; ++c) acc += q.w1[o * H + c] * Di[c];
+                p1[i * H + o] = acc + q.b1[o];
+            }
+            for (int64_t o = 0; o < H; ++o) {                        // mix2, Tanhshrink, times D
+                T acc = T(0);
+                for (int64_t c = 0; c < H; ++c) acc += q.w2[o * H + c] * silu_of(p1[i * H + c]);
+                const T v = acc + q.b2[o];
+                p2[i * H + o] = v;
+                E[i * H + o] = Di[o] * (v - std::tanh(v));
+            }
+        }
+        conv_pre(E.data(), L, H, q.cw1, q.cb1, k, c1.data());
+        for (int64_t e = 0; e < L * H; ++e) h1[e] = silu_of(c1[e]);
+        conv_pre(h1.data(), L, H, q.cw2, q.cb2, k, c2.data());
+    }
+
+    // parameter gradients of sum(dout * SiLU(c2)) added to g (double, TimeParams order, flattened)
+    void backward(const T* dout, const TimeParams<T>& q, double* g) {
+        const int64_t HH = H * H;
+        double *g_scale = g, *g_shift = g + H, *g_w1 = g + 2 * H, *g_b1 = g_w1 + HH, *g_w2 = g_b1 + H,
+               *g_b2 = g_w2 + HH, *g_cw1 = g_b2 + H, *g_cb1 = g_cw1 + H * k, *g_cw2 = g_cb1 + H,
+               *g_cb2 = g_cw2 + H * k;
+        std::vector<T> dc2(L * H), dh1(L * H), dE(L * H), dp2(H), dp1(H), dD(H);
+        for (int64_t e = 0; e < L * H; ++e) dc2[e] = dout[e] * silu_grad(c2[e]);
+        conv_pre_bwd(h1.data(), dc2.data(), L, H, q.cw2, k, dh1.data(), g_cw2, g_cb2);
+        for (int64_t e = 0; e < L * H; ++e) dh1[e] *= silu_grad(c1[e]);         // now d c1
+        conv_pre_bwd(E.data(), dh1.data(), L, H, q.cw1, k, dE.data(), g_cw1, g_cb1);
+        for (int64_t i = 0; i < L; ++i) {
+            const T* Di = &D[i * H];
+            for (int64_t o = 0; o < H; ++o) {                        // E = D * (p2 - tanh p2)
+                const T v = p2[i * H + o], th = std::tanh(v);
+                dD[o] = dE[i * H + o] * (v - th);
+                dp2[o] = dE[i * H + o] * Di[o] * th * th;            // Tanhshrink' = tanh^2
+                g_b2[o] += double(dp2[o]);
+            }
+            for (int64_t c = 0; c < H; ++c) {                        // mix2: p2 = W2 SiLU(p1) + b2
+                const T a1 = silu_of(p1[i * H + c]);
+                T da1 = T(0);
+                for (int64_t o = 0; o < H; ++o) {
+                    g_w2[o * H + c] += double(dp2[o]) * double(a1);
+                    da1 += q.w2[o * H + c] * dp2[o];
+                }
+                dp1[c] = da1 * silu_grad(p1[i * H + c]);
+                g_b1[c] += double(dp1[c]);
+            }
+            for (int64_t c = 0; c < H; ++c) {                        // mix1: p1 = W1 D + b1
+                T dDc = dD[c];
+                for (int64_t o = 0; o < H; ++o) {
+                    g_w1[o * H + c] += double(dp1[o]) * double(Di[c]);
+                    dDc += q.w1[o * H + c] * dp1[o];
+                }
+                g_scale[c] += double(dDc) * double(s[i]);              // D = s scale + shift
+                g_shift[c] += double(dDc);
+            }
+        }
+    }
+};
+
+template <typename T>
+void time_encoding(const double* t, int is_gaps, int64_t nb, int64_t L, int64_t H, int64_t k,
+                   const TimeParams<T>& q, double eps, T* out, int nthreads) {
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        TimeSeq<T> seq(L, H, k);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; ++b) {
+            seq.run(t + b * L, is_gaps, q, eps);
+            T* o = out + b * L * H;
+            for (int64_t e = 0; e < L * H; ++e) o[e] = silu_of(seq.c2[e]);
+        }
+    }
+}
+
+// grads: 10 arrays in TimeParams order (overwritten)
+template <typename T>
+void time_encoding_bwd(const double* t, int is_gaps, int64_t nb, int64_t L, int64_t H, int64_t k,
+                       const TimeParams<T>& q, double eps, const T* dout, T* const* grads, int nthreads) {
+    const int64_t sizes[10] = {H, H, H * H, H, H * H, H, H * k, H, H * k, H};
+    int64_t total = 0;
+    for (int64_t sz : sizes) total += sz;
+    const int nt = nthreads > 1 ? nthreads : 1;
+    std::vector<double> acc(size_t(nt) * total, 0.0);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        TimeSeq<T> seq(L, H, k);
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nb; ++b) {
+            seq.run(t + b * L, is_gaps, q, eps);
+            seq.backward(dout + b * L * H, q, acc.data() + size_t(tid) * total);
+        }
+    }
+    std::vector<double> part(size_t(nt) * total);
+    int64_t off = 0;
+    for (int p = 0; p < 10; ++p) {                                   // each parameter's thread sums, fixed order
+        for (int th = 0; th < nt; ++th)
+            for (int64_t e = 0; e < sizes[p]; ++e) part[size_t(th) * sizes[p] + e] = acc[size_t(th) * total + off + e];
+        sum_thread_partials(part, nt, sizes[p], grads[p]);
+        off += sizes[p];
+    }
+}
+
+struct Dims {
+    int64_t nb, L, H, P, G, n;
+    int64_t d_inner() const { return H * P; }
+    int64_t gn() const { return G * n; }
+};
+
+// The scan's contiguous inputs gathered from xBC and the step sizes, valid rows only (the scan never reads the
+// others).  Returns true when a valid step holds NaN / inf.
+template <typename T>
+struct Steps {
+    std::vector<T> x, B, C, delta, a, v, Dhp;
+    std::vector<int64_t> lens;
+
+    bool gather(const T* xbc, int64_t s_xbc, const T* dt, int64_t s_zdt, const T* ts, const T* dt_bias, const T* A,
+                const T* D, const int64_t* len, const Dims& d, int nthreads) {
+        const int64_t di = d.d_inner(), gn = d.gn(), rows = d.nb * d.L;
+        x.resize(size_t(rows) * di);
+        B.resize(size_t(rows) * gn);
+        C.resize(size_t(rows) * gn);
+        delta.resize(size_t(rows) * d.H);
+        a.resize(size_t(rows) * d.H);
+        v.resize(size_t(rows) * d.H);
+        lens.resize(d.nb);
+        int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(| : bad)
+        for (int64_t b = 0; b < d.nb; ++b) {
+            const int64_t Lb = std::min<int64_t>(std::max<int64_t>(len ? len[b] : d.L, 0), d.L);
+            lens[b] = Lb;
+            for (int64_t i = 0; i < Lb; ++i) {
+                const int64_t r = b * d.L + i;
+                const T* src = xbc + r * s_xbc;
+                bool ok = true;
+                for (int64_t c = 0; c < di; ++c) { x[r * di + c] = src[c]; ok &= finite(src[c]); }
+                for (int64_t c = 0; c < gn; ++c) {
+                    B[r * gn + c] = src[di + c];
+                    C[r * gn + c] = src[di + gn + c];
+                    ok &= finite(src[di + c]) & finite(src[di + gn + c]);
+                }
+                const T* dtr = dt + r * s_zdt;
+                for (int64_t h = 0; h < d.H; ++h) {
+                    T vv = dtr[h];
+                    ok &= finite(vv);
+                    if (ts) { ok &= finite(ts[r * d.H + h]); vv = vv * ts[r * d.H + h]; }
+                    if (dt_bias) vv = vv + dt_bias[h];
+                    v[r * d.H + h] = vv;
+                    delta[r * d.H + h] = softplus_of(vv);
+                    a[r * d.H + h] = delta[r * d.H + h] * A[h];
+                }
+                bad |= !ok;
+            }
+        }
+        if (D) {                                          // the scan takes D per channel [H, P]
+            Dhp.resize(size_t(di));
+            for (int64_t h = 0; h < d.H; ++h) std::fill(Dhp.begin() + h * d.P, Dhp.begin() + (h + 1) * d.P, D[h]);
+        }
+        return bad != 0;
+    }
+};
+
+template <typename T>
+int core_fwd(const T* xbc, int64_t s_xbc, const T* z, const T* dt, int64_t s_zdt, const T* ts, const T* dt_bias,
+             const T* A, const T* D, int skip_delta, const T* norm_w, int64_t group, double eps, const int64_t* len,
+             Dims d, T* out, T* y_out, int nthreads) {
+    Steps<T> st;
+    if (st.gather(xbc, s_xbc, dt, s_zdt, ts, dt_bias, A, D, len, d, nthreads)) return 1;
+    std::vector<T> y_own;
+    T* y = y_out;
+    if (!y) {
+        y_own.resize(size_t(d.nb) * d.L * d.d_inner());
+        y = y_own.data();
+    }
+    Lib<T>::scan_fwd(st.x.data(), st.delta.data(), st.a.data(), st.B.data(), st.C.data(), st.lens.data(),
+                     D ? st.Dhp.data() : nullptr, skip_delta, y, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
+    Lib<T>::norm_fwd(y, z, s_zdt, norm_w, d.nb * d.L, d.d_inner(), group, eps, st.lens.data(), d.L, out, nthreads);
+    return 0;
+}
+
+template <typename T>
+void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* dt, int64_t s_zdt, const T* ts,
+              const T* dt_bias, const T* A, const T* D, int skip_delta, const T* norm_w, int64_t group, double eps,
+              const int64_t* len, Dims d, const T* y, T* dxbc, T* dz, T* ddt, T* dts, T* ddt_bias, T* dA, T* dD,
+              T* dnorm_w, int nthreads) {
+    Steps<T> st;
+    st.gather(xbc, s_xbc, dt, s_zdt, ts, dt_bias, A, D, len, d, nthreads);
+    const int64_t rows = d.nb * d.L, di = d.d_inner(), gn = d.gn(), cd = di + 2 * gn;
+    std::vector<T> dy(size_t(rows) * di);
+    Lib<T>::norm_bwd(dout, y, z, s_zdt, norm_w, rows, di, group, eps, st.lens.data(), d.L, dy.data(), dz, dnorm_w,
+                     nthreads);
+    std::vector<T> dx(size_t(rows) * di), ddelta(size_t(rows) * d.H), da(size_t(rows) * d.H);
+    std::vector<T> dB(size_t(rows) * gn), dC(size_t(rows) * gn), dDhp(D ? size_t(di) : 0);
+    Lib<T>::scan_bwd(st.x.data(), st.delta.data(), st.a.data(), st.B.data(), st.C.data(), st.lens.data(),
+                     D ? st.Dhp.data() : nullptr, skip_delta, dy.data(), dx.data(), ddelta.data(), da.data(),
+                     dB.data(), dC.data(), D ? dDhp.data() : nullptr, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
+    const int nt = nthreads > 1 ? nthreads : 1;
+    std::vector<double> acc(size_t(nt) * 2 * d.H, 0.0);      // per thread: dA [H], ddt_bias [H]
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        double* dA_t = acc.data() + size_t(tid) * 2 * d.H;
+        double* db_t = dA_t + d.H;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < d.nb; ++b) {
+            for (int64_t i = 0; i < d.L; ++i) {
+                const int64_t r = b * d.L + i;
+                T* o = dxbc + r * cd;
+                T* g_dt = ddt + r * d.H;
+                T* g_ts = dts ? dts + r * d.H : nullptr;
+                if (i >= st.lens[b]) {                    // padded rows: zero gradients
+                    std::fill(o, o + cd, T(0));
+                    std::fill(g_dt, g_dt + d.H, T(0));
+                    if (g_ts) std::fill(g_ts, g_ts + d.H, T(0));
+                    continue;
+                }
+                std::copy(dx.begin() + r * di, dx.begin() + (r + 1) * di, o);
+                std::copy(dB.begin() + r * gn, dB.begin() + (r + 1) * gn, o + di);
+                std::copy(dC.begin() + r * gn, dC.begin() + (r + 1) * gn, o + di + gn);
+                const T* dtr = dt + r * s_zdt;
+                for (int64_t h = 0; h < d.H; ++h) {
+                    const int64_t k = r * d.H + h;
+                    const T dd = ddelta[k] + da[k] * A[h];             // a = A Delta
+                    dA_t[h] += double(da[k]) * double(st.delta[k]);
+                    const T vv = st.v[k];
+                    T dv = dd;                                          // softplus'(v) = e^v / (e^v + 1), v <= 20
+                    if (!(vv > T(20))) {
+                        const T e = std::exp(vv);
+                        dv = dd * e / (e + T(1));
+                    }
+                    db_t[h] += double(dv);
+                    g_dt[h] = ts ? dv * ts[k] : dv;
+                    if (g_ts) g_ts[h] = dv * dtr[h];
+                }
+            }
+        }
+    }
+    std::vector<double> sums(size_t(nt) * d.H);
+    for (int t = 0; t < nt; ++t)
+        for (int64_t h = 0; h < d.H; ++h) sums[size_t(t) * d.H + h] = acc[size_t(t) * 2 * d.H + h];
+    sum_thread_partials(sums, nt, d.H, dA);
+    for (int t = 0; t < nt; ++t)
+        for (int64_t h = 0; h < d.H; ++h) sums[size_t(t) * d.H + h] = acc[size_t(t) * 2 * d.H + d.H + h];
+    if (ddt_bias) sum_thread_partials(sums, nt, d.H, ddt_bias);
+    if (dD)
+        for (int64_t h = 0; h < d.H; ++h) {
+            T s = T(0);
+            for (int64_t p = 0; p < d.P; ++p) s += dDhp[h * d.P + p];
+            dD[h] = s;
+        }
+}
+
+}  // namespace
+
+extern "C" {
+
+#define MMM4REC_LAYER_ENTRIES(T, SUFFIX)                                                                              \
+    void mmm4rec_time_encoding_fwd_##SUFFIX(const double* t, int is_gaps, int64_t nb, int64_t L, int64_t H,         \
+                                            int64_t k, const T* const* params, double eps, T* out, int nthreads) {  \
+        const TimeParams<T> q{params[0], params[1], params[2], params[3], params[4],                                \
+                              params[5], params[6], params[7], params[8], params[9]};                               \
+        time_encoding<T>(t, is_gaps, nb, L, H, k, q, eps, out, nthreads);                                           \
+    }                                                                                                               \
+    void mmm4rec_time_encoding_bwd_##SUFFIX(const double* t, int is_gaps, int64_t nb, int64_t L, int64_t H,         \
+                                            int64_t k, const T* const* params, double eps, const T* dout,           \
+                                            T* const* grads, int nthreads) {                                        \
+        const TimeParams<T> q{params[0], params[1], params[2], params[3], params[4],                                \
+                              params[5], params[6], params[7], params[8], params[9]};                               \
+        time_encoding_bwd<T>(t, is_gaps, nb, L, H, k, q, eps, dout, grads, nthreads);                               \
+    }                                                                                                               \
+    int mmm4rec_ssd_core_fwd_##SUFFIX(const T* xbc, int64_t s_xbc, const T* z, const T* dt, int64_t s_zdt,           \
+                                      const T* ts, const T* dt_bias, const T* A, const T* D, int skip_delta,        \
+                                      const T* norm_w, int64_t group, double eps, const int64_t* len, int64_t nb,   \
+                                      int64_t L, int64_t H, int64_t P, int64_t G, int64_t n, T* out, T* y_out,      \
+                                      int nthreads) {                                                               \
+        return core_fwd<T>(xbc, s_xbc, z, dt, s_zdt, ts, dt_bias, A, D, skip_delta, norm_w, group, eps, len,        \
+                           Dims{nb, L, H, P, G, n}, out, y_out, nthreads);                                          \
+    }                                                                                                               \
+    void mmm4rec_ssd_core_bwd_##SUFFIX(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* dt,         \
+                                       int64_t s_zdt, const T* ts, const T* dt_bias, const T* A, const T* D,        \
+                                       int skip_delta, const T* norm_w, int64_t group, double eps,                  \
+                                       const int64_t* len, int64_t nb, int64_t L, int64_t H, int64_t P, int64_t G,  \
+                                       int64_t n, const T* y, T* dxbc, T* dz, T* ddt, T* dts, T* ddt_bias, T* dA,   \
+                                       T* dD, T* dnorm_w, int nthreads) {                                           \
+        core_bwd<T>(dout, xbc, s_xbc, z, dt, s_zdt, ts, dt_bias, A, D, skip_delta, norm_w, group, eps, len,         \
+                    Dims{nb, L, H, P, G, n}, y, dxbc, dz, ddt, dts, ddt_bias, dA, dD, dnorm_w, nthreads);           \
+    }
+
+MMM4REC_LAYER_ENTRIES(float, f32)
+MMM4REC_LAYER_ENTRIES(double, f64)
+
+}  // extern "C"
