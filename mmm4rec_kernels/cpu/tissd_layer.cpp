@@ -105,15 +105,28 @@ struct TimeParams {
 };
 
 // One sequence of the time encoding with every intermediate kept (the backward reads them): s [L] and, per step and
-// head, D, the mix pre-activations p1 / p2, E, the conv pre-activations c1 / c2 and h1 = SiLU(c1).
+// head, D, the mix pre-activations p1 / p2, a1 = SiLU(p1), th = tanh(p2), E, the conv pre-activations c1 / c2 and
+// h1 = SiLU(c1).  The H x H mixes are small loops; every activation is one loop over all L * H values (vectorised,
+// glibc's vector exp) except tanh (std::tanh keeps Tanhshrink's x - tanh x exact for small x, as torch computes it).
 template <typename T>
 struct TimeSeq {
     int64_t L, H, k;
-    std::vector<T> s, D, p1, p2, E, c1, h1, c2;
-    TimeSeq(int64_t L_, int64_t H_, int64_t k_) : L(L_), H(H_), k(k_), s(L_), D(L_ * H_), p1(L_ * H_), p2(L_ * H_),
-        E(L_ * H_), c1(L_ * H_), h1(L_ * H_), c2(L_ * H_) {}
+    std::vector<T> s, D, p1, a1, p2, th, E, c1, h1, c2;
+    TimeSeq(int64_t L_, int64_t H_, int64_t k_) : L(L_), H(H_), k(k_), s(L_), D(L_ * H_), p1(L_ * H_), a1(L_ * H_),
+        p2(L_ * H_), th(L_ * H_), E(L_ * H_), c1(L_ * H_), h1(L_ * H_), c2(L_ * H_) {}
+
+    // out[i, o] = bias[o] + sum_c w[o, c] in[i, c]   (an H x H Linear over the steps)
+    void mix(const T* in, const T* w, const T* bias, T* out) const {
+        for (int64_t i = 0; i < L; ++i)
+            for (int64_t o = 0; o < H; ++o) {
+                T acc = T(0);
+                for (int64_t c = 0; c < H; ++c) acc += w[o * H + c] * in[i * H + c];
+                out[i * H + o] = acc + bias[o];
+            }
+    }
 
     void run(const double* tb, int is_gaps, const TimeParams<T>& q, double eps) {
+        const int64_t n = L * H;
         double sum = 0.0, sum_sq = 0.0;
         for (int64_t i = 0; i < L; ++i) {
             double gap;
@@ -129,65 +142,55 @@ struct TimeSeq {
             double var = mean_sq - mean * mean;
             var = var < 0.0 ? 0.0 : var;
             s[i] = T((gap - mean) / std::sqrt(var + eps * mean_sq + 1e-30));
-            T* Di = &D[i * H];
-            for (int64_t h = 0; h < H; ++h) Di[h] = s[i] * q.scale[h] + q.shift[h];
-            for (int64_t o = 0; o < H; ++o) {                        // mix1 (SiLU applied where read)
-                T acc = T(0);
-                for (int64_t c = 0; c < H; ++c) acc += q.w1[o * H + c] * Di[c];
-                p1[i * H + o] = acc + q.b1[o];
-            }
-            for (int64_t o = 0; o < H; ++o) {                        // mix2, Tanhshrink, times D
-                T acc = T(0);
-                for (int64_t c = 0; c < H; ++c) acc += q.w2[o * H + c] * silu_of(p1[i * H + c]);
-                const T v = acc + q.b2[o];
-                p2[i * H + o] = v;
-                E[i * H + o] = Di[o] * (v - std::tanh(v));
-            }
+            for (int64_t h = 0; h < H; ++h) D[i * H + h] = s[i] * q.scale[h] + q.shift[h];
         }
+        mix(D.data(), q.w1, q.b1, p1.data());
+        for (int64_t e = 0; e < n; ++e) a1[e] = silu_of(p1[e]);
+        mix(a1.data(), q.w2, q.b2, p2.data());
+        for (int64_t e = 0; e < n; ++e) th[e] = std::tanh(p2[e]);
+        for (int64_t e = 0; e < n; ++e) E[e] = D[e] * (p2[e] - th[e]);  // D * Tanhshrink(p2)
         conv_pre(E.data(), L, H, q.cw1, q.cb1, k, c1.data());
-        for (int64_t e = 0; e < L * H; ++e) h1[e] = silu_of(c1[e]);
+        for (int64_t e = 0; e < n; ++e) h1[e] = silu_of(c1[e]);
         conv_pre(h1.data(), L, H, q.cw2, q.cb2, k, c2.data());
     }
 
     // parameter gradients of sum(dout * SiLU(c2)) added to g (double, TimeParams order, flattened)
     void backward(const T* dout, const TimeParams<T>& q, double* g) {
-        const int64_t HH = H * H;
+        const int64_t n = L * H, HH = H * H;
         double *g_scale = g, *g_shift = g + H, *g_w1 = g + 2 * H, *g_b1 = g_w1 + HH, *g_w2 = g_b1 + H,
                *g_b2 = g_w2 + HH, *g_cw1 = g_b2 + H, *g_cb1 = g_cw1 + H * k, *g_cw2 = g_cb1 + H,
                *g_cb2 = g_cw2 + H * k;
-        std::vector<T> dc2(L * H), dh1(L * H), dE(L * H), dp2(H), dp1(H), dD(H);
-        for (int64_t e = 0; e < L * H; ++e) dc2[e] = dout[e] * silu_grad(c2[e]);
-        conv_pre_bwd(h1.data(), dc2.data(), L, H, q.cw2, k, dh1.data(), g_cw2, g_cb2);
-        for (int64_t e = 0; e < L * H; ++e) dh1[e] *= silu_grad(c1[e]);         // now d c1
-        conv_pre_bwd(E.data(), dh1.data(), L, H, q.cw1, k, dE.data(), g_cw1, g_cb1);
-        for (int64_t i = 0; i < L; ++i) {
-            const T* Di = &D[i * H];
-            for (int64_t o = 0; o < H; ++o) {                        // E = D * (p2 - tanh p2)
-                const T v = p2[i * H + o], th = std::tanh(v);
-                dD[o] = dE[i * H + o] * (v - th);
-                dp2[o] = dE[i * H + o] * Di[o] * th * th;            // Tanhshrink' = tanh^2
-                g_b2[o] += double(dp2[o]);
-            }
-            for (int64_t c = 0; c < H; ++c) {                        // mix2: p2 = W2 SiLU(p1) + b2
-                const T a1 = silu_of(p1[i * H + c]);
-                T da1 = T(0);
-                for (int64_t o = 0; o < H; ++o) {
-                    g_w2[o * H + c] += double(dp2[o]) * double(a1);
-                    da1 += q.w2[o * H + c] * dp2[o];
-                }
-                dp1[c] = da1 * silu_grad(p1[i * H + c]);
-                g_b1[c] += double(dp1[c]);
-            }
-            for (int64_t c = 0; c < H; ++c) {                        // mix1: p1 = W1 D + b1
-                T dDc = dD[c];
-                for (int64_t o = 0; o < H; ++o) {
-                    g_w1[o * H + c] += double(dp1[o]) * double(Di[c]);
-                    dDc += q.w1[o * H + c] * dp1[o];
-                }
-                g_scale[c] += double(dDc) * double(s[i]);              // D = s scale + shift
-                g_shift[c] += double(dDc);
-            }
+        std::vector<T> dc(n), dh(n), dD(n), dp(n), da(n);
+        for (int64_t e = 0; e < n; ++e) dc[e] = dout[e] * silu_grad(c2[e]);
+        conv_pre_bwd(h1.data(), dc.data(), L, H, q.cw2, k, dh.data(), g_cw2, g_cb2);
+        for (int64_t e = 0; e < n; ++e) dh[e] *= silu_grad(c1[e]);           // now d c1
+        conv_pre_bwd(E.data(), dh.data(), L, H, q.cw1, k, dc.data(), g_cw1, g_cb1);   // dc = dE
+        for (int64_t e = 0; e < n; ++e) {                               // E = D * (p2 - tanh p2)
+            dD[e] = dc[e] * (p2[e] - th[e]);
+            dp[e] = dc[e] * D[e] * th[e] * th[e];                       // Tanhshrink' = tanh^2
         }
+        for (int64_t i = 0; i < L; ++i)                                 // mix2: p2 = W2 a1 + b2
+            for (int64_t c = 0; c < H; ++c) {
+                T acc = T(0);
+                for (int64_t o = 0; o < H; ++o) {
+                    g_w2[o * H + c] += double(dp[i * H + o]) * double(a1[i * H + c]);
+                    acc += q.w2[o * H + c] * dp[i * H + o];
+                }
+                da[i * H + c] = acc;
+            }
+        for (int64_t e = 0; e < n; ++e) g_b2[e % H] += double(dp[e]);
+        for (int64_t e = 0; e < n; ++e) dp[e] = da[e] * silu_grad(p1[e]); // now d p1
+        for (int64_t i = 0; i < L; ++i)                                 // mix1: p1 = W1 D + b1
+            for (int64_t c = 0; c < H; ++c) {
+                T acc = dD[i * H + c];
+                for (int64_t o = 0; o < H; ++o) {
+                    g_w1[o * H + c] += double(dp[i * H + o]) * double(D[i * H + c]);
+                    acc += q.w1[o * H + c] * dp[i * H + o];
+                }
+                g_scale[c] += double(acc) * double(s[i]);               // D = s scale + shift
+                g_shift[c] += double(acc);
+            }
+        for (int64_t e = 0; e < n; ++e) g_b1[e % H] += double(dp[e]);
     }
 };
 
