@@ -270,3 +270,24 @@ def test_training_long_sequences_follow_the_cpu_table(monkeypatch, caplog):
         caplog.clear()
         make_layer(path="quadratic").train()(h, t, lengths=lengths)     # an explicit path is followed
         assert any("CPU training path" in r.getMessage() for r in caplog.records)
+
+
+def test_two_threads_and_uncovered_inputs(caplog):
+    layer = make_layer(seed=60).train()
+    h, t, lengths = inputs(5, 20, seed=61)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        both_train(layer, h, t, lengths=lengths)
+        fast, general = both(layer.eval(), h, t, lengths=lengths)
+        assert rel(fast, general) < 1e-12
+    finally:
+        torch.set_num_threads(before)
+    gaps = torch.rand(5, 20, dtype=torch.float64, requires_grad=True)
+    with caplog.at_level(logging.DEBUG, logger="mmm4rec_kernels"):
+        layer.train()(h, time_gaps=gaps, lengths=lengths).sum().backward()
+        assert gaps.grad is not None and any("require grad" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(h.float().to(torch.float64), t, lengths=lengths)
+        assert any("autocast" in r.getMessage() for r in caplog.records)

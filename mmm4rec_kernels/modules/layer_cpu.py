@@ -34,14 +34,15 @@ from .time_encoding import CausalTimeEncoding
 logger = logging.getLogger("mmm4rec_kernels")
 
 
-def reason_not_covered(layer, hidden, lengths, return_state) -> str | None:
-    """None when `forward` covers this call, else a short reason (the general path runs)."""
+def reason_not_covered(layer, hidden, lengths, return_state, times=None) -> str | None:
+    """None when `forward` covers this call, else a short reason (the general path runs).  times: the timestamps /
+    time gaps tensor (the CPU paths give no gradient to them)."""
     if torch.compiler.is_compiling():
         return "tracing"
     if hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64):
         return f"{hidden.device.type} {hidden.dtype}"
-    if layer.A_log.dtype != hidden.dtype:
-        return f"parameters {layer.A_log.dtype} (autocast)"
+    if layer.A_log.dtype != hidden.dtype or torch.is_autocast_enabled("cpu"):
+        return "autocast / parameter dtype"
     if return_state:
         return "return_state"
     if layer.backend not in ("auto", "torch") or layer.path not in ("auto", "quadratic"):
@@ -49,6 +50,8 @@ def reason_not_covered(layer, hidden, lengths, return_state) -> str | None:
     if not layer.rmsnorm or layer.norm_before_gate or layer.D_has_hdim:
         return "norm / skip variant"
     training = torch.is_grad_enabled()
+    if training and times is not None and times.requires_grad:
+        return "timestamps / time_gaps require grad"
     enc = layer.time_encoding
     if not training and enc is not None and enc.training and isinstance(enc, CausalTimeEncoding) \
             and enc.dropout.p > 0:
@@ -247,7 +250,7 @@ def _train(layer, u, timestamps, time_gaps, lens):
 def forward(layer, u, timestamps, time_gaps, lengths, return_state):
     """(out [b, L, d_model] with 0 past each length, None) on the CPU paths, or (None, why) when the general path must
     run.  u: the right-padded working batch [b, L, d_model]; lengths [b] or None."""
-    why = reason_not_covered(layer, u, lengths, return_state)
+    why = reason_not_covered(layer, u, lengths, return_state, time_gaps if time_gaps is not None else timestamps)
     if why is not None:
         return None, why
     lens = None if lengths is None else lengths.to(torch.int64).contiguous()
