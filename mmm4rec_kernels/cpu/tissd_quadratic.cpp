@@ -78,36 +78,49 @@ inline int64_t valid_steps(const int64_t* len, int64_t b, int64_t L) {
 
 // cb[t][j] = C_{rows[t]} . B_j for j <= rows[t] (computed up to rows[NR-1] rounded up to 2 vectors: entries past a
 // row are junk, never read); Bt [n][Lp] (zero past the valid steps), Ci[t] = C_{rows[t]}; NR rows share each load
-template <typename T, int NR>
-void cb_rows_nr(const T* Bt, int64_t Lp, int64_t n, const T* const* Ci, int64_t jend, T* cb) {
+// one chunk of W vectors at column j0 of NR rows: out[t][j0 ..] = sum_k coef[t][k] M[k][j0 ..]  (M [m][Lp])
+template <typename T, int NR, int W>
+inline void rows_chunk(const T* M, int64_t Lp, int64_t m, const T* const* coef, int64_t j0, T* out) {
     using S = Simd<T>;
     using V = typename S::v;
     constexpr int VL = S::lanes;
-    for (int64_t j0 = 0; j0 < jend; j0 += 2 * VL) {
-        V acc[NR][2];
-        for (int t = 0; t < NR; ++t) acc[t][0] = acc[t][1] = V{};
-        for (int64_t k = 0; k < n; ++k) {
-            const V b0 = S::load(Bt + k * Lp + j0), b1 = S::load(Bt + k * Lp + j0 + VL);
-            for (int t = 0; t < NR; ++t) {
-                const T c = Ci[t][k];
-                acc[t][0] += c * b0;
-                acc[t][1] += c * b1;
-            }
-        }
+    V acc[NR][W];
+    for (int t = 0; t < NR; ++t)
+        for (int w = 0; w < W; ++w) acc[t][w] = V{};
+    for (int64_t k = 0; k < m; ++k) {
+        V mv[W];
+        for (int w = 0; w < W; ++w) mv[w] = S::load(M + k * Lp + j0 + w * VL);
         for (int t = 0; t < NR; ++t) {
-            S::store(cb + t * Lp + j0, acc[t][0]);
-            S::store(cb + t * Lp + j0 + VL, acc[t][1]);
+            const T c = coef[t][k];
+            for (int w = 0; w < W; ++w) acc[t][w] += c * mv[w];
         }
+    }
+    for (int t = 0; t < NR; ++t)
+        for (int w = 0; w < W; ++w) S::store(out + t * Lp + j0 + w * VL, acc[t][w]);
+}
+
+// out[t][j] = coef[t] . M[:, j] for j < jend, rounded up to whole vectors (2 at a time; a last single one when it
+// suffices: short sequences); entries past a row's own end are junk, never read.  Used for C_i . B_j (M = Bt) and
+// gy_i . x_j (M = the transposed x).
+template <typename T, int NR>
+void rows_nr(const T* M, int64_t Lp, int64_t m, const T* const* coef, int64_t jend, T* out) {
+    constexpr int VL = Simd<T>::lanes;
+    for (int64_t j0 = 0; j0 < jend; j0 += 2 * VL) {
+        if (jend - j0 <= VL) {
+            rows_chunk<T, NR, 1>(M, Lp, m, coef, j0, out);
+            break;
+        }
+        rows_chunk<T, NR, 2>(M, Lp, m, coef, j0, out);
     }
 }
 
 template <typename T>
-void cb_rows(const T* Bt, int64_t Lp, int64_t n, const T* const* Ci, int nr, int64_t jend, T* cb) {
+void rows_dot(const T* M, int64_t Lp, int64_t m, const T* const* coef, int nr, int64_t jend, T* out) {
     switch (nr) {
-        case 4: return cb_rows_nr<T, 4>(Bt, Lp, n, Ci, jend, cb);
-        case 3: return cb_rows_nr<T, 3>(Bt, Lp, n, Ci, jend, cb);
-        case 2: return cb_rows_nr<T, 2>(Bt, Lp, n, Ci, jend, cb);
-        default: return cb_rows_nr<T, 1>(Bt, Lp, n, Ci, jend, cb);
+        case 4: return rows_nr<T, 4>(M, Lp, m, coef, jend, out);
+        case 3: return rows_nr<T, 3>(M, Lp, m, coef, jend, out);
+        case 2: return rows_nr<T, 2>(M, Lp, m, coef, jend, out);
+        default: return rows_nr<T, 1>(M, Lp, m, coef, jend, out);
     }
 }
 
@@ -230,49 +243,6 @@ void dx_rows(T* dxh, int64_t xs, int64_t P, const T* md, int64_t Lp, const int64
     dx_rows_plain(dxh, xs, P, md, Lp, rows, nr, gyr);
 }
 
-// gx[t][j] = gy_t . x_j for j < jend (rounded up to 2 vectors; entries past row t are junk, never read);
-// xT [P][Lp] (zero past the valid steps)
-template <typename T, int NR>
-void gx_rows_nr(const T* xT, int64_t Lp, int64_t P, const T* const* gyr, int64_t jend, T* gx) {
-    using S = Simd<T>;
-    using V = typename S::v;
-    constexpr int VL = S::lanes;
-    for (int64_t j0 = 0; j0 < jend; j0 += 2 * VL) {
-        V acc[NR][2];
-        for (int t = 0; t < NR; ++t) acc[t][0] = acc[t][1] = V{};
-        for (int64_t p = 0; p < P; ++p) {
-            const V x0 = S::load(xT + p * Lp + j0), x1 = S::load(xT + p * Lp + j0 + VL);
-            for (int t = 0; t < NR; ++t) {
-                const T g = gyr[t][p];
-                acc[t][0] += g * x0;
-                acc[t][1] += g * x1;
-            }
-        }
-        for (int t = 0; t < NR; ++t) {
-            S::store(gx + t * Lp + j0, acc[t][0]);
-            S::store(gx + t * Lp + j0 + VL, acc[t][1]);
-        }
-    }
-}
-
-template <typename T>
-void gx_rows(const T* xT, int64_t Lp, int64_t P, const T* const* gyr, int nr, int64_t jend, T* gx) {
-    switch (nr) {
-        case 4: return gx_rows_nr<T, 4>(xT, Lp, P, gyr, jend, gx);
-        case 3: return gx_rows_nr<T, 3>(xT, Lp, P, gyr, jend, gx);
-        case 2: return gx_rows_nr<T, 2>(xT, Lp, P, gyr, jend, gx);
-        default: return gx_rows_nr<T, 1>(xT, Lp, P, gyr, jend, gx);
-    }
-}
-
-// software prefetch of [p, p + count) (the next sequence's inputs: its rows are visited strided, per group / head,
-// which the hardware prefetchers follow poorly; a hint only, never a read)
-template <typename T>
-inline void prefetch(const T* p, int64_t count) {
-    const char* c = reinterpret_cast<const char*>(p);
-    for (int64_t o = 0; o < count * int64_t(sizeof(T)); o += 64) __builtin_prefetch(c + o);
-}
-
 // per-thread work buffers, sized for one (b, g) of r = H / G heads; Lp = L rounded up to 2 vectors
 template <typename T>
 struct Work {
@@ -287,17 +257,24 @@ struct Work {
     }
     // Bt <- B_j^T of group g (zero past Lb); per head q: delta / a rows, seg cleared
     void load(const T* B, const T* delta, const T* a, int64_t b, int64_t g, int64_t r, int64_t Lb, const Dims<T>& d) {
-        std::fill(Bt.begin(), Bt.end(), T(0));
-        for (int64_t j = 0; j < Lb; ++j) {
-            const T* Bj = B + d.bc(b, j, g);
-            for (int64_t k = 0; k < d.n; ++k) Bt[k * Lp + j] = Bj[k];
+        const int64_t sb = d.G * d.n, ss = d.H;              // row strides of B and of delta / a
+        const T* Bg = B + d.bc(b, 0, g);
+        for (int64_t k = 0; k < d.n; ++k) {
+            T* __restrict bk = Bt.data() + k * Lp;
+            for (int64_t j = 0; j < Lb; ++j) bk[j] = Bg[j * sb + k];
+            std::fill(bk + Lb, bk + Lp, T(0));
         }
         std::fill(seg.begin(), seg.end(), T(0));
-        for (int64_t q = 0; q < r; ++q)
+        for (int64_t q = 0; q < r; ++q) {
+            const T* __restrict dq = delta + d.s(b, 0, g * r + q);
+            const T* __restrict aq = a + d.s(b, 0, g * r + q);
+            T* __restrict dlq = dl.data() + q * Lp;
+            T* __restrict alq = al.data() + q * Lp;
             for (int64_t j = 0; j < Lb; ++j) {
-                dl[q * Lp + j] = delta[d.s(b, j, g * r + q)];
-                al[q * Lp + j] = a[d.s(b, j, g * r + q)];
+                dlq[j] = dq[j * ss];
+                alq[j] = aq[j * ss];
             }
+        }
     }
 };
 
@@ -314,14 +291,6 @@ void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, con
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t Lb = valid_steps(len, b, d.L);
-            if (b + 1 < nb) {
-                const int64_t Ln = valid_steps(len, b + 1, d.L);
-                prefetch(x + d.x(b + 1, 0, 0), Ln * xs);
-                prefetch(B + d.bc(b + 1, 0, 0), Ln * d.G * d.n);
-                prefetch(C + d.bc(b + 1, 0, 0), Ln * d.G * d.n);
-                prefetch(delta + d.s(b + 1, 0, 0), Ln * d.H);
-                prefetch(a + d.s(b + 1, 0, 0), Ln * d.H);
-            }
             // rows past Lb are 0; valid rows are stored whole by the SIMD kernels (the plain one adds: zero them)
             constexpr int VL1 = Simd<T>::lanes;
             const bool plain = d.P != VL1 && d.P != 2 * VL1 && d.P != 4 * VL1;   // as in y_rows
@@ -336,7 +305,7 @@ void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, con
                         rows[t] = i0 + t;
                         Ci[t] = C + d.bc(b, i0 + t, g);
                     }
-                    cb_rows(wk.Bt.data(), Lp, d.n, Ci, nr, rows[nr - 1] + 1, wk.cb.data());
+                    rows_dot(wk.Bt.data(), Lp, d.n, Ci, nr, rows[nr - 1] + 1, wk.cb.data());   // C_i . B_j
                     for (int64_t q = 0; q < r; ++q) {
                         const int64_t h = g * r + q;
                         T* __restrict sg = wk.seg.data() + q * Lp;
@@ -394,15 +363,6 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t Lb = valid_steps(len, b, d.L);
-            if (b + 1 < nb) {
-                const int64_t Ln = valid_steps(len, b + 1, d.L);
-                prefetch(x + d.x(b + 1, 0, 0), Ln * xs);
-                prefetch(gy + d.x(b + 1, 0, 0), Ln * xs);
-                prefetch(B + d.bc(b + 1, 0, 0), Ln * d.G * d.n);
-                prefetch(C + d.bc(b + 1, 0, 0), Ln * d.G * d.n);
-                prefetch(delta + d.s(b + 1, 0, 0), Ln * d.H);
-                prefetch(a + d.s(b + 1, 0, 0), Ln * d.H);
-            }
             std::fill(dx + d.x(b, 0, 0), dx + d.x(b + 1, 0, 0), T(0));
             std::fill(ddelta + d.s(b, 0, 0), ddelta + d.s(b + 1, 0, 0), T(0));
             std::fill(da + d.s(b, 0, 0), da + d.s(b + 1, 0, 0), T(0));
@@ -413,12 +373,14 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                 for (int64_t q = 0; q < r; ++q) {
                     const int64_t h = g * r + q;
                     T* xq = xT.data() + q * d.P * Lp;
-                    for (int64_t j = 0; j < Lb; ++j) {
-                        const T* xj = x + d.x(b, j, h);
-                        for (int64_t p = 0; p < d.P; ++p) xq[p * Lp + j] = xj[p];
-                        act[q * d.L + j] = any_nonzero(gy + d.x(b, j, h), d.P);   // a zero gy row adds exactly 0
+                    const T* xh = x + d.x(b, 0, h);
+                    for (int64_t p = 0; p < d.P; ++p) {
+                        T* __restrict xp = xq + p * Lp;
+                        for (int64_t j = 0; j < Lb; ++j) xp[j] = xh[j * xs + p];
+                        std::fill(xp + Lb, xp + Lp, T(0));
                     }
-                    for (int64_t p = 0; p < d.P; ++p) std::fill(xq + p * Lp + Lb, xq + (p + 1) * Lp, T(0));
+                    for (int64_t j = 0; j < Lb; ++j)                // a zero gy row adds exactly 0
+                        act[q * d.L + j] = any_nonzero(gy + d.x(b, j, h), d.P);
                 }
                 std::fill(ddl.begin(), ddl.end(), T(0));
                 std::fill(dal.begin(), dal.end(), T(0));
@@ -450,7 +412,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                     // ---- one block of nr rows
                     const T* Cr[R];
                     for (int s = 0; s < nr; ++s) Cr[s] = C + d.bc(b, rows[s], g);
-                    cb_rows(wk.Bt.data(), Lp, d.n, Cr, nr, rows[nr - 1] + 1, wk.cb.data());
+                    rows_dot(wk.Bt.data(), Lp, d.n, Cr, nr, rows[nr - 1] + 1, wk.cb.data());
                     std::fill(Z.begin(), Z.begin() + nr * Lp, T(0));
                     for (int64_t q = 0; q < r; ++q) {
                         const int64_t h = g * r + q;
@@ -464,7 +426,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                                 gyr[nq++] = gy + d.x(b, rows[s], h);
                             }
                         if (nq == 0) continue;
-                        gx_rows(xT.data() + q * d.P * Lp, Lp, d.P, gyr, nq, rq[nq - 1] + 1, gx.data());
+                        rows_dot(xT.data() + q * d.P * Lp, Lp, d.P, gyr, nq, rq[nq - 1] + 1, gx.data());   // gy_i . x_j
                         const T* __restrict dl = wk.dl.data() + q * Lp;
                         T* __restrict dd = ddl.data() + q * Lp;
                         for (int t = 0; t < nq; ++t) {
@@ -475,12 +437,14 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                             T* __restrict Zs = Z.data() + s * Lp;
                             T* __restrict dsg = dseg.data() + t * Lp;
                             T* __restrict mdt = md.data() + t * Lp;
-                            for (int64_t j = 0; j <= rq[t]; ++j) {
+                            const int64_t i = rq[t], jv = (i + VL) / VL * VL;   // whole vectors; past i:
+                            for (int64_t j = 0; j < jv; ++j) {      // junk, selected away from the sums
                                 const T m = cb[j] * er[j];          // M_ij
                                 const T Gij = gxt[j] * dl[j];       // dL / dM_ij
-                                dd[j] += m * gxt[j];
-                                Zs[j] += Gij * er[j];               // dL / d(C_i . B_j), summed over heads
-                                dsg[j] = Gij * m;                   // dL / dseg_ij
+                                const T ddj = m * gxt[j], zj = Gij * er[j];
+                                dd[j] += j <= i ? ddj : T(0);
+                                Zs[j] += j <= i ? zj : T(0);        // dL / d(C_i . B_j), summed over heads
+                                dsg[j] = Gij * m;                   // dL / dseg_ij (read up to i only)
                                 mdt[j] = m * dl[j];
                             }
                         }
@@ -531,11 +495,14 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                     dx_rows(dB + d.bc(b, 0, g), d.G * d.n, d.n, Z.data(), Lp, rows, nr, Cr);
                     nr = 0;
                 }
-                for (int64_t q = 0; q < r; ++q)
+                for (int64_t q = 0; q < r; ++q) {
+                    T* __restrict ddq = ddelta + d.s(b, 0, g * r + q);
+                    T* __restrict daq = da + d.s(b, 0, g * r + q);
                     for (int64_t j = 0; j < Lb; ++j) {
-                        ddelta[d.s(b, j, g * r + q)] = ddl[q * Lp + j];
-                        da[d.s(b, j, g * r + q)] = dal[q * Lp + j];
+                        ddq[j * d.H] = ddl[q * Lp + j];
+                        daq[j * d.H] = dal[q * Lp + j];
                     }
+                }
             }
         }
     }
