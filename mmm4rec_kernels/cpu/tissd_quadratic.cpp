@@ -35,7 +35,8 @@
 //   * seg_i[j] (j < i) is kept per head as a running row: seg_i[j] = seg_{i-1}[j] + a_i, seg_i[i] = 0.  The same
 //     additions as summing a_{j+1} .. a_i directly (all <= 0, no cancellation; never a difference of prefix sums,
 //     which loses everything in fp32 for large time gaps), one vectorised pass per row instead of a serial chain.
-//     exp(seg) is taken per entry (libmvec's vector exp), never as a product of exps (no error growth, no denormals).
+//     exp(seg) is taken per entry (libmvec's vector exp), never as a product of exps (no error growth); decays below
+//     the smallest normal number are 0 (decay_exp: no denormals).
 //   * rows are processed R at a time: the forward's y_i = sum_j w_ij x_j and the backward's dx_j += sum_i md_ij gy_i
 //     keep R rows of accumulators in SIMD registers (P a multiple of the vector width; other P: plain loops), so each
 //     x_j / dx_j is loaded once per block; only pairs j <= i of each row are touched (the diagonal block row by row).
@@ -243,6 +244,16 @@ void dx_rows(T* dxh, int64_t xs, int64_t P, const T* md, int64_t Lp, const int64
     dx_rows_plain(dxh, xs, P, md, Lp, rows, nr, gyr);
 }
 
+// exp(s) for a segment sum s <= 0, 0 below the smallest normal result (s < -87 in fp32, -708 in fp64): the decay
+// factors below ~1e-38 (1e-308) are dropped instead of computed as denormals, which libmvec's vector exp hands to
+// its scalar fallback lane by lane (a row of strong decay cost ~2x at L 192).  NaN stays NaN, -inf gives 0.
+template <typename T>
+inline T decay_exp(T s) {
+    const T lo = sizeof(T) == 4 ? T(-87) : T(-708);
+    const T e = std::exp(s < lo ? lo : s);
+    return s < lo ? T(0) : e;
+}
+
 // per-thread work buffers, sized for one (b, g) of r = H / G heads; Lp = L rounded up to 2 vectors
 template <typename T>
 struct Work {
@@ -318,7 +329,7 @@ void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, con
                             const int64_t jv = (i + VL - 1) / VL * VL; // whole vectors (no scalar exp tail): entries
                             for (int64_t j = 0; j < jv; ++j) {         // past i are junk (seg_j is reset at row j,
                                 sg[j] += ai;                           // w is read up to i only)
-                                w[j] = cb[j] * std::exp(sg[j]) * dl[j];
+                                w[j] = cb[j] * decay_exp(sg[j]) * dl[j];
                             }
                             sg[i] = T(0);
                             w[i] = cb[i] * dl[i];
@@ -397,7 +408,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                             T* __restrict er = e.data() + (q * R + nr) * Lp;
                             for (int64_t j = 0; j < jv; ++j) {
                                 sg[j] += ai;
-                                er[j] = std::exp(sg[j]);
+                                er[j] = decay_exp(sg[j]);
                             }
                             er[i] = T(1);
                             any = true;
