@@ -183,12 +183,13 @@ class TimeAwareSSD(nn.Module):
         if timestamps is not None and not self._timestamps_checked and not torch.compiler.is_compiling():
             self._check_timestamps_once(timestamps, layout)
         u, timestamps, time_gaps = layout.pad(hidden), layout.pad(timestamps), layout.pad(time_gaps)
-        out, why = layer_cpu.forward(self, u, timestamps, time_gaps, layout.lengths, return_state)   # CPU: few ops
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("TimeAwareSSD %s: %s", tuple(hidden.shape), f"general path ({why})" if out is None else
-                         "CPU " + ("training" if torch.is_grad_enabled() else "inference") + " path")
-        if out is not None:           # rows past each length are already 0: only a gather layout needs unpad
-            return out if layout.index is None else layout.unpad(out)
+        if not torch.compiler.is_compiling():                     # eager CPU: few ops (modules/layer_cpu.py)
+            out, why = layer_cpu.forward(self, u, timestamps, time_gaps, layout.lengths, return_state)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("TimeAwareSSD %s: %s", tuple(hidden.shape), f"general path ({why})" if out is None
+                             else "CPU " + ("training" if torch.is_grad_enabled() else "inference") + " path")
+            if out is not None:       # rows past each length are already 0: only a gather layout needs unpad
+                return out if layout.index is None else layout.unpad(out)
         out, state = self._forward_working(u, timestamps, time_gaps, layout.lengths, return_state)
         out = layout.unpad(out)
         return (out, state) if return_state else out
