@@ -317,7 +317,9 @@ def test_mmm4rec_loss_has_no_graph_break(mode, variant):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,variant", [("full", "images"), ("inbatch", "two_layers")])
 def test_mmm4rec_loss_compiled_equals_eager_and_compiles_once(mode, variant):
-    """fullgraph=True, dynamic=True: one graph for five batch sizes; loss and every gradient equal eager's."""
+    """fullgraph=True, dynamic=True: one graph for five batch sizes; loss and every gradient equal eager's (relative
+    1e-5; eager runs the native CPU gated RMSNorm, the graph its torch ops, so rounding differs: gradients of the
+    time gate, ~1e-13 at the official init (docs/time_path.md), are compared absolutely, within 1e-10)."""
     model, make_batch = _mmm4rec(backend="auto", **VARIANTS[variant])
     model.eval()                                  # dropout off: compiled and eager see the same function
     counter = CompileCounterWithBackend("aot_eager")
@@ -332,7 +334,7 @@ def test_mmm4rec_loss_compiled_equals_eager_and_compiles_once(mode, variant):
             value.backward()
             res.append((value.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
         assert rel(res[1][0], res[0][0]) < 1e-5
-        assert all(rel(a, b) < 1e-5 for a, b in zip(res[1][1], res[0][1]))
+        assert all(rel(a, b) < 1e-5 or (a - b).abs().max() < 1e-10 for a, b in zip(res[1][1], res[0][1]))
     assert compiled_graphs(counter) == 1
 
 
