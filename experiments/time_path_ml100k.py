@@ -98,8 +98,9 @@ def summarize(path: str, base: str = "official") -> str:
     by = {}
     for r in rows:
         by.setdefault(r["variant"], {})[r["seed"]] = r
-    out = ["| variant | seeds | NDCG@10 | NDCG@20 | Recall@10 | Recall@20 | paired diff NDCG@10 vs "
-           f"{base} (mean ± std over seeds) | best epochs | train CPU-s / run |", "|---|---|---|---|---|---|---|---|---|"]
+    out = [f"| variant | seeds | NDCG@10 | NDCG@20 | Recall@10 | Recall@20 | paired diff vs {base}: "
+           "NDCG@10; Recall@10 (mean ± std over seeds) | best epochs | train CPU-s / run | batches / run |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for v, runs in by.items():
         seeds = sorted(runs)
         cells = []
@@ -108,13 +109,18 @@ def summarize(path: str, base: str = "official") -> str:
             cells.append(f"{mean:.4f} ± {sd:.4f}")
         common = [s for s in seeds if s in by.get(base, {})]
         if v != base and common:
-            dm, dsd = _ms([runs[s]["test"]["ndcg@10"] - by[base][s]["test"]["ndcg@10"] for s in common])
-            diff = f"{dm:+.4f} ± {dsd:.4f} (n={len(common)}, mean/SE {dm / (dsd / math.sqrt(len(common))):+.1f})"
+            parts = []
+            for m in ("ndcg@10", "recall@10"):
+                dm, dsd = _ms([runs[s]["test"][m] - by[base][s]["test"][m] for s in common])
+                parts.append(f"{dm:+.4f} ± {dsd:.4f} (mean/SE {dm / (dsd / math.sqrt(len(common))):+.1f})")
+            diff = "; ".join(parts) + f" (n={len(common)})"
         else:
             diff = "-"
         cpu, _ = _ms([runs[s]["train_cpu_s"] for s in seeds])
+        best = ",".join(f"{runs[s]['best_epoch']:.3g}" for s in seeds)
         out.append(f"| {v} | {','.join(map(str, seeds))} | " + " | ".join(cells) +
-                   f" | {diff} | {','.join(str(runs[s]['best_epoch']) for s in seeds)} | {cpu:.0f} |")
+                   f" | {diff} | {best} | {cpu:.0f} | "
+                   f"{','.join(str(runs[s].get('batches', '-')) for s in seeds)} |")
     return "\n".join(out)
 
 
