@@ -8,6 +8,9 @@ torch backend (H 8, P 16, G 8, n 16, D skip, time scale).  1 CPU thread, float32
 "floor" copies the bytes the call must move once (every input it reads, forward and backward, and every output and
 gradient it writes, float32) with one tensor copy_ of (read + written) / 2 bytes: what the kernels would take if they
 were bound by this thread's memory bandwidth alone (the ratio native / floor is how far they are from it).
+test_tissd_scan_kernel_fwd_bwd times the native scan alone (mmm4rec_kernels.cpu.scan_forward + scan_backward on the
+same shape, D [H, P] skip): the TiSSD call above also runs the torch ops around it (step sizes, time scale, autograd),
+which the floor does not count.
 """
 import pytest
 import torch
@@ -75,5 +78,26 @@ def test_tissd_quadratic_call_fwd_bwd(benchmark, impl):
     def step():
         torch_backend.tissd_torch(x, dt, A, Bm, Cm, time_scale=E, dt_bias=torch.zeros(H), D=D, lengths=lengths,
                                   path="quadratic").backward(gy)
+
+    benchmark(step)
+
+
+def test_tissd_scan_kernel_fwd_bwd(benchmark, impl):
+    inputs = B * L * H * P + 2 * B * L * H + 2 * B * L * G * N
+    if impl == "floor":        # the same bytes as the call's floor: the kernel reads / writes exactly those
+        benchmark(floor_copy(2 * inputs + B * L * H * P, B * L * H * P + inputs))
+        return
+    if impl == "torch":
+        pytest.skip("the torch path of the same call: test_tissd_quadratic_call_fwd_bwd[torch]")
+    g = torch.Generator().manual_seed(0)
+    x, gy = torch.randn(B, L, H, P, generator=g), torch.randn(B, L, H, P, generator=g)
+    delta, a = torch.rand(B, L, H, generator=g), -torch.rand(B, L, H, generator=g)
+    Bm, Cm = torch.randn(B, L, G, N, generator=g), torch.randn(B, L, G, N, generator=g)
+    D = torch.ones(H, P)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+
+    def step():
+        native.scan_forward(x, delta, a, Bm, Cm, D, lengths, True)
+        native.scan_backward(gy, x, delta, a, Bm, Cm, D, lengths, True)
 
     benchmark(step)

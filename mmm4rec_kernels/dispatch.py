@@ -41,8 +41,10 @@ FORCED_CROSSOVER = int(os.environ["MMM4REC_QUADRATIC_MAX_L"]) if os.environ.get(
 COST_CHUNK = 64
 # CPU table: (P + n, longest L where the native quadratic scan measured no slower than the chunked einsums), fp32
 # fwd+bwd, 1 thread, 8192 tokens (benchmarks/bench_cpu_crossover.py; values recorded in benchmarks/RESULTS.md).
-# Between the points the crossover is interpolated linearly in P + n; outside them it is clamped.
-CPU_CROSSOVER = ((32, 140), (128, 210))
+# Between the points the crossover is interpolated linearly in P + n; outside them it is clamped.  Re-measured with
+# the row-blocked native scan (2026-12-06, --reps 3, lengths 64..512 by 64): quadratic / chunked 0.94 at L 256 and
+# 1.24 at 320 (H 4, P 16, n 16); 0.98 at 320 and 1.63 at 384 (H 2, P 64, n 64).  Was ((32, 140), (128, 210)).
+CPU_CROSSOVER = ((32, 256), (128, 320))
 # CPU inference (no autograd): TimeAwareSSD's native inference path (quadratic form, modules/layer_cpu.py) runs up to
 # this longest length under path="auto".  Measured against the general path's chunked einsums, eval, 1 thread,
 # for_recsys(64) (P 32, n 16), b 8: time ratio 0.41 at L 200, 0.55 at 400, 1.25 at 800; b 64, L 400: 0.87 (CPU box,
