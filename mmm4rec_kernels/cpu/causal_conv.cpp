@@ -19,36 +19,10 @@
 #include <omp.h>
 #endif
 
+#include "activations.h"
 #include "thread_sums.h"
 
 namespace {
-
-// sigmoid s = sigmoid(p) and its complement c = 1 - s, overflow-free at any p: with e = exp(-|p|) in (0, 1],
-//   p >= 0: s = 1 / (1 + e), c = e / (1 + e);   p < 0: s = e / (1 + e), c = 1 / (1 + e)
-// (exp(-p) itself overflows to inf for p < -88.7 in fp32, and inf * 0 = NaN in the gradient).  Both branches are
-// computed and one is selected, so the loops stay vectorised.  p = +-inf / NaN give what torch gives.
-template <typename T>
-inline void sigmoid_pair(T p, T& s, T& c) {
-    const T e = std::exp(-std::abs(p));
-    const T r = T(1) / (T(1) + e);
-    const bool pos = p >= T(0);
-    s = pos ? r : e * r;
-    c = pos ? e * r : r;
-}
-
-template <typename T>
-inline T silu_of(T p) {
-    T s, c;
-    sigmoid_pair(p, s, c);
-    return p * s;
-}
-
-template <typename T>
-inline T silu_grad(T p) {                       // d SiLU / dp = s (1 + p (1 - s)), s = sigmoid(p)
-    T s, c;
-    sigmoid_pair(p, s, c);
-    return s * (T(1) + p * c);
-}
 
 // Every row is one fused pass over its channels: the k taps are summed in registers (K = k when k is 2..4, so the
 // tap loop unrolls and the channel loop vectorises, libmvec's exp included; K = 0: any k), taps before t = 0 read a
