@@ -117,10 +117,7 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias,
     std::vector<T> zeros(C, T(0));
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
+        const int tid = thread_index();
         std::vector<T> g(size_t(L) * C);
         std::vector<const T*> taps(kk), grows(kk);
         double* dwt = dw_acc.data() + size_t(tid) * C * kk;

@@ -63,10 +63,7 @@ void backward(const T* dout, const T* y, const T* z, int64_t s_z, const T* w, in
     std::vector<double> dw_acc(size_t(nt) * d, 0.0);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
+        const int tid = thread_index();
         std::vector<T> v(d), sz(d), szc(d);
         double* dwt = dw_acc.data() + size_t(tid) * d;
 #pragma omp for schedule(static)

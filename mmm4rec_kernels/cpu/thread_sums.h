@@ -4,6 +4,18 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// index of the calling thread inside an OpenMP parallel region (0 without OpenMP)
+inline int thread_index() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
 
 // glibc's libmvec has vector versions of exp / expf (_ZGV*_exp*); GCC calls them from vectorised loops only for
 // functions declared with the simd attribute, which <math.h> does only under __FAST_MATH__ (-ffast-math).  The

@@ -220,10 +220,7 @@ void time_encoding_bwd(const double* t, int is_gaps, int64_t nb, int64_t L, int6
     std::vector<double> acc(size_t(nt) * total, 0.0);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
+        const int tid = thread_index();
         TimeSeq<T> seq(L, H, k);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
@@ -338,10 +335,7 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
     std::vector<double> acc(size_t(nt) * 2 * d.H, 0.0);      // per thread: dA [H], ddt_bias [H]
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
+        const int tid = thread_index();
         double* dA_t = acc.data() + size_t(tid) * 2 * d.H;
         double* db_t = dA_t + d.H;
 #pragma omp for schedule(static)

@@ -361,10 +361,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
     std::vector<double> dD_acc(D ? size_t(nt) * d.H * d.P : 0, 0.0);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
+        const int tid = thread_index();
         Work<T> wk(d, r);
         const int64_t Lp = wk.Lp;
         std::vector<T> xT(size_t(r) * d.P * Lp, T(0)), e(size_t(r) * R * Lp, T(0)), Z(size_t(R) * Lp, T(0)),
