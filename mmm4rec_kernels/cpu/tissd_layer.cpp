@@ -238,6 +238,17 @@ void time_encoding_bwd(const double* t, int is_gaps, int64_t nb, int64_t L, int6
     }
 }
 
+// Grow-only buffers of the calling thread, reused across calls: a fresh [b, L, d] buffer costs page faults that,
+// on CPU, take longer than the arithmetic done in it.  Each slot is one distinct array of a call; the memory stays
+// with the thread (the largest call's size).
+template <typename T>
+T* scratch(int slot, size_t count) {
+    thread_local std::vector<T> buffers[13];
+    std::vector<T>& buf = buffers[slot];
+    if (buf.size() < count) buf.resize(count);
+    return buf.data();
+}
+
 struct Dims {
     int64_t nb, L, H, P, G, n;
     int64_t d_inner() const { return H * P; }
@@ -248,18 +259,19 @@ struct Dims {
 // others).  Returns true when a valid step holds NaN / inf.
 template <typename T>
 struct Steps {
-    std::vector<T> x, B, C, delta, a, v, Dhp;
+    T *x, *B, *C, *delta, *a, *v;                   // scratch slots 0..5 (valid rows written, only those read)
+    std::vector<T> Dhp;
     std::vector<int64_t> lens;
 
     bool gather(const T* xbc, int64_t s_xbc, const T* dt, int64_t s_zdt, const T* ts, const T* dt_bias, const T* A,
                 const T* D, const int64_t* len, const Dims& d, int nthreads) {
         const int64_t di = d.d_inner(), gn = d.gn(), rows = d.nb * d.L;
-        x.resize(size_t(rows) * di);
-        B.resize(size_t(rows) * gn);
-        C.resize(size_t(rows) * gn);
-        delta.resize(size_t(rows) * d.H);
-        a.resize(size_t(rows) * d.H);
-        v.resize(size_t(rows) * d.H);
+        x = scratch<T>(0, size_t(rows) * di);
+        B = scratch<T>(1, size_t(rows) * gn);
+        C = scratch<T>(2, size_t(rows) * gn);
+        delta = scratch<T>(3, size_t(rows) * d.H);
+        a = scratch<T>(4, size_t(rows) * d.H);
+        v = scratch<T>(5, size_t(rows) * d.H);
         lens.resize(d.nb);
         int bad = 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(| : bad)
@@ -303,13 +315,8 @@ int core_fwd(const T* xbc, int64_t s_xbc, const T* z, const T* dt, int64_t s_zdt
              Dims d, T* out, T* y_out, int nthreads) {
     Steps<T> st;
     if (st.gather(xbc, s_xbc, dt, s_zdt, ts, dt_bias, A, D, len, d, nthreads)) return 1;
-    std::vector<T> y_own;
-    T* y = y_out;
-    if (!y) {
-        y_own.resize(size_t(d.nb) * d.L * d.d_inner());
-        y = y_own.data();
-    }
-    Lib<T>::scan_fwd(st.x.data(), st.delta.data(), st.a.data(), st.B.data(), st.C.data(), st.lens.data(),
+    T* y = y_out ? y_out : scratch<T>(6, size_t(d.nb) * d.L * d.d_inner());
+    Lib<T>::scan_fwd(st.x, st.delta, st.a, st.B, st.C, st.lens.data(),
                      D ? st.Dhp.data() : nullptr, skip_delta, y, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
     Lib<T>::norm_fwd(y, z, s_zdt, norm_w, d.nb * d.L, d.d_inner(), group, eps, st.lens.data(), d.L, out, nthreads);
     return 0;
@@ -323,14 +330,15 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
     Steps<T> st;
     st.gather(xbc, s_xbc, dt, s_zdt, ts, dt_bias, A, D, len, d, nthreads);
     const int64_t rows = d.nb * d.L, di = d.d_inner(), gn = d.gn(), cd = di + 2 * gn;
-    std::vector<T> dy(size_t(rows) * di);
-    Lib<T>::norm_bwd(dout, y, z, s_zdt, norm_w, rows, di, group, eps, st.lens.data(), d.L, dy.data(), dz, dnorm_w,
+    T* dy = scratch<T>(7, size_t(rows) * di);
+    Lib<T>::norm_bwd(dout, y, z, s_zdt, norm_w, rows, di, group, eps, st.lens.data(), d.L, dy, dz, dnorm_w,
                      nthreads);
-    std::vector<T> dx(size_t(rows) * di), ddelta(size_t(rows) * d.H), da(size_t(rows) * d.H);
-    std::vector<T> dB(size_t(rows) * gn), dC(size_t(rows) * gn), dDhp(D ? size_t(di) : 0);
-    Lib<T>::scan_bwd(st.x.data(), st.delta.data(), st.a.data(), st.B.data(), st.C.data(), st.lens.data(),
-                     D ? st.Dhp.data() : nullptr, skip_delta, dy.data(), dx.data(), ddelta.data(), da.data(),
-                     dB.data(), dC.data(), D ? dDhp.data() : nullptr, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
+    T *dx = scratch<T>(8, size_t(rows) * di), *ddelta = scratch<T>(9, size_t(rows) * d.H),
+      *da = scratch<T>(10, size_t(rows) * d.H), *dB = scratch<T>(11, size_t(rows) * gn),
+      *dC = scratch<T>(12, size_t(rows) * gn);
+    std::vector<T> dDhp(D ? size_t(di) : 0);
+    Lib<T>::scan_bwd(st.x, st.delta, st.a, st.B, st.C, st.lens.data(), D ? st.Dhp.data() : nullptr, skip_delta, dy,
+                     dx, ddelta, da, dB, dC, D ? dDhp.data() : nullptr, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
     const int nt = nthreads > 1 ? nthreads : 1;
     std::vector<double> acc(size_t(nt) * 2 * d.H, 0.0);      // per thread: dA [H], ddt_bias [H]
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -351,9 +359,9 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
                     if (g_ts) std::fill(g_ts, g_ts + d.H, T(0));
                     continue;
                 }
-                std::copy(dx.begin() + r * di, dx.begin() + (r + 1) * di, o);
-                std::copy(dB.begin() + r * gn, dB.begin() + (r + 1) * gn, o + di);
-                std::copy(dC.begin() + r * gn, dC.begin() + (r + 1) * gn, o + di + gn);
+                std::copy(dx + r * di, dx + (r + 1) * di, o);
+                std::copy(dB + r * gn, dB + (r + 1) * gn, o + di);
+                std::copy(dC + r * gn, dC + (r + 1) * gn, o + di + gn);
                 const T* dtr = dt + r * s_zdt;
                 for (int64_t h = 0; h < d.H; ++h) {
                     const int64_t k = r * d.H + h;
