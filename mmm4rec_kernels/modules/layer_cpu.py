@@ -72,11 +72,11 @@ def _cached(layer, name, params, make):
     (another storage or an in-place update): transposed / contiguous weights built once, not per call."""
     cache = layer.__dict__.setdefault("_infer_cache", {})
     hit = cache.get(name)
-    if hit is not None and all(p.data_ptr() == ptr and p._version == v for p, (ptr, v) in zip(hit[0], hit[1])):
-        return hit[2]
+    if hit is not None and [p._version for p in hit[0]] == hit[1] and [p.data_ptr() for p in hit[0]] == hit[2]:
+        return hit[3]
     ps = params()
     value = make()
-    cache[name] = (ps, [(p.data_ptr(), p._version) for p in ps], value)
+    cache[name] = (ps, [p._version for p in ps], [p.data_ptr() for p in ps], value)
     return value
 
 
@@ -137,12 +137,18 @@ def _time_scale(layer, timestamps, time_gaps, dtype):
     else:
         t, is_gaps = (time_gaps, 1) if time_gaps is not None else (timestamps, 0)
     t = t.to(torch.float64).contiguous()
-    if not torch.is_grad_enabled():
-        params = _cached(layer, "time", lambda: _time_params(enc),
-                         lambda: [p.detach().contiguous() for p in _time_params(enc)])
-    else:
-        params = _time_params(enc)
-    return _TimeEncodingCPU.apply(t, is_gaps, float(enc.eps), *params)
+    if torch.is_grad_enabled():
+        return _TimeEncodingCPU.apply(t, is_gaps, float(enc.eps), *[p.contiguous() for p in _time_params(enc)])
+
+    def make():                                 # the contiguous tensors and their pointer array, kept together
+        tensors = [p.detach().contiguous() for p in _time_params(enc)]
+        return tensors, _pointers(tensors)
+    _, ptrs = _cached(layer, "time", lambda: _time_params(enc), make)
+    b, L = t.shape
+    out = torch.empty(b, L, enc.nheads, dtype=dtype)                    # no autograd: the kernel, no Function
+    _time_fn("mmm4rec_time_encoding_fwd", dtype)(t.data_ptr(), is_gaps, b, L, enc.nheads, enc.conv1.kernel_size[0],
+                                                  ptrs, float(enc.eps), out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 class _NonFinite(Exception):
