@@ -10,8 +10,8 @@ costs more than the math.  On CPU (float32 / float64, native kernels loaded, the
     time_scale = CausalTimeEncoding(timestamps)           (native, tissd_layer.cpp; Log1p / custom encodings: torch)
     y = RMSNorm(tissd(x, dt, A, B, C, time_scale) * SiLU(z)) * w     (native core, tissd_layer.cpp)
     out = out_proj(y)                                     (F.linear; rows past each length are exactly 0)
-  training (autograd on): the same with linear_split, the conv's and the time encoding's own autograd, and the core
-    (step sizes, quadratic scan, gated norm) as ONE autograd node whose backward is one native call.
+  training (autograd on): the same in two autograd nodes, the time encoding and the rest up to out_proj (in_proj,
+    conv, step sizes, quadratic scan, gated norm), each with a native backward.
 The values and gradients equal the general path's to rounding (tests/test_layer_cpu.py).  `forward` returns
 (None, reason) when the call is outside what it covers, e.g. `path="auto"` beyond the length the quadratic form wins
 on CPU (CPU_INFER_MAX_LEN for inference, the CPU_CROSSOVER table for training), and (None, "NaN / inf input") when
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import cpu as native
 from ..dispatch import CPU_INFER_MAX_LEN, cpu_crossover_length
-from .linear_split import linear_split
+from .linear_split import linear_split_backward
 from .time_encoding import CausalTimeEncoding
 
 logger = logging.getLogger("mmm4rec_kernels")
@@ -182,36 +182,51 @@ def _core_fwd(layer, xbc, z, dt, s_zdt, ts, A, dt_bias, D, norm_w, lens, y_out=N
     return out
 
 
-class _SSDCore(torch.autograd.Function):
-    """out = RMSNorm(tissd(x, dt, A, B, C, ts) * SiLU(z)) * w as one autograd node (native forward and backward).
-    xbc [b, L, conv_dim] contiguous (x | B | C), z [b, L, d_inner] and dt [b, L, H] views with one row stride, ts
-    [b, L, H] or None, A / dt_bias / D [H], norm_w [d_inner]."""
+class _LayerCore(torch.autograd.Function):
+    """in_proj -> causal conv + SiLU -> step sizes, quadratic scan, gated RMSNorm as ONE autograd node:
+        zxbcdt = u W_in^T + b_in;  xBC = SiLU(conv(zxbcdt's xBC piece));  A = -exp(A_log)
+        out [b, L, d_inner] = RMSNorm(tissd(x, dt, A, B, C, ts) * SiLU(z)) * norm_w   (0 past each length)
+    Backward: the core's native backward (tissd_layer.cpp), the conv's (causal_conv.cpp), then the in_proj's from the
+    three pieces' gradients without concatenating them (linear_split_backward); dA_log = dA * A."""
 
     @staticmethod
-    def forward(ctx, xbc, z, dt, ts, A, dt_bias, D, norm_w, layer, lens, s_zdt):
-        y = torch.empty(xbc.shape[0], xbc.shape[1], layer.d_inner, dtype=xbc.dtype)
-        out = _core_fwd(layer, xbc, z, dt, s_zdt, ts, A, dt_bias, D, norm_w, lens, y)
-        ctx.save_for_backward(xbc, z, dt, ts, A, dt_bias, D, norm_w, y)
-        ctx.layer, ctx.lens, ctx.s_zdt = layer, lens, s_zdt
+    def forward(ctx, u, w_in, b_in, conv_w, conv_b, ts, A_log, dt_bias, D, norm_w, layer, lens):
+        d_inner, conv_dim = layer.d_inner, layer.conv_dim
+        zxbcdt = F.linear(u, w_in, b_in)                                        # [b, L, d_inner + conv_dim + H]
+        x_in = zxbcdt[..., d_inner:d_inner + conv_dim]
+        w2 = conv_w.reshape(conv_dim, -1)
+        xbc = native.conv_forward(x_in, w2, conv_b, True)                       # [b, L, conv_dim] contiguous
+        A = -torch.exp(A_log)
+        y = torch.empty(u.shape[0], u.shape[1], d_inner, dtype=u.dtype)
+        width = zxbcdt.shape[-1]
+        out = _core_fwd(layer, xbc, zxbcdt, zxbcdt[..., d_inner + conv_dim:], width, ts, A, dt_bias, D, norm_w,
+                        lens, y)
+        ctx.save_for_backward(u, w_in, zxbcdt, w2, conv_b, xbc, ts, A, dt_bias, D, norm_w, y)
+        ctx.layer, ctx.lens, ctx.has_bias = layer, lens, b_in is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        xbc, z, dt, ts, A, dt_bias, D, norm_w, y = ctx.saved_tensors
+        u, w_in, zxbcdt, w2, conv_b, xbc, ts, A, dt_bias, D, norm_w, y = ctx.saved_tensors
         layer = ctx.layer
         b, L, H, P, G, n = _dims(layer, xbc)
-        dxbc, dz = torch.empty_like(xbc), torch.empty(b, L, layer.d_inner, dtype=xbc.dtype)
+        d_inner, conv_dim, width = layer.d_inner, layer.conv_dim, zxbcdt.shape[-1]
+        dxbc, dz = torch.empty_like(xbc), torch.empty(b, L, d_inner, dtype=xbc.dtype)
         ddt, dts = torch.empty(b, L, H, dtype=xbc.dtype), None if ts is None else torch.empty_like(ts)
         ddt_bias, dA, dD, dw = (torch.empty_like(t) for t in (dt_bias, A, D, norm_w))
-        f32 = xbc.dtype == torch.float32
-        (native.library().mmm4rec_ssd_core_bwd_f32 if f32 else native.library().mmm4rec_ssd_core_bwd_f64)(
-            dout.contiguous().data_ptr(), xbc.data_ptr(), xbc.stride(1), z.data_ptr(), dt.data_ptr(), ctx.s_zdt,
-            _ptr(ts), dt_bias.data_ptr(), A.data_ptr(), D.data_ptr(), int(layer.d_skip == "delta"),
-            norm_w.data_ptr(), layer.d_inner // G, float(layer.norm.eps), _ptr(ctx.lens), b, L, H, P, G, n,
-            y.data_ptr(), dxbc.data_ptr(), dz.data_ptr(), ddt.data_ptr(), _ptr(dts), ddt_bias.data_ptr(),
-            dA.data_ptr(), dD.data_ptr(), dw.data_ptr(), torch.get_num_threads())
-        return dxbc, dz, ddt, dts, dA, ddt_bias, dD, dw, None, None, None
+        lib = native.library()
+        (lib.mmm4rec_ssd_core_bwd_f32 if xbc.dtype == torch.float32 else lib.mmm4rec_ssd_core_bwd_f64)(
+            dout.contiguous().data_ptr(), xbc.data_ptr(), xbc.stride(1), zxbcdt.data_ptr(),
+            zxbcdt[..., d_inner + conv_dim:].data_ptr(), width, _ptr(ts), dt_bias.data_ptr(), A.data_ptr(),
+            D.data_ptr(), int(layer.d_skip == "delta"), norm_w.data_ptr(), d_inner // G, float(layer.norm.eps),
+            _ptr(ctx.lens), b, L, H, P, G, n, y.data_ptr(), dxbc.data_ptr(), dz.data_ptr(), ddt.data_ptr(),
+            _ptr(dts), ddt_bias.data_ptr(), dA.data_ptr(), dD.data_ptr(), dw.data_ptr(), torch.get_num_threads())
+        dx_in, dconv_w, dconv_b = native.conv_backward(zxbcdt[..., d_inner:d_inner + conv_dim], w2, conv_b, True,
+                                                       [(0, conv_dim, dxbc)])
+        du, dw_in, db_in = linear_split_backward(u, w_in, ctx.has_bias, (d_inner, conv_dim, H), (dz, dx_in, ddt))
+        return (du, dw_in, db_in, dconv_w.reshape(w2.shape[0], 1, -1), dconv_b, dts, dA * A, ddt_bias, dD, dw,
+                None, None)
 
 
 def _time_inputs(layer, timestamps, time_gaps):
@@ -240,16 +255,11 @@ def _infer(layer, u, timestamps, time_gaps, lens):
 
 
 def _train(layer, u, timestamps, time_gaps, lens):
-    d_inner, conv_dim, H = layer.d_inner, layer.conv_dim, layer.nheads
-    z, xBC_in, dt = linear_split(u, layer.in_proj.weight, layer.in_proj.bias, [d_inner, conv_dim, H])
-    if z.stride(1) != dt.stride(1) or z.stride(2) != 1 or dt.stride(2) != 1:        # one row stride for z and dt
-        zdt = torch.cat([z, dt], dim=-1)
-        z, dt = zdt[..., :d_inner], zdt[..., d_inner:]
-    xbc = layer.conv1d.forward_channels_last(xBC_in, silu=True).contiguous()      # [b, L, conv_dim]
     ts = _time_scale(layer, timestamps, time_gaps, u.dtype).contiguous() if _time_inputs(
         layer, timestamps, time_gaps) else None
-    A = -torch.exp(layer.A_log.to(u.dtype))
-    y = _SSDCore.apply(xbc, z, dt, ts, A, layer.dt_bias, layer.D, layer.norm.weight, layer, lens, z.stride(1))
+    conv = layer.conv1d
+    y = _LayerCore.apply(u.contiguous(), layer.in_proj.weight, layer.in_proj.bias, conv.weight, conv.bias, ts,
+                         layer.A_log, layer.dt_bias, layer.D, layer.norm.weight, layer, lens)
     return F.linear(y, layer.out_proj.weight, layer.out_proj.bias)
 
 

@@ -23,31 +23,37 @@ class _LinearSplit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, weight = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx2 = None
-        dw = weight.new_zeros(weight.shape) if need_w else None
-        db = weight.new_zeros(weight.shape[0]) if need_b and ctx.has_bias else None
-        start = 0
-        for size, g in zip(ctx.sizes, grads):
-            rows = slice(start, start + size)
-            start += size
-            if g is None:                                   # piece unused: its gradient is 0 (left in dW / db)
-                continue
-            g2 = g.reshape(-1, size)
-            if need_x:
-                if dx2 is None:
-                    dx2 = g2 @ weight[rows]
-                else:
-                    dx2.addmm_(g2, weight[rows])
-            if dw is not None:
-                torch.mm(g2.t(), x2, out=dw[rows])
-            if db is not None:
-                torch.sum(g2, dim=0, out=db[rows])
-        dx = None
+        return (*linear_split_backward(x, weight, ctx.has_bias, ctx.sizes, grads, ctx.needs_input_grad[:3]), None)
+
+
+def linear_split_backward(x, weight, has_bias, sizes, grads, needs=(True, True, True)):
+    """(dx, dW, db) of F.linear(x, weight, bias) split into `sizes`, from the pieces' gradients `grads` (None: piece
+    unused), without concatenating them; needs: which of (x, weight, bias) need a gradient (None where not)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    need_x, need_w, need_b = needs
+    dx2 = None
+    dw = weight.new_zeros(weight.shape) if need_w else None
+    db = weight.new_zeros(weight.shape[0]) if need_b and has_bias else None
+    start = 0
+    for size, g in zip(sizes, grads):
+        rows = slice(start, start + size)
+        start += size
+        if g is None:                                   # piece unused: its gradient is 0 (left in dW / db)
+            continue
+        g2 = g.reshape(-1, size)
         if need_x:
-            dx = x.new_zeros(x.shape) if dx2 is None else dx2.reshape(x.shape)
-        return dx, dw, db, None
+            if dx2 is None:
+                dx2 = g2 @ weight[rows]
+            else:
+                dx2.addmm_(g2, weight[rows])
+        if dw is not None:
+            torch.mm(g2.t(), x2, out=dw[rows])
+        if db is not None:
+            torch.sum(g2, dim=0, out=db[rows])
+    dx = None
+    if need_x:
+        dx = x.new_zeros(x.shape) if dx2 is None else dx2.reshape(x.shape)
+    return dx, dw, db
 
 
 def linear_split(x: torch.Tensor, weight: torch.Tensor, bias, sizes) -> tuple:
