@@ -181,6 +181,7 @@ def test_resume_on_another_world_size(tmp_path):
         torch.testing.assert_close(resumed["state"][k], v, rtol=1e-7, atol=1e-9, msg=k)
 
 
+@pytest.mark.slow          # two torchrun processes, ~25 s: CI runs it with -m slow
 def test_cli_finetune_under_torchrun(tmp_path):
     """docs/distributed.md's multi-process command as written, on CPU: `torchrun --nproc_per_node=2 -m mmm4rec finetune ...`;
     rank 0 alone prints and writes; the run is resumable by a single process."""

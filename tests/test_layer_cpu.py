@@ -45,7 +45,8 @@ def inputs(b, L, seed, gap_scale=3600.0, dtype=torch.float64):
 
 def run(layer, *args, fast=True, grad=False, **kw):
     """The layer's output on the CPU path (fast=True: asserts it ran) or on the general path (fast=False), under
-    no_grad (grad=False) or with autograd: then (output, gradients of sum(out * w) w.r.t. hidden and every parameter)."""
+    no_grad (grad=False) or with autograd: then (output, gradients of sum(out * w) w.r.t. hidden and every
+    parameter)."""
     calls = []
     real = layer_cpu.forward
 

@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -14,6 +16,7 @@ def section_code(title):
     return blocks[0]
 
 
+@pytest.mark.slow          # torch.compile of the layer: ~40 s: CI runs it with -m slow
 def test_use_it_in_your_model_snippet_runs(capsys):
     code = section_code("Use it in your model")
     scope = {}

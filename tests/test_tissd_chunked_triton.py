@@ -194,6 +194,7 @@ def test_padding_garbage_is_ignored():
         assert torch.equal(clean[2][name], noisy[2][name]), f"d{name} changed by padding garbage"
 
 
+@pytest.mark.slow          # Triton interpreter, ~40 s: CI runs it with -m slow
 def test_packed_layout():
     """cu_seqlens-like layout: sequences at arbitrary token offsets, NaN tokens between them, an empty sequence;
     checked against the recurrent reference on the equivalent right-padded batch."""
