@@ -47,8 +47,8 @@ COST_CHUNK = 64
 CPU_CROSSOVER = ((32, 256), (128, 320))
 # CPU inference (no autograd): TimeAwareSSD's native inference path (quadratic form, modules/layer_cpu.py) runs up to
 # this longest length under path="auto".  Measured against the general path's chunked einsums, eval, 1 thread,
-# for_recsys(64) (P 32, n 16), b 8: time ratio 0.41 at L 200, 0.55 at 400, 1.25 at 800; b 64, L 400: 0.87 (CPU box,
-# 2026-12-06, benchmarks/bench_layer_vs_attention.py --infer-crossover).
+# for_recsys(64) (P 32, n 16), b 8: time ratio 0.33 at L 200, 0.54 at 400, 1.55 at 800; b 64, L 400: 0.46 (CPU box,
+# 2026-12-06, benchmarks/bench_layer_vs_attention.py --infer-crossover --reps 5; recorded in benchmarks/RESULTS.md).
 CPU_INFER_MAX_LEN = 512
 # Per (device class, path): which fused GPU backend measured faster.  Empty until GPU measurements land in
 # benchmarks/RESULTS.md; then e.g. {("H100", "quadratic"): "cuda"}.
