@@ -1,5 +1,5 @@
-"""CPU paths of TimeAwareSSD in few calls: inference in 4 torch ops + 3 native calls, training with one autograd
-node for the SSD core.  Eager only (torch.compile / export trace the general path).
+"""CPU paths of TimeAwareSSD in few calls: inference in 4 torch ops + 3 native calls, training in two autograd nodes
+(the time encoding; in_proj up to the gated norm).  Eager only (torch.compile / export trace the general path).
 
 A layer call at batch 1-8 runs ~150 small torch ops forward (and as many backward nodes) on the general path
 (argument handling, the time encoding's prefix statistics and MLPs, NaN bookkeeping, masks, the gated norm), which
@@ -234,19 +234,12 @@ def _time_inputs(layer, timestamps, time_gaps):
 
 
 def _infer(layer, u, timestamps, time_gaps, lens):
-    b, L, _ = u.shape
     dtype = u.dtype
     zxbcdt = F.linear(u, layer.in_proj.weight, layer.in_proj.bias)         # [b, L, d_inner + conv_dim + H]
     width, d_inner, conv_dim = zxbcdt.shape[-1], layer.d_inner, layer.conv_dim
-    conv = layer.conv1d
-    wt, cb = _cached(layer, "conv", lambda: [p for p in (conv.weight, conv.bias) if p is not None], lambda: (
-        conv.weight.detach().reshape(conv_dim, -1).t().contiguous(),
-        None if conv.bias is None else conv.bias.detach().contiguous()))
-    xbc = torch.empty(b, L, conv_dim, dtype=dtype)
-    elt = zxbcdt.element_size()
-    (native.library().mmm4rec_conv_fwd_f32 if dtype == torch.float32 else native.library().mmm4rec_conv_fwd_f64)(
-        zxbcdt.data_ptr() + elt * d_inner, L * width, width, wt.data_ptr(), _ptr(cb), xbc.data_ptr(), b, L,
-        conv_dim, wt.shape[0], 1, torch.get_num_threads())
+    conv = layer.conv1d                                                     # reads the in_proj slice in place
+    xbc = native.conv_forward(zxbcdt[..., d_inner:d_inner + conv_dim], conv.weight.detach().reshape(conv_dim, -1),
+                              None if conv.bias is None else conv.bias.detach(), True)
     ts = _time_scale(layer, timestamps, time_gaps, dtype) if _time_inputs(layer, timestamps, time_gaps) else None
     A, dt_bias, D, norm_w = _core_args(layer, dtype)
     dt = zxbcdt[..., d_inner + conv_dim:]
