@@ -272,30 +272,26 @@ def _fn(name, dtype):
     return getattr(library(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
-def norm_forward(y, z, w, eps: float, group: int, lengths=None) -> torch.Tensor:
+def norm_forward(y, z, w, eps: float, group: int) -> torch.Tensor:
     """out [R, d] = RMSNorm(y * SiLU(z)) * w over groups of `group` channels: y [R, d] contiguous, z (or None) [R, d]
-    with unit channel stride, w [d]; one float dtype (float32 / float64).  lengths [nb] (R = nb * L rows): rows
-    past each length give 0 (y, z not read there)."""
+    with unit channel stride, w [d]; one float dtype (float32 / float64).  (The C function also takes row lengths,
+    used by tissd_layer.cpp; every row is valid here.)"""
     R, d = y.shape
     out = torch.empty_like(y)
     if out.numel():
-        lens = None if lengths is None else lengths.to(torch.int64).contiguous()
         _fn("mmm4rec_gated_rmsnorm_fwd", y.dtype)(
             y.data_ptr(), None if z is None else z.data_ptr(), 0 if z is None else z.stride(0), w.data_ptr(), R, d,
-            group, float(eps), None if lens is None else lens.data_ptr(), R // max(len(lens), 1) if lens is not None
-            else R, out.data_ptr(), torch.get_num_threads())
+            group, float(eps), None, R, out.data_ptr(), torch.get_num_threads())
     return out
 
 
-def norm_backward(dout, y, z, w, eps: float, group: int, lengths=None):
+def norm_backward(dout, y, z, w, eps: float, group: int):
     """Gradients of norm_forward: (dy, dz or None, dw); dout [R, d] contiguous."""
     R, d = y.shape
     dy, dz, dw = torch.empty_like(y), None if z is None else torch.empty(R, d, dtype=y.dtype), torch.zeros_like(w)
     if dy.numel():
-        lens = None if lengths is None else lengths.to(torch.int64).contiguous()
         _fn("mmm4rec_gated_rmsnorm_bwd", y.dtype)(
             dout.data_ptr(), y.data_ptr(), None if z is None else z.data_ptr(), 0 if z is None else z.stride(0),
-            w.data_ptr(), R, d, group, float(eps), None if lens is None else lens.data_ptr(),
-            R // max(len(lens), 1) if lens is not None else R, dy.data_ptr(), None if dz is None else dz.data_ptr(),
+            w.data_ptr(), R, d, group, float(eps), None, R, dy.data_ptr(), None if dz is None else dz.data_ptr(),
             dw.data_ptr(), torch.get_num_threads())
     return dy, dz, dw
