@@ -8,6 +8,8 @@ torch backend (H 8, P 16, G 8, n 16, D skip, time scale).  1 CPU thread, float32
 "floor" copies the bytes the call must move once (every input it reads, forward and backward, and every output and
 gradient it writes, float32) with one tensor copy_ of (read + written) / 2 bytes: what the kernels would take if they
 were bound by this thread's memory bandwidth alone (the ratio native / floor is how far they are from it).
+Gradients are set to None before each step, as optimizer.zero_grad() does (else every round would also time the
+accumulation into .grad: one more read-read-write pass over each input, not part of the call).
 test_tissd_scan_kernel_fwd_bwd times the native scan alone (mmm4rec_kernels.cpu.scan_forward + scan_backward on the
 same shape, D [H, P] skip): the TiSSD call above also runs the torch ops around it (step sizes, time scale, autograd),
 which the floor does not count.
@@ -55,13 +57,14 @@ def test_causal_conv_silu_fwd_bwd(benchmark, impl):
     gy = torch.randn(B, L, 384, generator=g)
 
     def step():
+        x.grad = w.grad = bias.grad = None       # as optimizer.zero_grad() leaves them: no accumulation pass timed
         causal_conv1d_channels_last(x, w, bias, silu=True).backward(gy)
 
     benchmark(step)
 
 
 def test_tissd_quadratic_call_fwd_bwd(benchmark, impl):
-    if impl == "floor":        # fwd reads x, dt, E, B, C, writes y; bwd reads gy and the inputs again, writes their grads
+    if impl == "floor":   # fwd reads x, dt, E, B, C, writes y; bwd reads gy and the inputs again, writes their grads
         inputs = B * L * H * P + 2 * B * L * H + 2 * B * L * G * N
         benchmark(floor_copy(2 * inputs + B * L * H * P, B * L * H * P + inputs))
         return
@@ -76,6 +79,8 @@ def test_tissd_quadratic_call_fwd_bwd(benchmark, impl):
     x, dt, Bm, Cm = leaves
 
     def step():
+        for t in (*leaves, A, E, D):
+            t.grad = None
         torch_backend.tissd_torch(x, dt, A, Bm, Cm, time_scale=E, dt_bias=torch.zeros(H), D=D, lengths=lengths,
                                   path="quadratic").backward(gy)
 

@@ -4,7 +4,8 @@
     python benchmarks/bench_layer_vs_attention.py --threads 2 --d-model 64 --profile 1,200
     pytest benchmarks/bench_layer_vs_attention.py --benchmark-only
 
-eval: one forward under no_grad (serving a batch of histories); train: forward + backward of sum(y * w).
+eval: one forward under no_grad (serving a batch of histories); train: the parameters' .grad set to None (as
+optimizer.zero_grad() does), forward, backward of sum(y * w): a training step's share of the layer.
 Attention: nn.MultiheadAttention(d_model, 2 heads, batch_first) with a causal mask and key_padding_mask, as SASRec
 uses it. Ours: TimeAwareSSD.for_recsys(d_model) with timestamps and lengths (right padding). Medians of interleaved
 repetitions (both see the same machine state); the ratio is ours / attention.
@@ -45,6 +46,7 @@ class Attention(nn.Module):
     def __init__(self, d_model, heads=2):
         super().__init__()
         self.mha = nn.MultiheadAttention(d_model, heads, batch_first=True)
+        self.params = list(self.parameters())
 
     def forward(self, h, t, lengths):
         L = h.shape[1]
@@ -57,6 +59,7 @@ class Ours(nn.Module):
     def __init__(self, d_model):
         super().__init__()
         self.ssd = TimeAwareSSD.for_recsys(d_model)
+        self.params = list(self.parameters())
 
     def forward(self, h, t, lengths):
         return self.ssd(h, t, lengths=lengths)
@@ -67,6 +70,8 @@ def call(model, inputs, mode):
         with torch.no_grad():
             model(*inputs)
         return
+    for p in model.params:                  # as a training step's optimizer.zero_grad(): .grad set, not accumulated
+        p.grad = None
     h = inputs[0].detach().requires_grad_()
     y = model(h, *inputs[1:])
     y.backward(torch.ones_like(y))

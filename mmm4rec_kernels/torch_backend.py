@@ -16,6 +16,9 @@ Unlike `reference.py` (the float64 oracle the tests trust), this is product code
 - on CPU (float32 / float64 compute) the quadratic form without states, D skip included, runs the native C++ kernel
   `mmm4rec_kernels.ops.ssd_scan` (torch.ops.mmm4rec.ssd_scan_cpu) instead (same sums, each sequence over its valid steps only, no intermediate
   tensors; it never reads padded x / B / C, so only dt and E are cleaned); without a C++ compiler, the einsums.
+  Eager (not traced), with every tensor in x's float32 / float64 dtype and no packing, the whole call (step sizes,
+  scan, D skip, and their backward) is ONE native autograd node instead (`_TiSSDCPU`: ~30 torch ops and nodes
+  fewer); a NaN / inf input sends it back to the path above (its NaN-causality rule).
 
 Shapes (padded batch): x [b, L, H, P], dt / time_scale [b, L, H], A / dt_bias [H], D [H] or [H, P],
 B, C [b, L, G, n] (head h reads group h // (H // G)), lengths [b]; packed: x [1, T, H, P] with cu_seqlens [nseq+1].
@@ -209,6 +212,55 @@ def _packed_gather(cu, T):
     return idx, pos[None, :] < lens[:, None]
 
 
+class _NonFinite(Exception):
+    """A valid row of the native call's output is NaN / inf: the general path (and its NaN rule) must run."""
+
+
+class _TiSSDCPU(torch.autograd.Function):
+    """One eager CPU tissd() call without states as one autograd node (mmm4rec_kernels.cpu.tissd_forward /
+    tissd_backward): Delta = softplus(dt * E + dt_bias), a = A Delta, y = quadratic form + D skip.  D [H] is
+    expanded to [H, P] for the kernel (its gradient summed back over P).  Raises _NonFinite from forward."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, E, dt_bias, D, valid_len, skip_delta, softplus):
+        H, P = x.shape[2], x.shape[3]
+        D2 = None if D is None else (D[:, None].expand(H, P) if D.dim() == 1 else D).contiguous()
+        y = native.tissd_forward(x, dt, A, B, C, E, dt_bias, D2, valid_len, skip_delta, softplus)
+        if y is None:
+            raise _NonFinite
+        ctx.save_for_backward(x, dt, A, B, C, E, dt_bias, D2, valid_len)
+        ctx.skip_delta, ctx.softplus, ctx.D_per_head = skip_delta, softplus, D is not None and D.dim() == 1
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, dt, A, B, C, E, dt_bias, D2, valid_len = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dE, ddt_bias, dD = native.tissd_backward(
+            gy.contiguous(), x, dt, A, B, C, E, dt_bias, D2, valid_len, ctx.skip_delta, ctx.softplus)
+        if dD is not None and ctx.D_per_head:
+            dD = dD.sum(1)
+        return dx, ddt, dA, dB, dC, dE, dt_bias if dt_bias is None else ddt_bias, dD, None, None, None
+
+
+def _native_call(x, dt, A, B, C, E, dt_bias, D, d_skip, dt_softplus, lengths):
+    """y of an eager CPU call through _TiSSDCPU, or None when it does not apply (traced, packed, another dtype or
+    device among the tensors, empty, no native library) or an input is NaN / inf (the general path runs)."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    tensors = (dt, A, B, C, E, dt_bias, D, lengths)
+    if x.numel() == 0 or B.shape[-1] == 0 or any(t is not None and t.device.type != "cpu" for t in tensors) \
+            or any(t is not None and t.dtype != x.dtype for t in tensors[:-1]) or not native.available():
+        return None
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    valid_len = None if lengths is None else lengths.to(torch.int64).contiguous()
+    try:
+        return _TiSSDCPU.apply(c(x), c(dt), c(A), c(B), c(C), c(E), c(dt_bias), D, valid_len, d_skip == "delta",
+                               bool(dt_softplus))
+    except _NonFinite:
+        return None
+
+
 def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip="delta", dt_softplus=True,
                 lengths=None, cu_seqlens=None, initial_states=None, return_final_states=False, path="quadratic",
                 chunk_size=64):
@@ -216,6 +268,10 @@ def tissd_torch(x, dt, A, B, C, *, time_scale=None, dt_bias=None, D=None, d_skip
 
     path: 'quadratic' | 'chunked' | 'reference' (the naive float64 recurrence of reference.py, for debugging).
     Returns y [b, L, H, P] in x's dtype, or (y, final_states [nseq, H, P, n]) when return_final_states."""
+    if path == "quadratic" and cu_seqlens is None and initial_states is None and not return_final_states:
+        y = _native_call(x, dt, A, B, C, time_scale, dt_bias, D, d_skip, dt_softplus, lengths)
+        if y is not None:
+            return y
     b, L, H, P = x.shape
     n = B.shape[-1]
     cd = torch.float64 if path == "reference" else compute_dtype(x.dtype)

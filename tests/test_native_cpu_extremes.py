@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import mmm4rec_kernels as mk
 from mmm4rec_kernels import reference as ref
+from mmm4rec_kernels import torch_backend
 from mmm4rec_kernels.modules.conv import causal_conv1d_channels_last
 
 
@@ -31,7 +32,7 @@ def spy(native_cpu, monkeypatch):
             calls[name] = calls.get(name, 0) + 1
             return fn(*args, **kwargs)
         monkeypatch.setattr(native_cpu, name, counted)
-    for name in ("conv_forward", "conv_backward", "scan_forward", "scan_backward"):
+    for name in ("conv_forward", "conv_backward", "scan_forward", "scan_backward", "tissd_forward", "tissd_backward"):
         wrap(name)
     return calls
 
@@ -161,10 +162,14 @@ def _grads(fn, inp, cot):
     return y.detach(), dict(zip(leaves, grads))
 
 
+@pytest.mark.parametrize("via", ["call", "scan"])
 @pytest.mark.parametrize("kind", ["gap", "large", "subnormal"])
-def test_scan_extremes_match_float64_reference(spy, kind):
-    """The torch backend's quadratic path on CPU (the native scan) vs reference.tissd_recurrent_ref in float64 on
-    the same fp32 values: y and every gradient within 1e-4 (relative norm)."""
+def test_scan_extremes_match_float64_reference(spy, kind, via, monkeypatch):
+    """The torch backend's quadratic path on CPU (the native scan: in the eager one-node call, or as the scan op with
+    torch step sizes) vs reference.tissd_recurrent_ref in float64 on the same fp32 values: y and every gradient
+    within 1e-4 (relative norm)."""
+    if via == "scan":
+        monkeypatch.setattr(torch_backend, "_native_call", lambda *a, **k: None)
     inp, lengths = _scan_case(kind)
     cot = torch.randn(inp["x"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
@@ -177,7 +182,8 @@ def test_scan_extremes_match_float64_reference(spy, kind):
                                        dt_bias=d["dt_bias"], D=d["D"], lengths=lengths)
 
     y, g = _grads(ours, inp, cot)
-    assert spy.get("scan_forward") and spy.get("scan_backward"), "the native scan did not run"
+    entry = "tissd" if via == "call" else "scan"
+    assert spy.get(f"{entry}_forward") and spy.get(f"{entry}_backward"), "the native scan did not run"
     y_r, g_r = _grads(oracle, {k: v.double() for k, v in inp.items()}, cot)
     if kind == "subnormal":          # under flush-to-zero x would already be 0 here, and everything trivially equal
         assert (inp["x"] != 0).all() and (y_r != 0).any() and (y != 0).any()

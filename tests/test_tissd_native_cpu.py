@@ -1,18 +1,27 @@
 """The torch backend's two CPU implementations of the quadratic form without states: the native C++ kernel
 (torch.ops.mmm4rec.ssd_scan_cpu through mmm4rec_kernels.ops.ssd_scan, D skip fused) and the einsum path, each against the float64 recurrence of
-reference.py: y and every gradient (x, dt, A, B, C, E, D), awkward lengths, weak / strong decay, a huge time gap,
-NaN garbage in padded steps, groups, D as [H] / [H, P] / none, both skip kinds."""
+reference.py: y and every gradient (x, dt, A, B, C, E, D, dt_bias), awkward lengths, weak / strong decay, a huge time
+gap, NaN garbage in padded steps, groups, D as [H] / [H, P] / none, both skip kinds, with and without softplus; the
+eager call as one native node (torch_backend._TiSSDCPU) and the scan op with torch ops around it."""
 import pytest
 import torch
 
 import mmm4rec_kernels.cpu as native
 from mmm4rec_kernels import ops, reference, torch_backend
 
-@pytest.fixture(params=["native", "einsum"])
+@pytest.fixture(params=["native-call", "native-scan", "einsum"])
 def impl(request, monkeypatch):
+    """native-call: the eager call as one native node (torch_backend._TiSSDCPU); native-scan: the registered scan op
+    with torch step sizes around it (what torch.compile traces); einsum: no native library.  calls: the native
+    kernel's uses."""
     calls = []
-    if request.param == "native":
+    if request.param.startswith("native"):
         request.getfixturevalue("native_cpu")                   # skip without a compiler, fail if it does not load
+    if request.param == "native-call":
+        fwd = native.tissd_forward
+        monkeypatch.setattr(native, "tissd_forward", lambda *a, **k: calls.append(1) or fwd(*a, **k))
+    elif request.param == "native-scan":
+        monkeypatch.setattr(torch_backend, "_native_call", lambda *a, **k: None)
         scan = ops.ssd_scan
         monkeypatch.setattr(ops, "ssd_scan", lambda *a, **k: calls.append(1) or scan(*a, **k))
     else:
@@ -63,7 +72,7 @@ def test_quadratic_without_states_matches_float64_recurrence(impl, L, decay, dty
     for k, a, r in zip(order + ("D",), grads, ref_grads):
         assert torch.isfinite(a).all(), k
         assert rel(a, r) < tol, (k, rel(a, r))
-    assert len(calls) == (1 if name == "native" else 0)
+    assert len(calls) == (0 if name == "einsum" else 1)
 
 
 @pytest.mark.parametrize("gap", [1e4, 1e9])
@@ -115,3 +124,43 @@ def test_states_take_the_einsum_path(impl):
     ry, rhT = reference.tissd_recurrent_ref(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], time_scale=inp["E"],
                                             lengths=lengths, initial_states=h0, return_final_states=True)
     assert rel(y, ry) < 1e-12 and rel(hT, rhT) < 1e-12 and calls == []
+
+
+@pytest.mark.parametrize("softplus", [True, False])
+@pytest.mark.parametrize("L", [1, 20, 63])
+def test_dt_bias_softplus_and_no_lengths(impl, softplus, L):
+    """dt_bias (its gradient too), dt_softplus off (dt used as the step size: kept positive here), lengths None."""
+    inp, _, mk = case(L, seed=11)
+    if not softplus:
+        inp["dt"] = inp["dt"].abs() * 0.5
+    bias = mk(4) * 0.5
+    order = ("x", "dt", "A", "B", "C", "E")
+    cot = mk(*inp["x"].shape)
+    ref_leaves = [inp[k].clone().requires_grad_() for k in order] + [bias.clone().requires_grad_()]
+    ref = reference.tissd_recurrent_ref(*ref_leaves[:5], time_scale=ref_leaves[5], dt_bias=ref_leaves[6],
+                                        dt_softplus=softplus)
+    leaves = [t.detach().clone().requires_grad_() for t in ref_leaves]
+    y = torch_backend.tissd_torch(*leaves[:5], time_scale=leaves[5], dt_bias=leaves[6], dt_softplus=softplus,
+                                  path="quadratic")
+    assert rel(y, ref) < 1e-12
+    for k, a, r in zip(order + ("dt_bias",), torch.autograd.grad(y, leaves, cot), torch.autograd.grad(ref, ref_leaves,
+                                                                                                      cot)):
+        assert rel(a, r) < 1e-12, k
+
+
+@pytest.mark.parametrize("where", ["x", "dt", "B", "C", "E"])
+def test_nonfinite_input_takes_the_general_path(impl, where):
+    """A NaN at a valid step: the native call gives up (its output row is not finite) and the general path's NaN rule
+    runs: outputs before the step stay the clean call's, from it on NaN for the heads it reaches."""
+    name, calls = impl
+    inp, lengths, mk = case(20, seed=13)
+    clean = torch_backend.tissd_torch(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], time_scale=inp["E"],
+                                      lengths=lengths, path="quadratic")
+    bad = {k: v.clone() for k, v in inp.items()}
+    bad[where][0, 5] = float("nan")
+    y = torch_backend.tissd_torch(bad["x"], bad["dt"], bad["A"], bad["B"], bad["C"], time_scale=bad["E"],
+                                  lengths=lengths, path="quadratic")
+    assert rel(y[1:], clean[1:]) < 1e-12 and rel(y[0, :5], clean[0, :5]) < 1e-12      # (paths differ: rounding)
+    assert torch.isnan(y[0, 5:]).any(dim=(1, 2)).all()
+    if name == "native-call":
+        assert len(calls) == 2                                  # tried twice, the NaN call fell back

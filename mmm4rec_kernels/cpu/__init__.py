@@ -114,6 +114,12 @@ def _bind(lib):
         core.argtypes = ([p, p, i64, p, p, i64] + [p] * 4 + [i32, p, i64, ctypes.c_double, p] + [i64] * 6 + [p] * 9
                          + [i32])
         core.restype = None
+        call = getattr(lib, f"mmm4rec_tissd_fwd_{dt}")                   # tissd_layer.cpp: one tissd() call
+        call.argtypes = [p] * 6 + [i32, i32, p, p, p] + [i64] * 6 + [p, i32]
+        call.restype = i32
+        call = getattr(lib, f"mmm4rec_tissd_bwd_{dt}")
+        call.argtypes = [p] * 7 + [i32, i32, p, p, p] + [i64] * 6 + [p] * 8 + [i32]
+        call.restype = None
         norm = getattr(lib, f"mmm4rec_gated_rmsnorm_fwd_{dt}")          # gated_rmsnorm.cpp
         norm.argtypes = [p, p, i64, p, i64, i64, i64, ctypes.c_double, p, i64, p, i32]
         norm.restype = None
@@ -265,6 +271,42 @@ def scan_backward(gy, x, delta, log_decay, B, C, D, valid_len, skip_delta: bool)
            int(skip_delta), _ptr(gy.contiguous()), *[_ptr(t) for t in grads], _ptr(dD), b, L, H, P, G, n,
            torch.get_num_threads())
     return (*grads, dD)
+
+
+# ------------------------------------------------------------------------------------ one tissd() call (no states)
+def tissd_forward(x, dt, A, B, C, ts, dt_bias, D, valid_len, skip_delta: bool, softplus: bool):
+    """y [b, L, H, P] of the time-aware SSD with its step sizes, or None when a valid row of y is not finite (a NaN /
+    inf input at a valid step: the caller runs the general path).  Step sizes Delta = softplus(dt * ts + dt_bias)
+    (softplus: else no softplus; ts [b, L, H] / dt_bias [H] optional), a = A Delta, then scan_forward's form with
+    D [H, P] (optional).  x [b, L, H, P], dt [b, L, H], B / C [b, L, G, n], valid_len [b] int64: contiguous, one
+    float dtype (supports(x) must be True); padded steps are never read and rows past valid_len are 0."""
+    b, L, H, P = x.shape
+    G, n = B.shape[2], B.shape[3]
+    y = torch.empty(b, L, H, P, dtype=x.dtype)
+    if y.numel() and _fn("mmm4rec_tissd_fwd", x.dtype)(
+            *[_ptr(t) for t in (x, dt, ts, dt_bias, A, D)], int(skip_delta), int(softplus), _ptr(B), _ptr(C),
+            _ptr(valid_len), b, L, H, P, G, n, _ptr(y), torch.get_num_threads()):
+        return None
+    return y
+
+
+def tissd_backward(gy, x, dt, A, B, C, ts, dt_bias, D, valid_len, skip_delta: bool, softplus: bool):
+    """Gradients of tissd_forward: (dx, ddt, dA, dB, dC, dts or None, ddt_bias or None, dD [H, P] or None), 0 on
+    padded steps; gy [b, L, H, P] contiguous, the other arguments as tissd_forward's."""
+    b, L, H, P = x.shape
+    G, n = B.shape[2], B.shape[3]
+    dx, ddt, dA, dB, dC = (torch.empty_like(t) for t in (x, dt, A, B, C))
+    dts, ddt_bias, dD = (None if t is None else torch.empty_like(t) for t in (ts, dt_bias, D))
+    if gy.numel():
+        _fn("mmm4rec_tissd_bwd", x.dtype)(
+            *[_ptr(t) for t in (gy, x, dt, ts, dt_bias, A, D)], int(skip_delta), int(softplus), _ptr(B), _ptr(C),
+            _ptr(valid_len), b, L, H, P, G, n, *[_ptr(t) for t in (dx, ddt, dts, ddt_bias, dA, dB, dC, dD)],
+            torch.get_num_threads())
+    else:
+        for t in (dA, ddt_bias, dD):
+            if t is not None:
+                t.zero_()
+    return dx, ddt, dA, dB, dC, dts, ddt_bias, dD
 
 
 # ------------------------------------------------------------------------------------------------- gated RMSNorm

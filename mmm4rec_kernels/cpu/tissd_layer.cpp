@@ -20,6 +20,12 @@
 //    backward: dDelta where v > 20);  ddt = dv * time_scale (or dv), dtime_scale = dv * dt, ddt_bias = sum dv.
 //    dxBC [b, L, conv_dim] = dx | dB | dC; every gradient is 0 on padded rows.  Parameter gradients are summed per
 //    thread in double and added in a fixed order.
+// 4. mmm4rec_tissd_fwd / _bwd: one tissd() call of the torch backend on CPU (x [b, L, H, P], B / C [b, L, G, n]
+//    contiguous, no states): v = dt * time_scale + dt_bias (each optional), Delta = softplus(v) (or v), a = A Delta,
+//    y = the quadratic form with the D skip [H, P] (optional).  The forward returns 1 when a valid row of y is not
+//    finite: a NaN / inf input at a valid step t always makes row t non-finite (every input of step t enters y_t
+//    through a product), so the caller then runs the general path and its NaN-causality rule (finite inputs whose
+//    y overflows take it too: same values, slower).  The backward: the scan's, then the step sizes' chain as in 3.
 // Same math as the torch modules; sums run in other orders (rounding only).  T = float or double.
 #include <algorithm>
 #include <cmath>
@@ -64,6 +70,46 @@ MMM4REC_LIB(double, f64)
 
 template <typename T>
 inline bool finite(T v) { return std::abs(v) <= std::numeric_limits<T>::max(); }   // false for NaN / inf
+
+// step sizes of one row: v = dt * ts + dt_bias (ts / dt_bias optional), delta = softplus(v) (or v), a = A delta,
+// each [H]; returns false when dt or ts holds NaN / inf
+template <typename T>
+inline bool row_steps(const T* dtr, const T* tsr, const T* dt_bias, const T* A, int softplus, int64_t H, T* v,
+                      T* delta, T* a) {
+    bool ok = true;
+    for (int64_t h = 0; h < H; ++h) {
+        T vv = dtr[h];
+        ok &= finite(vv);
+        if (tsr) {
+            ok &= finite(tsr[h]);
+            vv = vv * tsr[h];
+        }
+        if (dt_bias) vv = vv + dt_bias[h];
+        v[h] = vv;
+        delta[h] = softplus ? softplus_of(vv) : vv;
+        a[h] = delta[h] * A[h];
+    }
+    return ok;
+}
+
+// the chain of row_steps backward for one row, from dL/ddelta and dL/da [H]: ddt (and dts) written, dA and
+// ddt_bias summed in double; softplus' as torch computes it (e^v / (e^v + 1), 1 past v = 20)
+template <typename T>
+inline void row_steps_bwd(const T* ddelta, const T* da, const T* v, const T* delta, const T* dtr, const T* tsr,
+                          const T* A, int softplus, int64_t H, T* ddt, T* dts, double* dA, double* ddt_bias) {
+    for (int64_t h = 0; h < H; ++h) {
+        const T dd = ddelta[h] + da[h] * A[h];                  // a = A delta
+        dA[h] += double(da[h]) * double(delta[h]);
+        T dv = dd;
+        if (softplus && !(v[h] > T(20))) {
+            const T e = std::exp(v[h]);
+            dv = dd * e / (e + T(1));
+        }
+        ddt_bias[h] += double(dv);
+        ddt[h] = tsr ? dv * tsr[h] : dv;
+        if (dts) dts[h] = dv * dtr[h];
+    }
+}
 
 // Causal depthwise conv over the rows of e [L, H] (taps w [H, k], bias [H]): the pre-activations, into out [L, H]
 template <typename T>
@@ -288,16 +334,8 @@ struct Steps {
                     C[r * gn + c] = src[di + gn + c];
                     ok &= finite(src[di + c]) & finite(src[di + gn + c]);
                 }
-                const T* dtr = dt + r * s_zdt;
-                for (int64_t h = 0; h < d.H; ++h) {
-                    T vv = dtr[h];
-                    ok &= finite(vv);
-                    if (ts) { ok &= finite(ts[r * d.H + h]); vv = vv * ts[r * d.H + h]; }
-                    if (dt_bias) vv = vv + dt_bias[h];
-                    v[r * d.H + h] = vv;
-                    delta[r * d.H + h] = softplus_of(vv);
-                    a[r * d.H + h] = delta[r * d.H + h] * A[h];
-                }
+                const int64_t k = r * d.H;
+                ok &= row_steps(dt + r * s_zdt, ts ? ts + k : nullptr, dt_bias, A, 1, d.H, v + k, delta + k, a + k);
                 bad |= !ok;
             }
         }
@@ -362,21 +400,9 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
                 std::copy(dx + r * di, dx + (r + 1) * di, o);
                 std::copy(dB + r * gn, dB + (r + 1) * gn, o + di);
                 std::copy(dC + r * gn, dC + (r + 1) * gn, o + di + gn);
-                const T* dtr = dt + r * s_zdt;
-                for (int64_t h = 0; h < d.H; ++h) {
-                    const int64_t k = r * d.H + h;
-                    const T dd = ddelta[k] + da[k] * A[h];             // a = A Delta
-                    dA_t[h] += double(da[k]) * double(st.delta[k]);
-                    const T vv = st.v[k];
-                    T dv = dd;                                          // softplus'(v) = e^v / (e^v + 1), v <= 20
-                    if (!(vv > T(20))) {
-                        const T e = std::exp(vv);
-                        dv = dd * e / (e + T(1));
-                    }
-                    db_t[h] += double(dv);
-                    g_dt[h] = ts ? dv * ts[k] : dv;
-                    if (g_ts) g_ts[h] = dv * dtr[h];
-                }
+                const int64_t k = r * d.H;
+                row_steps_bwd(ddelta + k, da + k, st.v + k, st.delta + k, dt + r * s_zdt, ts ? ts + k : nullptr, A,
+                              1, d.H, g_dt, g_ts, dA_t, db_t);
             }
         }
     }
@@ -393,6 +419,86 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
             for (int64_t p = 0; p < d.P; ++p) s += dDhp[h * d.P + p];
             dD[h] = s;
         }
+}
+
+// valid steps of each sequence: len[b] clamped to [0, L] (all L without len)
+inline std::vector<int64_t> valid_lengths(const int64_t* len, int64_t nb, int64_t L) {
+    std::vector<int64_t> lens(size_t(nb), L);
+    if (len)
+        for (int64_t b = 0; b < nb; ++b) lens[b] = std::min<int64_t>(std::max<int64_t>(len[b], 0), L);
+    return lens;
+}
+
+// v / delta / a [nb, L, H] of the valid rows into scratch slots 5 / 3 / 4
+template <typename T>
+void call_steps(const T* dt, const T* ts, const T* dt_bias, const T* A, int softplus, const std::vector<int64_t>& lens,
+                const Dims& d, T*& v, T*& delta, T*& a, int nthreads) {
+    const size_t count = size_t(d.nb) * d.L * d.H;
+    v = scratch<T>(5, count);
+    delta = scratch<T>(3, count);
+    a = scratch<T>(4, count);
+    T *pv = v, *pd = delta, *pa = a;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t b = 0; b < d.nb; ++b)
+        for (int64_t i = 0; i < lens[b]; ++i) {
+            const int64_t k = (b * d.L + i) * d.H;
+            row_steps(dt + k, ts ? ts + k : nullptr, dt_bias, A, softplus, d.H, pv + k, pd + k, pa + k);
+        }
+}
+
+template <typename T>
+int tissd_fwd(const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A, const T* D, int skip_delta,
+              int softplus, const T* B, const T* C, const int64_t* len, Dims d, T* y, int nthreads) {
+    const std::vector<int64_t> lens = valid_lengths(len, d.nb, d.L);
+    T *v, *delta, *a;
+    call_steps(dt, ts, dt_bias, A, softplus, lens, d, v, delta, a, nthreads);
+    Lib<T>::scan_fwd(x, delta, a, B, C, lens.data(), D, skip_delta, y, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
+    const int64_t di = d.d_inner();
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(| : bad)
+    for (int64_t b = 0; b < d.nb; ++b) {
+        const T* yb = y + b * d.L * di;
+        bool ok = true;
+        for (int64_t e = 0; e < lens[b] * di; ++e) ok &= finite(yb[e]);
+        bad |= !ok;
+    }
+    return bad;
+}
+
+template <typename T>
+void tissd_bwd(const T* gy, const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A, const T* D,
+               int skip_delta, int softplus, const T* B, const T* C, const int64_t* len, Dims d, T* dx, T* ddt,
+               T* dts, T* ddt_bias, T* dA, T* dB, T* dC, T* dD, int nthreads) {
+    const std::vector<int64_t> lens = valid_lengths(len, d.nb, d.L);
+    T *v, *delta, *a;
+    call_steps(dt, ts, dt_bias, A, softplus, lens, d, v, delta, a, nthreads);
+    const size_t count = size_t(d.nb) * d.L * d.H;
+    T *ddelta = scratch<T>(9, count), *da = scratch<T>(10, count);
+    Lib<T>::scan_bwd(x, delta, a, B, C, lens.data(), D, skip_delta, gy, dx, ddelta, da, dB, dC, dD, d.nb, d.L, d.H,
+                     d.P, d.G, d.n, nthreads);
+    const int nt = nthreads > 1 ? nthreads : 1;
+    std::vector<double> acc(size_t(nt) * 2 * d.H, 0.0);      // per thread: dA [H], ddt_bias [H]
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int tid = thread_index();
+        double* dA_t = acc.data() + size_t(tid) * 2 * d.H;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < d.nb; ++b) {
+            const int64_t k0 = b * d.L * d.H, kv = k0 + lens[b] * d.H, k1 = k0 + d.L * d.H;
+            for (int64_t k = k0; k < kv; k += d.H)
+                row_steps_bwd(ddelta + k, da + k, v + k, delta + k, dt + k, ts ? ts + k : nullptr, A, softplus, d.H,
+                              ddt + k, dts ? dts + k : nullptr, dA_t, dA_t + d.H);
+            std::fill(ddt + kv, ddt + k1, T(0));                 // padded rows: zero gradients
+            if (dts) std::fill(dts + kv, dts + k1, T(0));
+        }
+    }
+    std::vector<double> sums(size_t(nt) * d.H);
+    for (int part = 0; part < 2; ++part) {                       // dA, then ddt_bias: thread sums in a fixed order
+        for (int t = 0; t < nt; ++t)
+            for (int64_t h = 0; h < d.H; ++h) sums[size_t(t) * d.H + h] = acc[size_t(t) * 2 * d.H + part * d.H + h];
+        T* out = part == 0 ? dA : ddt_bias;
+        if (out) sum_thread_partials(sums, nt, d.H, out);
+    }
 }
 
 }  // namespace
@@ -431,7 +537,26 @@ extern "C" {
                     Dims{nb, L, H, P, G, n}, y, dxbc, dz, ddt, dts, ddt_bias, dA, dD, dnorm_w, nthreads);           \
     }
 
+#define MMM4REC_CALL_ENTRIES(T, SUFFIX)                                                                               \
+    int mmm4rec_tissd_fwd_##SUFFIX(const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A, const T* D,   \
+                                   int skip_delta, int softplus, const T* B, const T* C, const int64_t* len,        \
+                                   int64_t nb, int64_t L, int64_t H, int64_t P, int64_t G, int64_t n, T* y,         \
+                                   int nthreads) {                                                                  \
+        return tissd_fwd<T>(x, dt, ts, dt_bias, A, D, skip_delta, softplus, B, C, len, Dims{nb, L, H, P, G, n}, y,  \
+                            nthreads);                                                                              \
+    }                                                                                                               \
+    void mmm4rec_tissd_bwd_##SUFFIX(const T* gy, const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A, \
+                                    const T* D, int skip_delta, int softplus, const T* B, const T* C,               \
+                                    const int64_t* len, int64_t nb, int64_t L, int64_t H, int64_t P, int64_t G,     \
+                                    int64_t n, T* dx, T* ddt, T* dts, T* ddt_bias, T* dA, T* dB, T* dC, T* dD,      \
+                                    int nthreads) {                                                                 \
+        tissd_bwd<T>(gy, x, dt, ts, dt_bias, A, D, skip_delta, softplus, B, C, len, Dims{nb, L, H, P, G, n}, dx,    \
+                     ddt, dts, ddt_bias, dA, dB, dC, dD, nthreads);                                                 \
+    }
+
 MMM4REC_LAYER_ENTRIES(float, f32)
 MMM4REC_LAYER_ENTRIES(double, f64)
+MMM4REC_CALL_ENTRIES(float, f32)
+MMM4REC_CALL_ENTRIES(double, f64)
 
 }  // extern "C"

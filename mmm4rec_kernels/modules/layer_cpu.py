@@ -1,5 +1,5 @@
-"""CPU paths of TimeAwareSSD in few calls: inference in 4 torch ops + 3 native calls, training in two autograd nodes
-(the time encoding; in_proj up to the gated norm).  Eager only (torch.compile / export trace the general path).
+"""CPU paths of TimeAwareSSD in few calls: inference in 4 torch ops + 3 native calls, training as one autograd node.
+Eager only (torch.compile / export trace the general path).
 
 A layer call at batch 1-8 runs ~150 small torch ops forward (and as many backward nodes) on the general path
 (argument handling, the time encoding's prefix statistics and MLPs, NaN bookkeeping, masks, the gated norm), which
@@ -10,8 +10,8 @@ costs more than the math.  On CPU (float32 / float64, native kernels loaded, the
     time_scale = CausalTimeEncoding(timestamps)           (native, tissd_layer.cpp; Log1p / custom encodings: torch)
     y = RMSNorm(tissd(x, dt, A, B, C, time_scale) * SiLU(z)) * w     (native core, tissd_layer.cpp)
     out = out_proj(y)                                     (F.linear; rows past each length are exactly 0)
-  training (autograd on): the same in two autograd nodes, the time encoding and the rest up to out_proj (in_proj,
-    conv, step sizes, quadratic scan, gated norm), each with a native backward.
+  training (autograd on): the same as ONE autograd node (_LayerTrain), its backward native except out_proj's and
+    in_proj's matmuls.
 The values and gradients equal the general path's to rounding (tests/test_layer_cpu.py).  `forward` returns
 (None, reason) when the call is outside what it covers, e.g. `path="auto"` beyond the length the quadratic form wins
 on CPU (CPU_INFER_MAX_LEN for inference, the CPU_CROSSOVER table for training), and (None, "NaN / inf input") when
@@ -98,47 +98,28 @@ def _time_fn(name, dtype):
     return getattr(native.library(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
-class _TimeEncodingCPU(torch.autograd.Function):
-    """CausalTimeEncoding.forward as one autograd node: t [b, L] float64 timestamps (is_gaps=0) or gaps (is_gaps=1,
-    dropout already applied) -> time_scale [b, L, H]; the backward gives the 10 parameters' gradients (native)."""
-
-    @staticmethod
-    def forward(ctx, t, is_gaps, eps, *params):
-        b, L = t.shape
-        H, k = params[0].shape[0], params[6].shape[-1]
-        out = torch.empty(b, L, H, dtype=params[0].dtype)
-        _time_fn("mmm4rec_time_encoding_fwd", out.dtype)(t.data_ptr(), is_gaps, b, L, H, k, _pointers(params),
-                                                          eps, out.data_ptr(), torch.get_num_threads())
-        ctx.save_for_backward(t, *params)
-        ctx.is_gaps, ctx.eps = is_gaps, eps
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        t, *params = ctx.saved_tensors
-        b, L = t.shape
-        H, k = params[0].shape[0], params[6].shape[-1]
-        grads = [torch.empty_like(p) for p in params]
-        _time_fn("mmm4rec_time_encoding_bwd", dout.dtype)(
-            t.data_ptr(), ctx.is_gaps, b, L, H, k, _pointers(params), ctx.eps, dout.contiguous().data_ptr(),
-            _pointers(grads), torch.get_num_threads())
-        return (None, None, None, *grads)
+def _native_time(enc, dtype) -> bool:
+    """Does the native causal time encoding compute this layer's time scale (else its own module runs)?"""
+    return isinstance(enc, CausalTimeEncoding) and enc.scale.dtype == dtype
 
 
-def _time_scale(layer, timestamps, time_gaps, dtype):
-    """[b, L, H] in dtype: the native causal encoding (one autograd node when autograd is on), or the layer's own
-    module for other encodings."""
-    enc = layer.time_encoding
-    if not isinstance(enc, CausalTimeEncoding) or enc.scale.dtype != dtype:
-        return enc(timestamps, time_gaps, None).to(dtype)
-    if enc.training and enc.dropout.p > 0:          # dropout on the gaps, drawn by torch exactly as the module does
+def _time_input(enc, timestamps, time_gaps):
+    """(t [b, L] float64 contiguous, is_gaps) for the native encoding: the timestamps, or the gaps (given, or with
+    dropout on them, drawn by torch exactly as the module draws it)."""
+    if enc.training and enc.dropout.p > 0:
         t, is_gaps = enc.dropout(enc._gaps(timestamps, time_gaps)), 1
     else:
         t, is_gaps = (time_gaps, 1) if time_gaps is not None else (timestamps, 0)
-    t = t.to(torch.float64).contiguous()
-    if torch.is_grad_enabled():
-        return _TimeEncodingCPU.apply(t, is_gaps, float(enc.eps), *[p.contiguous() for p in _time_params(enc)])
+    return t.to(torch.float64).contiguous(), is_gaps
+
+
+def _time_scale(layer, timestamps, time_gaps, dtype):
+    """[b, L, H] in dtype without autograd: the native causal encoding, or the layer's own module for other
+    encodings."""
+    enc = layer.time_encoding
+    if not _native_time(enc, dtype):
+        return enc(timestamps, time_gaps, None).to(dtype)
+    t, is_gaps = _time_input(enc, timestamps, time_gaps)
 
     def make():                                 # the contiguous tensors and their pointer array, kept together
         tensors = [p.detach().contiguous() for p in _time_params(enc)]
@@ -182,42 +163,67 @@ def _core_fwd(layer, xbc, z, dt, s_zdt, ts, A, dt_bias, D, norm_w, lens, y_out=N
     return out
 
 
-class _LayerCore(torch.autograd.Function):
-    """in_proj -> causal conv + SiLU -> step sizes, quadratic scan, gated RMSNorm as ONE autograd node:
+class _LayerTrain(torch.autograd.Function):
+    """The whole layer as ONE autograd node (each extra node, with its Python and bookkeeping, costs about as much as
+    a small layer's arithmetic at batch 1-8):
+        ts = CausalTimeEncoding(t)   (native; or ts_in: another encoding's output, differentiated through; or none)
         zxbcdt = u W_in^T + b_in;  xBC = SiLU(conv(zxbcdt's xBC piece));  A = -exp(A_log)
-        out [b, L, d_inner] = RMSNorm(tissd(x, dt, A, B, C, ts) * SiLU(z)) * norm_w   (0 past each length)
-    Backward: the core's native backward (tissd_layer.cpp), the conv's (causal_conv.cpp), then the in_proj's from the
-    three pieces' gradients without concatenating them (linear_split_backward); dA_log = dA * A."""
+        y = RMSNorm(tissd(x, dt, A, B, C, ts) * SiLU(z)) * norm_w      [b, L, d_inner], 0 past each length
+        out = y W_out^T + b_out                                         [b, L, d_model], 0 past each length
+    Backward: out_proj's two matmuls, the core's native backward (tissd_layer.cpp), the conv's (causal_conv.cpp),
+    the in_proj's from the three pieces' gradients without concatenating them (linear_split_backward), the time
+    encoding's native backward; dA_log = dA * A.  params: _train_params(layer) (+ the 10 time parameters when t is
+    given)."""
 
     @staticmethod
-    def forward(ctx, u, w_in, b_in, conv_w, conv_b, ts, A_log, dt_bias, D, norm_w, layer, lens):
+    def forward(ctx, u, t, is_gaps, ts_in, layer, lens, *params):
+        w_in, b_in, conv_w, conv_b, A_log, dt_bias, D, norm_w, w_out, b_out, *tparams = params
+        b, L = u.shape[:2]
+        ts = ts_in
+        if t is not None:                                                       # native causal time encoding
+            enc = layer.time_encoding
+            ts = torch.empty(b, L, enc.nheads, dtype=u.dtype)
+            _time_fn("mmm4rec_time_encoding_fwd", u.dtype)(
+                t.data_ptr(), is_gaps, b, L, enc.nheads, tparams[6].shape[-1], _pointers(tparams), float(enc.eps),
+                ts.data_ptr(), torch.get_num_threads())
         d_inner, conv_dim = layer.d_inner, layer.conv_dim
         zxbcdt = F.linear(u, w_in, b_in)                                        # [b, L, d_inner + conv_dim + H]
-        x_in = zxbcdt[..., d_inner:d_inner + conv_dim]
         w2 = conv_w.reshape(conv_dim, -1)
-        xbc = native.conv_forward(x_in, w2, conv_b, True)                       # [b, L, conv_dim] contiguous
+        xbc = native.conv_forward(zxbcdt[..., d_inner:d_inner + conv_dim], w2, conv_b, True)   # [b, L, conv_dim]
         A = -torch.exp(A_log)
-        y = torch.empty(u.shape[0], u.shape[1], d_inner, dtype=u.dtype)
-        width = zxbcdt.shape[-1]
-        out = _core_fwd(layer, xbc, zxbcdt, zxbcdt[..., d_inner + conv_dim:], width, ts, A, dt_bias, D, norm_w,
-                        lens, y)
-        ctx.save_for_backward(u, w_in, zxbcdt, w2, conv_b, xbc, ts, A, dt_bias, D, norm_w, y)
-        ctx.layer, ctx.lens, ctx.has_bias = layer, lens, b_in is not None
+        y = torch.empty(b, L, d_inner, dtype=u.dtype)
+        core = _core_fwd(layer, xbc, zxbcdt, zxbcdt[..., d_inner + conv_dim:], zxbcdt.shape[-1], ts, A, dt_bias, D,
+                         norm_w, lens, y)
+        out = F.linear(core, w_out, b_out)
+        pad = None
+        if b_out is not None and lens is not None:                              # padded rows: 0, not the bias
+            pad = (torch.arange(L)[None, :] >= lens[:, None])[..., None]
+            out.masked_fill_(pad, 0.0)
+        ctx.save_for_backward(u, w_in, zxbcdt, w2, conv_b, xbc, ts, A, dt_bias, D, norm_w, y, core, w_out, t,
+                              *tparams)
+        ctx.layer, ctx.lens, ctx.pad, ctx.is_gaps = layer, lens, pad, is_gaps
+        ctx.has_bias, ctx.has_out_bias = b_in is not None, b_out is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        u, w_in, zxbcdt, w2, conv_b, xbc, ts, A, dt_bias, D, norm_w, y = ctx.saved_tensors
+        u, w_in, zxbcdt, w2, conv_b, xbc, ts, A, dt_bias, D, norm_w, y, core, w_out, t, *tparams = ctx.saved_tensors
         layer = ctx.layer
         b, L, H, P, G, n = _dims(layer, xbc)
         d_inner, conv_dim, width = layer.d_inner, layer.conv_dim, zxbcdt.shape[-1]
+        # out_proj: the padded rows' output is a constant 0 (their gradient reaches nothing; core is 0 there)
+        dout = dout if ctx.pad is None else dout.masked_fill(ctx.pad, 0.0)
+        d2, c2 = dout.reshape(-1, dout.shape[-1]), core.reshape(-1, d_inner)
+        dw_out = d2.t().mm(c2)
+        db_out = d2.sum(0) if ctx.has_out_bias else None
+        dcore = d2.mm(w_out)                                                    # [b L, d_inner] contiguous
         dxbc, dz = torch.empty_like(xbc), torch.empty(b, L, d_inner, dtype=xbc.dtype)
         ddt, dts = torch.empty(b, L, H, dtype=xbc.dtype), None if ts is None else torch.empty_like(ts)
-        ddt_bias, dA, dD, dw = (torch.empty_like(t) for t in (dt_bias, A, D, norm_w))
+        ddt_bias, dA, dD, dw = (torch.empty_like(p) for p in (dt_bias, A, D, norm_w))
         lib = native.library()
         (lib.mmm4rec_ssd_core_bwd_f32 if xbc.dtype == torch.float32 else lib.mmm4rec_ssd_core_bwd_f64)(
-            dout.contiguous().data_ptr(), xbc.data_ptr(), xbc.stride(1), zxbcdt.data_ptr(),
+            dcore.data_ptr(), xbc.data_ptr(), xbc.stride(1), zxbcdt.data_ptr(),
             zxbcdt[..., d_inner + conv_dim:].data_ptr(), width, _ptr(ts), dt_bias.data_ptr(), A.data_ptr(),
             D.data_ptr(), int(layer.d_skip == "delta"), norm_w.data_ptr(), d_inner // G, float(layer.norm.eps),
             _ptr(ctx.lens), b, L, H, P, G, n, y.data_ptr(), dxbc.data_ptr(), dz.data_ptr(), ddt.data_ptr(),
@@ -225,8 +231,16 @@ class _LayerCore(torch.autograd.Function):
         dx_in, dconv_w, dconv_b = native.conv_backward(zxbcdt[..., d_inner:d_inner + conv_dim], w2, conv_b, True,
                                                        [(0, conv_dim, dxbc)])
         du, dw_in, db_in = linear_split_backward(u, w_in, ctx.has_bias, (d_inner, conv_dim, H), (dz, dx_in, ddt))
-        return (du, dw_in, db_in, dconv_w.reshape(w2.shape[0], 1, -1), dconv_b, dts, dA * A, ddt_bias, dD, dw,
-                None, None)
+        dtparams, dts_in = [], None
+        if t is not None:                                                       # native time encoding's backward
+            dtparams = [torch.empty_like(p) for p in tparams]
+            _time_fn("mmm4rec_time_encoding_bwd", dts.dtype)(
+                t.data_ptr(), ctx.is_gaps, b, L, H, tparams[6].shape[-1], _pointers(tparams),
+                float(layer.time_encoding.eps), dts.data_ptr(), _pointers(dtparams), torch.get_num_threads())
+        else:
+            dts_in = dts
+        return (du, None, None, dts_in, None, None, dw_in, db_in, dconv_w.reshape(w2.shape[0], 1, -1), dconv_b,
+                dA * A, ddt_bias, dD, dw, dw_out, db_out, *dtparams)
 
 
 def _time_inputs(layer, timestamps, time_gaps):
@@ -248,12 +262,18 @@ def _infer(layer, u, timestamps, time_gaps, lens):
 
 
 def _train(layer, u, timestamps, time_gaps, lens):
-    ts = _time_scale(layer, timestamps, time_gaps, u.dtype).contiguous() if _time_inputs(
-        layer, timestamps, time_gaps) else None
-    conv = layer.conv1d
-    y = _LayerCore.apply(u.contiguous(), layer.in_proj.weight, layer.in_proj.bias, conv.weight, conv.bias, ts,
-                         layer.A_log, layer.dt_bias, layer.D, layer.norm.weight, layer, lens)
-    return F.linear(y, layer.out_proj.weight, layer.out_proj.bias)
+    t, is_gaps, ts_in, tparams = None, 0, None, ()
+    if _time_inputs(layer, timestamps, time_gaps):
+        enc = layer.time_encoding
+        if _native_time(enc, u.dtype):
+            t, is_gaps = _time_input(enc, timestamps, time_gaps)
+            tparams = [p.contiguous() for p in _time_params(enc)]
+        else:                                        # another encoding: its module, differentiated through
+            ts_in = enc(timestamps, time_gaps, None).to(u.dtype).contiguous()
+    conv, out_proj = layer.conv1d, layer.out_proj
+    return _LayerTrain.apply(u.contiguous(), t, is_gaps, ts_in, layer, lens, layer.in_proj.weight,
+                             layer.in_proj.bias, conv.weight, conv.bias, layer.A_log, layer.dt_bias, layer.D,
+                             layer.norm.weight, out_proj.weight, out_proj.bias, *tparams)
 
 
 def forward(layer, u, timestamps, time_gaps, lengths, return_state):
@@ -264,9 +284,11 @@ def forward(layer, u, timestamps, time_gaps, lengths, return_state):
         return None, why
     lens = None if lengths is None else lengths.to(torch.int64).contiguous()
     try:
-        out = (_train if torch.is_grad_enabled() else _infer)(layer, u, timestamps, time_gaps, lens)
+        if torch.is_grad_enabled():
+            return _train(layer, u, timestamps, time_gaps, lens), None
+        out = _infer(layer, u, timestamps, time_gaps, lens)
     except _NonFinite:
         return None, "NaN / inf input"
     if layer.out_proj.bias is not None and lens is not None:          # padded rows: 0, not the bias
-        out = out.masked_fill((torch.arange(u.shape[1])[None, :] >= lens[:, None])[..., None], 0.0)
+        out.masked_fill_((torch.arange(u.shape[1])[None, :] >= lens[:, None])[..., None], 0.0)
     return out, None
