@@ -176,8 +176,8 @@ std::vector<GySource<T>> gy_sources(int npieces, const int64_t* pieces, int64_t 
 }
 
 // dw_j += sum_t g_t x_{t-(k-1)+j}, dbias += sum_t g_t over one sequence, from its rows of g and x (gb, xb: L rows
-// of Cp channels): exact products of T in double, 8 channels at a time down the rows with the k + 1 sums and the
-// window of x rows (each converted once) in registers; the sums are added to this thread's dwt [k, Cp], dbt [Cp]
+// of Cp channels): exact products of T in double, 16 channels at a time down the rows with the k + 1 sums and
+// the window of x rows (each converted once) in registers; the sums are added to this thread's dwt [k, Cp], dbt [Cp]
 template <typename T, int K>
 inline void dw_sequence(const T* gb, const T* xb, int64_t L, int64_t k, int64_t Cp, double* dwt, double* dbt,
                         d8* any_k) {
@@ -194,22 +194,35 @@ inline void dw_sequence(const T* gb, const T* xb, int64_t L, int64_t k, int64_t 
         sum += v;
         std::memcpy(q, &sum, sizeof sum);
     };
-    for (int64_t c0 = 0; c0 < Cp; c0 += 8) {
-        d8 fixed[K ? 2 * K : 1];
-        d8* xd = K ? fixed : any_k;                    // xd[j] = x row t - (k-1) + j (0 before row 0)
-        d8* acc = xd + kk;
-        d8 db = d8{};
-        for (int64_t j = 0; j < kk; ++j) xd[j] = acc[j] = d8{};
-        for (int64_t t = 0; t < L; ++t) {
-            for (int64_t j = 0; j + 1 < kk; ++j) xd[j] = xd[j + 1];
-            xd[kk - 1] = load8(xb + t * Cp + c0);
-            const d8 g = load8(gb + t * Cp + c0);
-            for (int64_t j = 0; j < kk; ++j) acc[j] += g * xd[j];
-            db += g;
+    // G groups of 8 channels at once: 2 (k + 1) independent sums per row (one group's k + 1 would wait on the
+    // latency of the previous row's adds)
+    auto groups = [&](int64_t c0, auto G) {
+        d8 fixed[G ? G : 1][K ? 2 * K : 1];
+        d8* xd[G];                                     // xd[h][j] = x row t - (k-1) + j (0 before row 0)
+        d8* acc[G];
+        d8 db[G];
+        for (int h = 0; h < G; ++h) {
+            xd[h] = K ? fixed[h] : any_k + h * 2 * kk;
+            acc[h] = xd[h] + kk;
+            db[h] = d8{};
+            for (int64_t j = 0; j < kk; ++j) xd[h][j] = acc[h][j] = d8{};
         }
-        for (int64_t j = 0; j < kk; ++j) add8(dwt + j * Cp + c0, acc[j]);
-        add8(dbt + c0, db);
-    }
+        for (int64_t t = 0; t < L; ++t)
+            for (int h = 0; h < G; ++h) {
+                for (int64_t j = 0; j + 1 < kk; ++j) xd[h][j] = xd[h][j + 1];
+                xd[h][kk - 1] = load8(xb + t * Cp + c0 + 8 * h);
+                const d8 g = load8(gb + t * Cp + c0 + 8 * h);
+                for (int64_t j = 0; j < kk; ++j) acc[h][j] += g * xd[h][j];
+                db[h] += g;
+            }
+        for (int h = 0; h < G; ++h) {
+            for (int64_t j = 0; j < kk; ++j) add8(dwt + j * Cp + c0 + 8 * h, acc[h][j]);
+            add8(dbt + c0 + 8 * h, db[h]);
+        }
+    };
+    int64_t c0 = 0;
+    for (; c0 + 16 <= Cp; c0 += 16) groups(c0, std::integral_constant<int, 2>());
+    if (c0 < Cp) groups(c0, std::integral_constant<int, 1>());
 }
 
 template <typename T, int K, bool SILU>
@@ -225,7 +238,7 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t 
         const int tid = thread_index();
         double* dwt = dw_acc.data() + size_t(tid * kk * Cp);
         double* dbt = db_acc.data() + size_t(tid * Cp);
-        std::vector<d8> any_k(K ? 0 : 2 * kk);
+        std::vector<d8> any_k(K ? 0 : 4 * kk);
         std::vector<T> gb(size_t(L * Cp)), xb(size_t(L * Cp));    // the sequence's rows of g and x (padding: 0)
         std::vector<const T*> rows(static_cast<size_t>(kk));
         // dx_s = sum_j w_j g_{s+(k-1)-j} over the rows of g in gb (rows >= L: 0)
