@@ -185,3 +185,40 @@ def test_cached_constants_survive_a_first_call_under_inference_mode():
     a = torch.randn(2, 11, dtype=torch.float64, requires_grad=True)
     decay_matrix(a, torch.float32).sum().backward()
     assert a.grad is not None and torch.isfinite(a.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_silu_exp_at_extreme_and_random_preactivations(native_cpu, dtype):
+    """The native kernel's inlined exp (activations.h: exp_nonpositive) through SiLU and SiLU': k = 1, w = 1, no bias,
+    so the pre-activation IS x; y = x sigmoid(x) and dx = gy SiLU'(x) against torch's float64 values, elementwise,
+    at -100, -88, -20, 0, 20, 88, 100, +-inf, NaN and on random x.  Bounds: fp32 4e-7 relative (an exp off by 1e-6
+    relative fails), the gradient relative to the size of its two terms s and s |x| (1 - s) (it crosses 0 near
+    x = -1.28); float64 1e-14.  Non-finite entries: where torch's are, the same values."""
+    g = torch.Generator().manual_seed(3)
+    special = torch.tensor([-100.0, -88.0, -20.0, 0.0, 20.0, 88.0, 100.0, float("inf"), float("-inf"), float("nan")],
+                           dtype=torch.float64)
+    rand = torch.cat([torch.randn(4000, generator=g, dtype=torch.float64) * s for s in (1.0, 8.0, 40.0)])
+    v = torch.cat([special, rand]).to(dtype)
+    C = 16                                                    # a whole block of channels; 3 rows per value
+    x = v.repeat_interleave(C).reshape(1, -1, C)[..., :13]    # 13 channels: a partial block too
+    gy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.ones(13, 1, dtype=dtype)
+    y = native_cpu.conv_forward(x, w, None, True)
+    dx, dw, _ = native_cpu.conv_backward(x, w, None, True, [(0, 13, gy)])
+    p, g64 = x.double(), gy.double()
+    s = torch.sigmoid(p)
+    y_ref, grad_ref = p * s, g64 * s * (1 + p * (1 - s))
+    bound = 4e-7 if dtype == torch.float32 else 1e-14
+    tiny = 1e-35 if dtype == torch.float32 else 1e-300        # (results below are subnormal or 0 in fp32)
+    for name, ours, ref, scale in (("y", y, y_ref, y_ref.abs()),
+                                   ("dx", dx, grad_ref, (g64 * s * (1 + p.abs() * (1 - s))).abs())):
+        ours = ours.double()
+        fin = torch.isfinite(ref)
+        assert torch.equal(torch.isnan(ours), torch.isnan(ref)), name
+        assert torch.equal(ours[~fin & ~torch.isnan(ref)], ref[~fin & ~torch.isnan(ref)]), name
+        err = (ours - ref).abs()[fin]
+        sc = scale[fin]
+        big = sc > tiny
+        assert float((err[big] / sc[big]).max()) <= bound, (name, float((err[big] / sc[big]).max()))
+        assert not (~big).any() or float(err[~big].max()) <= 1e-37, name
+    assert torch.isnan(dw).all() and dw.shape == (13, 1)     # NaN and +-inf x NaN / inf gradients reach every dw

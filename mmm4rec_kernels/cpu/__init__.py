@@ -90,10 +90,10 @@ def _bind(lib):
     i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     for dt in ("f32", "f64"):
         fwd = getattr(lib, f"mmm4rec_conv_fwd_{dt}")
-        fwd.argtypes = [p, i64, i64, p, p, p, i64, i64, i64, i64, i32, i32]
+        fwd.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, i64, i64, i64, i32, i32]
         fwd.restype = None
         bwd = getattr(lib, f"mmm4rec_conv_bwd_{dt}")
-        bwd.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, i32, i32, p, p, p, p, p, p, p, p, i32]
+        bwd.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i32, i32, p, p, p, p, i32]
         bwd.restype = None
         fwd = getattr(lib, f"mmm4rec_ssd_quadratic_fwd_{dt}")
         fwd.argtypes = [p] * 7 + [i32, p] + [i64] * 6 + [i32]
@@ -202,41 +202,42 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def conv_forward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool) -> torch.Tensor:
-    """x [b, L, C] (channel stride 1), w [C, k], bias [C] or None (x's dtype) -> y [b, L, C] contiguous."""
+    """x [b, L, C] (channel stride 1), w [C, k] (any strides), bias [C] or None (x's dtype) -> y [b, L, C]
+    contiguous."""
     b, L, C = x.shape
-    k = w.shape[1]
-    wt = w.t().contiguous()
-    bias = None if bias is None else bias.contiguous()
     y = torch.empty(b, L, C, dtype=x.dtype)
     if y.numel():
-        fn = library().mmm4rec_conv_fwd_f32 if x.dtype == torch.float32 else library().mmm4rec_conv_fwd_f64
-        fn(_ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), _ptr(y), b, L, C, k, int(silu),
+        bias = None if bias is None else bias.contiguous()
+        lib = library()
+        fn = lib.mmm4rec_conv_fwd_f32 if x.dtype == torch.float32 else lib.mmm4rec_conv_fwd_f64
+        fn(x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), w.stride(0), w.stride(1),
+           None if bias is None else bias.data_ptr(), y.data_ptr(), b, L, C, w.shape[1], int(silu),
            torch.get_num_threads())
     return y
 
 
 def conv_backward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool, pieces):
     """Gradients of conv_forward: pieces = [(start, size, gy [b, L, size] or None)] covering the C channels.
-    Returns (dx [b, L, C], dw [C, k], dbias [C] or None)."""
+    Returns (dx [b, L, C], dw [C, k], dbias [C] or None), all written by the kernel."""
     b, L, C = x.shape
     k = w.shape[1]
-    wt = w.t().contiguous()
-    bias = None if bias is None else bias.contiguous()
     dx = torch.empty(b, L, C, dtype=x.dtype)
-    dwt = torch.zeros(k, C, dtype=x.dtype)
-    db = None if bias is None else torch.zeros(C, dtype=x.dtype)
-    if dx.numel():
-        gys = [None if g is None else rows(g) for _, _, g in pieces]
-        n = len(pieces)
-        arr = lambda ctype, vals: (ctype * n)(*vals)  # noqa: E731
-        fn = library().mmm4rec_conv_bwd_f32 if x.dtype == torch.float32 else library().mmm4rec_conv_bwd_f64
-        fn(_ptr(x), x.stride(0), x.stride(1), _ptr(wt), _ptr(bias), b, L, C, k, int(silu), n,
-           arr(ctypes.c_void_p, [None if g is None else g.data_ptr() for g in gys]),
-           arr(ctypes.c_int64, [s for s, _, _ in pieces]), arr(ctypes.c_int64, [z for _, z, _ in pieces]),
-           arr(ctypes.c_int64, [0 if g is None else g.stride(0) for g in gys]),
-           arr(ctypes.c_int64, [0 if g is None else g.stride(1) for g in gys]),
-           _ptr(dx), _ptr(dwt), _ptr(db), torch.get_num_threads())
-    return dx, dwt.t().contiguous(), db
+    if not dx.numel():
+        return dx, torch.zeros(C, k, dtype=x.dtype), None if bias is None else torch.zeros(C, dtype=x.dtype)
+    dw = torch.empty(C, k, dtype=x.dtype)
+    bias = None if bias is None else bias.contiguous()
+    db = None if bias is None else torch.empty(C, dtype=x.dtype)
+    gys = [None if g is None else rows(g) for _, _, g in pieces]
+    flat = []                                   # per piece: gy's address (0: unused), start, size, gy's strides
+    for (start, size, _), g in zip(pieces, gys):
+        flat += (0, start, size, 0, 0) if g is None else (g.data_ptr(), start, size, g.stride(0), g.stride(1))
+    lib = library()
+    fn = lib.mmm4rec_conv_bwd_f32 if x.dtype == torch.float32 else lib.mmm4rec_conv_bwd_f64
+    fn(x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), w.stride(0), w.stride(1),
+       None if bias is None else bias.data_ptr(), b, L, C, k, int(silu), len(pieces),
+       (ctypes.c_int64 * len(flat))(*flat), dx.data_ptr(), dw.data_ptr(), None if db is None else db.data_ptr(),
+       torch.get_num_threads())
+    return dx, dw, db
 
 
 # ------------------------------------------------------------------------------------ time-aware SSD, quadratic form

@@ -34,3 +34,139 @@ template <typename T>
 inline T softplus_of(T v) {                     // torch's F.softplus (beta 1, threshold 20)
     return v > T(20) ? v : std::log1p(std::exp(v));
 }
+
+// ------------------------------------------------------------------------------------------- W lanes at once
+// The same functions on W lanes at once (GCC / clang vector extensions: 16 floats / 8 doubles with AVX-512), for
+// kernels that keep their running state in registers
+// (causal_conv.cpp).  The exp is inlined (range reduction + polynomial) instead of libmvec's call, and the
+// sigmoid's 1 / (1 + e) uses the fp32 reciprocal estimate with one Newton step where AVX-512 has it.
+#include <cstdint>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+// one vector: 64 bytes with AVX-512, 32 with AVX, else 16 (wider vector types would be split, some operations lane
+// by lane)
+#if defined(__AVX512F__)
+#define MMM4REC_VECTOR_BYTES 64
+#elif defined(__AVX__)
+#define MMM4REC_VECTOR_BYTES 32
+#else
+#define MMM4REC_VECTOR_BYTES 16
+#endif
+template <typename T>
+struct lanes;
+template <>
+struct lanes<float> {
+    typedef float v __attribute__((vector_size(MMM4REC_VECTOR_BYTES)));
+    typedef int32_t i __attribute__((vector_size(MMM4REC_VECTOR_BYTES)));
+    static constexpr int n = MMM4REC_VECTOR_BYTES / 4;
+};
+template <>
+struct lanes<double> {
+    typedef double v __attribute__((vector_size(MMM4REC_VECTOR_BYTES)));
+    typedef int64_t i __attribute__((vector_size(MMM4REC_VECTOR_BYTES)));
+    static constexpr int n = MMM4REC_VECTOR_BYTES / 8;
+};
+
+// exp(a) for a <= 0 or NaN (the sigmoid's exp(-|p|)), branch-free:
+//   a = m ln2 + r with m = round(a / ln2), |r| <= ln2 / 2: r = (a - m ln2_hi) - m ln2_lo, where ln2_hi has few
+//   bits (m ln2_hi and the first difference are exact) and ln2_lo = ln2 - ln2_hi;
+//   exp(r) = sum_{i <= d} r^i / i!, Horner (d = 7 for float: truncation < 5.3e-9 relative; d = 13 for double:
+//   < 4.3e-18), so the result is within a few ulp;
+//   times 2^m: with AVX-512 by vscalef (one rounding, into the subnormal range too; a is first clamped at lo, where
+//   2^m exp(r) rounds to exactly 0), otherwise as 2^(m/2) 2^(m - m/2), two normal powers of two built from their
+//   bits, so that results in the subnormal range are rounded once (and a < lo selects 0).
+// exp(-inf) = 0, exp(NaN) = NaN.
+template <typename T>
+inline typename lanes<T>::v exp_nonpositive(typename lanes<T>::v a) {
+    typedef typename lanes<T>::v V;
+    constexpr bool f32 = sizeof(T) == 4;
+    const T ln2_hi = f32 ? T(0.693359375) : T(0.6931471806019545);
+    const T ln2_lo = f32 ? T(-2.12194440e-4) : T(-4.2009150726810846e-11);
+    const T log2e = T(1.4426950408889634);
+    const int degree = f32 ? 7 : 13;
+    T inv_fact[14];                                           // 1 / i!
+    inv_fact[0] = T(1);
+    for (int i = 1; i <= degree; ++i) inv_fact[i] = inv_fact[i - 1] / T(i);
+    // r = (a - m ln2_hi) - m ln2_lo: the first difference is made opaque, or -fassociative-math would merge the two
+    // products into a - m (ln2_hi + ln2_lo), whose rounded ln2 costs up to ~150 x 2e-9 relative (float)
+    auto reduce = [&](V a, V mf) {
+        V r = a - mf * ln2_hi;
+#if defined(__AVX512F__)
+        __asm__("" : "+v"(r));
+#elif defined(__x86_64__) || defined(__i386__)
+        __asm__("" : "+x"(r));
+#else
+        __asm__("" : "+m"(r));
+#endif
+        return r - mf * ln2_lo;
+    };
+    auto exp_r = [&](V r) {                                   // exp(r), |r| <= ln2 / 2
+        V p = V{} + inv_fact[degree];
+        for (int i = degree - 1; i >= 0; --i) p = p * r + inv_fact[i];
+        return p;
+    };
+#if defined(__AVX512F__)
+    const T lo = f32 ? T(-110) : T(-760);                    // 2^m exp(r) < 2^-160 / 2^-1090: rounds to 0
+    const V ac = a < lo ? V{} + lo : a;                       // (NaN stays)
+    if constexpr (f32) {
+        const V mf = (V)_mm512_roundscale_ps((__m512)(ac * log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        return (V)_mm512_scalef_ps((__m512)exp_r(reduce(ac, mf)), (__m512)mf);
+    } else {
+        const V mf = (V)_mm512_roundscale_pd((__m512d)(ac * log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        return (V)_mm512_scalef_pd((__m512d)exp_r(reduce(ac, mf)), (__m512d)mf);
+    }
+#else
+    typedef typename lanes<T>::i I;
+    const T lo = f32 ? T(-104) : T(-745.2);                  // exp(lo) < half the smallest subnormal
+    const int mant = f32 ? 23 : 52, bias = f32 ? 127 : 1023;
+    const I valid = a >= lo;                                  // false for NaN and below lo
+    const V ac = valid ? a : V{} + lo;                       // finite, in [lo, 0]
+    const I m = __builtin_convertvector(ac * log2e - T(0.5), I);     // trunc(x - 1/2) = round(x) for x <= 0
+    const V mf = __builtin_convertvector(m, V);
+    const V p = exp_r(reduce(ac, mf));
+    const I m1 = m >> 1, m2 = m - m1;                         // m1, m2 >= lo / ln2 / 2 - 1: normal powers
+    const V e = (p * (V)((m1 + bias) << mant)) * (V)((m2 + bias) << mant);
+    return valid ? e : (a == a ? V{} : a);
+#endif
+}
+
+// 1 / d for d in [1, 2] or NaN (the sigmoid's 1 / (1 + e)): fp32 with AVX-512, the 14-bit estimate and one Newton
+// step r (2 - d r) (relative error ~2^-28 before rounding); otherwise a division
+template <typename T>
+inline typename lanes<T>::v recip_1_2(typename lanes<T>::v d) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4) {
+        const typename lanes<T>::v r = (typename lanes<T>::v)_mm512_maskz_rcp14_ps(__mmask16(0xffff), (__m512)d);
+        return r * (T(2) - d * r);
+    }
+#endif
+    return T(1) / d;
+}
+
+// sigmoid_pair above, on W lanes
+template <typename T>
+inline void sigmoid_pair_v(typename lanes<T>::v p, typename lanes<T>::v& s, typename lanes<T>::v& c) {
+    typedef typename lanes<T>::v V;
+    const V e = exp_nonpositive<T>(p < T(0) ? p : -p);      // exp(-|p|); NaN stays NaN
+    const V r = recip_1_2<T>(T(1) + e);
+    const V er = e * r;
+    const auto pos = p >= T(0);
+    s = pos ? r : er;
+    c = pos ? er : r;
+}
+
+template <typename T>
+inline typename lanes<T>::v silu_of_v(typename lanes<T>::v p) {
+    typename lanes<T>::v s, c;
+    sigmoid_pair_v<T>(p, s, c);
+    return p * s;
+}
+
+template <typename T>
+inline typename lanes<T>::v silu_grad_v(typename lanes<T>::v p) {
+    typename lanes<T>::v s, c;
+    sigmoid_pair_v<T>(p, s, c);
+    return s * (T(1) + p * c);
+}

@@ -6,14 +6,20 @@
 // Backward, with g = dL/dpre = gy * SiLU'(pre) (pre recomputed from x, never stored):
 //   dx[b, s, c] = sum_j w[c, j] * g[b, s + (k-1) - j, c]   (g = 0 past the end)
 //   dw[c, j]    = sum_{b,t} g[b, t, c] * x[b, t - (k-1) + j, c],   dbias[c] = sum_{b,t} g[b, t, c]
-// The taps come transposed, wt [k, C] (and dw goes out as [k, C]), so every inner loop runs over contiguous channels.
-// One pass over memory each way (the torch path needs ~7 forward and ~20 backward passes).  Rows are addressed with
-// a row stride (elements between (b, t) and (b, t+1)), so a channel slice of a wider tensor needs no copy; channels
-// are contiguous.  Parallel over the batch with OpenMP when built with it; dw / dbias are summed per thread in
-// double and then added in a fixed order, so results do not depend on the thread count's timing.
+// Every row is one pass over its channels in blocks of W (one 64-byte vector: 16 floats / 8 doubles; the last block
+// of a row may be partial), rows in order, so x, gy, y and dx stream through memory once; the SiLU's exp is inlined
+// (activations.h: exp_nonpositive).  The backward keeps one sequence's rows of x and g in a per-thread buffer (L1 /
+// L2): dx of row t - (k-1) is written as soon as g of row t is known, and dw / dbias are then summed from the
+// buffer 8 channels at a time down the rows with their sums in registers.  Rows are addressed with a row stride
+// (elements between (b, t) and (b, t+1)), so a channel slice of a wider tensor needs no copy; channels are
+// contiguous.  Parallel over the batch with OpenMP when built with it; dw / dbias are summed per thread in double
+// (exact products of T) and the threads' sums added in a fixed order at the end, so results do not depend on the
+// threads' timing.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -24,181 +30,301 @@
 
 namespace {
 
-// Every row is one fused pass over its channels: the k taps are summed in registers (K = k when k is 2..4, so the
-// tap loop unrolls and the channel loop vectorises, libmvec's exp included; K = 0: any k), taps before t = 0 read a
-// row of zeros.  taps[j] = the input row of tap j for output row t (or the zero row).
+template <typename T>
+using vec = typename lanes<T>::v;
+typedef double d8 __attribute__((vector_size(64)));    // the double sums of 8 lanes
+
+// A row's channels go in blocks of W: whole blocks (lane count Whole<T>, a constant: one vector moves) and the last
+// partial block of n < W lanes (int n: lane by lane, never past the row's end; the other lanes load as 0).
+template <typename T>
+using Whole = std::integral_constant<int, lanes<T>::n>;
+
+template <typename T>
+inline vec<T> load(const T* p) {
+    vec<T> v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+template <typename T>
+inline vec<T> load(const T* p, Whole<T>) {
+    return load(p);
+}
+template <typename T>
+inline vec<T> load(const T* p, int n) {
+    vec<T> v = vec<T>{};
+    for (int e = 0; e < n; ++e) v[e] = p[e];
+    return v;
+}
+
+template <typename T>
+inline void store(T* p, vec<T> v, Whole<T>) {
+    std::memcpy(p, &v, sizeof v);
+}
+template <typename T>
+inline void store(T* p, vec<T> v, int n) {
+    for (int e = 0; e < n; ++e) p[e] = v[e];
+}
+
+// f(c0, n) for the blocks of a row of C channels: the whole ones, then the partial one (if any)
+template <typename T, typename F>
+inline void for_blocks(int64_t C, F&& f) {
+    constexpr int W = lanes<T>::n;
+    int64_t c0 = 0;
+    for (; c0 + W <= C; c0 += W) f(c0, Whole<T>());
+    if (c0 < C) f(c0, int(C - c0));
+}
+
+// the taps transposed and padded to whole blocks, wt[j * Cp + c] = w[c, j] (w [C, k] with any strides), and the
+// bias (0 without one); padding lanes are 0
+template <typename T>
+struct Taps {
+    int64_t Cp;
+    std::vector<T> wt, bias;
+    Taps(const T* w, int64_t swc, int64_t swj, const T* b, int64_t C, int64_t k)
+        : Cp((C + lanes<T>::n - 1) / lanes<T>::n * lanes<T>::n), wt(size_t(k * Cp), T(0)), bias(size_t(Cp), T(0)) {
+        for (int64_t c = 0; c < C; ++c) {
+            for (int64_t j = 0; j < k; ++j) wt[j * Cp + c] = w[c * swc + j * swj];
+            if (b) bias[c] = b[c];
+        }
+    }
+};
+
+// x rows t-(k-1) .. t of one sequence (tap j: rows[j]); rows before 0 are the zero row
 template <typename T, int K>
-inline void tap_rows(const T* xs, int64_t sx, int64_t t, int64_t k, const T* zeros, const T** taps) {
+inline void tap_rows(const T* xs, int64_t sx, int64_t t, int64_t k, const T* zeros, const T** rows) {
     const int64_t kk = K ? K : k;
     for (int64_t j = 0; j < kk; ++j) {
         const int64_t src = t - (kk - 1) + j;
-        taps[j] = src < 0 ? zeros : xs + src * sx;
+        rows[j] = src < 0 ? zeros : xs + src * sx;
     }
 }
 
-// pre[c] = bias[c] + sum_j w[c, j] x[t - (k-1) + j, c] for one channel c
-template <typename T, int K>
-inline T pre_at(const T* const* taps, const T* wt, int64_t C, int64_t k, const T* bias, int64_t c) {
+template <typename T, int K, bool SILU>
+void forward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, T* y, int64_t B, int64_t L, int64_t C,
+               int64_t k, int nthreads) {
     const int64_t kk = K ? K : k;
-    T acc = bias ? bias[c] : T(0);
-    for (int64_t j = 0; j < kk; ++j) acc += wt[j * C + c] * taps[j][c];
-    return acc;
+    const std::vector<T> zeros(size_t(tp.Cp), T(0));
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        std::vector<const T*> rows(static_cast<size_t>(kk));
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t t = 0; t < L; ++t) {
+                tap_rows<T, K>(x + b * sxb, sx, t, k, zeros.data(), rows.data());
+                T* yr = y + (b * L + t) * C;
+                for_blocks<T>(C, [&](int64_t c0, auto n) {
+                    vec<T> pre = load(tp.bias.data() + c0);
+                    for (int64_t j = 0; j < kk; ++j)
+                        pre += load(tp.wt.data() + j * tp.Cp + c0) * load(rows[size_t(j)] + c0, n);
+                    store(yr + c0, SILU ? silu_of_v<T>(pre) : pre, n);
+                });
+            }
+    }
 }
 
-template <typename T, int K>
-void forward_k(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, T* y, int64_t B, int64_t L,
-               int64_t C, int64_t k, int silu, int nthreads) {
-    const int64_t kk = K ? K : k;
-    std::vector<T> zeros(C, T(0));
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t b = 0; b < B; ++b) {
-        std::vector<const T*> taps(kk);
-        for (int64_t t = 0; t < L; ++t) {
-            T* __restrict yr = y + (b * L + t) * C;
-            tap_rows<T, K>(x + b * sxb, sx, t, k, zeros.data(), taps.data());
-            if (silu)
-                for (int64_t c = 0; c < C; ++c) yr[c] = silu_of(pre_at<T, K>(taps.data(), wt, C, k, bias, c));
-            else
-                for (int64_t c = 0; c < C; ++c) yr[c] = pre_at<T, K>(taps.data(), wt, C, k, bias, c);
+// Where a block's gy comes from.  gy pieces: channel ranges [start, start + size) with their own base pointer and
+// row strides; a null pointer is an unused piece (gradient 0).  A block inside one piece reads one vector per row;
+// a block across pieces goes lane by lane.
+template <typename T>
+struct GySource {
+    static constexpr int W = lanes<T>::n;
+    bool whole = true;
+    const T* base = nullptr;                       // whole: gy of the block's first channel at (0, 0), or null
+    int64_t sb = 0, st = 0;
+    const T* lane_base[W] = {};                    // across pieces: the same per lane
+    int64_t lane_sb[W] = {}, lane_st[W] = {};
+
+    template <typename N>
+    inline vec<T> row(int64_t b, int64_t t, N n) const {
+        if (whole) return base ? load(base + b * sb + t * st, n) : vec<T>{};
+        vec<T> v = vec<T>{};
+        for (int e = 0; e < n; ++e)
+            if (lane_base[e]) v[e] = lane_base[e][b * lane_sb[e] + t * lane_st[e]];
+        return v;
+    }
+};
+
+// pieces: 5 int64 per piece: gy's address, start, size, gy's batch and row strides
+template <typename T>
+std::vector<GySource<T>> gy_sources(int npieces, const int64_t* pieces, int64_t C) {
+    constexpr int W = lanes<T>::n;
+    std::vector<GySource<T>> out(size_t((C + W - 1) / W));
+    for (int64_t c0 = 0; c0 < C; c0 += W) {
+        GySource<T>& s = out[size_t(c0 / W)];
+        const int n = int(std::min<int64_t>(W, C - c0));
+        int first = -1;
+        for (int e = 0; e < n; ++e)
+            for (int p = 0; p < npieces; ++p) {
+                const int64_t* q = pieces + 5 * p;
+                if (c0 + e < q[1] || c0 + e >= q[1] + q[2]) continue;
+                const T* gy = reinterpret_cast<const T*>(intptr_t(q[0]));
+                s.lane_base[e] = gy ? gy + (c0 + e - q[1]) : nullptr;
+                s.lane_sb[e] = q[3];
+                s.lane_st[e] = q[4];
+                if (e == 0) first = p;
+                if (p != first) s.whole = false;
+                break;
+            }
+        if (first < 0) s.whole = false;            // (pieces that do not cover the channels: gradient 0)
+        if (s.whole) {
+            s.base = s.lane_base[0];
+            s.sb = s.lane_sb[0];
+            s.st = s.lane_st[0];
         }
     }
+    return out;
 }
 
-// one sequence's dw_j[c] += sum_s g[s + (k-1) - j][c] x[s][c] (g = 0 past the end), dbias[c] += sum_s g[s][c]:
-// exact products of T in double, 8 channels at a time with the k + 1 sums in registers across the whole sequence
-// (no load / store of the double sums per row); other channels and k: the same sums, scalar
+// dw_j += sum_t g_t x_{t-(k-1)+j}, dbias += sum_t g_t over one sequence, from its rows of g and x (gb, xb: L rows
+// of Cp channels): exact products of T in double, 16 channels at a time down the rows with the k + 1 sums and
+// the window of x rows (each converted once) in registers; the sums are added to this thread's dwt [k, Cp], dbt [Cp]
 template <typename T, int K>
-void dw_sequence(const T* xs, int64_t sx, const T* g, int64_t L, int64_t C, int64_t k, double* dwt, double* dbt) {
-    typedef double d8 __attribute__((vector_size(64)));
+inline void dw_sequence(const T* gb, const T* xb, int64_t L, int64_t k, int64_t Cp, double* dwt, double* dbt,
+                        d8* any_k) {
     typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
     const int64_t kk = K ? K : k;
-    auto load8 = [](const T* p) {
+    auto load8 = [](const T* q) {
         t8 v;
-        std::memcpy(&v, p, sizeof v);
+        std::memcpy(&v, q, sizeof v);
         return __builtin_convertvector(v, d8);
     };
+    auto add8 = [](double* q, d8 v) {
+        d8 sum;
+        std::memcpy(&sum, q, sizeof sum);
+        sum += v;
+        std::memcpy(q, &sum, sizeof sum);
+    };
+    // G groups of 8 channels at once: 2 (k + 1) independent sums per row (one group's k + 1 would wait on the
+    // latency of the previous row's adds)
+    auto groups = [&](int64_t c0, auto G) {
+        d8 fixed[G ? G : 1][K ? 2 * K : 1];
+        d8* xd[G];                                     // xd[h][j] = x row t - (k-1) + j (0 before row 0)
+        d8* acc[G];
+        d8 db[G];
+        for (int h = 0; h < G; ++h) {
+            xd[h] = K ? fixed[h] : any_k + h * 2 * kk;
+            acc[h] = xd[h] + kk;
+            db[h] = d8{};
+            for (int64_t j = 0; j < kk; ++j) xd[h][j] = acc[h][j] = d8{};
+        }
+        for (int64_t t = 0; t < L; ++t)
+            for (int h = 0; h < G; ++h) {
+                for (int64_t j = 0; j + 1 < kk; ++j) xd[h][j] = xd[h][j + 1];
+                xd[h][kk - 1] = load8(xb + t * Cp + c0 + 8 * h);
+                const d8 g = load8(gb + t * Cp + c0 + 8 * h);
+                for (int64_t j = 0; j < kk; ++j) acc[h][j] += g * xd[h][j];
+                db[h] += g;
+            }
+        for (int h = 0; h < G; ++h) {
+            for (int64_t j = 0; j < kk; ++j) add8(dwt + j * Cp + c0 + 8 * h, acc[h][j]);
+            add8(dbt + c0 + 8 * h, db[h]);
+        }
+    };
     int64_t c0 = 0;
-    if (K > 0)
-        for (; c0 + 8 <= C; c0 += 8) {
-            d8 acc[K > 0 ? K : 1], db = d8{};
-            for (int j = 0; j < K; ++j) acc[j] = d8{};
-            for (int64_t s = 0; s < L; ++s) {
-                const d8 xv = load8(xs + s * sx + c0);
-                for (int j = 0; j < K; ++j) {
-                    const int64_t t = s + (K - 1) - j;
-                    if (t < L) acc[j] += load8(g + t * C + c0) * xv;
-                }
-                db += load8(g + s * C + c0);
-            }
-            for (int j = 0; j < K; ++j)
-                for (int e = 0; e < 8; ++e) dwt[j * C + c0 + e] += acc[j][e];
-            for (int e = 0; e < 8; ++e) dbt[c0 + e] += db[e];
-        }
-    for (; c0 < C; ++c0)
-        for (int64_t s = 0; s < L; ++s) {
-            const double xv = double(xs[s * sx + c0]);
-            for (int64_t j = 0; j < kk; ++j) {
-                const int64_t t = s + (kk - 1) - j;
-                if (t < L) dwt[j * C + c0] += double(g[t * C + c0]) * xv;
-            }
-            dbt[c0] += double(g[s * C + c0]);
-        }
+    for (; c0 + 16 <= Cp; c0 += 16) groups(c0, std::integral_constant<int, 2>());
+    if (c0 < Cp) groups(c0, std::integral_constant<int, 1>());
 }
 
-// gy pieces: npieces channel ranges [start, start + size) with their own base pointer and row strides; a null
-// pointer is an unused piece (gradient 0).
-template <typename T, int K>
-void backward_k(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, int64_t B, int64_t L, int64_t C,
-                int64_t k, int silu, int npieces, const T* const* gy, const int64_t* starts, const int64_t* sizes,
-                const int64_t* sgb, const int64_t* sg, T* dx, T* dw, T* dbias, int nthreads) {
-    const int64_t kk = K ? K : k;
-    int nt = nthreads > 1 ? nthreads : 1;
-    std::vector<double> dw_acc(size_t(nt) * C * kk, 0.0), db_acc(size_t(nt) * C, 0.0);
-    std::vector<T> zeros(C, T(0));
+template <typename T, int K, bool SILU>
+void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t B, int64_t L, int64_t C, int64_t k,
+                const std::vector<GySource<T>>& gys, T* dx, T* dw, T* dbias, int nthreads) {
+    constexpr int W = lanes<T>::n;
+    const int64_t kk = K ? K : k, Cp = tp.Cp;
+    const int nt = nthreads > 1 ? nthreads : 1;
+    std::vector<double> dw_acc(size_t(nt * kk * Cp), 0.0), db_acc(size_t(nt * Cp), 0.0);   // [thread][j][c]
+    const std::vector<T> zeros(size_t(Cp), T(0));
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int tid = thread_index();
-        std::vector<T> g(size_t(L) * C);
-        std::vector<const T*> taps(kk), grows(kk);
-        double* dwt = dw_acc.data() + size_t(tid) * C * kk;
-        double* dbt = db_acc.data() + size_t(tid) * C;
+        double* dwt = dw_acc.data() + size_t(tid * kk * Cp);
+        double* dbt = db_acc.data() + size_t(tid * Cp);
+        std::vector<d8> any_k(K ? 0 : 4 * kk);
+        std::vector<T> gb(size_t(L * Cp)), xb(size_t(L * Cp));    // the sequence's rows of g and x (padding: 0)
+        std::vector<const T*> rows(static_cast<size_t>(kk));
+        // dx_s = sum_j w_j g_{s+(k-1)-j} over the rows of g in gb (rows >= L: 0)
+        auto dx_row = [&](int64_t b, int64_t s) {
+            for (int64_t j = 0; j < kk; ++j) {
+                const int64_t t = s + (kk - 1) - j;
+                rows[size_t(j)] = t < L ? gb.data() + t * Cp : zeros.data();
+            }
+            T* dxr = dx + (b * L + s) * C;
+            for_blocks<T>(C, [&](int64_t c0, auto n) {
+                vec<T> d = load(tp.wt.data() + c0) * load(rows[0] + c0);
+                for (int64_t j = 1; j < kk; ++j) d += load(tp.wt.data() + j * Cp + c0) * load(rows[size_t(j)] + c0);
+                store(dxr + c0, d, n);
+            });
+        };
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
-            const T* xs = x + b * sxb;
-            for (int64_t t = 0; t < L; ++t) {                  // g = gy * SiLU'(pre), row by row
-                T* __restrict gr = g.data() + t * C;
-                tap_rows<T, K>(xs, sx, t, k, zeros.data(), taps.data());
-                for (int p = 0; p < npieces; ++p) {
-                    const int64_t c0 = starts[p], m = sizes[p];
-                    T* __restrict gp = gr + c0;
-                    if (!gy[p]) {                              // unused piece: 0 (times SiLU', as with a zero gy)
-                        if (silu)
-                            for (int64_t c = 0; c < m; ++c)
-                                gp[c] = T(0) * silu_grad(pre_at<T, K>(taps.data(), wt, C, k, bias, c0 + c));
-                        else
-                            for (int64_t c = 0; c < m; ++c) gp[c] = T(0);
-                        continue;
+            for (int64_t t = 0; t < L; ++t) {
+                // x row t into xb, and g_t = gy_t * SiLU'(pre_t) (an unused piece: 0 * SiLU', NaN stays NaN) into gb
+                const T* xt = x + b * sxb + t * sx;
+                T* xbt = xb.data() + t * Cp;
+                T* gbt = gb.data() + t * Cp;
+                tap_rows<T, K>(xb.data(), Cp, t, k, zeros.data(), rows.data());
+                for_blocks<T>(C, [&](int64_t c0, auto n) {
+                    const vec<T> xv = load(xt + c0, n);
+                    std::memcpy(xbt + c0, &xv, sizeof xv);
+                    vec<T> g = gys[size_t(c0 / W)].row(b, t, n);
+                    if (SILU) {
+                        vec<T> pre = load(tp.bias.data() + c0) + load(tp.wt.data() + (kk - 1) * Cp + c0) * xv;
+                        for (int64_t j = 0; j + 1 < kk; ++j)
+                            pre += load(tp.wt.data() + j * Cp + c0) * load(rows[size_t(j)] + c0);
+                        g *= silu_grad_v<T>(pre);
                     }
-                    const T* __restrict src = gy[p] + b * sgb[p] + t * sg[p];
-                    if (silu)
-                        for (int64_t c = 0; c < m; ++c)
-                            gp[c] = src[c] * silu_grad(pre_at<T, K>(taps.data(), wt, C, k, bias, c0 + c));
-                    else
-                        for (int64_t c = 0; c < m; ++c) gp[c] = src[c];
-                }
+                    std::memcpy(gbt + c0, &g, sizeof g);
+                });
+                if (t >= kk - 1) dx_row(b, t - (kk - 1));
             }
-            // x row s meets output row t_j = s + (k-1) - j through tap j (g = 0 past the end):
-            //   dx_s = sum_j w_j g_{t_j} (row by row),  dw_j += g_{t_j} x_s,  dbias += g_s (dw_sequence)
-            for (int64_t s = 0; s < L; ++s) {
-                for (int64_t j = 0; j < kk; ++j) {
-                    const int64_t t = s + (kk - 1) - j;
-                    grows[j] = t < L ? g.data() + t * C : zeros.data();
-                }
-                T* __restrict dxr = dx + (b * L + s) * C;
-                if (kk == 4) {                                 // (the common k: four rows in one pass)
-                    const T *__restrict g0 = grows[0], *__restrict g1 = grows[1], *__restrict g2 = grows[2],
-                                                       *__restrict g3 = grows[3];
-                    const T *__restrict w0 = wt, *__restrict w1 = wt + C, *__restrict w2 = wt + 2 * C,
-                                                 *__restrict w3 = wt + 3 * C;
-                    for (int64_t c = 0; c < C; ++c) dxr[c] = w0[c] * g0[c] + w1[c] * g1[c] + w2[c] * g2[c] + w3[c] * g3[c];
-                } else {
-                    for (int64_t c = 0; c < C; ++c) dxr[c] = T(0);
-                    for (int64_t j = 0; j < kk; ++j) {
-                        const T* __restrict gj = grows[j];
-                        const T* __restrict wj = wt + j * C;
-                        for (int64_t c = 0; c < C; ++c) dxr[c] += wj[c] * gj[c];
-                    }
-                }
-            }
-            dw_sequence<T, K>(xs, sx, g.data(), L, C, k, dwt, dbt);
+            for (int64_t s = std::max<int64_t>(0, L - (kk - 1)); s < L; ++s) dx_row(b, s);
+            dw_sequence<T, K>(gb.data(), xb.data(), L, k, Cp, dwt, dbt, any_k.data());
         }
     }
-    sum_thread_partials(dw_acc, nt, C * kk, dw);
-    if (dbias) sum_thread_partials(db_acc, nt, C, dbias);
-}
-
-template <typename T>
-void forward(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, T* y, int64_t B, int64_t L, int64_t C,
-             int64_t k, int silu, int nthreads) {
-    switch (k) {
-        case 4: return forward_k<T, 4>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);
-        case 3: return forward_k<T, 3>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);
-        case 2: return forward_k<T, 2>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);
-        default: return forward_k<T, 0>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);
+    // dw [C, k], dbias [C]: the threads' sums added in thread order
+    for (int64_t c = 0; c < C; ++c) {
+        for (int64_t j = 0; j < kk; ++j) {
+            double acc = 0.0;
+            for (int t = 0; t < nt; ++t) acc += dw_acc[size_t((t * kk + j) * Cp + c)];
+            dw[c * kk + j] = T(acc);
+        }
+        if (dbias) {
+            double acc = 0.0;
+            for (int t = 0; t < nt; ++t) acc += db_acc[size_t(t * Cp + c)];
+            dbias[c] = T(acc);
+        }
     }
 }
 
 template <typename T>
-void backward(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, int64_t B, int64_t L, int64_t C,
-              int64_t k, int silu, int npieces, const T* const* gy, const int64_t* starts, const int64_t* sizes,
-              const int64_t* sgb, const int64_t* sg, T* dx, T* dw, T* dbias, int nthreads) {
-#define MMM4REC_CONV_BWD(KK) \
-    backward_k<T, KK>(x, sxb, sx, wt, bias, B, L, C, k, silu, npieces, gy, starts, sizes, sgb, sg, dx, dw, dbias, nthreads)
+void forward(const T* x, int64_t sxb, int64_t sx, const T* w, int64_t swc, int64_t swj, const T* bias, T* y,
+             int64_t B, int64_t L, int64_t C, int64_t k, int silu, int nthreads) {
+    const Taps<T> tp(w, swc, swj, bias, C, k);
+#define MMM4REC_CONV_FWD(KK)                                                                \
+    return silu ? forward_k<T, KK, true>(x, sxb, sx, tp, y, B, L, C, k, nthreads)           \
+                : forward_k<T, KK, false>(x, sxb, sx, tp, y, B, L, C, k, nthreads)
     switch (k) {
-        case 4: return MMM4REC_CONV_BWD(4);
-        case 3: return MMM4REC_CONV_BWD(3);
-        case 2: return MMM4REC_CONV_BWD(2);
-        default: return MMM4REC_CONV_BWD(0);
+        case 4: MMM4REC_CONV_FWD(4);
+        case 3: MMM4REC_CONV_FWD(3);
+        case 2: MMM4REC_CONV_FWD(2);
+        default: MMM4REC_CONV_FWD(0);
+    }
+#undef MMM4REC_CONV_FWD
+}
+
+template <typename T>
+void backward(const T* x, int64_t sxb, int64_t sx, const T* w, int64_t swc, int64_t swj, const T* bias, int64_t B,
+              int64_t L, int64_t C, int64_t k, int silu, int npieces, const int64_t* pieces, T* dx, T* dw, T* dbias,
+              int nthreads) {
+    const Taps<T> tp(w, swc, swj, bias, C, k);
+    const std::vector<GySource<T>> gys = gy_sources<T>(npieces, pieces, C);
+#define MMM4REC_CONV_BWD(KK)                                                                   \
+    return silu ? backward_k<T, KK, true>(x, sxb, sx, tp, B, L, C, k, gys, dx, dw, dbias, nthreads) \
+                : backward_k<T, KK, false>(x, sxb, sx, tp, B, L, C, k, gys, dx, dw, dbias, nthreads)
+    switch (k) {
+        case 4: MMM4REC_CONV_BWD(4);
+        case 3: MMM4REC_CONV_BWD(3);
+        case 2: MMM4REC_CONV_BWD(2);
+        default: MMM4REC_CONV_BWD(0);
     }
 #undef MMM4REC_CONV_BWD
 }
@@ -215,17 +341,18 @@ int mmm4rec_conv_has_openmp() {
 #endif
 }
 
+// w [C, k] with strides (swc, swj); bias [C] or null.  Backward: pieces = npieces x (gy address, start, size, gy's
+// batch stride, gy's row stride); dx [B, L, C], dw [C, k], dbias [C] (or null) contiguous, all written.
 #define MMM4REC_CONV_ENTRIES(T, SUFFIX)                                                                               \
-    void mmm4rec_conv_fwd_##SUFFIX(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, T* y, int64_t B, \
-                                   int64_t L, int64_t C, int64_t k, int silu, int nthreads) {                       \
-        forward<T>(x, sxb, sx, wt, bias, y, B, L, C, k, silu, nthreads);                                           \
+    void mmm4rec_conv_fwd_##SUFFIX(const T* x, int64_t sxb, int64_t sx, const T* w, int64_t swc, int64_t swj,        \
+                                   const T* bias, T* y, int64_t B, int64_t L, int64_t C, int64_t k, int silu,       \
+                                   int nthreads) {                                                                  \
+        forward<T>(x, sxb, sx, w, swc, swj, bias, y, B, L, C, k, silu, nthreads);                                  \
     }                                                                                                               \
-    void mmm4rec_conv_bwd_##SUFFIX(const T* x, int64_t sxb, int64_t sx, const T* wt, const T* bias, int64_t B,       \
-                                   int64_t L, int64_t C, int64_t k, int silu, int npieces, const T* const* gy,      \
-                                   const int64_t* starts, const int64_t* sizes, const int64_t* sgb,                 \
-                                   const int64_t* sg, T* dx, T* dw, T* dbias, int nthreads) {                       \
-        backward<T>(x, sxb, sx, wt, bias, B, L, C, k, silu, npieces, gy, starts, sizes, sgb, sg, dx, dw, dbias,     \
-                    nthreads);                                                                                      \
+    void mmm4rec_conv_bwd_##SUFFIX(const T* x, int64_t sxb, int64_t sx, const T* w, int64_t swc, int64_t swj,        \
+                                   const T* bias, int64_t B, int64_t L, int64_t C, int64_t k, int silu,             \
+                                   int npieces, const int64_t* pieces, T* dx, T* dw, T* dbias, int nthreads) {      \
+        backward<T>(x, sxb, sx, w, swc, swj, bias, B, L, C, k, silu, npieces, pieces, dx, dw, dbias, nthreads);    \
     }
 
 MMM4REC_CONV_ENTRIES(float, f32)
