@@ -75,13 +75,15 @@ inline void for_blocks(int64_t C, F&& f) {
 }
 
 // the taps transposed and padded to whole blocks, wt[j * Cp + c] = w[c, j] (w [C, k] with any strides), and the
-// bias (0 without one); padding lanes are 0
+// bias (0 without one); padding lanes are 0.  Cp: C rounded up to whole vectors AND to dw_sequence's groups of 8
+// channels (a vector holds 4 doubles with AVX2, 2 with SSE)
 template <typename T>
 struct Taps {
+    static constexpr int64_t block = lanes<T>::n > 8 ? lanes<T>::n : 8;
     int64_t Cp;
     std::vector<T> wt, bias;
     Taps(const T* w, int64_t swc, int64_t swj, const T* b, int64_t C, int64_t k)
-        : Cp((C + lanes<T>::n - 1) / lanes<T>::n * lanes<T>::n), wt(size_t(k * Cp), T(0)), bias(size_t(Cp), T(0)) {
+        : Cp((C + block - 1) / block * block), wt(size_t(k * Cp), T(0)), bias(size_t(Cp), T(0)) {
         for (int64_t c = 0; c < C; ++c) {
             for (int64_t j = 0; j < k; ++j) wt[j * Cp + c] = w[c * swc + j * swj];
             if (b) bias[c] = b[c];
