@@ -66,7 +66,7 @@ def test_quadratic_without_states_matches_float64_recurrence(impl, L, decay, dty
     assert len(calls) == (1 if name == "native" else 0)
 
 
-@pytest.mark.parametrize("H,G,P,n", [(4, 2, 16, 16), (2, 2, 12, 5), (4, 1, 32, 8)])
+@pytest.mark.parametrize("H,G,P,n", [(4, 2, 16, 16), (2, 2, 12, 5), (4, 1, 32, 8), (2, 1, 8, 8)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_short_and_long_sequences_in_one_batch(impl, H, G, P, n, dtype):
     """Lengths on both sides of the native kernel's short-sequence path (<= 32 steps: one to four SIMD vectors per row

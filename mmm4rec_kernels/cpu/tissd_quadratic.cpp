@@ -31,7 +31,8 @@
 
 #include "thread_sums.h"
 
-// How it is computed (same sums as above, in a cache- and SIMD-friendly order), per sequence b and group g:
+// How it is computed (same sums as above, in a cache- and SIMD-friendly order), per sequence b and group g (a
+// sequence with at most kShort valid steps takes the short path described above forward_short instead):
 //   * B_j is transposed once into Bt [n][j], so C_i . B_j for all j <= i is one FMA per k over contiguous j; it is
 //     computed once per row and shared by the group's H/G heads.
 //   * seg_i[j] (j < i) is kept per head as a running row: seg_i[j] = seg_{i-1}[j] + a_i, seg_i[i] = 0.  The same
@@ -339,8 +340,8 @@ inline void exclusive_prefix(const typename Simd<T>::v* v, int nv, typename Simd
 
 // out[0..P) = sum_t w[idx[t] ws] src[idx[t] stride + 0..P)  (+ Dh[p] s xd[p] if Dh): one output row, written whole
 template <typename T>
-void combine(const T* w, int64_t ws, const int* idx, int cnt, const T* src, int64_t stride, int64_t P, const T* Dh,
-             T s, const T* xd, T* out) {
+void combine_any(const T* w, int64_t ws, const int* idx, int cnt, const T* src, int64_t stride, int64_t P,
+                 const T* Dh, T s, const T* xd, T* out) {
     using S = Simd<T>;
     using V = typename S::v;
     constexpr int VL = S::lanes;
@@ -384,6 +385,25 @@ void combine(const T* w, int64_t ws, const int* idx, int cnt, const T* src, int6
     }
 }
 
+// combine_any inlined for rows of one vector (P = VL: the common head size of fp32 / the short path's hot loop)
+template <typename T>
+inline __attribute__((always_inline)) void combine(const T* w, int64_t ws, const int* idx, int cnt, const T* src,
+                                                   int64_t stride, int64_t P, const T* Dh, T s, const T* xd, T* out) {
+    using S = Simd<T>;
+    using V = typename S::v;
+    if (P != S::lanes) return combine_any(w, ws, idx, cnt, src, stride, P, Dh, s, xd, out);
+    V a0{}, a1{};
+    int t = 0;
+    for (; t + 1 < cnt; t += 2) {
+        a0 += w[idx[t] * ws] * S::load(src + idx[t] * stride);
+        a1 += w[idx[t + 1] * ws] * S::load(src + idx[t + 1] * stride);
+    }
+    if (t < cnt) a0 += w[idx[t] * ws] * S::load(src + idx[t] * stride);
+    a0 += a1;
+    if (Dh) a0 += S::load(Dh) * s * S::load(xd);
+    S::store(out, a0);
+}
+
 // per-thread buffers of the short path: rows of at most kShort lanes, 64-byte aligned
 template <typename T>
 struct ShortWork {
@@ -406,16 +426,55 @@ inline void gather_steps(const T* src, int64_t stride, int64_t Lb, int W, T* out
     for (int64_t j = Lb; j < W; ++j) out[j] = T(0);
 }
 
+// one stage of an in-register transpose of VL rows of VL lanes: for rows i with bit Dd clear and i + Dd, swap the
+// off-diagonal blocks of Dd lanes (the stages for Dd = VL/2 .. 1 swap each bit of the row and lane index)
+template <typename T, int Dd>
+inline void transpose_stage(typename Simd<T>::v* r) {
+    constexpr int VL = Simd<T>::lanes;
+    typename Lanes<T>::v lo, hi;
+    for (int k = 0; k < VL; ++k) {
+        lo[k] = (k & Dd) ? VL + k - Dd : k;            // row i: its lanes, then row i + Dd's lanes - Dd
+        hi[k] = (k & Dd) ? VL + k : k + Dd;            // row i + Dd: row i's lanes + Dd, then its own
+    }
+    for (int i = 0; i < VL; ++i)
+        if (!(i & Dd)) {
+            const typename Simd<T>::v a = r[i], b = r[i + Dd];
+            r[i] = __builtin_shuffle(a, b, lo);
+            r[i + Dd] = __builtin_shuffle(a, b, hi);
+        }
+}
+
+// out[k][w VL + j] = src_{w VL + j}[k] for k < VL, the rows src_j = src + j stride for j < Lb (0 past it): a block of
+// VL steps x VL columns (B_j with n = VL, x_j with P = VL) transposed with vector shuffles instead of lane by lane
+template <typename T, int NW>
+inline void transpose_rows(const T* src, int64_t stride, int64_t Lb, T* out) {
+    using S = Simd<T>;
+    constexpr int VL = S::lanes, W = NW * VL;
+    for (int w = 0; w < NW; ++w) {
+        typename S::v r[VL];
+        for (int k = 0; k < VL; ++k) r[k] = w * VL + k < Lb ? S::load(src + (w * VL + k) * stride) : typename S::v{};
+        if constexpr (VL > 8) transpose_stage<T, 8>(r);
+        transpose_stage<T, 4>(r);
+        transpose_stage<T, 2>(r);
+        transpose_stage<T, 1>(r);
+        for (int k = 0; k < VL; ++k) S::store(out + k * W + w * VL, r[k]);
+    }
+}
+
 // Bt[k][j] = B_j[k] (rows of W lanes, 0 past Lb) and cb[i][j] = C_i . B_j for i < Lb (all W lanes: junk past i)
 template <typename T, int NW>
 void short_cb(const T* Bg, const T* Cg, int64_t sb, int64_t n, int64_t Lb, T* Bt, T* cb) {
     using S = Simd<T>;
     using V = typename S::v;
     constexpr int VL = S::lanes, W = NW * VL;
-    for (int64_t k = 0; k < n; ++k)
-        for (int w = 0; w < NW; ++w) S::store(Bt + k * W + w * VL, V{});
-    for (int64_t j = 0; j < Lb; ++j)
-        for (int64_t k = 0; k < n; ++k) Bt[k * W + j] = Bg[j * sb + k];
+    if (n == VL) {
+        transpose_rows<T, NW>(Bg, sb, Lb, Bt);
+    } else {
+        for (int64_t k = 0; k < n; ++k)
+            for (int w = 0; w < NW; ++w) S::store(Bt + k * W + w * VL, V{});
+        for (int64_t j = 0; j < Lb; ++j)
+            for (int64_t k = 0; k < n; ++k) Bt[k * W + j] = Bg[j * sb + k];
+    }
     int64_t i = 0;
     for (; i + 4 <= Lb; i += 4) {                      // 4 rows share each Bt load (and 4 FMA chains run at once)
         V acc[4][NW] = {};
@@ -541,10 +600,14 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
             const T* gyh = gy + d.x(b, 0, h);
             gather_steps(delta + d.s(b, 0, h), d.H, Lb, W, dl);
             gather_steps(a + d.s(b, 0, h), d.H, Lb, W, al);
-            for (int64_t p = 0; p < d.P; ++p)               // xT[p][j] = x_j[p], 0 past Lb
-                for (int w = 0; w < NW; ++w) S::store(xT + p * W + w * VL, V{});
-            for (int64_t j = 0; j < Lb; ++j)
-                for (int64_t p = 0; p < d.P; ++p) xT[p * W + j] = xh[j * xs + p];
+            if (d.P == VL) {                                // xT[p][j] = x_j[p], 0 past Lb
+                transpose_rows<T, NW>(xh, xs, Lb, xT);
+            } else {
+                for (int64_t p = 0; p < d.P; ++p)
+                    for (int w = 0; w < NW; ++w) S::store(xT + p * W + w * VL, V{});
+                for (int64_t j = 0; j < Lb; ++j)
+                    for (int64_t p = 0; p < d.P; ++p) xT[p * W + j] = xh[j * xs + p];
+            }
             V seg[NW] = {}, ddv[NW] = {}, dav[NW] = {}, e[NW], gx[NW], ds[NW], pre[NW];
             na = 0;
             for (int64_t i = 0; i < Lb; ++i) {
