@@ -293,7 +293,7 @@ struct Work {
 };
 
 // ------------------------------------------------------------------------------------------------ short sequences
-// A sequence with len <= kShort valid steps (most of a recommendation batch) takes a path without the blocked
+// An fp32 sequence with len <= kShort valid steps (most of a recommendation batch) takes a path without the blocked
 // one's per-(b, g) setup (buffers of L rounded up to 2 vectors, rows in blocks of R): a row over j < len is NW SIMD
 // vectors (W = NW * VL lanes, the least that hold len), kept in registers.  Per row i: seg_i = select(j < i,
 // seg_{i-1} + a_i, 0) (the same additions as the blocked path; lanes j >= i stay 0, so no lane ever holds a value
@@ -305,6 +305,10 @@ struct Work {
 // have a nonzero gy (the exact skip: inactive rows are never read); da_k = sum_{i>=k} sum_{j<k} dseg_ij adds each
 // row's exclusive prefix sum over j (a log-step scan inside the vector) at lanes k <= i.
 constexpr int64_t kShort = 32;
+// fp32 only for now: in fp64 (P = n = 16: two vectors per x_j, the lane-by-lane transposes) it measured slower than
+// the blocked path at b 256, L 20, H 8 (fwd ~1.4x): fp64 sequences take the blocked path at every length
+template <typename T>
+constexpr int64_t kShortMax = sizeof(T) == 4 ? kShort : 0;
 
 template <typename T>
 struct Lanes {                                        // integer lanes as wide as T's: the vector selects' masks
@@ -738,7 +742,7 @@ void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, con
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t Lb = valid_steps(len, b, d.L);
-            if (Lb <= kShort) {                             // rows past Lb are 0, the rest written whole
+            if (Lb <= kShortMax<T>) {                             // rows past Lb are 0, the rest written whole
                 std::fill(y + d.x(b, Lb, 0), y + d.x(b + 1, 0, 0), T(0));
                 Ahead next;
                 if (b + 1 < nb) {
@@ -823,7 +827,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t Lb = valid_steps(len, b, d.L);
-            if (Lb <= kShort) {                             // rows past Lb are 0, the rest written whole
+            if (Lb <= kShortMax<T>) {                             // rows past Lb are 0, the rest written whole
                 std::fill(dx + d.x(b, Lb, 0), dx + d.x(b + 1, 0, 0), T(0));
                 std::fill(ddelta + d.s(b, Lb, 0), ddelta + d.s(b + 1, 0, 0), T(0));
                 std::fill(da + d.s(b, Lb, 0), da + d.s(b + 1, 0, 0), T(0));
