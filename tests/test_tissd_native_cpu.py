@@ -75,6 +75,38 @@ def test_quadratic_without_states_matches_float64_recurrence(impl, L, decay, dty
     assert len(calls) == (0 if name == "einsum" else 1)
 
 
+@pytest.mark.parametrize("H,G,P,n", [(4, 2, 16, 16), (2, 2, 12, 5), (4, 1, 32, 8), (2, 1, 8, 8)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_short_and_long_sequences_in_one_batch(impl, H, G, P, n, dtype):
+    """Lengths on both sides of the native kernel's short-sequence path (<= 32 steps: one to four SIMD vectors per row
+    in fp32 / fp64) and past it in one batch, P a multiple of the vector width or not, G < H and G = H, NaN in the
+    padded steps: y and every gradient against the float64 recurrence."""
+    name, calls = impl
+    L = 40
+    inp, _, mk = case(L, b=12, H=H, P=P, G=G, n=n, seed=11)
+    lengths = torch.tensor([1, 2, 5, 8, 9, 16, 17, 20, 24, 32, 33, 40])
+    D = mk(H, P)
+    pad = torch.arange(L)[None, :] >= lengths[:, None]
+    garbage = {k: v.clone() for k, v in inp.items()}
+    for k in ("x", "dt", "B", "C", "E"):
+        garbage[k][pad] = float("nan")
+    order = ("x", "dt", "A", "B", "C", "E")
+    leaves = [garbage[k].to(dtype).requires_grad_() for k in order] + [D.to(dtype).requires_grad_()]
+    y = torch_backend.tissd_torch(*leaves[:5], time_scale=leaves[5], D=leaves[6], lengths=lengths, path="quadratic")
+    cot = mk(*y.shape)
+    cot[3, 4:] = 0.0                                            # zero gy rows: the backward's exact skip
+    grads = torch.autograd.grad(y, leaves, cot.to(dtype))
+    ref_leaves = [inp[k].clone().requires_grad_() for k in order] + [D.clone().requires_grad_()]
+    ref = reference.tissd_recurrent_ref(*ref_leaves[:5], time_scale=ref_leaves[5], D=ref_leaves[6], lengths=lengths)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, cot)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert y.dtype == dtype and rel(y, ref) < tol and (y[pad] == 0).all()
+    for k, a, r in zip(order + ("D",), grads, ref_grads):
+        assert torch.isfinite(a).all(), k
+        assert rel(a, r) < tol, (k, rel(a, r))
+    assert len(calls) == (1 if name == "native" else 0)
+
+
 @pytest.mark.parametrize("gap", [1e4, 1e9])
 def test_fp32_huge_time_gap(impl, gap):
     inp, lengths, mk = case(20, gap=gap, seed=3)

@@ -22,6 +22,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -29,7 +31,8 @@
 
 #include "thread_sums.h"
 
-// How it is computed (same sums as above, in a cache- and SIMD-friendly order), per sequence b and group g:
+// How it is computed (same sums as above, in a cache- and SIMD-friendly order), per sequence b and group g (a
+// sequence with at most kShort valid steps takes the short path described above forward_short instead):
 //   * B_j is transposed once into Bt [n][j], so C_i . B_j for all j <= i is one FMA per k over contiguous j; it is
 //     computed once per row and shared by the group's H/G heads.
 //   * seg_i[j] (j < i) is kept per head as a running row: seg_i[j] = seg_{i-1}[j] + a_i, seg_i[i] = 0.  The same
@@ -289,6 +292,442 @@ struct Work {
     }
 };
 
+// ------------------------------------------------------------------------------------------------ short sequences
+// An fp32 sequence with len <= kShort valid steps (most of a recommendation batch) takes a path without the blocked
+// one's per-(b, g) setup (buffers of L rounded up to 2 vectors, rows in blocks of R): a row over j < len is NW SIMD
+// vectors (W = NW * VL lanes, the least that hold len), kept in registers.  Per row i: seg_i = select(j < i,
+// seg_{i-1} + a_i, 0) (the same additions as the blocked path; lanes j >= i stay 0, so no lane ever holds a value
+// of a step after i), one vector exp per vector up to i, and every pairwise product is selected (not multiplied by
+// a mask) to j <= i.  Each output row is written once, whole (no zero-fill of what is overwritten); rows past len
+// are zeroed.  The forward reads x_j, B_j, C_i, delta_j, a_j of steps j <= i only.  Backward: gx_i = gy_i . x_j
+// over j from a transposed x [P][W]; M, the head sums Z and md = M delta are kept as [len][W] matrices, so dx_j
+// = sum_{i>=j} md_ij gy_i and dB_j = sum_{i>=j} Z_ij C_i are one pass per output row over the rows i >= j that
+// have a nonzero gy (the exact skip: inactive rows are never read); da_k = sum_{i>=k} sum_{j<k} dseg_ij adds each
+// row's exclusive prefix sum over j (a log-step scan inside the vector) at lanes k <= i.
+constexpr int64_t kShort = 32;
+// fp32 only for now: in fp64 (P = n = 16: two vectors per x_j, the lane-by-lane transposes) it measured slower than
+// the blocked path at b 256, L 20, H 8 (fwd ~1.4x): fp64 sequences take the blocked path at every length
+template <typename T>
+constexpr int64_t kShortMax = sizeof(T) == 4 ? kShort : 0;
+
+template <typename T>
+struct Lanes {                                        // integer lanes as wide as T's: the vector selects' masks
+    typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
+    typedef I v __attribute__((vector_size(64)));
+};
+
+// v shifted up by S lanes (lane k gets v[k - S], the first S lanes 0)
+template <typename T, int S>
+inline typename Simd<T>::v shift_up(typename Simd<T>::v v) {
+    constexpr int VL = Simd<T>::lanes;
+    typename Lanes<T>::v idx;
+    for (int k = 0; k < VL; ++k) idx[k] = k >= S ? k - S : VL + k;      // VL + k: a lane of the zero vector
+    return __builtin_shuffle(v, typename Simd<T>::v{}, idx);
+}
+
+// out[k] = sum_{j<k} v[j] over the first nv vectors of a row (a log-step scan in each vector, carried across)
+template <typename T, int NW>
+inline void exclusive_prefix(const typename Simd<T>::v* v, int nv, typename Simd<T>::v* out) {
+    constexpr int VL = Simd<T>::lanes;
+    T carry = T(0);
+    for (int w = 0; w < NW && w < nv; ++w) {
+        typename Simd<T>::v s = shift_up<T, 1>(v[w]);
+        s += shift_up<T, 1>(s);
+        s += shift_up<T, 2>(s);
+        s += shift_up<T, 4>(s);
+        if constexpr (VL > 8) s += shift_up<T, 8>(s);
+        s += carry;
+        out[w] = s;
+        carry = s[VL - 1] + v[w][VL - 1];
+    }
+}
+
+// out[0..P) = sum_t w[idx[t] ws] src[idx[t] stride + 0..P)  (+ Dh[p] s xd[p] if Dh): one output row, written whole
+template <typename T>
+void combine_any(const T* w, int64_t ws, const int* idx, int cnt, const T* src, int64_t stride, int64_t P,
+                 const T* Dh, T s, const T* xd, T* out) {
+    using S = Simd<T>;
+    using V = typename S::v;
+    constexpr int VL = S::lanes;
+    int64_t p = 0;
+    for (; p + 2 * VL <= P; p += 2 * VL) {
+        V a0{}, a1{};
+        for (int t = 0; t < cnt; ++t) {
+            const T wt = w[idx[t] * ws];
+            const T* sj = src + idx[t] * stride + p;
+            a0 += wt * S::load(sj);
+            a1 += wt * S::load(sj + VL);
+        }
+        if (Dh) {
+            a0 += S::load(Dh + p) * s * S::load(xd + p);
+            a1 += S::load(Dh + p + VL) * s * S::load(xd + p + VL);
+        }
+        S::store(out + p, a0);
+        S::store(out + p + VL, a1);
+    }
+    if (p + VL <= P) {                                 // two chains (even / odd t): FMA latency, not throughput
+        V a0{}, a1{};
+        int t = 0;
+        for (; t + 1 < cnt; t += 2) {
+            a0 += w[idx[t] * ws] * S::load(src + idx[t] * stride + p);
+            a1 += w[idx[t + 1] * ws] * S::load(src + idx[t + 1] * stride + p);
+        }
+        if (t < cnt) a0 += w[idx[t] * ws] * S::load(src + idx[t] * stride + p);
+        a0 += a1;
+        if (Dh) a0 += S::load(Dh + p) * s * S::load(xd + p);
+        S::store(out + p, a0);
+        p += VL;
+    }
+    if (p < P) {                                       // P not a multiple of the vector width: the rest lane by lane
+        T acc[VL] = {};
+        for (int t = 0; t < cnt; ++t) {
+            const T wt = w[idx[t] * ws];
+            const T* sj = src + idx[t] * stride;
+            for (int64_t e = p; e < P; ++e) acc[e - p] += wt * sj[e];
+        }
+        for (int64_t e = p; e < P; ++e) out[e] = acc[e - p] + (Dh ? Dh[e] * s * xd[e] : T(0));
+    }
+}
+
+// combine_any inlined for rows of one vector (P = VL: the common head size of fp32 / the short path's hot loop)
+template <typename T>
+inline __attribute__((always_inline)) void combine(const T* w, int64_t ws, const int* idx, int cnt, const T* src,
+                                                   int64_t stride, int64_t P, const T* Dh, T s, const T* xd, T* out) {
+    using S = Simd<T>;
+    using V = typename S::v;
+    if (P != S::lanes) return combine_any(w, ws, idx, cnt, src, stride, P, Dh, s, xd, out);
+    V a0{}, a1{};
+    int t = 0;
+    for (; t + 1 < cnt; t += 2) {
+        a0 += w[idx[t] * ws] * S::load(src + idx[t] * stride);
+        a1 += w[idx[t + 1] * ws] * S::load(src + idx[t + 1] * stride);
+    }
+    if (t < cnt) a0 += w[idx[t] * ws] * S::load(src + idx[t] * stride);
+    a0 += a1;
+    if (Dh) a0 += S::load(Dh) * s * S::load(xd);
+    S::store(out, a0);
+}
+
+// per-thread buffers of the short path: rows of at most kShort lanes, 64-byte aligned
+template <typename T>
+struct ShortWork {
+    typedef typename Simd<T>::v V;
+    static constexpr int64_t WM = kShort;              // a multiple of the vector width of fp32 and fp64
+    std::vector<V> Bt, xT, cb, Z, md;
+    int idx[kShort];                                   // 0, 1, 2, ...
+    ShortWork(const Dims<T>& d)
+        : Bt(size_t(d.n) * WM / Simd<T>::lanes), xT(size_t(d.P) * WM / Simd<T>::lanes),
+          cb(size_t(WM) * WM / Simd<T>::lanes), Z(cb.size()), md(cb.size()) {
+        for (int k = 0; k < kShort; ++k) idx[k] = k;
+    }
+    static T* at(std::vector<V>& v) { return reinterpret_cast<T*>(v.data()); }
+};
+
+// a step-strided column (delta / a of one head, stride H) into W lanes, 0 past Lb
+template <typename T>
+inline void gather_steps(const T* src, int64_t stride, int64_t Lb, int W, T* out) {
+    for (int64_t j = 0; j < Lb; ++j) out[j] = src[j * stride];
+    for (int64_t j = Lb; j < W; ++j) out[j] = T(0);
+}
+
+// one stage of an in-register transpose of VL rows of VL lanes: for rows i with bit Dd clear and i + Dd, swap the
+// off-diagonal blocks of Dd lanes (the stages for Dd = VL/2 .. 1 swap each bit of the row and lane index)
+template <typename T, int Dd>
+inline void transpose_stage(typename Simd<T>::v* r) {
+    constexpr int VL = Simd<T>::lanes;
+    typename Lanes<T>::v lo, hi;
+    for (int k = 0; k < VL; ++k) {
+        lo[k] = (k & Dd) ? VL + k - Dd : k;            // row i: its lanes, then row i + Dd's lanes - Dd
+        hi[k] = (k & Dd) ? VL + k : k + Dd;            // row i + Dd: row i's lanes + Dd, then its own
+    }
+    for (int i = 0; i < VL; ++i)
+        if (!(i & Dd)) {
+            const typename Simd<T>::v a = r[i], b = r[i + Dd];
+            r[i] = __builtin_shuffle(a, b, lo);
+            r[i + Dd] = __builtin_shuffle(a, b, hi);
+        }
+}
+
+// out[k][w VL + j] = src_{w VL + j}[k] for k < VL, the rows src_j = src + j stride for j < Lb (0 past it): a block of
+// VL steps x VL columns (B_j with n = VL, x_j with P = VL) transposed with vector shuffles instead of lane by lane
+template <typename T, int NW>
+inline void transpose_rows(const T* src, int64_t stride, int64_t Lb, T* out) {
+    using S = Simd<T>;
+    constexpr int VL = S::lanes, W = NW * VL;
+    for (int w = 0; w < NW; ++w) {
+        typename S::v r[VL];
+        for (int k = 0; k < VL; ++k) r[k] = w * VL + k < Lb ? S::load(src + (w * VL + k) * stride) : typename S::v{};
+        if constexpr (VL > 8) transpose_stage<T, 8>(r);
+        transpose_stage<T, 4>(r);
+        transpose_stage<T, 2>(r);
+        transpose_stage<T, 1>(r);
+        for (int k = 0; k < VL; ++k) S::store(out + k * W + w * VL, r[k]);
+    }
+}
+
+// Bt[k][j] = B_j[k] (rows of W lanes, 0 past Lb) and cb[i][j] = C_i . B_j for i < Lb (all W lanes: junk past i)
+template <typename T, int NW>
+void short_cb(const T* Bg, const T* Cg, int64_t sb, int64_t n, int64_t Lb, T* Bt, T* cb) {
+    using S = Simd<T>;
+    using V = typename S::v;
+    constexpr int VL = S::lanes, W = NW * VL;
+    if (n == VL) {
+        transpose_rows<T, NW>(Bg, sb, Lb, Bt);
+    } else {
+        for (int64_t k = 0; k < n; ++k)
+            for (int w = 0; w < NW; ++w) S::store(Bt + k * W + w * VL, V{});
+        for (int64_t j = 0; j < Lb; ++j)
+            for (int64_t k = 0; k < n; ++k) Bt[k * W + j] = Bg[j * sb + k];
+    }
+    int64_t i = 0;
+    for (; i + 4 <= Lb; i += 4) {                      // 4 rows share each Bt load (and 4 FMA chains run at once)
+        V acc[4][NW] = {};
+        for (int64_t k = 0; k < n; ++k)
+            for (int w = 0; w < NW; ++w) {
+                const V bt = S::load(Bt + k * W + w * VL);
+                for (int t = 0; t < 4; ++t) acc[t][w] += Cg[(i + t) * sb + k] * bt;
+            }
+        for (int t = 0; t < 4; ++t)
+            for (int w = 0; w < NW; ++w) S::store(cb + (i + t) * W + w * VL, acc[t][w]);
+    }
+    for (; i < Lb; ++i) {
+        const T* ci = Cg + i * sb;
+        V acc[NW] = {};
+        for (int64_t k = 0; k < n; ++k)
+            for (int w = 0; w < NW; ++w) acc[w] += ci[k] * S::load(Bt + k * W + w * VL);
+        for (int w = 0; w < NW; ++w) S::store(cb + i * W + w * VL, acc[w]);
+    }
+}
+
+// The next sequence's memory, prefetched while this one is computed (its inputs are read from DRAM / L3 and its
+// outputs written there: without it the short path waits on misses), a G-th per group (a burst of misses would
+// stall on the fill buffers): its valid steps of the inputs (read), every row of the outputs (written: prefetchw)
+struct Ahead {
+    const char* p[10];
+    int64_t bytes[10];
+    bool write[10];
+    int n = 0;
+    template <typename T>
+    void add(const T* ptr, int64_t count, bool w) {
+        p[n] = reinterpret_cast<const char*>(ptr);
+        bytes[n] = count * int64_t(sizeof(T));
+        write[n++] = w;
+    }
+    void part(int64_t k, int64_t parts) const {
+        for (int r = 0; r < n; ++r)
+            for (int64_t o = bytes[r] * k / parts / 64 * 64; o < bytes[r] * (k + 1) / parts; o += 64) {
+                if (write[r])
+                    __builtin_prefetch(p[r] + o, 1);
+                else
+                    __builtin_prefetch(p[r] + o, 0);
+            }
+    }
+};
+
+// e[j] = decay_exp(seg[j]) for the first nv vectors (one vector exp each)
+template <typename T, int NW>
+inline void row_exp(const typename Simd<T>::v* seg, int nv, typename Simd<T>::v* e) {
+    constexpr int VL = Simd<T>::lanes;
+    for (int w = 0; w < NW; ++w) {
+        if (w >= nv) break;
+        alignas(64) T s[VL], r[VL];
+        Simd<T>::store(s, seg[w]);
+        for (int k = 0; k < VL; ++k) r[k] = decay_exp(s[k]);
+        e[w] = Simd<T>::load(r);
+    }
+}
+
+template <typename T, int NW>
+void forward_short(const T* x, const T* delta, const T* a, const T* B, const T* C, const T* D, int skip_delta, T* y,
+                   int64_t b, int64_t Lb, const Ahead& next, const Dims<T>& d, ShortWork<T>& sw) {
+    using S = Simd<T>;
+    using V = typename S::v;
+    using I = typename Lanes<T>::v;
+    constexpr int VL = S::lanes, W = NW * VL;
+    const int64_t r = d.H / d.G, xs = d.H * d.P, sb = d.G * d.n;
+    T *Bt = ShortWork<T>::at(sw.Bt), *cb = ShortWork<T>::at(sw.cb), *wr = ShortWork<T>::at(sw.md);
+    I lane[NW];
+    for (int w = 0; w < NW; ++w)
+        for (int k = 0; k < VL; ++k) lane[w][k] = w * VL + k;
+    alignas(64) T dl[W], al[W];
+    for (int64_t g = 0; g < d.G; ++g) {
+        next.part(g, d.G);
+        short_cb<T, NW>(B + d.bc(b, 0, g), C + d.bc(b, 0, g), sb, d.n, Lb, Bt, cb);
+        for (int64_t q = 0; q < r; ++q) {
+            const int64_t h = g * r + q;
+            gather_steps(delta + d.s(b, 0, h), d.H, Lb, W, dl);
+            gather_steps(a + d.s(b, 0, h), d.H, Lb, W, al);
+            V seg[NW] = {}, e[NW];
+            for (int64_t i = 0; i < Lb; ++i) {
+                const int nv = int(i / VL) + 1;               // vectors holding j <= i
+                const I ii = I{} + typename Lanes<T>::I(i);
+                for (int w = 0; w < NW; ++w) seg[w] = lane[w] < ii ? seg[w] + al[i] : V{};
+                row_exp<T, NW>(seg, nv, e);
+                for (int w = 0; w < nv && w < NW; ++w)      // w_ij = (C_i . B_j) exp(seg_ij) delta_j, j <= i
+                    S::store(wr + w * VL,
+                             lane[w] <= ii ? S::load(cb + i * W + w * VL) * e[w] * S::load(dl + w * VL) : V{});
+                const T si = skip_delta ? dl[i] : T(1);
+                combine(wr, 1, sw.idx, int(i + 1), x + d.x(b, 0, h), xs, d.P, D ? D + h * d.P : nullptr, si,
+                        x + d.x(b, i, h), y + d.x(b, i, h));
+            }
+        }
+    }
+}
+
+template <typename T, int NW>
+void backward_short(const T* x, const T* delta, const T* a, const T* B, const T* C, const T* D, int skip_delta,
+                    const T* gy, T* dx, T* ddelta, T* da, T* dB, T* dC, double* dDt, int64_t b, int64_t Lb,
+                    const Ahead& next, const Dims<T>& d, ShortWork<T>& sw) {
+    using S = Simd<T>;
+    using V = typename S::v;
+    using I = typename Lanes<T>::v;
+    constexpr int VL = S::lanes, W = NW * VL;
+    const int64_t r = d.H / d.G, xs = d.H * d.P, sb = d.G * d.n;
+    T *Bt = ShortWork<T>::at(sw.Bt), *cb = ShortWork<T>::at(sw.cb), *Z = ShortWork<T>::at(sw.Z),
+      *md = ShortWork<T>::at(sw.md), *xT = ShortWork<T>::at(sw.xT);
+    I lane[NW];
+    for (int w = 0; w < NW; ++w)
+        for (int k = 0; k < VL; ++k) lane[w][k] = w * VL + k;
+    alignas(64) T dl[W], al[W], dd[W], dak[W], dskip[W];
+    int rows[W], nrows;                                 // rows active in any head of the group / in head q
+    unsigned char any[W];
+    int act[W], na;
+    for (int64_t g = 0; g < d.G; ++g) {
+        next.part(g, d.G);
+        short_cb<T, NW>(B + d.bc(b, 0, g), C + d.bc(b, 0, g), sb, d.n, Lb, Bt, cb);
+        for (int64_t i = 0; i < Lb; ++i)
+            for (int w = 0; w < NW; ++w) S::store(Z + i * W + w * VL, V{});
+        std::fill(any, any + W, 0);
+        for (int64_t q = 0; q < r; ++q) {
+            const int64_t h = g * r + q;
+            const T* xh = x + d.x(b, 0, h);
+            const T* gyh = gy + d.x(b, 0, h);
+            gather_steps(delta + d.s(b, 0, h), d.H, Lb, W, dl);
+            gather_steps(a + d.s(b, 0, h), d.H, Lb, W, al);
+            if (d.P == VL) {                                // xT[p][j] = x_j[p], 0 past Lb
+                transpose_rows<T, NW>(xh, xs, Lb, xT);
+            } else {
+                for (int64_t p = 0; p < d.P; ++p)
+                    for (int w = 0; w < NW; ++w) S::store(xT + p * W + w * VL, V{});
+                for (int64_t j = 0; j < Lb; ++j)
+                    for (int64_t p = 0; p < d.P; ++p) xT[p * W + j] = xh[j * xs + p];
+            }
+            V seg[NW] = {}, ddv[NW] = {}, dav[NW] = {}, e[NW], gx[NW], ds[NW], pre[NW];
+            na = 0;
+            for (int64_t i = 0; i < Lb; ++i) {
+                const I ii = I{} + typename Lanes<T>::I(i);
+                for (int w = 0; w < NW; ++w) seg[w] = lane[w] < ii ? seg[w] + al[i] : V{};   // every row advances seg
+                const T* gyi = gyh + i * xs;
+                dskip[i] = T(0);
+                if (!any_nonzero(gyi, d.P)) continue;        // a zero gy row adds exactly 0: skipped
+                act[na++] = int(i);
+                any[i] = 1;
+                const int nv = int(i / VL) + 1;
+                row_exp<T, NW>(seg, nv, e);
+                for (int w = 0; w < NW; ++w) gx[w] = V{};
+                V gx1[NW] = {};                              // gx_ij = gy_i . x_j (two chains: even / odd p)
+                int64_t p = 0;
+                for (; p + 1 < d.P; p += 2)
+                    for (int w = 0; w < nv && w < NW; ++w) {
+                        gx[w] += gyi[p] * S::load(xT + p * W + w * VL);
+                        gx1[w] += gyi[p + 1] * S::load(xT + (p + 1) * W + w * VL);
+                    }
+                for (int w = 0; w < nv && w < NW; ++w)
+                    gx[w] += (p < d.P ? gyi[p] * S::load(xT + p * W + w * VL) : V{}) + gx1[w];
+                for (int w = 0; w < nv && w < NW; ++w) {
+                    const auto keep = lane[w] <= ii;
+                    const V dlw = S::load(dl + w * VL);
+                    const V m = S::load(cb + i * W + w * VL) * e[w];       // M_ij
+                    const V Gij = gx[w] * dlw;                             // dL / dM_ij
+                    ddv[w] += keep ? m * gx[w] : V{};
+                    S::store(Z + i * W + w * VL, S::load(Z + i * W + w * VL) + (keep ? Gij * e[w] : V{}));
+                    ds[w] = keep ? Gij * m : V{};                          // dL / dseg_ij
+                    S::store(md + i * W + w * VL, keep ? m * dlw : V{});
+                }
+                exclusive_prefix<T, NW>(ds, nv, pre);       // da_k += sum_{j<k} dseg_ij for k <= i
+                for (int w = 0; w < nv && w < NW; ++w) dav[w] += lane[w] <= ii ? pre[w] : V{};
+                if (D) {                                     // skip D s_i x_i
+                    const T* xi = xh + i * xs;
+                    const T* Dh = D + h * d.P;
+                    const T si = skip_delta ? dl[i] : T(1);
+                    double* dDh = dDt + h * d.P;
+                    T gDx = T(0);
+                    for (int64_t p = 0; p < d.P; ++p) {
+                        gDx += Dh[p] * gyi[p] * xi[p];
+                        dDh[p] += double(si) * double(gyi[p]) * double(xi[p]);
+                    }
+                    if (skip_delta) dskip[i] = gDx;
+                }
+            }
+            // dx_j = sum_{active i >= j} md_ij gy_i  (+ D s_j gy_j if j is active)
+            for (int64_t j = 0, t = 0; j < Lb; ++j) {
+                while (t < na && act[t] < j) ++t;
+                const bool aj = t < na && act[t] == j;
+                combine(md + j, W, act + t, int(na - t), gyh, xs, d.P, D && aj ? D + h * d.P : nullptr,
+                        skip_delta ? dl[j] : T(1), gyh + j * xs, dx + d.x(b, j, h));
+            }
+            for (int w = 0; w < NW; ++w) {
+                S::store(dd + w * VL, ddv[w]);
+                S::store(dak + w * VL, dav[w]);
+            }
+            T* ddq = ddelta + d.s(b, 0, h);
+            T* daq = da + d.s(b, 0, h);
+            for (int64_t j = 0; j < Lb; ++j) {
+                ddq[j * d.H] = dd[j] + dskip[j];
+                daq[j * d.H] = dak[j];
+            }
+        }
+        // dC_i = sum_{j<=i} Z_ij B_j (0 if no head has row i),  dB_j = sum_{active i >= j} Z_ij C_i
+        nrows = 0;
+        for (int64_t i = 0; i < Lb; ++i)
+            if (any[i]) rows[nrows++] = int(i);
+        const T* Bg = B + d.bc(b, 0, g);
+        const T* Cg = C + d.bc(b, 0, g);
+        for (int64_t i = 0; i < Lb; ++i) {
+            T* out = dC + d.bc(b, i, g);
+            if (any[i])
+                combine(Z + i * W, 1, sw.idx, int(i + 1), Bg, sb, d.n, (const T*)nullptr, T(0), (const T*)nullptr,
+                        out);
+            else
+                std::fill(out, out + d.n, T(0));
+        }
+        for (int64_t j = 0, t = 0; j < Lb; ++j) {
+            while (t < nrows && rows[t] < j) ++t;
+            combine(Z + j, W, rows + t, nrows - t, Cg, sb, d.n, (const T*)nullptr, T(0), (const T*)nullptr,
+                    dB + d.bc(b, j, g));
+        }
+    }
+}
+
+// the short path with NW = the vectors that hold Lb (1 <= Lb <= kShort)
+template <typename T>
+void forward_short_any(const T* x, const T* delta, const T* a, const T* B, const T* C, const T* D, int skip_delta,
+                       T* y, int64_t b, int64_t Lb, const Ahead& next, const Dims<T>& d, ShortWork<T>& sw) {
+    constexpr int VL = Simd<T>::lanes;
+    switch ((Lb + VL - 1) / VL) {
+        case 1: return forward_short<T, 1>(x, delta, a, B, C, D, skip_delta, y, b, Lb, next, d, sw);
+        case 2: return forward_short<T, 2>(x, delta, a, B, C, D, skip_delta, y, b, Lb, next, d, sw);
+        case 3: return forward_short<T, 3>(x, delta, a, B, C, D, skip_delta, y, b, Lb, next, d, sw);
+        default: return forward_short<T, 4>(x, delta, a, B, C, D, skip_delta, y, b, Lb, next, d, sw);
+    }
+}
+
+template <typename T>
+void backward_short_any(const T* x, const T* delta, const T* a, const T* B, const T* C, const T* D, int skip_delta,
+                        const T* gy, T* dx, T* ddelta, T* da, T* dB, T* dC, double* dDt, int64_t b, int64_t Lb,
+                        const Ahead& next, const Dims<T>& d, ShortWork<T>& sw) {
+    constexpr int VL = Simd<T>::lanes;
+#define MMM4REC_SHORT_BWD(NW) \
+    backward_short<T, NW>(x, delta, a, B, C, D, skip_delta, gy, dx, ddelta, da, dB, dC, dDt, b, Lb, next, d, sw)
+    switch ((Lb + VL - 1) / VL) {
+        case 1: return MMM4REC_SHORT_BWD(1);
+        case 2: return MMM4REC_SHORT_BWD(2);
+        case 3: return MMM4REC_SHORT_BWD(3);
+        default: return MMM4REC_SHORT_BWD(4);
+    }
+#undef MMM4REC_SHORT_BWD
+}
+
 template <typename T>
 void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, const int64_t* len, const T* D,
              int skip_delta, T* y, int64_t nb, Dims<T> d, int nthreads) {
@@ -297,11 +736,27 @@ void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, con
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         Work<T> wk(d, r);
+        ShortWork<T> sw(d);
         const int64_t Lp = wk.Lp;
         std::vector<T> wbuf(size_t(R) * Lp, T(0));
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t Lb = valid_steps(len, b, d.L);
+            if (Lb <= kShortMax<T>) {                             // rows past Lb are 0, the rest written whole
+                std::fill(y + d.x(b, Lb, 0), y + d.x(b + 1, 0, 0), T(0));
+                Ahead next;
+                if (b + 1 < nb) {
+                    const int64_t Ln = valid_steps(len, b + 1, d.L), bc = Ln * d.G * d.n, st = Ln * d.H;
+                    next.add(x + d.x(b + 1, 0, 0), Ln * xs, false);
+                    next.add(B + d.bc(b + 1, 0, 0), bc, false);
+                    next.add(C + d.bc(b + 1, 0, 0), bc, false);
+                    next.add(delta + d.s(b + 1, 0, 0), st, false);
+                    next.add(a + d.s(b + 1, 0, 0), st, false);
+                    next.add(y + d.x(b + 1, 0, 0), d.L * xs, true);
+                }
+                if (Lb > 0) forward_short_any(x, delta, a, B, C, D, skip_delta, y, b, Lb, next, d, sw);
+                continue;
+            }
             // rows past Lb are 0; valid rows are stored whole by the SIMD kernels (the plain one adds: zero them)
             constexpr int VL1 = Simd<T>::lanes;
             const bool plain = d.P != VL1 && d.P != 2 * VL1 && d.P != 4 * VL1;   // as in y_rows
@@ -363,6 +818,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
     {
         const int tid = thread_index();
         Work<T> wk(d, r);
+        ShortWork<T> sw(d);
         const int64_t Lp = wk.Lp;
         std::vector<T> xT(size_t(r) * d.P * Lp, T(0)), e(size_t(r) * R * Lp, T(0)), Z(size_t(R) * Lp, T(0)),
             gx(size_t(R) * Lp, T(0)), md(size_t(R) * Lp, T(0)), dseg(size_t(R) * Lp, T(0)), ssum(Lp, T(0)),
@@ -371,6 +827,30 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t Lb = valid_steps(len, b, d.L);
+            if (Lb <= kShortMax<T>) {                             // rows past Lb are 0, the rest written whole
+                std::fill(dx + d.x(b, Lb, 0), dx + d.x(b + 1, 0, 0), T(0));
+                std::fill(ddelta + d.s(b, Lb, 0), ddelta + d.s(b + 1, 0, 0), T(0));
+                std::fill(da + d.s(b, Lb, 0), da + d.s(b + 1, 0, 0), T(0));
+                std::fill(dB + d.bc(b, Lb, 0), dB + d.bc(b + 1, 0, 0), T(0));
+                std::fill(dC + d.bc(b, Lb, 0), dC + d.bc(b + 1, 0, 0), T(0));
+                Ahead next;
+                if (b + 1 < nb) {
+                    const int64_t Ln = valid_steps(len, b + 1, d.L), bc = Ln * d.G * d.n, st = Ln * d.H;
+                    next.add(x + d.x(b + 1, 0, 0), Ln * xs, false);
+                    next.add(gy + d.x(b + 1, 0, 0), Ln * xs, false);
+                    next.add(B + d.bc(b + 1, 0, 0), bc, false);
+                    next.add(C + d.bc(b + 1, 0, 0), bc, false);
+                    next.add(delta + d.s(b + 1, 0, 0), st, false);
+                    next.add(a + d.s(b + 1, 0, 0), st, false);
+                    next.add(dx + d.x(b + 1, 0, 0), d.L * xs, true);
+                    next.add(dB + d.bc(b + 1, 0, 0), d.L * d.G * d.n, true);
+                    next.add(dC + d.bc(b + 1, 0, 0), d.L * d.G * d.n, true);
+                }
+                if (Lb > 0)
+                    backward_short_any(x, delta, a, B, C, D, skip_delta, gy, dx, ddelta, da, dB, dC,
+                                       D ? dD_acc.data() + size_t(tid) * d.H * d.P : nullptr, b, Lb, next, d, sw);
+                continue;
+            }
             std::fill(dx + d.x(b, 0, 0), dx + d.x(b + 1, 0, 0), T(0));
             std::fill(ddelta + d.s(b, 0, 0), ddelta + d.s(b + 1, 0, 0), T(0));
             std::fill(da + d.s(b, 0, 0), da + d.s(b + 1, 0, 0), T(0));
