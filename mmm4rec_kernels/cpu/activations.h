@@ -35,6 +35,17 @@ inline T softplus_of(T v) {                     // torch's F.softplus (beta 1, t
     return v > T(20) ? v : std::log1p(std::exp(v));
 }
 
+// softplus_of written so that a loop of it vectorises (log1p has no vector version; exp and log have):
+//   log1p(z) = log(u) z / (u - 1) with u = 1 + z (accurate to a few ulp: u - 1 is exact and cancels the rounding of
+//   u in log(u)), and z itself where u rounds to 1.  NaN stays NaN, -inf gives 0, v > 20 gives v.
+template <typename T>
+inline T softplus_vectorisable(T v) {
+    const T z = std::exp(v > T(20) ? T(0) : v);
+    const T u = T(1) + z;
+    const T l = u == T(1) ? z : std::log(u) * (z / (u - T(1)));
+    return v > T(20) ? v : l;
+}
+
 // ------------------------------------------------------------------------------------------- W lanes at once
 // The same functions on W lanes at once (GCC / clang vector extensions: 16 floats / 8 doubles with AVX-512), for
 // kernels that keep their running state in registers

@@ -17,7 +17,7 @@ inline int thread_index() {
 #endif
 }
 
-// glibc's libmvec has vector versions of exp / expf (_ZGV*_exp*); GCC calls them from vectorised loops only for
+// glibc's libmvec has vector versions of exp / expf and log / logf (_ZGV*_exp*, _ZGV*_log*); GCC calls them from vectorised loops only for
 // functions declared with the simd attribute, which <math.h> does only under __FAST_MATH__ (-ffast-math).  The
 // library is built without -ffast-math (it assumes no NaN / inf, and links crtfastmath.o, which turns on
 // flush-to-zero for the whole process on load), so the two functions are declared here.  libmvec handles every
@@ -26,6 +26,8 @@ inline int thread_index() {
 extern "C" {
 float expf(float) noexcept __attribute__((__simd__("notinbranch")));
 double exp(double) noexcept __attribute__((__simd__("notinbranch")));
+float logf(float) noexcept __attribute__((__simd__("notinbranch")));
+double log(double) noexcept __attribute__((__simd__("notinbranch")));
 }
 #endif
 

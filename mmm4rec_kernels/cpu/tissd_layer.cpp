@@ -86,7 +86,7 @@ inline bool row_steps(const T* dtr, const T* tsr, const T* dt_bias, const T* A, 
         }
         if (dt_bias) vv = vv + dt_bias[h];
         v[h] = vv;
-        delta[h] = softplus ? softplus_of(vv) : vv;
+        delta[h] = softplus ? softplus_vectorisable(vv) : vv;
         a[h] = delta[h] * A[h];
     }
     return ok;
@@ -429,30 +429,52 @@ inline std::vector<int64_t> valid_lengths(const int64_t* len, int64_t nb, int64_
     return lens;
 }
 
-// v / delta / a [nb, L, H] of the valid rows into scratch slots 5 / 3 / 4
+// The step sizes of a tissd() call over each sequence's valid rows as ONE flat loop of lens[b] * H values (dt, ts
+// and the outputs are [L, H] blocks per sequence; A and dt_bias tiled to [L, H] once), so it vectorises, softplus
+// included (softplus_vectorisable): v, delta, a [nb, L, H] into scratch slots 5 / 3 / 4.
 template <typename T>
-void call_steps(const T* dt, const T* ts, const T* dt_bias, const T* A, int softplus, const std::vector<int64_t>& lens,
-                const Dims& d, T*& v, T*& delta, T*& a, int nthreads) {
-    const size_t count = size_t(d.nb) * d.L * d.H;
-    v = scratch<T>(5, count);
-    delta = scratch<T>(3, count);
-    a = scratch<T>(4, count);
-    T *pv = v, *pd = delta, *pa = a;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t b = 0; b < d.nb; ++b)
-        for (int64_t i = 0; i < lens[b]; ++i) {
-            const int64_t k = (b * d.L + i) * d.H;
-            row_steps(dt + k, ts ? ts + k : nullptr, dt_bias, A, softplus, d.H, pv + k, pd + k, pa + k);
+struct CallSteps {
+    std::vector<T> At, bt;                            // A, dt_bias (0 without) tiled over L rows
+    T *v, *delta, *a;
+
+    CallSteps(const T* dt, const T* ts, const T* dt_bias, const T* A, int softplus, const std::vector<int64_t>& lens,
+              const Dims& d, int nthreads)
+        : At(size_t(d.L * d.H)), bt(size_t(d.L * d.H), T(0)) {
+        for (int64_t e = 0; e < d.L * d.H; ++e) {
+            At[e] = A[e % d.H];
+            if (dt_bias) bt[e] = dt_bias[e % d.H];
         }
-}
+        const size_t count = size_t(d.nb) * d.L * d.H;
+        v = scratch<T>(5, count);
+        delta = scratch<T>(3, count);
+        a = scratch<T>(4, count);
+        const T *at = At.data(), *btp = bt.data();
+        T *pv = v, *pd = delta, *pa = a;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+        for (int64_t b = 0; b < d.nb; ++b) {
+            const int64_t o = b * d.L * d.H, m = lens[b] * d.H;
+            const T *__restrict dtb = dt + o, *__restrict tsb = ts ? ts + o : nullptr;
+            T *__restrict vb = pv + o, *__restrict db = pd + o, *__restrict ab = pa + o;
+            if (tsb)
+                for (int64_t e = 0; e < m; ++e) vb[e] = dtb[e] * tsb[e] + btp[e];
+            else
+                for (int64_t e = 0; e < m; ++e) vb[e] = dtb[e] + btp[e];
+            if (softplus)
+                for (int64_t e = 0; e < m; ++e) db[e] = softplus_vectorisable(vb[e]);
+            else
+                for (int64_t e = 0; e < m; ++e) db[e] = vb[e];
+            for (int64_t e = 0; e < m; ++e) ab[e] = db[e] * at[e];
+        }
+    }
+};
 
 template <typename T>
 int tissd_fwd(const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A, const T* D, int skip_delta,
               int softplus, const T* B, const T* C, const int64_t* len, Dims d, T* y, int nthreads) {
     const std::vector<int64_t> lens = valid_lengths(len, d.nb, d.L);
-    T *v, *delta, *a;
-    call_steps(dt, ts, dt_bias, A, softplus, lens, d, v, delta, a, nthreads);
-    Lib<T>::scan_fwd(x, delta, a, B, C, lens.data(), D, skip_delta, y, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
+    const CallSteps<T> st(dt, ts, dt_bias, A, softplus, lens, d, nthreads);
+    Lib<T>::scan_fwd(x, st.delta, st.a, B, C, lens.data(), D, skip_delta, y, d.nb, d.L, d.H, d.P, d.G, d.n,
+                     nthreads);
     const int64_t di = d.d_inner();
     int bad = 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(| : bad)
@@ -470,32 +492,51 @@ void tissd_bwd(const T* gy, const T* x, const T* dt, const T* ts, const T* dt_bi
                int skip_delta, int softplus, const T* B, const T* C, const int64_t* len, Dims d, T* dx, T* ddt,
                T* dts, T* ddt_bias, T* dA, T* dB, T* dC, T* dD, int nthreads) {
     const std::vector<int64_t> lens = valid_lengths(len, d.nb, d.L);
-    T *v, *delta, *a;
-    call_steps(dt, ts, dt_bias, A, softplus, lens, d, v, delta, a, nthreads);
+    const CallSteps<T> st(dt, ts, dt_bias, A, softplus, lens, d, nthreads);
     const size_t count = size_t(d.nb) * d.L * d.H;
     T *ddelta = scratch<T>(9, count), *da = scratch<T>(10, count);
-    Lib<T>::scan_bwd(x, delta, a, B, C, lens.data(), D, skip_delta, gy, dx, ddelta, da, dB, dC, dD, d.nb, d.L, d.H,
-                     d.P, d.G, d.n, nthreads);
+    Lib<T>::scan_bwd(x, st.delta, st.a, B, C, lens.data(), D, skip_delta, gy, dx, ddelta, da, dB, dC, dD, d.nb,
+                     d.L, d.H, d.P, d.G, d.n, nthreads);
+    // the step sizes' chain, flat over each sequence's valid values like CallSteps (the dA / ddt_bias terms summed
+    // per position e of the [L, H] block, in double, then folded over e % H):
+    //   dd = ddelta + da A;  dA += da delta;  dv = dd softplus'(v) = dd e^v / (e^v + 1) (dd past v = 20);
+    //   ddt_bias += dv;  ddt = dv ts (or dv);  dts = dv dt
     const int nt = nthreads > 1 ? nthreads : 1;
-    std::vector<double> acc(size_t(nt) * 2 * d.H, 0.0);      // per thread: dA [H], ddt_bias [H]
+    const int64_t LH = d.L * d.H;
+    std::vector<double> acc(size_t(nt) * 2 * LH, 0.0);        // per thread: dA [L, H], ddt_bias [L, H]
+    const T* at = st.At.data();
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int tid = thread_index();
-        double* dA_t = acc.data() + size_t(tid) * 2 * d.H;
+        double *__restrict dA_t = acc.data() + size_t(tid) * 2 * LH, *__restrict db_t = dA_t + LH;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < d.nb; ++b) {
-            const int64_t k0 = b * d.L * d.H, kv = k0 + lens[b] * d.H, k1 = k0 + d.L * d.H;
-            for (int64_t k = k0; k < kv; k += d.H)
-                row_steps_bwd(ddelta + k, da + k, v + k, delta + k, dt + k, ts ? ts + k : nullptr, A, softplus, d.H,
-                              ddt + k, dts ? dts + k : nullptr, dA_t, dA_t + d.H);
-            std::fill(ddt + kv, ddt + k1, T(0));                 // padded rows: zero gradients
-            if (dts) std::fill(dts + kv, dts + k1, T(0));
+            const int64_t o = b * LH, m = lens[b] * d.H;
+            const T *__restrict dd = ddelta + o, *__restrict dab = da + o, *__restrict vb = st.v + o,
+                                *__restrict deb = st.delta + o, *__restrict dtb = dt + o,
+                                *__restrict tsb = ts ? ts + o : nullptr;
+            T *__restrict g_dt = ddt + o, *__restrict g_ts = dts ? dts + o : nullptr;
+            for (int64_t e = 0; e < m; ++e) {
+                const T ddv = dd[e] + dab[e] * at[e];
+                const T ev = std::exp(vb[e] > T(20) ? T(0) : vb[e]);
+                const T dv = softplus && !(vb[e] > T(20)) ? ddv * ev / (ev + T(1)) : ddv;
+                dA_t[e] += double(dab[e]) * double(deb[e]);
+                db_t[e] += double(dv);
+                g_dt[e] = tsb ? dv * tsb[e] : dv;
+                if (g_ts) g_ts[e] = dv * dtb[e];
+            }
+            std::fill(g_dt + m, g_dt + LH, T(0));                // padded rows: zero gradients
+            if (g_ts) std::fill(g_ts + m, g_ts + LH, T(0));
         }
     }
-    std::vector<double> sums(size_t(nt) * d.H);
-    for (int part = 0; part < 2; ++part) {                       // dA, then ddt_bias: thread sums in a fixed order
+    std::vector<double> sums(size_t(nt) * d.H, 0.0);
+    for (int part = 0; part < 2; ++part) {                       // dA, then ddt_bias: fixed order over e, threads
         for (int t = 0; t < nt; ++t)
-            for (int64_t h = 0; h < d.H; ++h) sums[size_t(t) * d.H + h] = acc[size_t(t) * 2 * d.H + part * d.H + h];
+            for (int64_t h = 0; h < d.H; ++h) {
+                double s = 0.0;
+                for (int64_t e = h; e < LH; e += d.H) s += acc[size_t(t) * 2 * LH + part * LH + e];
+                sums[size_t(t) * d.H + h] = s;
+            }
         T* out = part == 0 ? dA : ddt_bias;
         if (out) sum_thread_partials(sums, nt, d.H, out);
     }
