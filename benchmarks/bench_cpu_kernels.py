@@ -10,9 +10,10 @@ gradient it writes, float32) with one tensor copy_ of (read + written) / 2 bytes
 were bound by this thread's memory bandwidth alone (the ratio native / floor is how far they are from it).
 Gradients are set to None before each step, as optimizer.zero_grad() does (else every round would also time the
 accumulation into .grad: one more read-read-write pass over each input, not part of the call).
-test_tissd_scan_kernel_fwd_bwd times the native scan alone (mmm4rec_kernels.cpu.scan_forward + scan_backward on the
-same shape, D [H, P] skip): the TiSSD call above also runs the torch ops around it (step sizes, time scale, autograd),
-which the floor does not count.
+test_causal_conv_kernel_fwd_bwd and test_tissd_scan_kernel_fwd_bwd time the native kernels alone
+(mmm4rec_kernels.cpu.conv_forward + conv_backward; scan_forward + scan_backward on the same shape, D [H, P] skip,
+step sizes given): the calls above also run what surrounds them (autograd, fresh gradient tensors; for the TiSSD call
+the step sizes, the time scale and the finiteness check, in one native node on CPU), which the floor does not count.
 """
 import pytest
 import torch
@@ -59,6 +60,24 @@ def test_causal_conv_silu_fwd_bwd(benchmark, impl):
     def step():
         x.grad = w.grad = bias.grad = None       # as optimizer.zero_grad() leaves them: no accumulation pass timed
         causal_conv1d_channels_last(x, w, bias, silu=True).backward(gy)
+
+    benchmark(step)
+
+
+def test_causal_conv_kernel_fwd_bwd(benchmark, impl):
+    if impl == "floor":        # the call's bytes: the kernels read / write exactly those
+        n = B * L * 384
+        benchmark(floor_copy(3 * n, 2 * n))
+        return
+    if impl == "torch":
+        pytest.skip("the torch path of the same call: test_causal_conv_silu_fwd_bwd[torch]")
+    g = torch.Generator().manual_seed(0)
+    x, gy = torch.randn(B, L, 384, generator=g), torch.randn(B, L, 384, generator=g)
+    w, bias = torch.randn(384, 4, generator=g), torch.randn(384, generator=g)
+
+    def step():
+        native.conv_forward(x, w, bias, True)
+        native.conv_backward(x, w, bias, True, [(0, 384, gy)])
 
     benchmark(step)
 
