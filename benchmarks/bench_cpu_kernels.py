@@ -3,6 +3,7 @@
 torch backend (H 8, P 16, G 8, n 16, D skip, time scale).  1 CPU thread, float32.
 
     pytest benchmarks/bench_cpu_kernels.py --benchmark-only --benchmark-columns=median,iqr,rounds
+    python benchmarks/bench_cpu_kernels.py --rounds 40     # native / floor as interleaved ratios (noisy machines)
 
 "native" needs a C++ compiler (skipped without one); "torch" is the same call with the native library bypassed;
 "floor" copies the bytes the call must move once (every input it reads, forward and backward, and every output and
@@ -10,11 +11,18 @@ gradient it writes, float32) with one tensor copy_ of (read + written) / 2 bytes
 were bound by this thread's memory bandwidth alone (the ratio native / floor is how far they are from it).
 Gradients are set to None before each step, as optimizer.zero_grad() does (else every round would also time the
 accumulation into .grad: one more read-read-write pass over each input, not part of the call).
+On a shared machine the speed of memory drifts between pytest-benchmark's cases (run one after the other); the
+script mode times native and floor in alternation, a block of calls each per round, and reports the median of the
+rounds' ratios with its quartiles.
 test_causal_conv_kernel_fwd_bwd and test_tissd_scan_kernel_fwd_bwd time the native kernels alone
 (mmm4rec_kernels.cpu.conv_forward + conv_backward; scan_forward + scan_backward on the same shape, D [H, P] skip,
 step sizes given): the calls above also run what surrounds them (autograd, fresh gradient tensors; for the TiSSD call
 the step sizes, the time scale and the finiteness check, in one native node on CPU), which the floor does not count.
 """
+import argparse
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -23,6 +31,88 @@ from mmm4rec_kernels import torch_backend
 from mmm4rec_kernels.modules.conv import causal_conv1d_channels_last
 
 B, L, H, P, G, N = 256, 20, 8, 16, 8, 16
+CONV_ELEMS = B * L * 384
+SSD_INPUTS = B * L * H * P + 2 * B * L * H + 2 * B * L * G * N          # x, dt, E, B, C
+
+
+def floor_copy(read_elems: int, written_elems: int):
+    """A step that moves (read + written) float32 elements once: copy_ of half of them (a copy reads and writes)."""
+    half = (read_elems + written_elems + 1) // 2
+    src, dst = torch.randn(half), torch.empty(half)
+    return lambda: dst.copy_(src)
+
+
+def conv_floor():              # fwd reads x, writes y; bwd reads gy, x, writes dx (w, bias: negligible)
+    return floor_copy(3 * CONV_ELEMS, 2 * CONV_ELEMS)
+
+
+def ssd_floor():               # fwd reads x, dt, E, B, C, writes y; bwd reads gy and the inputs again, writes grads
+    return floor_copy(2 * SSD_INPUTS + B * L * H * P, B * L * H * P + SSD_INPUTS)
+
+
+def conv_call():
+    """causal_conv1d_channels_last + SiLU forward and backward through autograd."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, 384, generator=g, requires_grad=True)
+    w = torch.randn(384, 1, 4, generator=g, requires_grad=True)
+    bias = torch.randn(384, generator=g, requires_grad=True)
+    gy = torch.randn(B, L, 384, generator=g)
+
+    def step():
+        x.grad = w.grad = bias.grad = None       # as optimizer.zero_grad() leaves them: no accumulation pass timed
+        causal_conv1d_channels_last(x, w, bias, silu=True).backward(gy)
+    return step
+
+
+def conv_kernel():
+    """The native conv kernels alone (mmm4rec_kernels.cpu.conv_forward + conv_backward)."""
+    g = torch.Generator().manual_seed(0)
+    x, gy = torch.randn(B, L, 384, generator=g), torch.randn(B, L, 384, generator=g)
+    w, bias = torch.randn(384, 4, generator=g), torch.randn(384, generator=g)
+
+    def step():
+        native.conv_forward(x, w, bias, True)
+        native.conv_backward(x, w, bias, True, [(0, 384, gy)])
+    return step
+
+
+def tissd_call():
+    """One tissd() call of the torch backend (quadratic), forward and backward through autograd."""
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(*s, generator=g).requires_grad_() for s in ((B, L, H, P), (B, L, H), (B, L, G, N),
+                                                                     (B, L, G, N))]
+    A = (-torch.rand(H, generator=g)).requires_grad_()
+    E = torch.rand(B, L, H, generator=g).requires_grad_()
+    D = torch.ones(H, requires_grad=True)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    gy = torch.randn(B, L, H, P, generator=g)
+    x, dt, Bm, Cm = leaves
+
+    def step():
+        for t in (*leaves, A, E, D):
+            t.grad = None
+        torch_backend.tissd_torch(x, dt, A, Bm, Cm, time_scale=E, dt_bias=torch.zeros(H), D=D, lengths=lengths,
+                                  path="quadratic").backward(gy)
+    return step
+
+
+def scan_kernel():
+    """The native scan kernels alone (scan_forward + scan_backward, step sizes given, D [H, P])."""
+    g = torch.Generator().manual_seed(0)
+    x, gy = torch.randn(B, L, H, P, generator=g), torch.randn(B, L, H, P, generator=g)
+    delta, a = torch.rand(B, L, H, generator=g), -torch.rand(B, L, H, generator=g)
+    Bm, Cm = torch.randn(B, L, G, N, generator=g), torch.randn(B, L, G, N, generator=g)
+    D = torch.ones(H, P)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+
+    def step():
+        native.scan_forward(x, delta, a, Bm, Cm, D, lengths, True)
+        native.scan_backward(gy, x, delta, a, Bm, Cm, D, lengths, True)
+    return step
+
+
+CASES = {"causal_conv_silu": (conv_call, conv_floor), "causal_conv_kernel": (conv_kernel, conv_floor),
+         "tissd_quadratic_call": (tissd_call, ssd_floor), "tissd_scan_kernel": (scan_kernel, ssd_floor)}
 
 
 @pytest.fixture(params=["native", "torch", "floor"])
@@ -39,89 +129,53 @@ def impl(request, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def floor_copy(read_elems: int, written_elems: int):
-    """A step that moves (read + written) float32 elements once: copy_ of half of them (a copy reads and writes)."""
-    half = (read_elems + written_elems + 1) // 2
-    src, dst = torch.randn(half), torch.empty(half)
-    return lambda: dst.copy_(src)
+@pytest.mark.parametrize("case", list(CASES))
+def test_fwd_bwd(benchmark, impl, case):
+    make, floor = CASES[case]
+    if impl == "floor":
+        benchmark(floor())
+    elif impl == "torch" and case.endswith("kernel"):
+        pytest.skip(f"the torch path of the same call: the case {case.replace('kernel', 'call')}[torch]")
+    else:
+        benchmark(make())
 
 
-def test_causal_conv_silu_fwd_bwd(benchmark, impl):
-    if impl == "floor":        # fwd reads x, writes y; bwd reads gy, x, writes dx (w, bias: negligible)
-        n = B * L * 384
-        benchmark(floor_copy(3 * n, 2 * n))
-        return
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, L, 384, generator=g, requires_grad=True)
-    w = torch.randn(384, 1, 4, generator=g, requires_grad=True)
-    bias = torch.randn(384, generator=g, requires_grad=True)
-    gy = torch.randn(B, L, 384, generator=g)
-
-    def step():
-        x.grad = w.grad = bias.grad = None       # as optimizer.zero_grad() leaves them: no accumulation pass timed
-        causal_conv1d_channels_last(x, w, bias, silu=True).backward(gy)
-
-    benchmark(step)
-
-
-def test_causal_conv_kernel_fwd_bwd(benchmark, impl):
-    if impl == "floor":        # the call's bytes: the kernels read / write exactly those
-        n = B * L * 384
-        benchmark(floor_copy(3 * n, 2 * n))
-        return
-    if impl == "torch":
-        pytest.skip("the torch path of the same call: test_causal_conv_silu_fwd_bwd[torch]")
-    g = torch.Generator().manual_seed(0)
-    x, gy = torch.randn(B, L, 384, generator=g), torch.randn(B, L, 384, generator=g)
-    w, bias = torch.randn(384, 4, generator=g), torch.randn(384, generator=g)
-
-    def step():
-        native.conv_forward(x, w, bias, True)
-        native.conv_backward(x, w, bias, True, [(0, 384, gy)])
-
-    benchmark(step)
+def ratios(rounds: int, reps: int = 20):
+    """{case: (native ms, floor ms, ratio median, ratio q1, ratio q3)}: per round, a block of `reps` calls of the
+    native step then of its floor (both warm); the ratio of the two block times."""
+    out = {}
+    for case, (make, floor) in CASES.items():
+        steps = {"native": make(), "floor": floor()}
+        times = {k: [] for k in steps}
+        for f in steps.values():
+            for _ in range(3):
+                f()
+        for _ in range(rounds):
+            for k, f in steps.items():
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    f()
+                times[k].append((time.perf_counter() - t0) / reps * 1e3)
+        r = sorted(a / b for a, b in zip(times["native"], times["floor"]))
+        q = statistics.quantiles(r, n=4)
+        out[case] = (statistics.median(times["native"]), statistics.median(times["floor"]), statistics.median(r),
+                     q[0], q[2])
+    return out
 
 
-def test_tissd_quadratic_call_fwd_bwd(benchmark, impl):
-    if impl == "floor":   # fwd reads x, dt, E, B, C, writes y; bwd reads gy and the inputs again, writes their grads
-        inputs = B * L * H * P + 2 * B * L * H + 2 * B * L * G * N
-        benchmark(floor_copy(2 * inputs + B * L * H * P, B * L * H * P + inputs))
-        return
-    g = torch.Generator().manual_seed(0)
-    leaves = [torch.randn(*s, generator=g).requires_grad_() for s in ((B, L, H, P), (B, L, H), (B, L, G, N),
-                                                                     (B, L, G, N))]
-    A = (-torch.rand(H, generator=g)).requires_grad_()
-    E = torch.rand(B, L, H, generator=g).requires_grad_()
-    D = torch.ones(H, requires_grad=True)
-    lengths = torch.randint(1, L + 1, (B,), generator=g)
-    gy = torch.randn(B, L, H, P, generator=g)
-    x, dt, Bm, Cm = leaves
-
-    def step():
-        for t in (*leaves, A, E, D):
-            t.grad = None
-        torch_backend.tissd_torch(x, dt, A, Bm, Cm, time_scale=E, dt_bias=torch.zeros(H), D=D, lengths=lengths,
-                                  path="quadratic").backward(gy)
-
-    benchmark(step)
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=20, help="calls per block")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if native.library() is None:
+        raise SystemExit(native.status())
+    print("| case | native ms | floor ms | native / floor: median of rounds (q1-q3) |")
+    print("|---|---|---|---|")
+    for case, (nat, flo, med, q1, q3) in ratios(args.rounds, args.reps).items():
+        print(f"| {case} | {nat:.2f} | {flo:.2f} | {med:.2f} ({q1:.2f}-{q3:.2f}) |", flush=True)
 
 
-def test_tissd_scan_kernel_fwd_bwd(benchmark, impl):
-    inputs = B * L * H * P + 2 * B * L * H + 2 * B * L * G * N
-    if impl == "floor":        # the same bytes as the call's floor: the kernel reads / writes exactly those
-        benchmark(floor_copy(2 * inputs + B * L * H * P, B * L * H * P + inputs))
-        return
-    if impl == "torch":
-        pytest.skip("the torch path of the same call: test_tissd_quadratic_call_fwd_bwd[torch]")
-    g = torch.Generator().manual_seed(0)
-    x, gy = torch.randn(B, L, H, P, generator=g), torch.randn(B, L, H, P, generator=g)
-    delta, a = torch.rand(B, L, H, generator=g), -torch.rand(B, L, H, generator=g)
-    Bm, Cm = torch.randn(B, L, G, N, generator=g), torch.randn(B, L, G, N, generator=g)
-    D = torch.ones(H, P)
-    lengths = torch.randint(1, L + 1, (B,), generator=g)
-
-    def step():
-        native.scan_forward(x, delta, a, Bm, Cm, D, lengths, True)
-        native.scan_backward(gy, x, delta, a, Bm, Cm, D, lengths, True)
-
-    benchmark(step)
+if __name__ == "__main__":
+    main()
