@@ -513,6 +513,17 @@ struct Ahead {
         bytes[n] = count * int64_t(sizeof(T));
         write[n++] = w;
     }
+    // the inputs both directions read of sequence b (its valid steps): x, B, C, delta, a
+    template <typename T>
+    void inputs(const T* x, const T* B, const T* C, const T* delta, const T* a, const int64_t* len, int64_t b,
+                const Dims<T>& d) {
+        const int64_t Lb = valid_steps(len, b, d.L), bc = Lb * d.G * d.n, st = Lb * d.H;
+        add(x + d.x(b, 0, 0), Lb * d.H * d.P, false);
+        add(B + d.bc(b, 0, 0), bc, false);
+        add(C + d.bc(b, 0, 0), bc, false);
+        add(delta + d.s(b, 0, 0), st, false);
+        add(a + d.s(b, 0, 0), st, false);
+    }
     void part(int64_t k, int64_t parts) const {
         for (int r = 0; r < n; ++r)
             for (int64_t o = bytes[r] * k / parts / 64 * 64; o < bytes[r] * (k + 1) / parts; o += 64) {
@@ -746,12 +757,7 @@ void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, con
                 std::fill(y + d.x(b, Lb, 0), y + d.x(b + 1, 0, 0), T(0));
                 Ahead next;
                 if (b + 1 < nb) {
-                    const int64_t Ln = valid_steps(len, b + 1, d.L), bc = Ln * d.G * d.n, st = Ln * d.H;
-                    next.add(x + d.x(b + 1, 0, 0), Ln * xs, false);
-                    next.add(B + d.bc(b + 1, 0, 0), bc, false);
-                    next.add(C + d.bc(b + 1, 0, 0), bc, false);
-                    next.add(delta + d.s(b + 1, 0, 0), st, false);
-                    next.add(a + d.s(b + 1, 0, 0), st, false);
+                    next.inputs(x, B, C, delta, a, len, b + 1, d);
                     next.add(y + d.x(b + 1, 0, 0), d.L * xs, true);
                 }
                 if (Lb > 0) forward_short_any(x, delta, a, B, C, D, skip_delta, y, b, Lb, next, d, sw);
@@ -835,13 +841,8 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                 std::fill(dC + d.bc(b, Lb, 0), dC + d.bc(b + 1, 0, 0), T(0));
                 Ahead next;
                 if (b + 1 < nb) {
-                    const int64_t Ln = valid_steps(len, b + 1, d.L), bc = Ln * d.G * d.n, st = Ln * d.H;
-                    next.add(x + d.x(b + 1, 0, 0), Ln * xs, false);
-                    next.add(gy + d.x(b + 1, 0, 0), Ln * xs, false);
-                    next.add(B + d.bc(b + 1, 0, 0), bc, false);
-                    next.add(C + d.bc(b + 1, 0, 0), bc, false);
-                    next.add(delta + d.s(b + 1, 0, 0), st, false);
-                    next.add(a + d.s(b + 1, 0, 0), st, false);
+                    next.inputs(x, B, C, delta, a, len, b + 1, d);
+                    next.add(gy + d.x(b + 1, 0, 0), valid_steps(len, b + 1, d.L) * xs, false);
                     next.add(dx + d.x(b + 1, 0, 0), d.L * xs, true);
                     next.add(dB + d.bc(b + 1, 0, 0), d.L * d.G * d.n, true);
                     next.add(dC + d.bc(b + 1, 0, 0), d.L * d.G * d.n, true);
