@@ -108,7 +108,7 @@ def test_float32_against_float64(L):
     h, t, lengths = inputs(4, L, seed=2 * L)
     fast, _ = both(layer32, h.float(), t, lengths=lengths)
     ref = run(layer64, h, t, fast=False, lengths=lengths)
-    assert rel(fast, ref) < 2e-5
+    assert rel(fast, ref) < 2e-6          # measured 2.5e-7 - 3.7e-7 (a softplus losing small values: 5e-6)
 
 
 @pytest.mark.parametrize("layout", ["none", "attention_mask", "key_padding_mask", "time_gaps", "no_time"])

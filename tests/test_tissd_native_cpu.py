@@ -196,3 +196,17 @@ def test_nonfinite_input_takes_the_general_path(impl, where):
     assert torch.isnan(y[0, 5:]).any(dim=(1, 2)).all()
     if name == "native-call":
         assert len(calls) == 2                                  # tried twice, the NaN call fell back
+
+
+def test_fp32_step_sizes_keep_fp32_accuracy(impl):
+    """Each fp32 step size to fp32 accuracy, tiny ones included: with one step, x = B = C = 1 and no skip, y is the
+    step size softplus(dt) itself, here over dt in [-16, 24] (softplus down to 1e-7 and past torch's threshold 20).
+    A softplus that loses the small values (log(1 + e) rounded; a log1p correction folded away by reassociation,
+    which made this 0.33 at dt -15.5) fails."""
+    dt = torch.linspace(-16, 24, 2001, dtype=torch.float64)
+    b = dt.numel()
+    one = lambda *s: torch.ones(*s)  # noqa: E731
+    y = torch_backend.tissd_torch(one(b, 1, 1, 1), dt.float().reshape(b, 1, 1), -one(1), one(b, 1, 1, 1),
+                                  one(b, 1, 1, 1), path="quadratic")
+    ref = torch.nn.functional.softplus(dt)
+    assert ((y.reshape(-1).double() - ref) / ref).abs().max() < 1e-6
