@@ -1,0 +1,92 @@
+"""The native CPU scan kernels of this tree against those of a previous commit, in one process: both libraries are
+loaded side by side (the previous one built from `git archive <commit>` into a temp dir), outputs preallocated, old
+and new alternating per round; medians of the per-round ratios new / old.  float32, 1 thread.
+
+    python benchmarks/bench_native_ab.py --previous c037b3e
+    python benchmarks/bench_native_ab.py --previous c037b3e --shapes 256,20,8,16,8,16 1,200,4,32,1,16
+
+A shape is b,L,H,P,G,n (lengths uniform in 1..L).  The scan's C entry points (mmm4rec_ssd_quadratic_fwd / _bwd) kept
+their signature since they were written; other kernels changed theirs and are not compared here.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = ["256,20,8,16,8,16", "256,20,8,64,8,64", "256,20,8,64,1,64", "128,200,4,32,1,16", "1,200,4,32,1,16"]
+
+
+def previous_library(commit: str, cache: str) -> str:
+    """Path of the native library built from `commit`'s sources (its own build code, in a fresh process)."""
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=HERE, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    tar = subprocess.run(["git", "archive", commit, "mmm4rec_kernels"], cwd=root, capture_output=True, check=True)
+    src = tempfile.mkdtemp(prefix="mmm4rec_ab_")
+    tarfile.open(fileobj=io.BytesIO(tar.stdout)).extractall(src)
+    code = "import mmm4rec_kernels.cpu as n; n.library(); print(n.status())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=src, env=dict(os.environ, PYTHONPATH=src,
+                         MMM4REC_CACHE_DIR=cache), capture_output=True, text=True, check=True).stdout
+    return out.strip().split(": ", 1)[1].split(" ")[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--previous", required=True, help="git commit whose native scan is compared")
+    ap.add_argument("--shapes", nargs="+", default=SHAPES)
+    ap.add_argument("--rounds", type=int, default=12)
+    args = ap.parse_args()
+    import mmm4rec_kernels.cpu as native
+    torch.set_num_threads(1)
+    new = native.library()
+    if new is None:
+        raise SystemExit(native.status())
+    old = ctypes.CDLL(previous_library(args.previous, tempfile.mkdtemp(prefix="mmm4rec_ab_cache_")))
+    for name in ("mmm4rec_ssd_quadratic_fwd_f32", "mmm4rec_ssd_quadratic_bwd_f32"):
+        getattr(old, name).argtypes, getattr(old, name).restype = getattr(new, name).argtypes, None
+    p = native._ptr
+    print(f"previous = {args.previous}")
+    print("| b, L, H, P, G, n | fwd new / old (ms) | bwd new / old (ms) | fwd ratio | bwd ratio |")
+    print("|---|---|---|---|---|")
+    for shape in args.shapes:
+        b, L, H, P, G, n = map(int, shape.split(","))
+        g = torch.Generator().manual_seed(0)
+        x, gy = torch.randn(b, L, H, P, generator=g), torch.randn(b, L, H, P, generator=g)
+        delta = torch.rand(b, L, H, generator=g) * 0.1
+        a = -torch.rand(b, L, H, generator=g) * 0.1
+        B, C = torch.randn(b, L, G, n, generator=g), torch.randn(b, L, G, n, generator=g)
+        D, lens = torch.ones(H, P), torch.randint(1, L + 1, (b,), generator=g)
+        y = torch.empty_like(x)
+        grads = [torch.empty_like(t) for t in (x, delta, a, B, C)] + [torch.zeros(H, P)]
+        ins = [p(t) for t in (x, delta, a, B, C, lens, D)]
+        dims = (b, L, H, P, G, n, 1)
+        calls = {lib_name: (lambda lib=lib: lib.mmm4rec_ssd_quadratic_fwd_f32(*ins, 1, p(y), *dims),
+                            lambda lib=lib: lib.mmm4rec_ssd_quadratic_bwd_f32(*ins, 1, p(gy), *map(p, grads), *dims))
+                 for lib_name, lib in (("old", old), ("new", new))}
+        reps = max(1, int(2e6 / (b * L * L * H)))
+        t = {(k, d): [] for k in calls for d in (0, 1)}
+        for _ in range(args.rounds):
+            for k, fns in calls.items():
+                for d, fn in enumerate(fns):
+                    t0 = time.thread_time()
+                    for _ in range(reps):
+                        fn()
+                    t[k, d].append((time.thread_time() - t0) / reps * 1e3)
+        med = {key: statistics.median(v) for key, v in t.items()}
+        ratio = [statistics.median([nw / od for nw, od in zip(t["new", d], t["old", d])]) for d in (0, 1)]
+        print(f"| {shape} | {med['new', 0]:.3f} / {med['old', 0]:.3f} | {med['new', 1]:.3f} / {med['old', 1]:.3f} | "
+              f"{ratio[0]:.2f} | {ratio[1]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
