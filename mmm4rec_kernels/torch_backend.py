@@ -240,7 +240,7 @@ class _TiSSDCPU(torch.autograd.Function):
             gy.contiguous(), x, dt, A, B, C, E, dt_bias, D2, valid_len, ctx.skip_delta, ctx.softplus)
         if dD is not None and ctx.D_per_head:
             dD = dD.sum(1)
-        return dx, ddt, dA, dB, dC, dE, dt_bias if dt_bias is None else ddt_bias, dD, None, None, None
+        return dx, ddt, dA, dB, dC, dE, ddt_bias, dD, None, None, None
 
 
 def _native_call(x, dt, A, B, C, E, dt_bias, D, d_skip, dt_softplus, lengths):

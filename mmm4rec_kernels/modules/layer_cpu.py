@@ -172,8 +172,8 @@ class _LayerTrain(torch.autograd.Function):
         out = y W_out^T + b_out                                         [b, L, d_model], 0 past each length
     Backward: out_proj's two matmuls, the core's native backward (tissd_layer.cpp), the conv's (causal_conv.cpp),
     the in_proj's from the three pieces' gradients without concatenating them (linear_split_backward), the time
-    encoding's native backward; dA_log = dA * A.  params: _train_params(layer) (+ the 10 time parameters when t is
-    given)."""
+    encoding's native backward; dA_log = dA * A.  params: in_proj weight / bias, conv weight / bias, A_log, dt_bias,
+    D, norm weight, out_proj weight / bias, then the time encoding's 10 (_time_params) when t is given (_train)."""
 
     @staticmethod
     def forward(ctx, u, t, is_gaps, ts_in, layer, lens, *params):
