@@ -30,18 +30,14 @@ inline T silu_grad(T p) {                       // d SiLU / dp = s (1 + p (1 - s
     return s * (T(1) + p * c);
 }
 
-template <typename T>
-inline T softplus_of(T v) {                     // torch's F.softplus (beta 1, threshold 20)
-    return v > T(20) ? v : std::log1p(std::exp(v));
-}
-
-// softplus_of written so that a loop of it vectorises (log1p has no vector version): with e = exp(-|v|) in (0, 1],
+// torch's F.softplus (beta 1, threshold 20): log1p(exp(v)), v past 20, written so that a loop of it vectorises
+// (log1p has no vector version): with e = exp(-|v|) in (0, 1],
 //   softplus(v) = max(v, 0) + log1p(e),  log1p(e) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...),  s = e / (2 + e) <= 1/3
 // (no cancellation anywhere: every term is positive; the terms past s^(2K+1) are below T's rounding: K = 7 for
 // float, 17 for double).  Not log(1 + e) with a correction: -fassociative-math would fold (1 + e) - 1 to e.
 // NaN stays NaN, -inf gives 0, v > 20 gives v (torch's threshold).
 template <typename T>
-inline T softplus_vectorisable(T v) {
+inline T softplus_of(T v) {
     constexpr int K = sizeof(T) == 4 ? 7 : 17;
     const T e = std::exp(-std::abs(v));
     const T s = e / (T(2) + e), s2 = s * s;

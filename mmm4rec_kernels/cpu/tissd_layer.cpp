@@ -71,11 +71,10 @@ MMM4REC_LIB(double, f64)
 template <typename T>
 inline bool finite(T v) { return std::abs(v) <= std::numeric_limits<T>::max(); }   // false for NaN / inf
 
-// step sizes of one row: v = dt * ts + dt_bias (ts / dt_bias optional), delta = softplus(v) (or v), a = A delta,
-// each [H]; returns false when dt or ts holds NaN / inf
+// step sizes of one row of the layer's core: v = dt * ts + dt_bias (ts / dt_bias optional), delta = softplus(v),
+// a = A delta, each [H]; returns false when dt or ts holds NaN / inf
 template <typename T>
-inline bool row_steps(const T* dtr, const T* tsr, const T* dt_bias, const T* A, int softplus, int64_t H, T* v,
-                      T* delta, T* a) {
+inline bool row_steps(const T* dtr, const T* tsr, const T* dt_bias, const T* A, int64_t H, T* v, T* delta, T* a) {
     bool ok = true;
     for (int64_t h = 0; h < H; ++h) {
         T vv = dtr[h];
@@ -86,7 +85,7 @@ inline bool row_steps(const T* dtr, const T* tsr, const T* dt_bias, const T* A, 
         }
         if (dt_bias) vv = vv + dt_bias[h];
         v[h] = vv;
-        delta[h] = softplus ? softplus_vectorisable(vv) : vv;
+        delta[h] = softplus_of(vv);
         a[h] = delta[h] * A[h];
     }
     return ok;
@@ -96,12 +95,12 @@ inline bool row_steps(const T* dtr, const T* tsr, const T* dt_bias, const T* A, 
 // ddt_bias summed in double; softplus' as torch computes it (e^v / (e^v + 1), 1 past v = 20)
 template <typename T>
 inline void row_steps_bwd(const T* ddelta, const T* da, const T* v, const T* delta, const T* dtr, const T* tsr,
-                          const T* A, int softplus, int64_t H, T* ddt, T* dts, double* dA, double* ddt_bias) {
+                          const T* A, int64_t H, T* ddt, T* dts, double* dA, double* ddt_bias) {
     for (int64_t h = 0; h < H; ++h) {
         const T dd = ddelta[h] + da[h] * A[h];                  // a = A delta
         dA[h] += double(da[h]) * double(delta[h]);
         T dv = dd;
-        if (softplus && !(v[h] > T(20))) {
+        if (!(v[h] > T(20))) {
             const T e = std::exp(v[h]);
             dv = dd * e / (e + T(1));
         }
@@ -335,7 +334,7 @@ struct Steps {
                     ok &= finite(src[di + c]) & finite(src[di + gn + c]);
                 }
                 const int64_t k = r * d.H;
-                ok &= row_steps(dt + r * s_zdt, ts ? ts + k : nullptr, dt_bias, A, 1, d.H, v + k, delta + k, a + k);
+                ok &= row_steps(dt + r * s_zdt, ts ? ts + k : nullptr, dt_bias, A, d.H, v + k, delta + k, a + k);
                 bad |= !ok;
             }
         }
@@ -402,7 +401,7 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
                 std::copy(dC + r * gn, dC + (r + 1) * gn, o + di + gn);
                 const int64_t k = r * d.H;
                 row_steps_bwd(ddelta + k, da + k, st.v + k, st.delta + k, dt + r * s_zdt, ts ? ts + k : nullptr, A,
-                              1, d.H, g_dt, g_ts, dA_t, db_t);
+                              d.H, g_dt, g_ts, dA_t, db_t);
             }
         }
     }
@@ -431,7 +430,7 @@ inline std::vector<int64_t> valid_lengths(const int64_t* len, int64_t nb, int64_
 
 // The step sizes of a tissd() call over each sequence's valid rows as ONE flat loop of lens[b] * H values (dt, ts
 // and the outputs are [L, H] blocks per sequence; A and dt_bias tiled to [L, H] once), so it vectorises, softplus
-// included (softplus_vectorisable): v, delta, a [nb, L, H] into scratch slots 5 / 3 / 4.
+// included (softplus_of): v, delta, a [nb, L, H] into scratch slots 5 / 3 / 4.
 template <typename T>
 struct CallSteps {
     std::vector<T> At, bt;                            // A, dt_bias (0 without) tiled over L rows
@@ -460,7 +459,7 @@ struct CallSteps {
             else
                 for (int64_t e = 0; e < m; ++e) vb[e] = dtb[e] + btp[e];
             if (softplus)
-                for (int64_t e = 0; e < m; ++e) db[e] = softplus_vectorisable(vb[e]);
+                for (int64_t e = 0; e < m; ++e) db[e] = softplus_of(vb[e]);
             else
                 for (int64_t e = 0; e < m; ++e) db[e] = vb[e];
             for (int64_t e = 0; e < m; ++e) ab[e] = db[e] * at[e];
