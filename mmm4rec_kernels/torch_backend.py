@@ -246,11 +246,11 @@ class _TiSSDCPU(torch.autograd.Function):
 def _native_call(x, dt, A, B, C, E, dt_bias, D, d_skip, dt_softplus, lengths):
     """y of an eager CPU call through _TiSSDCPU, or None when it does not apply (traced, packed, another dtype or
     device among the tensors, empty, no native library) or an input is NaN / inf (the general path runs)."""
-    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if torch.compiler.is_compiling() or not native.supports(x):
         return None
     tensors = (dt, A, B, C, E, dt_bias, D, lengths)
     if x.numel() == 0 or B.shape[-1] == 0 or any(t is not None and t.device.type != "cpu" for t in tensors) \
-            or any(t is not None and t.dtype != x.dtype for t in tensors[:-1]) or not native.available():
+            or any(t is not None and t.dtype != x.dtype for t in tensors[:-1]):
         return None
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
     valid_len = None if lengths is None else lengths.to(torch.int64).contiguous()

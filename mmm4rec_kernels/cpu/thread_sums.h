@@ -17,11 +17,11 @@ inline int thread_index() {
 #endif
 }
 
-// glibc's libmvec has vector versions of exp / expf and log / logf (_ZGV*_exp*, _ZGV*_log*); GCC calls them from vectorised loops only for
-// functions declared with the simd attribute, which <math.h> does only under __FAST_MATH__ (-ffast-math).  The
-// library is built without -ffast-math (it assumes no NaN / inf, and links crtfastmath.o, which turns on
-// flush-to-zero for the whole process on load), so the two functions are declared here.  libmvec handles every
-// input, inf / NaN / overflow included.  Other compilers and C libraries: scalar exp.
+// glibc's libmvec has vector versions of exp / expf and log / logf (_ZGV*_exp*, _ZGV*_log*); GCC calls them from
+// vectorised loops only for functions declared with the simd attribute, which <math.h> does only under
+// __FAST_MATH__ (-ffast-math).  The library is built without -ffast-math (it assumes no NaN / inf, and links
+// crtfastmath.o, which turns on flush-to-zero for the whole process on load), so the four functions are declared
+// here.  libmvec handles every input, inf / NaN / overflow included.  Other compilers and C libraries: scalar calls.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && !defined(__FAST_MATH__)
 extern "C" {
 float expf(float) noexcept __attribute__((__simd__("notinbranch")));

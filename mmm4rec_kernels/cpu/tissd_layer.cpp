@@ -300,6 +300,33 @@ struct Dims {
     int64_t gn() const { return G * n; }
 };
 
+// valid steps of each sequence: len[b] clamped to [0, L] (all L without len)
+inline std::vector<int64_t> valid_lengths(const int64_t* len, int64_t nb, int64_t L) {
+    std::vector<int64_t> lens(size_t(nb), L);
+    if (len)
+        for (int64_t b = 0; b < nb; ++b) lens[b] = std::min<int64_t>(std::max<int64_t>(len[b], 0), L);
+    return lens;
+}
+
+// dA and ddt_bias [H] from per-thread double partial sums laid out [thread][2 n]: dA's n values, then ddt_bias's,
+// position e of each part belonging to head e % H (n = H: one per head; n = L H: one per position of an [L, H]
+// block); folded per thread over e, then the threads added in a fixed order (sum_thread_partials)
+template <typename T>
+void fold_step_sums(const std::vector<double>& acc, int nt, int64_t n, int64_t H, T* dA, T* ddt_bias) {
+    std::vector<double> sums(size_t(nt) * H);
+    for (int part = 0; part < 2; ++part) {
+        T* out = part == 0 ? dA : ddt_bias;
+        if (!out) continue;
+        for (int t = 0; t < nt; ++t)
+            for (int64_t h = 0; h < H; ++h) {
+                double s = 0.0;
+                for (int64_t e = h; e < n; e += H) s += acc[size_t(t) * 2 * n + part * n + e];
+                sums[size_t(t) * H + h] = s;
+            }
+        sum_thread_partials(sums, nt, H, out);
+    }
+}
+
 // The scan's contiguous inputs gathered from xBC and the step sizes, valid rows only (the scan never reads the
 // others).  Returns true when a valid step holds NaN / inf.
 template <typename T>
@@ -317,13 +344,11 @@ struct Steps {
         delta = scratch<T>(3, size_t(rows) * d.H);
         a = scratch<T>(4, size_t(rows) * d.H);
         v = scratch<T>(5, size_t(rows) * d.H);
-        lens.resize(d.nb);
+        lens = valid_lengths(len, d.nb, d.L);
         int bad = 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(| : bad)
         for (int64_t b = 0; b < d.nb; ++b) {
-            const int64_t Lb = std::min<int64_t>(std::max<int64_t>(len ? len[b] : d.L, 0), d.L);
-            lens[b] = Lb;
-            for (int64_t i = 0; i < Lb; ++i) {
+            for (int64_t i = 0; i < lens[b]; ++i) {
                 const int64_t r = b * d.L + i;
                 const T* src = xbc + r * s_xbc;
                 bool ok = true;
@@ -405,27 +430,13 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
             }
         }
     }
-    std::vector<double> sums(size_t(nt) * d.H);
-    for (int t = 0; t < nt; ++t)
-        for (int64_t h = 0; h < d.H; ++h) sums[size_t(t) * d.H + h] = acc[size_t(t) * 2 * d.H + h];
-    sum_thread_partials(sums, nt, d.H, dA);
-    for (int t = 0; t < nt; ++t)
-        for (int64_t h = 0; h < d.H; ++h) sums[size_t(t) * d.H + h] = acc[size_t(t) * 2 * d.H + d.H + h];
-    if (ddt_bias) sum_thread_partials(sums, nt, d.H, ddt_bias);
+    fold_step_sums(acc, nt, d.H, d.H, dA, ddt_bias);
     if (dD)
         for (int64_t h = 0; h < d.H; ++h) {
             T s = T(0);
             for (int64_t p = 0; p < d.P; ++p) s += dDhp[h * d.P + p];
             dD[h] = s;
         }
-}
-
-// valid steps of each sequence: len[b] clamped to [0, L] (all L without len)
-inline std::vector<int64_t> valid_lengths(const int64_t* len, int64_t nb, int64_t L) {
-    std::vector<int64_t> lens(size_t(nb), L);
-    if (len)
-        for (int64_t b = 0; b < nb; ++b) lens[b] = std::min<int64_t>(std::max<int64_t>(len[b], 0), L);
-    return lens;
 }
 
 // The step sizes of a tissd() call over each sequence's valid rows as ONE flat loop of lens[b] * H values (dt, ts
@@ -528,17 +539,7 @@ void tissd_bwd(const T* gy, const T* x, const T* dt, const T* ts, const T* dt_bi
             if (g_ts) std::fill(g_ts + m, g_ts + LH, T(0));
         }
     }
-    std::vector<double> sums(size_t(nt) * d.H, 0.0);
-    for (int part = 0; part < 2; ++part) {                       // dA, then ddt_bias: fixed order over e, threads
-        for (int t = 0; t < nt; ++t)
-            for (int64_t h = 0; h < d.H; ++h) {
-                double s = 0.0;
-                for (int64_t e = h; e < LH; e += d.H) s += acc[size_t(t) * 2 * LH + part * LH + e];
-                sums[size_t(t) * d.H + h] = s;
-            }
-        T* out = part == 0 ? dA : ddt_bias;
-        if (out) sum_thread_partials(sums, nt, d.H, out);
-    }
+    fold_step_sums(acc, nt, LH, d.H, dA, ddt_bias);
 }
 
 }  // namespace
