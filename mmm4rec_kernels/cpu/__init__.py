@@ -93,7 +93,7 @@ def _bind(lib):
         fwd.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, i64, i64, i64, i32, i32]
         fwd.restype = None
         bwd = getattr(lib, f"mmm4rec_conv_bwd_{dt}")
-        bwd.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i32, i32, p, p, p, p, i32]
+        bwd.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i32, i32, p, p, i64, p, p, i32]
         bwd.restype = None
         fwd = getattr(lib, f"mmm4rec_ssd_quadratic_fwd_{dt}")
         fwd.argtypes = [p] * 7 + [i32, p] + [i64] * 6 + [i32]
@@ -111,8 +111,8 @@ def _bind(lib):
         core.argtypes = [p, i64, p, p, i64] + [p] * 4 + [i32, p, i64, ctypes.c_double, p] + [i64] * 6 + [p, p, i32]
         core.restype = i32
         core = getattr(lib, f"mmm4rec_ssd_core_bwd_{dt}")
-        core.argtypes = ([p, p, i64, p, p, i64] + [p] * 4 + [i32, p, i64, ctypes.c_double, p] + [i64] * 6 + [p] * 9
-                         + [i32])
+        core.argtypes = ([p, p, i64, p, p, i64] + [p] * 4 + [i32, p, i64, ctypes.c_double, p] + [i64] * 6 + [p] * 4
+                         + [i64] + [p] * 5 + [i32])
         core.restype = None
         call = getattr(lib, f"mmm4rec_tissd_fwd_{dt}")                   # tissd_layer.cpp: one tissd() call
         call.argtypes = [p] * 6 + [i32, i32, p, p, p] + [i64] * 6 + [p, i32]
@@ -124,7 +124,7 @@ def _bind(lib):
         norm.argtypes = [p, p, i64, p, i64, i64, i64, ctypes.c_double, p, i64, p, i32]
         norm.restype = None
         norm = getattr(lib, f"mmm4rec_gated_rmsnorm_bwd_{dt}")
-        norm.argtypes = [p, p, p, i64, p, i64, i64, i64, ctypes.c_double, p, i64, p, p, p, i32]
+        norm.argtypes = [p, p, p, i64, p, i64, i64, i64, ctypes.c_double, p, i64, p, p, i64, p, i32]
         norm.restype = None
     lib.mmm4rec_conv_has_openmp.restype = i32
     return lib
@@ -216,12 +216,13 @@ def conv_forward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool) -> torch.Te
     return y
 
 
-def conv_backward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool, pieces):
+def conv_backward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool, pieces, dx_out=None):
     """Gradients of conv_forward: pieces = [(start, size, gy [b, L, size] or None)] covering the C channels.
-    Returns (dx [b, L, C], dw [C, k], dbias [C] or None), all written by the kernel."""
+    Returns (dx [b, L, C], dw [C, k], dbias [C] or None), all written by the kernel; dx_out: where dx goes, a [b, L, C]
+    view with unit channel stride and batch stride L * row stride (a slice of a wider tensor's last axis)."""
     b, L, C = x.shape
     k = w.shape[1]
-    dx = torch.empty(b, L, C, dtype=x.dtype)
+    dx = torch.empty(b, L, C, dtype=x.dtype) if dx_out is None else dx_out
     if not dx.numel():
         return dx, torch.zeros(C, k, dtype=x.dtype), None if bias is None else torch.zeros(C, dtype=x.dtype)
     dw = torch.empty(C, k, dtype=x.dtype)
@@ -235,8 +236,8 @@ def conv_backward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool, pieces):
     fn = lib.mmm4rec_conv_bwd_f32 if x.dtype == torch.float32 else lib.mmm4rec_conv_bwd_f64
     fn(x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), w.stride(0), w.stride(1),
        None if bias is None else bias.data_ptr(), b, L, C, k, int(silu), len(pieces),
-       (ctypes.c_int64 * len(flat))(*flat), dx.data_ptr(), dw.data_ptr(), None if db is None else db.data_ptr(),
-       torch.get_num_threads())
+       (ctypes.c_int64 * len(flat))(*flat), dx.data_ptr(), dx.stride(1), dw.data_ptr(),
+       None if db is None else db.data_ptr(), torch.get_num_threads())
     return dx, dw, db
 
 
@@ -335,6 +336,6 @@ def norm_backward(dout, y, z, w, eps: float, group: int):
     if dy.numel():
         _fn("mmm4rec_gated_rmsnorm_bwd", y.dtype)(
             dout.data_ptr(), y.data_ptr(), None if z is None else z.data_ptr(), 0 if z is None else z.stride(0),
-            w.data_ptr(), R, d, group, float(eps), None, R, dy.data_ptr(), None if dz is None else dz.data_ptr(),
+            w.data_ptr(), R, d, group, float(eps), None, R, dy.data_ptr(), None if dz is None else dz.data_ptr(), d,
             dw.data_ptr(), torch.get_num_threads())
     return dy, dz, dw

@@ -229,7 +229,7 @@ inline void dw_sequence(const T* gb, const T* xb, int64_t L, int64_t k, int64_t 
 
 template <typename T, int K, bool SILU>
 void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t B, int64_t L, int64_t C, int64_t k,
-                const std::vector<GySource<T>>& gys, T* dx, T* dw, T* dbias, int nthreads) {
+                const std::vector<GySource<T>>& gys, T* dx, int64_t sdx, T* dw, T* dbias, int nthreads) {
     constexpr int W = lanes<T>::n;
     const int64_t kk = K ? K : k, Cp = tp.Cp;
     const int nt = nthreads > 1 ? nthreads : 1;
@@ -249,7 +249,7 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t 
                 const int64_t t = s + (kk - 1) - j;
                 rows[size_t(j)] = t < L ? gb.data() + t * Cp : zeros.data();
             }
-            T* dxr = dx + (b * L + s) * C;
+            T* dxr = dx + (b * L + s) * sdx;
             for_blocks<T>(C, [&](int64_t c0, auto n) {
                 vec<T> d = load(tp.wt.data() + c0) * load(rows[0] + c0);
                 for (int64_t j = 1; j < kk; ++j) d += load(tp.wt.data() + j * Cp + c0) * load(rows[size_t(j)] + c0);
@@ -315,13 +315,13 @@ void forward(const T* x, int64_t sxb, int64_t sx, const T* w, int64_t swc, int64
 
 template <typename T>
 void backward(const T* x, int64_t sxb, int64_t sx, const T* w, int64_t swc, int64_t swj, const T* bias, int64_t B,
-              int64_t L, int64_t C, int64_t k, int silu, int npieces, const int64_t* pieces, T* dx, T* dw, T* dbias,
-              int nthreads) {
+              int64_t L, int64_t C, int64_t k, int silu, int npieces, const int64_t* pieces, T* dx, int64_t sdx, T* dw,
+              T* dbias, int nthreads) {
     const Taps<T> tp(w, swc, swj, bias, C, k);
     const std::vector<GySource<T>> gys = gy_sources<T>(npieces, pieces, C);
 #define MMM4REC_CONV_BWD(KK)                                                                   \
-    return silu ? backward_k<T, KK, true>(x, sxb, sx, tp, B, L, C, k, gys, dx, dw, dbias, nthreads) \
-                : backward_k<T, KK, false>(x, sxb, sx, tp, B, L, C, k, gys, dx, dw, dbias, nthreads)
+    return silu ? backward_k<T, KK, true>(x, sxb, sx, tp, B, L, C, k, gys, dx, sdx, dw, dbias, nthreads) \
+                : backward_k<T, KK, false>(x, sxb, sx, tp, B, L, C, k, gys, dx, sdx, dw, dbias, nthreads)
     switch (k) {
         case 4: MMM4REC_CONV_BWD(4);
         case 3: MMM4REC_CONV_BWD(3);
@@ -344,7 +344,8 @@ int mmm4rec_conv_has_openmp() {
 }
 
 // w [C, k] with strides (swc, swj); bias [C] or null.  Backward: pieces = npieces x (gy address, start, size, gy's
-// batch stride, gy's row stride); dx [B, L, C], dw [C, k], dbias [C] (or null) contiguous, all written.
+// batch stride, gy's row stride); dx [B, L, C] with row stride sdx >= C (batch stride L sdx: a slice of a wider
+// gradient), dw [C, k], dbias [C] (or null) contiguous, all written.
 #define MMM4REC_CONV_ENTRIES(T, SUFFIX)                                                                               \
     void mmm4rec_conv_fwd_##SUFFIX(const T* x, int64_t sxb, int64_t sx, const T* w, int64_t swc, int64_t swj,        \
                                    const T* bias, T* y, int64_t B, int64_t L, int64_t C, int64_t k, int silu,       \
@@ -353,8 +354,9 @@ int mmm4rec_conv_has_openmp() {
     }                                                                                                               \
     void mmm4rec_conv_bwd_##SUFFIX(const T* x, int64_t sxb, int64_t sx, const T* w, int64_t swc, int64_t swj,        \
                                    const T* bias, int64_t B, int64_t L, int64_t C, int64_t k, int silu,             \
-                                   int npieces, const int64_t* pieces, T* dx, T* dw, T* dbias, int nthreads) {      \
-        backward<T>(x, sxb, sx, w, swc, swj, bias, B, L, C, k, silu, npieces, pieces, dx, dw, dbias, nthreads);    \
+                                   int npieces, const int64_t* pieces, T* dx, int64_t sdx, T* dw, T* dbias,         \
+                                   int nthreads) {                                                                  \
+        backward<T>(x, sxb, sx, w, swc, swj, bias, B, L, C, k, silu, npieces, pieces, dx, sdx, dw, dbias, nthreads);\
     }
 
 MMM4REC_CONV_ENTRIES(float, f32)

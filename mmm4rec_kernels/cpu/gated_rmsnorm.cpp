@@ -5,7 +5,8 @@
 //   dv = rstd * g - rstd^3 * v * mean_group(g * v)
 //   dy = dv * SiLU(z),   dz = dv * y * SiLU'(z),   dw = sum_rows dout * v * rstd
 // dw is summed per thread in double and the threads' sums added in a fixed order (thread_sums.h).
-// z is read with a row stride s_z (a slice of a wider tensor needs no copy).  Rows: R = nb * L; with len [nb] (int64,
+// z is read with a row stride s_z (a slice of a wider tensor needs no copy) and dz written with a row stride s_dz
+// (into a slice of the in_proj's gradient, tissd_layer.cpp).  Rows: R = nb * L; with len [nb] (int64,
 // optional) row r is valid when r % L < len[r / L]: other rows get out = 0, dy = dz = 0 and add nothing to dw
 // (what masking y and z to 0 there gives, without reading them).
 #include <cmath>
@@ -58,7 +59,7 @@ void forward(const T* y, const T* z, int64_t s_z, const T* w, int64_t R, int64_t
 
 template <typename T>
 void backward(const T* dout, const T* y, const T* z, int64_t s_z, const T* w, int64_t R, int64_t d, int64_t group,
-              double eps, const int64_t* len, int64_t L, T* dy, T* dz, T* dw, int nthreads) {
+              double eps, const int64_t* len, int64_t L, T* dy, T* dz, int64_t s_dz, T* dw, int nthreads) {
     const int nt = nthreads > 1 ? nthreads : 1;
     std::vector<double> dw_acc(size_t(nt) * d, 0.0);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -73,7 +74,7 @@ void backward(const T* dout, const T* y, const T* z, int64_t s_z, const T* w, in
             if (!row_valid(len, L, r)) {
                 for (int64_t c = 0; c < d; ++c) dy[r * d + c] = T(0);
                 if (dz)
-                    for (int64_t c = 0; c < d; ++c) dz[r * d + c] = T(0);
+                    for (int64_t c = 0; c < d; ++c) dz[r * s_dz + c] = T(0);
                 continue;
             }
             if (z) {
@@ -103,7 +104,7 @@ void backward(const T* dout, const T* y, const T* z, int64_t s_z, const T* w, in
                 for (int64_t c = g0; c < g0 + group; ++c) {
                     const T dv = rstd * gr[c] * w[c] - k * v[c];
                     dy[r * d + c] = dv * sz[c];
-                    if (dz) dz[r * d + c] = dv * yr[c] * szc[c];
+                    if (dz) dz[r * s_dz + c] = dv * yr[c] * szc[c];
                     dwt[c] += double(gr[c]) * double(v[c] * rstd);
                 }
             }
@@ -124,8 +125,8 @@ extern "C" {
     }                                                                                                               \
     void mmm4rec_gated_rmsnorm_bwd_##SUFFIX(const T* dout, const T* y, const T* z, int64_t s_z, const T* w,        \
                                             int64_t R, int64_t d, int64_t group, double eps, const int64_t* len,    \
-                                            int64_t L, T* dy, T* dz, T* dw, int nthreads) {                         \
-        backward<T>(dout, y, z, s_z, w, R, d, group, eps, len, L, dy, dz, dw, nthreads);                            \
+                                            int64_t L, T* dy, T* dz, int64_t s_dz, T* dw, int nthreads) {           \
+        backward<T>(dout, y, z, s_z, w, R, d, group, eps, len, L, dy, dz, s_dz, dw, nthreads);                      \
     }
 
 MMM4REC_NORM_ENTRIES(float, f32)

@@ -30,7 +30,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -49,7 +51,7 @@
     void mmm4rec_gated_rmsnorm_fwd_##S(const T*, const T*, int64_t, const T*, int64_t, int64_t, int64_t, double,     \
                                        const int64_t*, int64_t, T*, int);                                           \
     void mmm4rec_gated_rmsnorm_bwd_##S(const T*, const T*, const T*, int64_t, const T*, int64_t, int64_t, int64_t,   \
-                                       double, const int64_t*, int64_t, T*, T*, T*, int);
+                                       double, const int64_t*, int64_t, T*, T*, int64_t, T*, int);
 extern "C" {
 MMM4REC_DECLARE(float, f32)
 MMM4REC_DECLARE(double, f64)
@@ -68,47 +70,70 @@ template <typename T> struct Lib;
 MMM4REC_LIB(float, f32)
 MMM4REC_LIB(double, f64)
 
+// does p[0..n) hold only finite values?  Read from the bits (exponent all ones: inf / NaN), so one vectorised
+// integer pass decides it whatever the floating-point flags (-fassociative-math folds float tricks such as
+// "sum of p * 0 is NaN": GCC dropped the vectorised part of that loop)
 template <typename T>
-inline bool finite(T v) { return std::abs(v) <= std::numeric_limits<T>::max(); }   // false for NaN / inf
-
-// step sizes of one row of the layer's core: v = dt * ts + dt_bias (ts / dt_bias optional), delta = softplus(v),
-// a = A delta, each [H]; returns false when dt or ts holds NaN / inf
-template <typename T>
-inline bool row_steps(const T* dtr, const T* tsr, const T* dt_bias, const T* A, int64_t H, T* v, T* delta, T* a) {
-    bool ok = true;
-    for (int64_t h = 0; h < H; ++h) {
-        T vv = dtr[h];
-        ok &= finite(vv);
-        if (tsr) {
-            ok &= finite(tsr[h]);
-            vv = vv * tsr[h];
-        }
-        if (dt_bias) vv = vv + dt_bias[h];
-        v[h] = vv;
-        delta[h] = softplus_of(vv);
-        a[h] = delta[h] * A[h];
+inline bool all_finite(const T* p, int64_t n) {
+    using U = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+    constexpr U mask = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+    U bad = 0;
+    for (int64_t e = 0; e < n; ++e) {
+        U bits;
+        std::memcpy(&bits, p + e, sizeof bits);
+        bad |= U((bits & mask) == mask);
     }
-    return ok;
+    return bad == 0;
 }
 
-// the chain of row_steps backward for one row, from dL/ddelta and dL/da [H]: ddt (and dts) written, dA and
-// ddt_bias summed in double; softplus' as torch computes it (e^v / (e^v + 1), 1 past v = 20)
+// dst[0..n) = src[0..n); false when src holds NaN / inf
 template <typename T>
-inline void row_steps_bwd(const T* ddelta, const T* da, const T* v, const T* delta, const T* dtr, const T* tsr,
-                          const T* A, int64_t H, T* ddt, T* dts, double* dA, double* ddt_bias) {
-    for (int64_t h = 0; h < H; ++h) {
-        const T dd = ddelta[h] + da[h] * A[h];                  // a = A delta
-        dA[h] += double(da[h]) * double(delta[h]);
-        T dv = dd;
-        if (!(v[h] > T(20))) {
-            const T e = std::exp(v[h]);
-            dv = dd * e / (e + T(1));
-        }
-        ddt_bias[h] += double(dv);
-        ddt[h] = tsr ? dv * tsr[h] : dv;
-        if (dts) dts[h] = dv * dtr[h];
+inline bool copy_finite(const T* __restrict src, int64_t n, T* __restrict dst) {
+    std::memcpy(dst, src, size_t(n) * sizeof(T));
+    return all_finite(src, n);
+}
+
+// The step sizes of one sequence's m = len * H values, flat (so the loops vectorise, softplus included), from
+// v = dt * ts + dt_bias already in v:  delta = softplus(v) (or v),  a = A delta  (at: A tiled over the rows)
+template <typename T>
+inline void steps_flat(const T* __restrict v, int64_t m, const T* __restrict at, int softplus, T* __restrict delta,
+                       T* __restrict a) {
+    if (softplus)
+        for (int64_t e = 0; e < m; ++e) delta[e] = softplus_of(v[e]);
+    else
+        for (int64_t e = 0; e < m; ++e) delta[e] = v[e];
+    for (int64_t e = 0; e < m; ++e) a[e] = delta[e] * at[e];
+}
+
+// steps_flat backward over one sequence's m values: dv from dL/ddelta and dL/da, with dA and ddt_bias summed per
+// position e (double, folded over e % H later by fold_step_sums):
+//   dd = ddelta + da A;  dA += da delta;  dv = dd softplus'(v) = dd e^v / (e^v + 1) (dd past v = 20, torch's
+//   threshold; dd without softplus);  ddt_bias += dv
+template <typename T>
+inline void steps_flat_bwd(const T* __restrict ddelta, const T* __restrict da, const T* __restrict v,
+                           const T* __restrict delta, const T* __restrict at, int softplus, int64_t m,
+                           double* __restrict dA, double* __restrict ddt_bias, T* __restrict dv) {
+    for (int64_t e = 0; e < m; ++e) {
+        const T dd = ddelta[e] + da[e] * at[e];
+        const T ev = std::exp(v[e] > T(20) ? T(0) : v[e]);
+        const T g = softplus && !(v[e] > T(20)) ? dd * ev / (ev + T(1)) : dd;
+        dA[e] += double(da[e]) * double(delta[e]);
+        ddt_bias[e] += double(g);
+        dv[e] = g;
     }
 }
+
+// A and dt_bias (0 without) tiled over L rows of H: the flat step loops' per-position constants
+template <typename T>
+struct Tiled {
+    std::vector<T> A, bias;
+    Tiled(const T* A_, const T* dt_bias, int64_t L, int64_t H) : A(size_t(L * H)), bias(size_t(L * H), T(0)) {
+        for (int64_t e = 0; e < L * H; ++e) {
+            A[e] = A_[e % H];
+            if (dt_bias) bias[e] = dt_bias[e % H];
+        }
+    }
+};
 
 // Causal depthwise conv over the rows of e [L, H] (taps w [H, k], bias [H]): the pre-activations, into out [L, H]
 template <typename T>
@@ -328,44 +353,52 @@ void fold_step_sums(const std::vector<double>& acc, int nt, int64_t n, int64_t H
 }
 
 // The scan's contiguous inputs gathered from xBC and the step sizes, valid rows only (the scan never reads the
-// others).  Returns true when a valid step holds NaN / inf.
+// others): x / B / C copied row by row, the step sizes flat per sequence (steps_flat).  gather returns true when a
+// valid step holds NaN / inf in x, B, C, dt or time_scale (v = dt ts + dt_bias is then non-finite).
 template <typename T>
 struct Steps {
     T *x, *B, *C, *delta, *a, *v;                   // scratch slots 0..5 (valid rows written, only those read)
     std::vector<T> Dhp;
     std::vector<int64_t> lens;
 
-    bool gather(const T* xbc, int64_t s_xbc, const T* dt, int64_t s_zdt, const T* ts, const T* dt_bias, const T* A,
-                const T* D, const int64_t* len, const Dims& d, int nthreads) {
-        const int64_t di = d.d_inner(), gn = d.gn(), rows = d.nb * d.L;
+    bool gather(const T* xbc, int64_t s_xbc, const T* dt, int64_t s_zdt, const T* ts, const T* dt_bias,
+                const Tiled<T>& tiled, const T* D, const int64_t* len, const Dims& d, int nthreads) {
+        const int64_t di = d.d_inner(), gn = d.gn(), rows = d.nb * d.L, H = d.H;
         x = scratch<T>(0, size_t(rows) * di);
         B = scratch<T>(1, size_t(rows) * gn);
         C = scratch<T>(2, size_t(rows) * gn);
-        delta = scratch<T>(3, size_t(rows) * d.H);
-        a = scratch<T>(4, size_t(rows) * d.H);
-        v = scratch<T>(5, size_t(rows) * d.H);
+        delta = scratch<T>(3, size_t(rows) * H);
+        a = scratch<T>(4, size_t(rows) * H);
+        v = scratch<T>(5, size_t(rows) * H);
         lens = valid_lengths(len, d.nb, d.L);
+        const T* bt = tiled.bias.data();
         int bad = 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(| : bad)
         for (int64_t b = 0; b < d.nb; ++b) {
+            bool ok = true;
+            const int64_t o = b * d.L * H, m = lens[b] * H;
             for (int64_t i = 0; i < lens[b]; ++i) {
                 const int64_t r = b * d.L + i;
                 const T* src = xbc + r * s_xbc;
-                bool ok = true;
-                for (int64_t c = 0; c < di; ++c) { x[r * di + c] = src[c]; ok &= finite(src[c]); }
-                for (int64_t c = 0; c < gn; ++c) {
-                    B[r * gn + c] = src[di + c];
-                    C[r * gn + c] = src[di + gn + c];
-                    ok &= finite(src[di + c]) & finite(src[di + gn + c]);
-                }
-                const int64_t k = r * d.H;
-                ok &= row_steps(dt + r * s_zdt, ts ? ts + k : nullptr, dt_bias, A, d.H, v + k, delta + k, a + k);
-                bad |= !ok;
+                ok &= copy_finite(src, di, x + r * di);
+                ok &= copy_finite(src + di, gn, B + r * gn);
+                ok &= copy_finite(src + di + gn, gn, C + r * gn);
+                const T* dtr = dt + r * s_zdt;
+                T* vr = v + r * H;
+                if (ts)
+                    for (int64_t h = 0; h < H; ++h) vr[h] = dtr[h] * ts[r * H + h];
+                else
+                    for (int64_t h = 0; h < H; ++h) vr[h] = dtr[h];
             }
+            T* vb = v + o;
+            for (int64_t e = 0; e < m; ++e) vb[e] += bt[e];
+            ok &= all_finite(vb, m);
+            steps_flat(vb, m, tiled.A.data(), 1, delta + o, a + o);
+            bad |= !ok;
         }
         if (D) {                                          // the scan takes D per channel [H, P]
             Dhp.resize(size_t(di));
-            for (int64_t h = 0; h < d.H; ++h) std::fill(Dhp.begin() + h * d.P, Dhp.begin() + (h + 1) * d.P, D[h]);
+            for (int64_t h = 0; h < H; ++h) std::fill(Dhp.begin() + h * d.P, Dhp.begin() + (h + 1) * d.P, D[h]);
         }
         return bad != 0;
     }
@@ -376,7 +409,7 @@ int core_fwd(const T* xbc, int64_t s_xbc, const T* z, const T* dt, int64_t s_zdt
              const T* A, const T* D, int skip_delta, const T* norm_w, int64_t group, double eps, const int64_t* len,
              Dims d, T* out, T* y_out, int nthreads) {
     Steps<T> st;
-    if (st.gather(xbc, s_xbc, dt, s_zdt, ts, dt_bias, A, D, len, d, nthreads)) return 1;
+    if (st.gather(xbc, s_xbc, dt, s_zdt, ts, dt_bias, Tiled<T>(A, dt_bias, d.L, d.H), D, len, d, nthreads)) return 1;
     T* y = y_out ? y_out : scratch<T>(6, size_t(d.nb) * d.L * d.d_inner());
     Lib<T>::scan_fwd(st.x, st.delta, st.a, st.B, st.C, st.lens.data(),
                      D ? st.Dhp.data() : nullptr, skip_delta, y, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
@@ -384,55 +417,66 @@ int core_fwd(const T* xbc, int64_t s_xbc, const T* z, const T* dt, int64_t s_zdt
     return 0;
 }
 
+// dz and ddt are written with the row stride s_g (slices of the in_proj output's gradient), dxbc [b, L, conv_dim]
+// and dts [b, L, H] contiguous
 template <typename T>
 void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* dt, int64_t s_zdt, const T* ts,
               const T* dt_bias, const T* A, const T* D, int skip_delta, const T* norm_w, int64_t group, double eps,
-              const int64_t* len, Dims d, const T* y, T* dxbc, T* dz, T* ddt, T* dts, T* ddt_bias, T* dA, T* dD,
-              T* dnorm_w, int nthreads) {
+              const int64_t* len, Dims d, const T* y, T* dxbc, T* dz, T* ddt, int64_t s_g, T* dts, T* ddt_bias, T* dA,
+              T* dD, T* dnorm_w, int nthreads) {
     Steps<T> st;
-    st.gather(xbc, s_xbc, dt, s_zdt, ts, dt_bias, A, D, len, d, nthreads);
-    const int64_t rows = d.nb * d.L, di = d.d_inner(), gn = d.gn(), cd = di + 2 * gn;
+    const Tiled<T> tiled(A, dt_bias, d.L, d.H);
+    st.gather(xbc, s_xbc, dt, s_zdt, ts, dt_bias, tiled, D, len, d, nthreads);
+    const int64_t rows = d.nb * d.L, di = d.d_inner(), gn = d.gn(), cd = di + 2 * gn, H = d.H, LH = d.L * H;
     T* dy = scratch<T>(7, size_t(rows) * di);
-    Lib<T>::norm_bwd(dout, y, z, s_zdt, norm_w, rows, di, group, eps, st.lens.data(), d.L, dy, dz, dnorm_w,
+    Lib<T>::norm_bwd(dout, y, z, s_zdt, norm_w, rows, di, group, eps, st.lens.data(), d.L, dy, dz, s_g, dnorm_w,
                      nthreads);
-    T *dx = scratch<T>(8, size_t(rows) * di), *ddelta = scratch<T>(9, size_t(rows) * d.H),
-      *da = scratch<T>(10, size_t(rows) * d.H), *dB = scratch<T>(11, size_t(rows) * gn),
+    T *dx = scratch<T>(8, size_t(rows) * di), *ddelta = scratch<T>(9, size_t(rows) * H),
+      *da = scratch<T>(10, size_t(rows) * H), *dB = scratch<T>(11, size_t(rows) * gn),
       *dC = scratch<T>(12, size_t(rows) * gn);
     std::vector<T> dDhp(D ? size_t(di) : 0);
     Lib<T>::scan_bwd(st.x, st.delta, st.a, st.B, st.C, st.lens.data(), D ? st.Dhp.data() : nullptr, skip_delta, dy,
-                     dx, ddelta, da, dB, dC, D ? dDhp.data() : nullptr, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
+                     dx, ddelta, da, dB, dC, D ? dDhp.data() : nullptr, d.nb, d.L, H, d.P, d.G, d.n, nthreads);
     const int nt = nthreads > 1 ? nthreads : 1;
-    std::vector<double> acc(size_t(nt) * 2 * d.H, 0.0);      // per thread: dA [H], ddt_bias [H]
+    std::vector<double> acc(size_t(nt) * 2 * LH, 0.0);        // per thread: dA [L, H], ddt_bias [L, H]
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int tid = thread_index();
-        double* dA_t = acc.data() + size_t(tid) * 2 * d.H;
-        double* db_t = dA_t + d.H;
+        double *dA_t = acc.data() + size_t(tid) * 2 * LH, *db_t = dA_t + LH;
+        std::vector<T> dv(static_cast<size_t>(LH));
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < d.nb; ++b) {
+            const int64_t o = b * LH, len_b = st.lens[b];
+            steps_flat_bwd(ddelta + o, da + o, st.v + o, st.delta + o, tiled.A.data(), 1, len_b * H, dA_t, db_t,
+                           dv.data());
             for (int64_t i = 0; i < d.L; ++i) {
                 const int64_t r = b * d.L + i;
-                T* o = dxbc + r * cd;
-                T* g_dt = ddt + r * d.H;
-                T* g_ts = dts ? dts + r * d.H : nullptr;
-                if (i >= st.lens[b]) {                    // padded rows: zero gradients
-                    std::fill(o, o + cd, T(0));
-                    std::fill(g_dt, g_dt + d.H, T(0));
-                    if (g_ts) std::fill(g_ts, g_ts + d.H, T(0));
+                T* out = dxbc + r * cd;
+                T* g_dt = ddt + r * s_g;
+                T* g_ts = dts ? dts + r * H : nullptr;
+                if (i >= len_b) {                        // padded rows: zero gradients
+                    std::fill(out, out + cd, T(0));
+                    std::fill(g_dt, g_dt + H, T(0));
+                    if (g_ts) std::fill(g_ts, g_ts + H, T(0));
                     continue;
                 }
-                std::copy(dx + r * di, dx + (r + 1) * di, o);
-                std::copy(dB + r * gn, dB + (r + 1) * gn, o + di);
-                std::copy(dC + r * gn, dC + (r + 1) * gn, o + di + gn);
-                const int64_t k = r * d.H;
-                row_steps_bwd(ddelta + k, da + k, st.v + k, st.delta + k, dt + r * s_zdt, ts ? ts + k : nullptr, A,
-                              d.H, g_dt, g_ts, dA_t, db_t);
+                std::copy(dx + r * di, dx + (r + 1) * di, out);
+                std::copy(dB + r * gn, dB + (r + 1) * gn, out + di);
+                std::copy(dC + r * gn, dC + (r + 1) * gn, out + di + gn);
+                const T* dvr = dv.data() + i * H;       // ddt = dv ts (or dv), dts = dv dt
+                const T* dtr = dt + r * s_zdt;
+                if (ts)
+                    for (int64_t h = 0; h < H; ++h) g_dt[h] = dvr[h] * ts[r * H + h];
+                else
+                    for (int64_t h = 0; h < H; ++h) g_dt[h] = dvr[h];
+                if (g_ts)
+                    for (int64_t h = 0; h < H; ++h) g_ts[h] = dvr[h] * dtr[h];
             }
         }
     }
-    fold_step_sums(acc, nt, d.H, d.H, dA, ddt_bias);
+    fold_step_sums(acc, nt, LH, H, dA, ddt_bias);
     if (dD)
-        for (int64_t h = 0; h < d.H; ++h) {
+        for (int64_t h = 0; h < H; ++h) {
             T s = T(0);
             for (int64_t p = 0; p < d.P; ++p) s += dDhp[h * d.P + p];
             dD[h] = s;
@@ -440,40 +484,31 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
 }
 
 // The step sizes of a tissd() call over each sequence's valid rows as ONE flat loop of lens[b] * H values (dt, ts
-// and the outputs are [L, H] blocks per sequence; A and dt_bias tiled to [L, H] once), so it vectorises, softplus
-// included (softplus_of): v, delta, a [nb, L, H] into scratch slots 5 / 3 / 4.
+// and the outputs are [L, H] blocks per sequence), steps_flat: v, delta, a [nb, L, H] into scratch slots 5 / 3 / 4.
 template <typename T>
 struct CallSteps {
-    std::vector<T> At, bt;                            // A, dt_bias (0 without) tiled over L rows
+    Tiled<T> tiled;
     T *v, *delta, *a;
 
     CallSteps(const T* dt, const T* ts, const T* dt_bias, const T* A, int softplus, const std::vector<int64_t>& lens,
               const Dims& d, int nthreads)
-        : At(size_t(d.L * d.H)), bt(size_t(d.L * d.H), T(0)) {
-        for (int64_t e = 0; e < d.L * d.H; ++e) {
-            At[e] = A[e % d.H];
-            if (dt_bias) bt[e] = dt_bias[e % d.H];
-        }
+        : tiled(A, dt_bias, d.L, d.H) {
         const size_t count = size_t(d.nb) * d.L * d.H;
         v = scratch<T>(5, count);
         delta = scratch<T>(3, count);
         a = scratch<T>(4, count);
-        const T *at = At.data(), *btp = bt.data();
-        T *pv = v, *pd = delta, *pa = a;
+        const T* btp = tiled.bias.data();
+        T* pv = v;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
         for (int64_t b = 0; b < d.nb; ++b) {
             const int64_t o = b * d.L * d.H, m = lens[b] * d.H;
             const T *__restrict dtb = dt + o, *__restrict tsb = ts ? ts + o : nullptr;
-            T *__restrict vb = pv + o, *__restrict db = pd + o, *__restrict ab = pa + o;
+            T* __restrict vb = pv + o;
             if (tsb)
                 for (int64_t e = 0; e < m; ++e) vb[e] = dtb[e] * tsb[e] + btp[e];
             else
                 for (int64_t e = 0; e < m; ++e) vb[e] = dtb[e] + btp[e];
-            if (softplus)
-                for (int64_t e = 0; e < m; ++e) db[e] = softplus_of(vb[e]);
-            else
-                for (int64_t e = 0; e < m; ++e) db[e] = vb[e];
-            for (int64_t e = 0; e < m; ++e) ab[e] = db[e] * at[e];
+            steps_flat(vb, m, tiled.A.data(), softplus, delta + o, a + o);
         }
     }
 };
@@ -490,9 +525,7 @@ int tissd_fwd(const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(| : bad)
     for (int64_t b = 0; b < d.nb; ++b) {
         const T* yb = y + b * d.L * di;
-        bool ok = true;
-        for (int64_t e = 0; e < lens[b] * di; ++e) ok &= finite(yb[e]);
-        bad |= !ok;
+        bad |= !all_finite(yb, lens[b] * di);
     }
     return bad;
 }
@@ -507,34 +540,29 @@ void tissd_bwd(const T* gy, const T* x, const T* dt, const T* ts, const T* dt_bi
     T *ddelta = scratch<T>(9, count), *da = scratch<T>(10, count);
     Lib<T>::scan_bwd(x, st.delta, st.a, B, C, lens.data(), D, skip_delta, gy, dx, ddelta, da, dB, dC, dD, d.nb,
                      d.L, d.H, d.P, d.G, d.n, nthreads);
-    // the step sizes' chain, flat over each sequence's valid values like CallSteps (the dA / ddt_bias terms summed
-    // per position e of the [L, H] block, in double, then folded over e % H):
-    //   dd = ddelta + da A;  dA += da delta;  dv = dd softplus'(v) = dd e^v / (e^v + 1) (dd past v = 20);
-    //   ddt_bias += dv;  ddt = dv ts (or dv);  dts = dv dt
+    // the step sizes' chain, flat over each sequence's valid values (steps_flat_bwd), then ddt = dv ts (or dv),
+    // dts = dv dt
     const int nt = nthreads > 1 ? nthreads : 1;
     const int64_t LH = d.L * d.H;
     std::vector<double> acc(size_t(nt) * 2 * LH, 0.0);        // per thread: dA [L, H], ddt_bias [L, H]
-    const T* at = st.At.data();
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int tid = thread_index();
-        double *__restrict dA_t = acc.data() + size_t(tid) * 2 * LH, *__restrict db_t = dA_t + LH;
+        double *dA_t = acc.data() + size_t(tid) * 2 * LH, *db_t = dA_t + LH;
+        std::vector<T> dv(static_cast<size_t>(LH));
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < d.nb; ++b) {
             const int64_t o = b * LH, m = lens[b] * d.H;
-            const T *__restrict dd = ddelta + o, *__restrict dab = da + o, *__restrict vb = st.v + o,
-                                *__restrict deb = st.delta + o, *__restrict dtb = dt + o,
-                                *__restrict tsb = ts ? ts + o : nullptr;
+            steps_flat_bwd(ddelta + o, da + o, st.v + o, st.delta + o, st.tiled.A.data(), softplus, m, dA_t, db_t,
+                           dv.data());
+            const T *__restrict dvb = dv.data(), *__restrict dtb = dt + o, *__restrict tsb = ts ? ts + o : nullptr;
             T *__restrict g_dt = ddt + o, *__restrict g_ts = dts ? dts + o : nullptr;
-            for (int64_t e = 0; e < m; ++e) {
-                const T ddv = dd[e] + dab[e] * at[e];
-                const T ev = std::exp(vb[e] > T(20) ? T(0) : vb[e]);
-                const T dv = softplus && !(vb[e] > T(20)) ? ddv * ev / (ev + T(1)) : ddv;
-                dA_t[e] += double(dab[e]) * double(deb[e]);
-                db_t[e] += double(dv);
-                g_dt[e] = tsb ? dv * tsb[e] : dv;
-                if (g_ts) g_ts[e] = dv * dtb[e];
-            }
+            if (tsb)
+                for (int64_t e = 0; e < m; ++e) g_dt[e] = dvb[e] * tsb[e];
+            else
+                std::copy(dvb, dvb + m, g_dt);
+            if (g_ts)
+                for (int64_t e = 0; e < m; ++e) g_ts[e] = dvb[e] * dtb[e];
             std::fill(g_dt + m, g_dt + LH, T(0));                // padded rows: zero gradients
             if (g_ts) std::fill(g_ts + m, g_ts + LH, T(0));
         }
@@ -572,10 +600,10 @@ extern "C" {
                                        int64_t s_zdt, const T* ts, const T* dt_bias, const T* A, const T* D,        \
                                        int skip_delta, const T* norm_w, int64_t group, double eps,                  \
                                        const int64_t* len, int64_t nb, int64_t L, int64_t H, int64_t P, int64_t G,  \
-                                       int64_t n, const T* y, T* dxbc, T* dz, T* ddt, T* dts, T* ddt_bias, T* dA,   \
-                                       T* dD, T* dnorm_w, int nthreads) {                                           \
+                                       int64_t n, const T* y, T* dxbc, T* dz, T* ddt, int64_t s_g, T* dts,           \
+                                       T* ddt_bias, T* dA, T* dD, T* dnorm_w, int nthreads) {                       \
         core_bwd<T>(dout, xbc, s_xbc, z, dt, s_zdt, ts, dt_bias, A, D, skip_delta, norm_w, group, eps, len,         \
-                    Dims{nb, L, H, P, G, n}, y, dxbc, dz, ddt, dts, ddt_bias, dA, dD, dnorm_w, nthreads);           \
+                    Dims{nb, L, H, P, G, n}, y, dxbc, dz, ddt, s_g, dts, ddt_bias, dA, dD, dnorm_w, nthreads);      \
     }
 
 #define MMM4REC_CALL_ENTRIES(T, SUFFIX)                                                                               \

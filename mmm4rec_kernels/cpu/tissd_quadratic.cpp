@@ -257,6 +257,10 @@ inline T decay_exp(T s) {
     return s < lo ? T(0) : e;
 }
 
+// out[k Lp + j] = src[j stride + k] for k < m, j < Lp (0 for j >= Lb): m columns of Lb rows transposed (below)
+template <typename T>
+void transpose_cols(const T* src, int64_t stride, int64_t Lb, int64_t m, T* out, int64_t Lp);
+
 // per-thread work buffers, sized for one (b, g) of r = H / G heads; Lp = L rounded up to 2 vectors
 template <typename T>
 struct Work {
@@ -272,12 +276,7 @@ struct Work {
     // Bt <- B_j^T of group g (zero past Lb); per head q: delta / a rows, seg cleared
     void load(const T* B, const T* delta, const T* a, int64_t b, int64_t g, int64_t r, int64_t Lb, const Dims<T>& d) {
         const int64_t sb = d.G * d.n, ss = d.H;              // row strides of B and of delta / a
-        const T* Bg = B + d.bc(b, 0, g);
-        for (int64_t k = 0; k < d.n; ++k) {
-            T* __restrict bk = Bt.data() + k * Lp;
-            for (int64_t j = 0; j < Lb; ++j) bk[j] = Bg[j * sb + k];
-            std::fill(bk + Lb, bk + Lp, T(0));
-        }
+        transpose_cols(B + d.bc(b, 0, g), sb, Lb, d.n, Bt.data(), Lp);
         std::fill(seg.begin(), seg.end(), T(0));
         for (int64_t q = 0; q < r; ++q) {
             const T* __restrict dq = delta + d.s(b, 0, g * r + q);
@@ -462,6 +461,56 @@ inline void transpose_rows(const T* src, int64_t stride, int64_t Lb, T* out) {
         transpose_stage<T, 2>(r);
         transpose_stage<T, 1>(r);
         for (int k = 0; k < VL; ++k) S::store(out + k * W + w * VL, r[k]);
+    }
+}
+
+template <typename T>
+void transpose_cols(const T* src, int64_t stride, int64_t Lb, int64_t m, T* out, int64_t Lp) {
+    using S = Simd<T>;
+    constexpr int VL = S::lanes;
+    if (m % VL || Lp % VL) {                              // lane by lane
+        for (int64_t k = 0; k < m; ++k) {
+            T* __restrict ok = out + k * Lp;
+            for (int64_t j = 0; j < Lb; ++j) ok[j] = src[j * stride + k];
+            std::fill(ok + Lb, ok + Lp, T(0));
+        }
+        return;
+    }
+    for (int64_t k0 = 0; k0 < m; k0 += VL)                // blocks of VL rows x VL columns, in registers
+        for (int64_t j0 = 0; j0 < Lp; j0 += VL) {
+            typename S::v r[VL];
+            for (int k = 0; k < VL; ++k)
+                r[k] = j0 + k < Lb ? S::load(src + (j0 + k) * stride + k0) : typename S::v{};
+            if constexpr (VL > 8) transpose_stage<T, 8>(r);
+            transpose_stage<T, 4>(r);
+            transpose_stage<T, 2>(r);
+            transpose_stage<T, 1>(r);
+            for (int k = 0; k < VL; ++k) S::store(out + (k0 + k) * Lp + j0, r[k]);
+        }
+}
+
+// dst[k] += sum_{j<k} v[j] for k <= m: the in-vector log-step scan of exclusive_prefix on whole vectors, carried
+// across them, then lane by lane (a serial running sum is one add's latency per element)
+template <typename T>
+inline void add_exclusive_prefix(const T* v, int64_t m, T* dst) {
+    using S = Simd<T>;
+    constexpr int VL = S::lanes;
+    T carry = T(0);
+    int64_t k0 = 0;
+    for (; k0 + VL <= m; k0 += VL) {
+        const typename S::v x = S::load(v + k0);
+        typename S::v s = shift_up<T, 1>(x);
+        s += shift_up<T, 1>(s);
+        s += shift_up<T, 2>(s);
+        s += shift_up<T, 4>(s);
+        if constexpr (VL > 8) s += shift_up<T, 8>(s);
+        s += carry;
+        S::store(dst + k0, S::load(dst + k0) + s);
+        carry = s[VL - 1] + x[VL - 1];
+    }
+    for (int64_t k = k0; k <= m; ++k) {
+        dst[k] += carry;
+        if (k < m) carry += v[k];
     }
 }
 
@@ -863,11 +912,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                     const int64_t h = g * r + q;
                     T* xq = xT.data() + q * d.P * Lp;
                     const T* xh = x + d.x(b, 0, h);
-                    for (int64_t p = 0; p < d.P; ++p) {
-                        T* __restrict xp = xq + p * Lp;
-                        for (int64_t j = 0; j < Lb; ++j) xp[j] = xh[j * xs + p];
-                        std::fill(xp + Lb, xp + Lp, T(0));
-                    }
+                    transpose_cols(xh, xs, Lb, d.P, xq, Lp);
                     for (int64_t j = 0; j < Lb; ++j)                // a zero gy row adds exactly 0
                         act[q * d.L + j] = any_nonzero(gy + d.x(b, j, h), d.P);
                 }
@@ -947,11 +992,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                             for (int t = 1; t < nq; ++t) acc += dseg[t * Lp + j];
                             ssum[j] = acc;
                         }
-                        T run = T(0);
-                        for (int64_t k = 1; k <= i0; ++k) {
-                            run += ssum[k - 1];
-                            dak[k] += run;
-                        }
+                        add_exclusive_prefix(ssum.data(), i0, dak);
                         for (int t = 1; t < nq; ++t) {
                             const T* dsg = dseg.data() + t * Lp;
                             T rt = T(0);

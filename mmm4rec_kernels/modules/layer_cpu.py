@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from .. import cpu as native
 from ..dispatch import CPU_INFER_MAX_LEN, cpu_crossover_length
-from .linear_split import linear_split_backward
 from .time_encoding import CausalTimeEncoding
 
 logger = logging.getLogger("mmm4rec_kernels")
@@ -171,9 +170,10 @@ class _LayerTrain(torch.autograd.Function):
         y = RMSNorm(tissd(x, dt, A, B, C, ts) * SiLU(z)) * norm_w      [b, L, d_inner], 0 past each length
         out = y W_out^T + b_out                                         [b, L, d_model], 0 past each length
     Backward: out_proj's two matmuls, the core's native backward (tissd_layer.cpp), the conv's (causal_conv.cpp),
-    the in_proj's from the three pieces' gradients without concatenating them (linear_split_backward), the time
-    encoding's native backward; dA_log = dA * A.  params: in_proj weight / bias, conv weight / bias, A_log, dt_bias,
-    D, norm weight, out_proj weight / bias, then the time encoding's 10 (_time_params) when t is given (_train)."""
+    the in_proj's from its output's gradient, which the core (dz, ddt) and the conv (dxBC) write into one buffer, the
+    time encoding's native backward; dA_log = dA * A.  params: in_proj weight / bias, conv weight / bias, A_log,
+    dt_bias, D, norm weight, out_proj weight / bias, then the time encoding's 10 (_time_params) when t is given
+    (_train)."""
 
     @staticmethod
     def forward(ctx, u, t, is_gaps, ts_in, layer, lens, *params):
@@ -218,19 +218,26 @@ class _LayerTrain(torch.autograd.Function):
         dw_out = d2.t().mm(c2)
         db_out = d2.sum(0) if ctx.has_out_bias else None
         dcore = d2.mm(w_out)                                                    # [b L, d_inner] contiguous
-        dxbc, dz = torch.empty_like(xbc), torch.empty(b, L, d_inner, dtype=xbc.dtype)
-        ddt, dts = torch.empty(b, L, H, dtype=xbc.dtype), None if ts is None else torch.empty_like(ts)
+        # the in_proj output's gradient g = [dz | dxBC_in | ddt] in ONE buffer: the core writes dz and ddt into it,
+        # the conv's backward dxBC_in, so in_proj's backward is two matmuls (no per-piece products)
+        g = torch.empty(b, L, width, dtype=xbc.dtype)
+        dxbc, dts = torch.empty_like(xbc), None if ts is None else torch.empty_like(ts)
         ddt_bias, dA, dD, dw = (torch.empty_like(p) for p in (dt_bias, A, D, norm_w))
         lib = native.library()
+        item = g.element_size()
         (lib.mmm4rec_ssd_core_bwd_f32 if xbc.dtype == torch.float32 else lib.mmm4rec_ssd_core_bwd_f64)(
             dcore.data_ptr(), xbc.data_ptr(), xbc.stride(1), zxbcdt.data_ptr(),
             zxbcdt[..., d_inner + conv_dim:].data_ptr(), width, _ptr(ts), dt_bias.data_ptr(), A.data_ptr(),
             D.data_ptr(), int(layer.d_skip == "delta"), norm_w.data_ptr(), d_inner // G, float(layer.norm.eps),
-            _ptr(ctx.lens), b, L, H, P, G, n, y.data_ptr(), dxbc.data_ptr(), dz.data_ptr(), ddt.data_ptr(),
-            _ptr(dts), ddt_bias.data_ptr(), dA.data_ptr(), dD.data_ptr(), dw.data_ptr(), torch.get_num_threads())
-        dx_in, dconv_w, dconv_b = native.conv_backward(zxbcdt[..., d_inner:d_inner + conv_dim], w2, conv_b, True,
-                                                       [(0, conv_dim, dxbc)])
-        du, dw_in, db_in = linear_split_backward(u, w_in, ctx.has_bias, (d_inner, conv_dim, H), (dz, dx_in, ddt))
+            _ptr(ctx.lens), b, L, H, P, G, n, y.data_ptr(), dxbc.data_ptr(), g.data_ptr(),
+            g.data_ptr() + (d_inner + conv_dim) * item, width, _ptr(dts), ddt_bias.data_ptr(), dA.data_ptr(),
+            dD.data_ptr(), dw.data_ptr(), torch.get_num_threads())
+        _, dconv_w, dconv_b = native.conv_backward(zxbcdt[..., d_inner:d_inner + conv_dim], w2, conv_b, True,
+                                                   [(0, conv_dim, dxbc)], dx_out=g[..., d_inner:d_inner + conv_dim])
+        g2 = g.view(-1, width)
+        du = g2.mm(w_in).view(u.shape)
+        dw_in = g2.t().mm(u.reshape(-1, u.shape[-1]))
+        db_in = g2.sum(0) if ctx.has_bias else None
         dtparams, dts_in = [], None
         if t is not None:                                                       # native time encoding's backward
             dtparams = [torch.empty_like(p) for p in tparams]
