@@ -3,13 +3,23 @@
 #pragma once
 #include <cmath>
 
+// exp(s) for s <= 0, 0 below the smallest normal result (s < -87 in fp32, -708 in fp64); NaN stays NaN, -inf gives
+// 0.  libmvec's vector exp hands every lane whose result is a denormal (or underflows) to its scalar exp, lane by
+// lane (with errno handling): one such lane costs a vector loop ~10x.  The dropped values are below 1e-38 (1e-308).
+template <typename T>
+inline T exp_nonpos(T s) {
+    const T lo = sizeof(T) == 4 ? T(-87) : T(-708);
+    const T e = std::exp(s < lo ? lo : s);
+    return s < lo ? T(0) : e;
+}
+
 // sigmoid s = sigmoid(p) and its complement c = 1 - s: with e = exp(-|p|) in (0, 1],
 //   p >= 0: s = 1 / (1 + e), c = e / (1 + e);   p < 0: s = e / (1 + e), c = 1 / (1 + e)
 // (exp(-p) itself overflows to inf for p < -88.7 in fp32, and inf * 0 = NaN in a gradient).  p = +-inf / NaN give
 // what torch gives.
 template <typename T>
 inline void sigmoid_pair(T p, T& s, T& c) {
-    const T e = std::exp(-std::abs(p));
+    const T e = exp_nonpos(-std::abs(p));
     const T r = T(1) / (T(1) + e);
     const bool pos = p >= T(0);
     s = pos ? r : e * r;
@@ -35,11 +45,12 @@ inline T silu_grad(T p) {                       // d SiLU / dp = s (1 + p (1 - s
 //   softplus(v) = max(v, 0) + log1p(e),  log1p(e) = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...),  s = e / (2 + e) <= 1/3
 // (no cancellation anywhere: every term is positive; the terms past s^(2K+1) are below T's rounding: K = 7 for
 // float, 17 for double).  Not log(1 + e) with a correction: -fassociative-math would fold (1 + e) - 1 to e.
-// NaN stays NaN, -inf gives 0, v > 20 gives v (torch's threshold).
+// NaN stays NaN, -inf gives 0, v > 20 gives v (torch's threshold); below v = -87 (-708 in fp64) 0 where torch
+// gives the denormal e^v (exp_nonpos).
 template <typename T>
 inline T softplus_of(T v) {
     constexpr int K = sizeof(T) == 4 ? 7 : 17;
-    const T e = std::exp(-std::abs(v));
+    const T e = exp_nonpos(-std::abs(v));
     const T s = e / (T(2) + e), s2 = s * s;
     T p = T(1) / T(2 * K + 1);
     for (int k = K - 1; k >= 0; --k) p = p * s2 + T(1) / T(2 * k + 1);

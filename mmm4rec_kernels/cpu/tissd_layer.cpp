@@ -115,7 +115,7 @@ inline void steps_flat_bwd(const T* __restrict ddelta, const T* __restrict da, c
                            double* __restrict dA, double* __restrict ddt_bias, T* __restrict dv) {
     for (int64_t e = 0; e < m; ++e) {
         const T dd = ddelta[e] + da[e] * at[e];
-        const T ev = std::exp(v[e] > T(20) ? T(0) : v[e]);
+        const T ev = exp_nonpos(v[e] > T(20) ? T(0) : v[e]);   // e^v (0 below the normal range)
         const T g = softplus && !(v[e] > T(20)) ? dd * ev / (ev + T(1)) : dd;
         dA[e] += double(da[e]) * double(delta[e]);
         ddt_bias[e] += double(g);

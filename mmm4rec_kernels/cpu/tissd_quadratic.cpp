@@ -29,6 +29,7 @@
 #include <omp.h>
 #endif
 
+#include "activations.h"
 #include "thread_sums.h"
 
 // How it is computed (same sums as above, in a cache- and SIMD-friendly order), per sequence b and group g (a
@@ -247,15 +248,10 @@ void dx_rows(T* dxh, int64_t xs, int64_t P, const T* md, int64_t Lp, const int64
     dx_rows_plain(dxh, xs, P, md, Lp, rows, nr, gyr);
 }
 
-// exp(s) for a segment sum s <= 0, 0 below the smallest normal result (s < -87 in fp32, -708 in fp64): the decay
-// factors below ~1e-38 (1e-308) are dropped instead of computed as denormals, which libmvec's vector exp hands to
-// its scalar fallback lane by lane (a row of strong decay cost ~2x at L 192).  NaN stays NaN, -inf gives 0.
+// exp(s) for a segment sum s <= 0: exp_nonpos (activations.h): decays below ~1e-38 (1e-308) are 0, not denormals
+// (which libmvec's vector exp computes lane by lane: a row of strong decay cost ~2x at L 192)
 template <typename T>
-inline T decay_exp(T s) {
-    const T lo = sizeof(T) == 4 ? T(-87) : T(-708);
-    const T e = std::exp(s < lo ? lo : s);
-    return s < lo ? T(0) : e;
-}
+inline T decay_exp(T s) { return exp_nonpos(s); }
 
 // out[k Lp + j] = src[j stride + k] for k < m, j < Lp (0 for j >= Lb): m columns of Lb rows transposed (below)
 template <typename T>
@@ -987,10 +983,11 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                         // rest of each row by its own running sum
                         T* __restrict dak = dal.data() + q * Lp;
                         const int64_t i0 = rq[0];
-                        for (int64_t j = 0; j < i0; ++j) {
-                            T acc = dseg[j];
-                            for (int t = 1; t < nq; ++t) acc += dseg[t * Lp + j];
-                            ssum[j] = acc;
+                        std::copy(dseg.begin(), dseg.begin() + i0, ssum.begin());   // row by row: vectorised
+                        for (int t = 1; t < nq; ++t) {
+                            const T* __restrict dst = dseg.data() + t * Lp;
+                            T* __restrict ss = ssum.data();
+                            for (int64_t j = 0; j < i0; ++j) ss[j] += dst[j];
                         }
                         add_exclusive_prefix(ssum.data(), i0, dak);
                         for (int t = 1; t < nq; ++t) {
