@@ -4,8 +4,10 @@
 #include <cmath>
 
 // exp(s) for s <= 0, 0 below the smallest normal result (s < -87 in fp32, -708 in fp64); NaN stays NaN, -inf gives
-// 0.  libmvec's vector exp hands every lane whose result is a denormal (or underflows) to its scalar exp, lane by
-// lane (with errno handling): one such lane costs a vector loop ~10x.  The dropped values are below 1e-38 (1e-308).
+// 0: no denormal results.  NOTE (measured): GCC folds the clamp away (exp(s < lo ? lo : s) becomes s < lo ? exp(lo)
+// : exp(s), then the outer select drops the constant), so libmvec's vector exp still sees s < lo and computes those
+// lanes one by one: a scan whose decays fall below 1e-38 (strong decay, long rows) runs ~3-6x slower than with weak
+// decay (benchmarks/RESULTS.md).  fmin / fmax clamps stop the vectorisation; a fix is open.
 template <typename T>
 inline T exp_nonpos(T s) {
     const T lo = sizeof(T) == 4 ? T(-87) : T(-708);
