@@ -39,8 +39,8 @@
 //   * seg_i[j] (j < i) is kept per head as a running row: seg_i[j] = seg_{i-1}[j] + a_i, seg_i[i] = 0.  The same
 //     additions as summing a_{j+1} .. a_i directly (all <= 0, no cancellation; never a difference of prefix sums,
 //     which loses everything in fp32 for large time gaps), one vectorised pass per row instead of a serial chain.
-//     exp(seg) is taken per entry (libmvec's vector exp), never as a product of exps (no error growth); decays below
-//     the smallest normal number are 0 (decay_exp: no denormals).
+//     exp(seg) is taken per entry (an inlined vector exp), never as a product of exps (no error growth); decays below
+//     e^-60 (fp64: e^-600) are 0 (decay_exp_row: no denormal products).
 //   * rows are processed R at a time: the forward's y_i = sum_j w_ij x_j and the backward's dx_j += sum_i md_ij gy_i
 //     keep R rows of accumulators in SIMD registers (P a multiple of the vector width; other P: plain loops), so each
 //     x_j / dx_j is loaded once per block; only pairs j <= i of each row are touched (the diagonal block row by row).
@@ -248,9 +248,32 @@ void dx_rows(T* dxh, int64_t xs, int64_t P, const T* md, int64_t Lp, const int64
     dx_rows_plain(dxh, xs, P, md, Lp, rows, nr, gyr);
 }
 
-// exp(s) for a segment sum s <= 0: exp_nonpos (activations.h): decays below ~1e-38 (1e-308) are 0, not denormals
+// e[j] = exp(s[j]) for the segment sums s <= 0 of a row, j < n, n a multiple of the vector width (lanes<T>::n
+// divides Simd<T>::lanes); decays below e^-60 ~ 9e-27 (fp64: e^-600 ~ 3e-261) are 0: far below the rounding of the
+// terms they would join, while their products with C.B and delta would be denormals, whose arithmetic costs ~100x
+// (with the bound at the normal range, -87, a strong-decay scan still ran ~3x slower).  The inlined vector exp
+// (activations.h: exp_nonpositive), never libm: a loop of exp_nonpos hands the lanes below the normal range to
+// libmvec's scalar path (GCC folds its clamp, activations.h); that made a strong-decay scan ~6x slower than a
+// weak-decay one (benchmarks/bench_scan_decay.py).  A positive s (never in the model: a = A delta <= 0) is
+// recomputed by std::exp.
 template <typename T>
-inline T decay_exp(T s) { return exp_nonpos(s); }
+inline void decay_exp_row(const T* s, int64_t n, T* e) {
+    typedef typename lanes<T>::v V;
+    constexpr int W = lanes<T>::n;
+    const T lo = sizeof(T) == 4 ? T(-60) : T(-600);
+    bool positive = false;
+    for (int64_t j = 0; j < n; j += W) {
+        V v;
+        std::memcpy(&v, s + j, sizeof v);
+        V r = exp_nonpositive<T>(v);
+        r = v < lo ? V{} : r;
+        std::memcpy(e + j, &r, sizeof r);
+        for (int k = 0; k < W; ++k) positive |= v[k] > T(0);
+    }
+    if (positive)
+        for (int64_t j = 0; j < n; ++j)
+            if (s[j] > T(0)) e[j] = std::exp(s[j]);
+}
 
 // out[k Lp + j] = src[j stride + k] for k < m, j < Lp (0 for j >= Lb): m columns of Lb rows transposed (below)
 template <typename T>
@@ -579,7 +602,7 @@ struct Ahead {
     }
 };
 
-// e[j] = decay_exp(seg[j]) for the first nv vectors (one vector exp each)
+// e[j] = exp(seg[j]) for the first nv vectors (decay_exp_row)
 template <typename T, int NW>
 inline void row_exp(const typename Simd<T>::v* seg, int nv, typename Simd<T>::v* e) {
     constexpr int VL = Simd<T>::lanes;
@@ -587,7 +610,7 @@ inline void row_exp(const typename Simd<T>::v* seg, int nv, typename Simd<T>::v*
         if (w >= nv) break;
         alignas(64) T s[VL], r[VL];
         Simd<T>::store(s, seg[w]);
-        for (int k = 0; k < VL; ++k) r[k] = decay_exp(s[k]);
+        decay_exp_row(s, VL, r);
         e[w] = Simd<T>::load(r);
     }
 }
@@ -832,10 +855,9 @@ void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, con
                             const T* __restrict cb = wk.cb.data() + t * Lp;
                             T* __restrict w = wbuf.data() + t * Lp;
                             const int64_t jv = (i + VL - 1) / VL * VL; // whole vectors (no scalar exp tail): entries
-                            for (int64_t j = 0; j < jv; ++j) {         // past i are junk (seg_j is reset at row j,
-                                sg[j] += ai;                           // w is read up to i only)
-                                w[j] = cb[j] * decay_exp(sg[j]) * dl[j];
-                            }
+                            for (int64_t j = 0; j < jv; ++j) sg[j] += ai;   // past i are junk (seg_j is reset
+                            decay_exp_row(sg, jv, w);                        // at row j, w is read up to i only)
+                            for (int64_t j = 0; j < jv; ++j) w[j] *= cb[j] * dl[j];
                             sg[i] = T(0);
                             w[i] = cb[i] * dl[i];
                         }
@@ -924,10 +946,8 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                         const int64_t jv = (i + VL - 1) / VL * VL;
                         if (act[q * d.L + i]) {                 // whole vectors, as in the forward
                             T* __restrict er = e.data() + (q * R + nr) * Lp;
-                            for (int64_t j = 0; j < jv; ++j) {
-                                sg[j] += ai;
-                                er[j] = decay_exp(sg[j]);
-                            }
+                            for (int64_t j = 0; j < jv; ++j) sg[j] += ai;
+                            decay_exp_row(sg, jv, er);
                             er[i] = T(1);
                             any = true;
                         } else {
