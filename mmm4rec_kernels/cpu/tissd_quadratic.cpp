@@ -39,8 +39,8 @@
 //   * seg_i[j] (j < i) is kept per head as a running row: seg_i[j] = seg_{i-1}[j] + a_i, seg_i[i] = 0.  The same
 //     additions as summing a_{j+1} .. a_i directly (all <= 0, no cancellation; never a difference of prefix sums,
 //     which loses everything in fp32 for large time gaps), one vectorised pass per row instead of a serial chain.
-//     exp(seg) is taken per entry (an inlined vector exp), never as a product of exps (no error growth); decays below
-//     e^-60 (fp64: e^-600) are 0 (decay_exp_row: no denormal products).
+//     exp(seg) is taken per entry (decay_exp_row), never as a product of exps (no error growth); decays below
+//     e^-60 (fp64: e^-600) are 0 (no denormal products).  The short path: exp_nonpos, 0 below e^-87 (e^-708).
 //   * rows are processed R at a time: the forward's y_i = sum_j w_ij x_j and the backward's dx_j += sum_i md_ij gy_i
 //     keep R rows of accumulators in SIMD registers (P a multiple of the vector width; other P: plain loops), so each
 //     x_j / dx_j is loaded once per block; only pairs j <= i of each row are touched (the diagonal block row by row).
@@ -251,25 +251,40 @@ void dx_rows(T* dxh, int64_t xs, int64_t P, const T* md, int64_t Lp, const int64
 // e[j] = exp(s[j]) for the segment sums s <= 0 of a row, j < n, n a multiple of the vector width (lanes<T>::n
 // divides Simd<T>::lanes); decays below e^-60 ~ 9e-27 (fp64: e^-600 ~ 3e-261) are 0: far below the rounding of the
 // terms they would join, while their products with C.B and delta would be denormals, whose arithmetic costs ~100x
-// (with the bound at the normal range, -87, a strong-decay scan still ran ~3x slower).  The inlined vector exp
-// (activations.h: exp_nonpositive), never libm: a loop of exp_nonpos hands the lanes below the normal range to
-// libmvec's scalar path (GCC folds its clamp, activations.h); that made a strong-decay scan ~6x slower than a
-// weak-decay one (benchmarks/bench_scan_decay.py).  A positive s (never in the model: a = A delta <= 0) is
-// recomputed by std::exp.
+// (with the bound at the normal range, -87, a strong-decay scan still ran ~3x slower).  A row with a decay below the
+// bound takes the inlined vector exp (activations.h: exp_nonpositive): a loop of exp_nonpos hands such lanes to
+// libmvec's scalar path (GCC folds its clamp, activations.h), which made a strong-decay scan ~6x slower than a
+// weak-decay one (benchmarks/bench_scan_decay.py); other rows take libmvec's exp (faster in range).  Blocked path
+// only: on the short path's rows of one or two vectors the checks cost more than they save (b 256, L 20: 3x).  A positive s (never in the model: a = A delta <= 0) is recomputed by
+// std::exp.
 template <typename T>
 inline void decay_exp_row(const T* s, int64_t n, T* e) {
     typedef typename lanes<T>::v V;
     constexpr int W = lanes<T>::n;
     const T lo = sizeof(T) == 4 ? T(-60) : T(-600);
-    bool positive = false;
+    V bottom = V{};                                       // the smallest s of the row (NaN ignored)
+    for (int64_t j = 0; j < n; j += W) {
+        V v;
+        std::memcpy(&v, s + j, sizeof v);
+        bottom = v < bottom ? v : bottom;
+    }
+    bool below = false;
+    for (int k = 0; k < W; ++k) below |= bottom[k] < lo;
+    if (!below) {                                         // every decay in range: libmvec's vector exp (its fast
+        for (int64_t j = 0; j < n; ++j) e[j] = std::exp(s[j]);   // path: no select for GCC to fold)
+        return;
+    }
+    V top = V{};                                          // the largest s seen (0 if none is positive)
     for (int64_t j = 0; j < n; j += W) {
         V v;
         std::memcpy(&v, s + j, sizeof v);
         V r = exp_nonpositive<T>(v);
         r = v < lo ? V{} : r;
         std::memcpy(e + j, &r, sizeof r);
-        for (int k = 0; k < W; ++k) positive |= v[k] > T(0);
+        top = v > top ? v : top;
     }
+    bool positive = false;
+    for (int k = 0; k < W; ++k) positive |= top[k] > T(0);
     if (positive)
         for (int64_t j = 0; j < n; ++j)
             if (s[j] > T(0)) e[j] = std::exp(s[j]);
@@ -602,7 +617,7 @@ struct Ahead {
     }
 };
 
-// e[j] = exp(seg[j]) for the first nv vectors (decay_exp_row)
+// e[j] = exp(seg[j]) for the first nv vectors: exp_nonpos (activations.h), 0 below the normal range
 template <typename T, int NW>
 inline void row_exp(const typename Simd<T>::v* seg, int nv, typename Simd<T>::v* e) {
     constexpr int VL = Simd<T>::lanes;
@@ -610,7 +625,7 @@ inline void row_exp(const typename Simd<T>::v* seg, int nv, typename Simd<T>::v*
         if (w >= nv) break;
         alignas(64) T s[VL], r[VL];
         Simd<T>::store(s, seg[w]);
-        decay_exp_row(s, VL, r);
+        for (int k = 0; k < VL; ++k) r[k] = exp_nonpos(s[k]);   // (short rows: decay_exp_row's checks cost more)
         e[w] = Simd<T>::load(r);
     }
 }
