@@ -210,3 +210,46 @@ def test_fp32_step_sizes_keep_fp32_accuracy(impl):
                                   one(b, 1, 1, 1), path="quadratic")
     ref = torch.nn.functional.softplus(dt)
     assert ((y.reshape(-1).double() - ref) / ref).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_with_tiny_and_growing_decays(impl, dtype):
+    """A long row (the blocked path, L 63) where some heads' decays fall far below e^-60 (those rows take the inlined
+    vector exp and give 0 there) while one head's A is POSITIVE (never in the model: its decays exceed 1): values and
+    every gradient against the float64 recurrence."""
+    name, calls = impl
+    inp, lengths, mk = case(63, decay="strong", G=1, seed=5)
+    inp["A"][0] = 0.02                                           # head 0 grows: exp(seg) > 1
+    order = ("x", "dt", "A", "B", "C", "E")
+    leaves = [inp[k].to(dtype).requires_grad_() for k in order]
+    y = torch_backend.tissd_torch(*leaves[:5], time_scale=leaves[5], lengths=lengths, path="quadratic")
+    cot = mk(*y.shape)
+    grads = torch.autograd.grad(y, leaves, cot.to(dtype))
+    ref_leaves = [inp[k].clone().requires_grad_() for k in order]
+    ref = reference.tissd_recurrent_ref(*ref_leaves[:5], time_scale=ref_leaves[5], lengths=lengths)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, cot)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert rel(y, ref) < tol
+    for k, a, r in zip(order, grads, ref_grads):
+        assert rel(a, r) < tol, (k, rel(a, r))
+    assert len(calls) == (0 if name == "einsum" else 1)
+
+
+def test_scan_kernel_row_with_tiny_and_positive_segments(native_cpu):
+    """The scan kernel's own API takes any log-decay: a row (L 48, blocked path) whose segment sums hold values far
+    below e^-60 AND positive ones (alternating -40 / +1 steps) takes the inlined exp with its std::exp fix-up for the
+    positive entries; float32 and float64 against the quadratic form in float64."""
+    b, L, H, P, G, n = 2, 48, 2, 16, 1, 16
+    g = torch.Generator().manual_seed(3)
+    x, B, C = (torch.randn(b, L, *s, generator=g, dtype=torch.float64) for s in ((H, P), (G, n), (G, n)))
+    delta = torch.rand(b, L, H, generator=g, dtype=torch.float64)
+    a = torch.where(torch.arange(L)[None, :, None] % 2 == 0, -40.0, 1.0).expand(b, L, H).contiguous().double()
+    cum = a.cumsum(1)                                            # seg_ij = cum_i - cum_j (float64 is exact enough)
+    seg = cum[:, :, None, :] - cum[:, None, :, :]                # [b, i, j, H]
+    mask = torch.ones(L, L, dtype=torch.bool).tril()[None, :, :, None]
+    M = torch.einsum("bign,bjgn->bij", C, B)[..., None] * torch.where(mask, seg, -torch.inf).exp()
+    ref = torch.einsum("bijh,bjh,bjhp->bihp", M, delta, x)
+    lengths = torch.full((b,), L)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        y = native_cpu.scan_forward(*(t.to(dtype) for t in (x, delta, a, B, C)), None, lengths, False)
+        assert rel(y, ref) < tol, (dtype, rel(y, ref))
