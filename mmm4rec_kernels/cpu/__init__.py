@@ -222,6 +222,10 @@ def conv_backward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool, pieces, dx
     view with unit channel stride and batch stride L * row stride (a slice of a wider tensor's last axis)."""
     b, L, C = x.shape
     k = w.shape[1]
+    if dx_out is not None and (tuple(dx_out.shape) != (b, L, C) or dx_out.stride(2) != 1
+                               or dx_out.stride(0) != L * dx_out.stride(1) or dx_out.dtype != x.dtype):
+        raise ValueError(f"dx_out must be a {x.dtype} [{b}, {L}, {C}] view with unit channel stride and batch stride "
+                         f"L * row stride, got shape {tuple(dx_out.shape)}, strides {dx_out.stride()}")
     dx = torch.empty(b, L, C, dtype=x.dtype) if dx_out is None else dx_out
     if not dx.numel():
         return dx, torch.zeros(C, k, dtype=x.dtype), None if bias is None else torch.zeros(C, dtype=x.dtype)

@@ -4,10 +4,10 @@
 #include <cmath>
 
 // exp(s) for s <= 0, 0 below the smallest normal result (s < -87 in fp32, -708 in fp64); NaN stays NaN, -inf gives
-// 0: no denormal results.  NOTE (measured): GCC folds the clamp away (exp(s < lo ? lo : s) becomes s < lo ? exp(lo)
-// : exp(s), then the outer select drops the constant), so libmvec's vector exp still sees s < lo and computes those
-// lanes one by one: a scan whose decays fall below 1e-38 (strong decay, long rows) runs ~3-6x slower than with weak
-// decay (benchmarks/RESULTS.md).  fmin / fmax clamps stop the vectorisation; a fix is open.
+// 0: no denormal results.  Not fast there (measured): GCC folds the clamp away (exp(s < lo ? lo : s) becomes
+// s < lo ? exp(lo) : exp(s), and the outer select then drops the constant), so libmvec's vector exp still sees those
+// lanes and computes them one by one (fmin / fmax clamps stop the vectorisation instead).  Rare for the sigmoid and
+// softplus here (|p| > 87); the scan's decays, where it is common, take tissd_quadratic.cpp's decay_exp_row.
 template <typename T>
 inline T exp_nonpos(T s) {
     const T lo = sizeof(T) == 4 ? T(-87) : T(-708);

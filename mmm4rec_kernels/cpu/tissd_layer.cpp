@@ -14,7 +14,8 @@
 //      y = the quadratic form with the D skip (mmm4rec_ssd_quadratic_fwd, tissd_quadratic.cpp)
 //      out = RMSNorm_group(y * SiLU(z)) * w  (mmm4rec_gated_rmsnorm_fwd, gated_rmsnorm.cpp); rows past len[b]: 0
 //    y is also written to y_out when given (the backward reads it).  Returns 1, writing nothing, when x, B, C, dt or
-//    time_scale hold NaN / inf at a valid step: the caller then runs the general path (its NaN-causality rule).
+//    time_scale hold NaN / inf at a valid step (or dt * time_scale overflows): the caller then runs the general path
+//    (its NaN-causality rule).
 // 3. mmm4rec_ssd_core_bwd: gradients of 2 from dout: the norm's backward (dy, dz, dw), the scan's (dx, dDelta, da,
 //    dB, dC, dD), then da -> dDelta += A da, dA = sum Delta da;  dv = dDelta * sigmoid(v) (torch's softplus
 //    backward: dDelta where v > 20);  ddt = dv * time_scale (or dv), dtime_scale = dv * dt, ddt_bias = sum dv.
@@ -31,7 +32,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 #ifdef _OPENMP
@@ -361,8 +361,8 @@ struct Steps {
     std::vector<T> Dhp;
     std::vector<int64_t> lens;
 
-    bool gather(const T* xbc, int64_t s_xbc, const T* dt, int64_t s_zdt, const T* ts, const T* dt_bias,
-                const Tiled<T>& tiled, const T* D, const int64_t* len, const Dims& d, int nthreads) {
+    bool gather(const T* xbc, int64_t s_xbc, const T* dt, int64_t s_zdt, const T* ts, const Tiled<T>& tiled,
+                const T* D, const int64_t* len, const Dims& d, int nthreads) {
         const int64_t di = d.d_inner(), gn = d.gn(), rows = d.nb * d.L, H = d.H;
         x = scratch<T>(0, size_t(rows) * di);
         B = scratch<T>(1, size_t(rows) * gn);
@@ -409,7 +409,7 @@ int core_fwd(const T* xbc, int64_t s_xbc, const T* z, const T* dt, int64_t s_zdt
              const T* A, const T* D, int skip_delta, const T* norm_w, int64_t group, double eps, const int64_t* len,
              Dims d, T* out, T* y_out, int nthreads) {
     Steps<T> st;
-    if (st.gather(xbc, s_xbc, dt, s_zdt, ts, dt_bias, Tiled<T>(A, dt_bias, d.L, d.H), D, len, d, nthreads)) return 1;
+    if (st.gather(xbc, s_xbc, dt, s_zdt, ts, Tiled<T>(A, dt_bias, d.L, d.H), D, len, d, nthreads)) return 1;
     T* y = y_out ? y_out : scratch<T>(6, size_t(d.nb) * d.L * d.d_inner());
     Lib<T>::scan_fwd(st.x, st.delta, st.a, st.B, st.C, st.lens.data(),
                      D ? st.Dhp.data() : nullptr, skip_delta, y, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
@@ -426,7 +426,7 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
               T* dD, T* dnorm_w, int nthreads) {
     Steps<T> st;
     const Tiled<T> tiled(A, dt_bias, d.L, d.H);
-    st.gather(xbc, s_xbc, dt, s_zdt, ts, dt_bias, tiled, D, len, d, nthreads);
+    st.gather(xbc, s_xbc, dt, s_zdt, ts, tiled, D, len, d, nthreads);
     const int64_t rows = d.nb * d.L, di = d.d_inner(), gn = d.gn(), cd = di + 2 * gn, H = d.H, LH = d.L * H;
     T* dy = scratch<T>(7, size_t(rows) * di);
     Lib<T>::norm_bwd(dout, y, z, s_zdt, norm_w, rows, di, group, eps, st.lens.data(), d.L, dy, dz, s_g, dnorm_w,

@@ -255,8 +255,8 @@ void dx_rows(T* dxh, int64_t xs, int64_t P, const T* md, int64_t Lp, const int64
 // bound takes the inlined vector exp (activations.h: exp_nonpositive): a loop of exp_nonpos hands such lanes to
 // libmvec's scalar path (GCC folds its clamp, activations.h), which made a strong-decay scan ~6x slower than a
 // weak-decay one (benchmarks/bench_scan_decay.py); other rows take libmvec's exp (faster in range).  Blocked path
-// only: on the short path's rows of one or two vectors the checks cost more than they save (b 256, L 20: 3x).  A positive s (never in the model: a = A delta <= 0) is recomputed by
-// std::exp.
+// only: on the short path's rows of one or two vectors the checks cost more than they save (b 256, L 20: 3x).  A
+// positive s (never in the model: a = A delta <= 0) is recomputed by std::exp.
 template <typename T>
 inline void decay_exp_row(const T* s, int64_t n, T* e) {
     typedef typename lanes<T>::v V;
