@@ -13,8 +13,8 @@
 // buffer 8 channels at a time down the rows with their sums in registers.  Rows are addressed with a row stride
 // (elements between (b, t) and (b, t+1)), so a channel slice of a wider tensor needs no copy; channels are
 // contiguous.  Parallel over the batch with OpenMP when built with it; dw / dbias are summed per thread in double
-// (exact products of T; fp32 with k <= 4: each sequence's sums in float first, dw_sequence_f32) and the threads' sums
-// added in a fixed order at the end, so results do not depend on the threads' timing.
+// (exact products of T) and the threads' sums added in a fixed order at the end, so results do not depend on the
+// threads' timing.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -227,55 +227,6 @@ inline void dw_sequence(const T* gb, const T* xb, int64_t L, int64_t k, int64_t 
     if (c0 < Cp) groups(c0, std::integral_constant<int, 1>());
 }
 
-// dw_sequence for float with k = K taps and Cp a multiple of 16: 16 channels per vector, each sequence's sums in
-// float (its L products, rounded once each: relative error ~L 2^-24, far below fp32 training's noise), added to the
-// thread's double sums once per sequence.  The double path converts every row before its multiply-adds: with it
-// the sums were half of the conv backward's time at b 256, L 20 (1.97 ms of 3.98 when skipped).
-template <int K>
-inline void dw_sequence_f32(const float* gb, const float* xb, int64_t L, int64_t Cp, double* dwt, double* dbt) {
-    typedef float f16 __attribute__((vector_size(64)));
-    typedef float f8 __attribute__((vector_size(32)));
-    auto load = [](const float* q) {
-        f16 v;
-        std::memcpy(&v, q, sizeof v);
-        return v;
-    };
-    auto flush = [](double* q, f16 v) {                // q[0..16) += v, in double
-        f8 lo, hi;
-        std::memcpy(&lo, &v, sizeof lo);
-        std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-        d8 a, b;
-        std::memcpy(&a, q, sizeof a);
-        std::memcpy(&b, q + 8, sizeof b);
-        a += __builtin_convertvector(lo, d8);
-        b += __builtin_convertvector(hi, d8);
-        std::memcpy(q, &a, sizeof a);
-        std::memcpy(q + 8, &b, sizeof b);
-    };
-    auto groups = [&](int64_t c0, auto G) {            // G groups of 16 channels: independent sums per row
-        f16 xd[G][K], acc[G][K], db[G];
-        for (int h = 0; h < G; ++h) {
-            db[h] = f16{};
-            for (int j = 0; j < K; ++j) xd[h][j] = acc[h][j] = f16{};
-        }
-        for (int64_t t = 0; t < L; ++t)
-            for (int h = 0; h < G; ++h) {
-                for (int j = 0; j + 1 < K; ++j) xd[h][j] = xd[h][j + 1];
-                xd[h][K - 1] = load(xb + t * Cp + c0 + 16 * h);
-                const f16 g = load(gb + t * Cp + c0 + 16 * h);
-                for (int j = 0; j < K; ++j) acc[h][j] += g * xd[h][j];
-                db[h] += g;
-            }
-        for (int h = 0; h < G; ++h) {
-            for (int j = 0; j < K; ++j) flush(dwt + j * Cp + c0 + 16 * h, acc[h][j]);
-            flush(dbt + c0 + 16 * h, db[h]);
-        }
-    };
-    int64_t c0 = 0;
-    for (; c0 + 32 <= Cp; c0 += 32) groups(c0, std::integral_constant<int, 2>());
-    if (c0 < Cp) groups(c0, std::integral_constant<int, 1>());
-}
-
 template <typename T, int K, bool SILU>
 void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t B, int64_t L, int64_t C, int64_t k,
                 const std::vector<GySource<T>>& gys, T* dx, int64_t sdx, T* dw, T* dbias, int nthreads) {
@@ -328,12 +279,6 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t 
                 if (t >= kk - 1) dx_row(b, t - (kk - 1));
             }
             for (int64_t s = std::max<int64_t>(0, L - (kk - 1)); s < L; ++s) dx_row(b, s);
-            if constexpr (std::is_same<T, float>::value && K != 0) {
-                if (Cp % 16 == 0) {
-                    dw_sequence_f32<K>(gb.data(), xb.data(), L, Cp, dwt, dbt);
-                    continue;
-                }
-            }
             dw_sequence<T, K>(gb.data(), xb.data(), L, k, Cp, dwt, dbt, any_k.data());
         }
     }
