@@ -1,12 +1,16 @@
-"""The native CPU scan kernels of this tree against those of a previous commit, in one process: both libraries are
-loaded side by side (the previous one built from `git archive <commit>` into a temp dir), outputs preallocated, old
-and new alternating per round; medians of the per-round ratios new / old.  float32, 1 thread.
+"""The native CPU scan and conv kernels of this tree against those of a previous commit, in one process: both
+libraries are loaded side by side (the previous one built from `git archive <commit>` into a temp dir), outputs
+preallocated, old, new and the bytes floor alternating per round; medians of the per-round ratios.  float32, 1
+thread.  floor: one copy_ of every byte fwd + bwd read and write (bench_cpu_kernels.py's definition); with outputs
+preallocated it shows the kernels' own distance from it (bench_cpu_kernels.py's kernel cases also allocate them).
 
     python benchmarks/bench_native_ab.py --previous c037b3e
-    python benchmarks/bench_native_ab.py --previous c037b3e --shapes 256,20,8,16,8,16 1,200,4,32,1,16
+    python benchmarks/bench_native_ab.py --previous c037b3e --shapes 256,20,8,16,8,16 1,200,4,32,1,16 \
+        --conv 256,20,384,4
 
 A shape is b,L,H,P,G,n (lengths uniform in 1..L).  The scan's C entry points (mmm4rec_ssd_quadratic_fwd / _bwd) kept
-their signature since they were written; other kernels changed theirs and are not compared here.
+their signature since they were written; the conv's (mmm4rec_conv_fwd / _bwd) since 92c5b5f (older commits: pass
+--conv none).
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ def main():
     ap.add_argument("--previous", required=True, help="git commit whose native scan is compared")
     ap.add_argument("--shapes", nargs="+", default=SHAPES)
     ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--conv", nargs="+", default=["256,20,384,4"], help="B,L,C,k shapes of the conv ('none': skip)")
     args = ap.parse_args()
     import mmm4rec_kernels.cpu as native
     torch.set_num_threads(1)
@@ -56,8 +61,9 @@ def main():
         getattr(old, name).argtypes, getattr(old, name).restype = getattr(new, name).argtypes, None
     p = native._ptr
     print(f"previous = {args.previous}")
-    print("| b, L, H, P, G, n | fwd new / old (ms) | bwd new / old (ms) | fwd ratio | bwd ratio |")
-    print("|---|---|---|---|---|")
+    print("| b, L, H, P, G, n | fwd new / old (ms) | bwd new / old (ms) | fwd ratio | bwd ratio "
+          "| fwd + bwd new / floor |")
+    print("|---|---|---|---|---|---|")
     for shape in args.shapes:
         b, L, H, P, G, n = map(int, shape.split(","))
         g = torch.Generator().manual_seed(0)
@@ -73,19 +79,66 @@ def main():
         calls = {lib_name: (lambda lib=lib: lib.mmm4rec_ssd_quadratic_fwd_f32(*ins, 1, p(y), *dims),
                             lambda lib=lib: lib.mmm4rec_ssd_quadratic_bwd_f32(*ins, 1, p(gy), *map(p, grads), *dims))
                  for lib_name, lib in (("old", old), ("new", new))}
-        reps = max(1, int(2e6 / (b * L * L * H)))
-        t = {(k, d): [] for k in calls for d in (0, 1)}
-        for _ in range(args.rounds):
-            for k, fns in calls.items():
-                for d, fn in enumerate(fns):
-                    t0 = time.thread_time()
-                    for _ in range(reps):
-                        fn()
-                    t[k, d].append((time.thread_time() - t0) / reps * 1e3)
+        inputs = x.numel() + 2 * delta.numel() + 2 * B.numel()
+        calls["floor"] = (floor_copy(2 * inputs + x.numel(), x.numel() + inputs), lambda: None)
+        t = alternate(calls, max(1, int(2e6 / (b * L * L * H))), args.rounds)
         med = {key: statistics.median(v) for key, v in t.items()}
         ratio = [statistics.median([nw / od for nw, od in zip(t["new", d], t["old", d])]) for d in (0, 1)]
+        floor = statistics.median([(n0 + n1) / f for n0, n1, f in zip(t["new", 0], t["new", 1], t["floor", 0])])
         print(f"| {shape} | {med['new', 0]:.3f} / {med['old', 0]:.3f} | {med['new', 1]:.3f} / {med['old', 1]:.3f} | "
-              f"{ratio[0]:.2f} | {ratio[1]:.2f} |", flush=True)
+              f"{ratio[0]:.2f} | {ratio[1]:.2f} | {floor:.2f} |", flush=True)
+    if args.conv != ["none"]:
+        conv_table(args, native, old)
+
+
+def floor_copy(read_elems, written_elems):
+    """one copy_ of (read + written) / 2 float32 elements (a copy reads and writes each)"""
+    half = (read_elems + written_elems + 1) // 2
+    src, dst = torch.randn(half), torch.empty(half)
+    return lambda: dst.copy_(src)
+
+
+def alternate(calls, reps, rounds):
+    """{(name, i): [ms per call, one per round]}: every function of every entry timed in turn, each round"""
+    t = {(k, d): [] for k, fns in calls.items() for d in range(len(fns))}
+    for _ in range(rounds):
+        for k, fns in calls.items():
+            for d, fn in enumerate(fns):
+                t0 = time.thread_time()
+                for _ in range(reps):
+                    fn()
+                t[k, d].append((time.thread_time() - t0) / reps * 1e3)
+    return t
+
+
+def conv_table(args, native, old):
+    """The causal conv + SiLU kernels, fwd + bwd, new / old and each / the bytes floor (fwd reads x, writes y; bwd
+    reads gy and x, writes dx)."""
+    new = native.library()
+    for name in ("mmm4rec_conv_fwd_f32", "mmm4rec_conv_bwd_f32"):
+        getattr(old, name).argtypes, getattr(old, name).restype = getattr(new, name).argtypes, None
+    print("\n| B, L, C, k | conv fwd + bwd new / old (ms) | new / old | new / floor | old / floor |")
+    print("|---|---|---|---|---|")
+    for shape in args.conv:
+        B, L, C, k = map(int, shape.split(","))
+        g = torch.Generator().manual_seed(0)
+        x, gy = torch.randn(B, L, C, generator=g), torch.randn(B, L, C, generator=g)
+        w, bias = torch.randn(C, k, generator=g), torch.randn(C, generator=g)
+        y, dx, dw, db = torch.empty_like(x), torch.empty_like(x), torch.empty(C, k), torch.empty(C)
+        pieces = (ctypes.c_int64 * 5)(gy.data_ptr(), 0, C, gy.stride(0), gy.stride(1))
+
+        def run(lib):
+            lib.mmm4rec_conv_fwd_f32(x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), k, 1, bias.data_ptr(),
+                                     y.data_ptr(), B, L, C, k, 1, 1)
+            lib.mmm4rec_conv_bwd_f32(x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), k, 1, bias.data_ptr(), B,
+                                     L, C, k, 1, 1, pieces, dx.data_ptr(), C, dw.data_ptr(), db.data_ptr(), 1)
+        calls = {"new": (lambda: run(new),), "old": (lambda: run(old),), "floor": (floor_copy(3 * x.numel(),
+                                                                                             2 * x.numel()),)}
+        t = alternate(calls, max(1, int(2e7 / x.numel())), args.rounds)
+        r = {(a, b_): statistics.median([p / q for p, q in zip(t[a, 0], t[b_, 0])])
+             for a, b_ in (("new", "old"), ("new", "floor"), ("old", "floor"))}
+        print(f"| {shape} | {statistics.median(t['new', 0]):.3f} / {statistics.median(t['old', 0]):.3f} | "
+              f"{r['new', 'old']:.2f} | {r['new', 'floor']:.2f} | {r['old', 'floor']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
