@@ -352,6 +352,30 @@ void fold_step_sums(const std::vector<double>& acc, int nt, int64_t n, int64_t H
     }
 }
 
+// The step sizes' chain backward over every sequence's valid values (steps_flat_bwd), with dA and ddt_bias summed
+// per thread in double per [L, H] position and folded at the end (fold_step_sums); emit(b, dv) then writes what
+// sequence b's dv [len_b * H] gives (ddt, dts: their layouts differ between the layer core and the call)
+template <typename T, typename Emit>
+void steps_chain_bwd(const T* ddelta, const T* da, const T* v, const T* delta, const T* At, int softplus,
+                     const std::vector<int64_t>& lens, const Dims& d, int nthreads, T* dA, T* ddt_bias, Emit emit) {
+    const int nt = nthreads > 1 ? nthreads : 1;
+    const int64_t LH = d.L * d.H;
+    std::vector<double> acc(size_t(nt) * 2 * LH, 0.0);        // per thread: dA [L, H], ddt_bias [L, H]
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int tid = thread_index();
+        double *dA_t = acc.data() + size_t(tid) * 2 * LH, *db_t = dA_t + LH;
+        std::vector<T> dv(static_cast<size_t>(LH));
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < d.nb; ++b) {
+            const int64_t o = b * LH;
+            steps_flat_bwd(ddelta + o, da + o, v + o, delta + o, At, softplus, lens[b] * d.H, dA_t, db_t, dv.data());
+            emit(b, static_cast<const T*>(dv.data()));
+        }
+    }
+    fold_step_sums(acc, nt, LH, d.H, dA, ddt_bias);
+}
+
 // The scan's contiguous inputs gathered from xBC and the step sizes, valid rows only (the scan never reads the
 // others): x / B / C copied row by row, the step sizes flat per sequence (steps_flat).  gather returns true when a
 // valid step holds NaN / inf in x, B, C, dt or time_scale (v = dt ts + dt_bias is then non-finite).
@@ -427,7 +451,7 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
     Steps<T> st;
     const Tiled<T> tiled(A, dt_bias, d.L, d.H);
     st.gather(xbc, s_xbc, dt, s_zdt, ts, tiled, D, len, d, nthreads);
-    const int64_t rows = d.nb * d.L, di = d.d_inner(), gn = d.gn(), cd = di + 2 * gn, H = d.H, LH = d.L * H;
+    const int64_t rows = d.nb * d.L, di = d.d_inner(), gn = d.gn(), cd = di + 2 * gn, H = d.H;
     T* dy = scratch<T>(7, size_t(rows) * di);
     Lib<T>::norm_bwd(dout, y, z, s_zdt, norm_w, rows, di, group, eps, st.lens.data(), d.L, dy, dz, s_g, dnorm_w,
                      nthreads);
@@ -437,44 +461,33 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
     std::vector<T> dDhp(D ? size_t(di) : 0);
     Lib<T>::scan_bwd(st.x, st.delta, st.a, st.B, st.C, st.lens.data(), D ? st.Dhp.data() : nullptr, skip_delta, dy,
                      dx, ddelta, da, dB, dC, D ? dDhp.data() : nullptr, d.nb, d.L, H, d.P, d.G, d.n, nthreads);
-    const int nt = nthreads > 1 ? nthreads : 1;
-    std::vector<double> acc(size_t(nt) * 2 * LH, 0.0);        // per thread: dA [L, H], ddt_bias [L, H]
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        const int tid = thread_index();
-        double *dA_t = acc.data() + size_t(tid) * 2 * LH, *db_t = dA_t + LH;
-        std::vector<T> dv(static_cast<size_t>(LH));
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < d.nb; ++b) {
-            const int64_t o = b * LH, len_b = st.lens[b];
-            steps_flat_bwd(ddelta + o, da + o, st.v + o, st.delta + o, tiled.A.data(), 1, len_b * H, dA_t, db_t,
-                           dv.data());
-            for (int64_t i = 0; i < d.L; ++i) {
-                const int64_t r = b * d.L + i;
-                T* out = dxbc + r * cd;
-                T* g_dt = ddt + r * s_g;
-                T* g_ts = dts ? dts + r * H : nullptr;
-                if (i >= len_b) {                        // padded rows: zero gradients
-                    std::fill(out, out + cd, T(0));
-                    std::fill(g_dt, g_dt + H, T(0));
-                    if (g_ts) std::fill(g_ts, g_ts + H, T(0));
-                    continue;
-                }
-                std::copy(dx + r * di, dx + (r + 1) * di, out);
-                std::copy(dB + r * gn, dB + (r + 1) * gn, out + di);
-                std::copy(dC + r * gn, dC + (r + 1) * gn, out + di + gn);
-                const T* dvr = dv.data() + i * H;       // ddt = dv ts (or dv), dts = dv dt
-                const T* dtr = dt + r * s_zdt;
-                if (ts)
-                    for (int64_t h = 0; h < H; ++h) g_dt[h] = dvr[h] * ts[r * H + h];
-                else
-                    for (int64_t h = 0; h < H; ++h) g_dt[h] = dvr[h];
-                if (g_ts)
-                    for (int64_t h = 0; h < H; ++h) g_ts[h] = dvr[h] * dtr[h];
+    steps_chain_bwd(ddelta, da, st.v, st.delta, tiled.A.data(), 1, st.lens, d, nthreads, dA, ddt_bias,
+                    [&](int64_t b, const T* dv) {
+        const int64_t len_b = st.lens[b];
+        for (int64_t i = 0; i < d.L; ++i) {
+            const int64_t r = b * d.L + i;
+            T* out = dxbc + r * cd;
+            T* g_dt = ddt + r * s_g;
+            T* g_ts = dts ? dts + r * H : nullptr;
+            if (i >= len_b) {                            // padded rows: zero gradients
+                std::fill(out, out + cd, T(0));
+                std::fill(g_dt, g_dt + H, T(0));
+                if (g_ts) std::fill(g_ts, g_ts + H, T(0));
+                continue;
             }
+            std::copy(dx + r * di, dx + (r + 1) * di, out);
+            std::copy(dB + r * gn, dB + (r + 1) * gn, out + di);
+            std::copy(dC + r * gn, dC + (r + 1) * gn, out + di + gn);
+            const T* dvr = dv + i * H;                   // ddt = dv ts (or dv), dts = dv dt
+            const T* dtr = dt + r * s_zdt;
+            if (ts)
+                for (int64_t h = 0; h < H; ++h) g_dt[h] = dvr[h] * ts[r * H + h];
+            else
+                for (int64_t h = 0; h < H; ++h) g_dt[h] = dvr[h];
+            if (g_ts)
+                for (int64_t h = 0; h < H; ++h) g_ts[h] = dvr[h] * dtr[h];
         }
-    }
-    fold_step_sums(acc, nt, LH, H, dA, ddt_bias);
+    });
     if (dD)
         for (int64_t h = 0; h < H; ++h) {
             T s = T(0);
@@ -540,34 +553,22 @@ void tissd_bwd(const T* gy, const T* x, const T* dt, const T* ts, const T* dt_bi
     T *ddelta = scratch<T>(9, count), *da = scratch<T>(10, count);
     Lib<T>::scan_bwd(x, st.delta, st.a, B, C, lens.data(), D, skip_delta, gy, dx, ddelta, da, dB, dC, dD, d.nb,
                      d.L, d.H, d.P, d.G, d.n, nthreads);
-    // the step sizes' chain, flat over each sequence's valid values (steps_flat_bwd), then ddt = dv ts (or dv),
-    // dts = dv dt
-    const int nt = nthreads > 1 ? nthreads : 1;
+    // the step sizes' chain (steps_chain_bwd), then ddt = dv ts (or dv), dts = dv dt
     const int64_t LH = d.L * d.H;
-    std::vector<double> acc(size_t(nt) * 2 * LH, 0.0);        // per thread: dA [L, H], ddt_bias [L, H]
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        const int tid = thread_index();
-        double *dA_t = acc.data() + size_t(tid) * 2 * LH, *db_t = dA_t + LH;
-        std::vector<T> dv(static_cast<size_t>(LH));
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < d.nb; ++b) {
-            const int64_t o = b * LH, m = lens[b] * d.H;
-            steps_flat_bwd(ddelta + o, da + o, st.v + o, st.delta + o, st.tiled.A.data(), softplus, m, dA_t, db_t,
-                           dv.data());
-            const T *__restrict dvb = dv.data(), *__restrict dtb = dt + o, *__restrict tsb = ts ? ts + o : nullptr;
-            T *__restrict g_dt = ddt + o, *__restrict g_ts = dts ? dts + o : nullptr;
-            if (tsb)
-                for (int64_t e = 0; e < m; ++e) g_dt[e] = dvb[e] * tsb[e];
-            else
-                std::copy(dvb, dvb + m, g_dt);
-            if (g_ts)
-                for (int64_t e = 0; e < m; ++e) g_ts[e] = dvb[e] * dtb[e];
-            std::fill(g_dt + m, g_dt + LH, T(0));                // padded rows: zero gradients
-            if (g_ts) std::fill(g_ts + m, g_ts + LH, T(0));
-        }
-    }
-    fold_step_sums(acc, nt, LH, d.H, dA, ddt_bias);
+    steps_chain_bwd(ddelta, da, st.v, st.delta, st.tiled.A.data(), softplus, lens, d, nthreads, dA, ddt_bias,
+                    [&](int64_t b, const T* dv) {
+        const int64_t o = b * LH, m = lens[b] * d.H;
+        const T *__restrict dtb = dt + o, *__restrict tsb = ts ? ts + o : nullptr;
+        T *__restrict g_dt = ddt + o, *__restrict g_ts = dts ? dts + o : nullptr;
+        if (tsb)
+            for (int64_t e = 0; e < m; ++e) g_dt[e] = dv[e] * tsb[e];
+        else
+            std::copy(dv, dv + m, g_dt);
+        if (g_ts)
+            for (int64_t e = 0; e < m; ++e) g_ts[e] = dv[e] * dtb[e];
+        std::fill(g_dt + m, g_dt + LH, T(0));                    // padded rows: zero gradients
+        if (g_ts) std::fill(g_ts + m, g_ts + LH, T(0));
+    });
 }
 
 }  // namespace
