@@ -2,7 +2,8 @@
 built with -march=native, so its vector paths differ per machine, and this box has AVX-512.  Each case builds the
 library with the given flags added (a CXX wrapper, a temporary MMM4REC_CACHE_DIR) and checks, in a fresh process,
 the conv + SiLU (fp32 / fp64, channels not a multiple of any vector width), the quadratic scan and the one-node
-tissd() call (short and long sequences) against float64 torch references.  A build that read or wrote past its
+tissd() call (short and long sequences; a head with A > 0, whose positive segment sums the exp there must recompute,
+and one whose decays fall below e^-60) against float64 torch references.  A build that read or wrote past its
 buffers (fp64 dw over 4-double AVX2 vectors did, before the fix) fails here."""
 import os
 import platform
@@ -37,7 +38,9 @@ CHECK = textwrap.dedent("""
         for L in (20, 45):
             b_, H, P, G, n = 3, 4, 12, 2, 5
             mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-            inp = [mk(b_, L, H, P), mk(b_, L, H), -torch.rand(H, generator=g, dtype=torch.float64) - 0.1, mk(b_, L, G, n), mk(b_, L, G, n)]
+            A = -torch.rand(H, generator=g, dtype=torch.float64) - 0.1
+            A[1], A[2] = 1.0, -40.0              # a growing head (exp of positive segment sums) and decays below e^-60
+            inp = [mk(b_, L, H, P), mk(b_, L, H), A, mk(b_, L, G, n), mk(b_, L, G, n)]
             lengths = torch.tensor([L, L // 2, 1])
             ours = [t.to(dtype).requires_grad_() for t in inp]
             y = torch_backend.tissd_torch(*ours, lengths=lengths, path="quadratic")
@@ -47,6 +50,12 @@ CHECK = textwrap.dedent("""
             ref = reference.tissd_recurrent_ref(*refl, lengths=lengths)
             for a, r in zip((y, *grads), (ref, *torch.autograd.grad(ref, refl, cot))):
                 assert rel(a, r) < (tol if dtype == torch.float64 else 2e-5), (dtype, L, rel(a, r))
+    # a decay past fp32's overflow (log-decay +200): exp gives inf, so y's row 1 (C.B, delta, x all 1) is inf; the
+    # round-and-scale exp of the builds without AVX-512 wraps its exponent there unless recomputed (kExpAnySign)
+    one = torch.ones(1, 2, 1, 16)
+    y = native.scan_forward(one, torch.ones(1, 2, 1), torch.tensor([[[0.0], [200.0]]]), torch.ones(1, 2, 1, 16),
+                            torch.ones(1, 2, 1, 16) / 16, None, torch.tensor([2]), False)
+    assert torch.isinf(y[0, 1]).all() and (y[0, 1] > 0).all(), y[0, 1]
     print("ok")
 """)
 

@@ -212,13 +212,14 @@ def test_fp32_step_sizes_keep_fp32_accuracy(impl):
     assert ((y.reshape(-1).double() - ref) / ref).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("L", [20, 63])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_rows_with_tiny_and_growing_decays(impl, dtype):
-    """A long row (the blocked path, L 63) where some heads' decays fall far below e^-60 (those rows take the inlined
-    vector exp and give 0 there) while one head's A is POSITIVE (never in the model: its decays exceed 1): values and
-    every gradient against the float64 recurrence."""
+def test_rows_with_tiny_and_growing_decays(impl, dtype, L):
+    """Rows (L 20: fp32's short path; L 63: the blocked path) where some heads' decays fall far below e^-60 (the
+    inlined vector exp gives 0 there) while one head's A is POSITIVE (never in the model: its decays exceed 1, the
+    std::exp fix-up): values and every gradient against the float64 recurrence."""
     name, calls = impl
-    inp, lengths, mk = case(63, decay="strong", G=1, seed=5)
+    inp, lengths, mk = case(L, decay="strong", G=1, seed=5)
     inp["A"][0] = 0.02                                           # head 0 grows: exp(seg) > 1
     order = ("x", "dt", "A", "B", "C", "E")
     leaves = [inp[k].to(dtype).requires_grad_() for k in order]
@@ -235,11 +236,12 @@ def test_rows_with_tiny_and_growing_decays(impl, dtype):
     assert len(calls) == (0 if name == "einsum" else 1)
 
 
-def test_scan_kernel_row_with_tiny_and_positive_segments(native_cpu):
-    """The scan kernel's own API takes any log-decay: a row (L 48, blocked path) whose segment sums hold values far
-    below e^-60 AND positive ones (alternating -40 / +1 steps) takes the inlined exp with its std::exp fix-up for the
-    positive entries; float32 and float64 against the quadratic form in float64."""
-    b, L, H, P, G, n = 2, 48, 2, 16, 1, 16
+@pytest.mark.parametrize("L", [20, 48])
+def test_scan_kernel_row_with_tiny_and_positive_segments(native_cpu, L):
+    """The scan kernel's own API takes any log-decay: rows (L 48: the blocked path; L 20: fp32's short path) whose
+    segment sums hold values far below e^-60 AND positive ones (alternating -40 / +1 steps) take the inlined exp with
+    its std::exp fix-up for the positive entries; float32 and float64 against the quadratic form in float64."""
+    b, L, H, P, G, n = 2, L, 2, 16, 1, 16
     g = torch.Generator().manual_seed(3)
     x, B, C = (torch.randn(b, L, *s, generator=g, dtype=torch.float64) for s in ((H, P), (G, n), (G, n)))
     delta = torch.rand(b, L, H, generator=g, dtype=torch.float64)

@@ -7,7 +7,7 @@
 // 0: no denormal results.  Not fast there (measured): GCC folds the clamp away (exp(s < lo ? lo : s) becomes
 // s < lo ? exp(lo) : exp(s), and the outer select then drops the constant), so libmvec's vector exp still sees those
 // lanes and computes them one by one (fmin / fmax clamps stop the vectorisation instead).  Rare for the sigmoid and
-// softplus here (|p| > 87); the scan's decays, where it is common, take tissd_quadratic.cpp's decay_exp_row.
+// softplus here (|p| > 87); the scan's decays, where it is common, take decay_exp below (inlined).
 template <typename T>
 inline T exp_nonpos(T s) {
     const T lo = sizeof(T) == 4 ? T(-87) : T(-708);
@@ -66,6 +66,7 @@ inline T softplus_of(T v) {
 // (causal_conv.cpp).  The exp is inlined (range reduction + polynomial) instead of libmvec's call, and the
 // sigmoid's 1 / (1 + e) uses the fp32 reciprocal estimate with one Newton step where AVX-512 has it.
 #include <cstdint>
+#include <cstring>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -155,6 +156,54 @@ inline typename lanes<T>::v exp_nonpositive(typename lanes<T>::v a) {
     const V e = (p * (V)((m1 + bias) << mant)) * (V)((m2 + bias) << mant);
     return valid ? e : (a == a ? V{} : a);
 #endif
+}
+
+// exp_nonpositive's result is exact for a > 0 too (a few ulp, inf past the overflow) where vscalef scales it
+// (AVX-512); the other builds' round-and-scale assumes a <= 0, so a positive a must be recomputed (std::exp)
+#if defined(__AVX512F__)
+constexpr bool kExpAnySign = true;
+#else
+constexpr bool kExpAnySign = false;
+#endif
+
+// does a lane of v hold a value > 0?  (one mask compare with AVX-512; a lane-by-lane test costs as much as an exp)
+template <typename T>
+inline bool any_positive(typename lanes<T>::v v) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4)
+        return _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_GT_OQ) != 0;
+    else
+        return _mm512_cmp_pd_mask((__m512d)v, _mm512_setzero_pd(), _CMP_GT_OQ) != 0;
+#else
+    const typename lanes<T>::i m = v > T(0);              // lanes all ones where v > 0
+    uint64_t words[sizeof m / 8], any = 0;
+    std::memcpy(words, &m, sizeof m);
+    for (uint64_t w : words) any |= w;
+    return any != 0;
+#endif
+}
+
+// The SSD's decays e[j] = exp(s[j]) of segment sums, n values (a multiple of lanes<T>::n), inlined: 0 below
+// e^-60 (fp64: e^-600), far below the rounding of the terms they would join, while their products would be
+// denormals (~100x slower arithmetic); NaN stays NaN.  A positive s (never in the model: a = A delta <= 0, but the
+// scan kernels take any log-decay) is exact with AVX-512 and recomputed by std::exp elsewhere (kExpAnySign).
+template <typename T>
+inline void decay_exp(const T* s, int64_t n, T* e) {
+    typedef typename lanes<T>::v V;
+    constexpr int W = lanes<T>::n;
+    const T lo = sizeof(T) == 4 ? T(-60) : T(-600);
+    bool positive = false;
+    for (int64_t j = 0; j < n; j += W) {
+        V v;
+        std::memcpy(&v, s + j, sizeof v);
+        V r = exp_nonpositive<T>(v);
+        r = v < lo ? V{} : r;
+        std::memcpy(e + j, &r, sizeof r);
+        if (!kExpAnySign) positive |= any_positive<T>(v);
+    }
+    if (positive)
+        for (int64_t j = 0; j < n; ++j)
+            if (s[j] > T(0)) e[j] = std::exp(s[j]);
 }
 
 // 1 / d for d in [1, 2] or NaN (the sigmoid's 1 / (1 + e)): fp32 with AVX-512, the 14-bit estimate and one Newton

@@ -40,7 +40,7 @@
 //     additions as summing a_{j+1} .. a_i directly (all <= 0, no cancellation; never a difference of prefix sums,
 //     which loses everything in fp32 for large time gaps), one vectorised pass per row instead of a serial chain.
 //     exp(seg) is taken per entry (decay_exp_row), never as a product of exps (no error growth); decays below
-//     e^-60 (fp64: e^-600) are 0 (no denormal products).  The short path: exp_nonpos, 0 below e^-87 (e^-708).
+//     e^-60 (fp64: e^-600) are 0 (no denormal products), on the short path too (row_exp).
 //   * rows are processed R at a time: the forward's y_i = sum_j w_ij x_j and the backward's dx_j += sum_i md_ij gy_i
 //     keep R rows of accumulators in SIMD registers (P a multiple of the vector width; other P: plain loops), so each
 //     x_j / dx_j is loaded once per block; only pairs j <= i of each row are touched (the diagonal block row by row).
@@ -248,15 +248,13 @@ void dx_rows(T* dxh, int64_t xs, int64_t P, const T* md, int64_t Lp, const int64
     dx_rows_plain(dxh, xs, P, md, Lp, rows, nr, gyr);
 }
 
-// e[j] = exp(s[j]) for the segment sums s <= 0 of a row, j < n, n a multiple of the vector width (lanes<T>::n
-// divides Simd<T>::lanes); decays below e^-60 ~ 9e-27 (fp64: e^-600 ~ 3e-261) are 0: far below the rounding of the
-// terms they would join, while their products with C.B and delta would be denormals, whose arithmetic costs ~100x
-// (with the bound at the normal range, -87, a strong-decay scan still ran ~3x slower).  A row with a decay below the
-// bound takes the inlined vector exp (activations.h: exp_nonpositive): a loop of exp_nonpos hands such lanes to
-// libmvec's scalar path (GCC folds its clamp, activations.h), which made a strong-decay scan ~6x slower than a
-// weak-decay one (benchmarks/bench_scan_decay.py); other rows take libmvec's exp (faster in range).  Blocked path
-// only: on the short path's rows of one or two vectors the checks cost more than they save (b 256, L 20: 3x).  A
-// positive s (never in the model: a = A delta <= 0) is recomputed by std::exp.
+// e[j] = exp(s[j]) for the segment sums of a row of the blocked path, j < n, n a multiple of the vector width
+// (lanes<T>::n divides Simd<T>::lanes), 0 below e^-60 (fp64: e^-600).  A row with a decay below that bound takes
+// activations.h's decay_exp (the inlined vector exp): a loop of exp_nonpos hands such lanes to libmvec's scalar path
+// (GCC folds its clamp, activations.h), which made a strong-decay scan ~6x slower than a weak-decay one
+// (benchmarks/bench_scan_decay.py), and with the bound at the normal range, -87, the denormal products still cost
+// ~3x.  Rows all in range take libmvec's vector exp (its fast path: no select for GCC to fold).  The short path's
+// rows of one or two vectors take decay_exp always (row_exp): this row check costs more than it saves there.
 template <typename T>
 inline void decay_exp_row(const T* s, int64_t n, T* e) {
     typedef typename lanes<T>::v V;
@@ -274,20 +272,7 @@ inline void decay_exp_row(const T* s, int64_t n, T* e) {
         for (int64_t j = 0; j < n; ++j) e[j] = std::exp(s[j]);   // path: no select for GCC to fold)
         return;
     }
-    V top = V{};                                          // the largest s seen (0 if none is positive)
-    for (int64_t j = 0; j < n; j += W) {
-        V v;
-        std::memcpy(&v, s + j, sizeof v);
-        V r = exp_nonpositive<T>(v);
-        r = v < lo ? V{} : r;
-        std::memcpy(e + j, &r, sizeof r);
-        top = v > top ? v : top;
-    }
-    bool positive = false;
-    for (int k = 0; k < W; ++k) positive |= top[k] > T(0);
-    if (positive)
-        for (int64_t j = 0; j < n; ++j)
-            if (s[j] > T(0)) e[j] = std::exp(s[j]);
+    decay_exp(s, n, e);
 }
 
 // out[k Lp + j] = src[j stride + k] for k < m, j < Lp (0 for j >= Lb): m columns of Lb rows transposed (below)
@@ -617,7 +602,8 @@ struct Ahead {
     }
 };
 
-// e[j] = exp(seg[j]) for the first nv vectors: exp_nonpos (activations.h), 0 below the normal range
+// e[j] = exp(seg[j]) for the first nv vectors (activations.h: decay_exp, inlined: no call into libmvec per row, 0
+// below e^-60 as on the blocked path, so strong decay costs what weak decay does)
 template <typename T, int NW>
 inline void row_exp(const typename Simd<T>::v* seg, int nv, typename Simd<T>::v* e) {
     constexpr int VL = Simd<T>::lanes;
@@ -625,7 +611,7 @@ inline void row_exp(const typename Simd<T>::v* seg, int nv, typename Simd<T>::v*
         if (w >= nv) break;
         alignas(64) T s[VL], r[VL];
         Simd<T>::store(s, seg[w]);
-        for (int k = 0; k < VL; ++k) r[k] = exp_nonpos(s[k]);   // (short rows: decay_exp_row's checks cost more)
+        decay_exp(s, VL, r);
         e[w] = Simd<T>::load(r);
     }
 }
@@ -745,9 +731,26 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
                     const T si = skip_delta ? dl[i] : T(1);
                     double* dDh = dDt + h * d.P;
                     T gDx = T(0);
-                    for (int64_t p = 0; p < d.P; ++p) {
-                        gDx += Dh[p] * gyi[p] * xi[p];
-                        dDh[p] += double(si) * double(gyi[p]) * double(xi[p]);
+                    if (d.P == VL) {                         // one vector; dD's sums in double, 8 lanes at a time
+                        const V gv = S::load(gyi), xv = S::load(xi), gxp = gv * xv;
+                        const V dg = S::load(Dh) * gxp;
+                        for (int k = 0; k < VL; ++k) gDx += dg[k];
+                        for (int k0 = 0; k0 < VL; k0 += 8) {
+                            typedef double d8 __attribute__((vector_size(64)));
+                            typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
+                            t8 g8, x8;
+                            std::memcpy(&g8, gyi + k0, sizeof g8);
+                            std::memcpy(&x8, xi + k0, sizeof x8);
+                            d8 acc;
+                            std::memcpy(&acc, dDh + k0, sizeof acc);
+                            acc += double(si) * (__builtin_convertvector(g8, d8) * __builtin_convertvector(x8, d8));
+                            std::memcpy(dDh + k0, &acc, sizeof acc);
+                        }
+                    } else {
+                        for (int64_t p = 0; p < d.P; ++p) {
+                            gDx += Dh[p] * gyi[p] * xi[p];
+                            dDh[p] += double(si) * double(gyi[p]) * double(xi[p]);
+                        }
                     }
                     if (skip_delta) dskip[i] = gDx;
                 }
