@@ -4,6 +4,7 @@ torch backend (H 8, P 16, G 8, n 16, D skip, time scale).  1 CPU thread, float32
 
     pytest benchmarks/bench_cpu_kernels.py --benchmark-only --benchmark-columns=median,iqr,rounds
     python benchmarks/bench_cpu_kernels.py --rounds 40     # native / floor as interleaved ratios (noisy machines)
+    python benchmarks/bench_cpu_kernels.py --rounds 40 --retain-freed-memory   # the same, glibc keeping freed memory
 
 "native" needs a C++ compiler (skipped without one); "torch" is the same call with the native library bypassed;
 "floor" copies the bytes the call must move once (every input it reads, forward and backward, and every output and
@@ -11,6 +12,10 @@ gradient it writes, float32) with one tensor copy_ of (read + written) / 2 bytes
 were bound by this thread's memory bandwidth alone (the ratio native / floor is how far they are from it).
 Gradients are set to None before each step, as optimizer.zero_grad() does (else every round would also time the
 accumulation into .grad: one more read-read-write pass over each input, not part of the call).
+The calls and kernels allocate their outputs (as they must: autograd keeps them); with glibc's default malloc a
+freed output is given back to the kernel, and the next call's first write to each of its pages is a page fault
+(--retain-freed-memory: mmm4rec_kernels.cpu.retain_freed_memory(), as `mmm4rec` training does; the floor allocates
+nothing).
 On a shared machine the speed of memory drifts between pytest-benchmark's cases (run one after the other); the
 script mode times native and floor in alternation, a block of calls each per round, and reports the median of the
 rounds' ratios with its quartiles.
@@ -167,10 +172,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--reps", type=int, default=20, help="calls per block")
+    ap.add_argument("--retain-freed-memory", action="store_true",
+                    help="glibc keeps freed memory for reuse (mmm4rec_kernels.cpu.retain_freed_memory)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if native.library() is None:
         raise SystemExit(native.status())
+    print("allocator:", native.retain_freed_memory() if args.retain_freed_memory else "glibc defaults")
     print("| case | native ms | floor ms | native / floor: median of rounds (q1-q3) |")
     print("|---|---|---|---|")
     for case, (nat, flo, med, q1, q3) in ratios(args.rounds, args.reps).items():

@@ -1,6 +1,7 @@
 """TimeAwareSSD vs nn.MultiheadAttention as the mixer of an SR model, on CPU: one layer call, equal d_model.
 
     python benchmarks/bench_layer_vs_attention.py                   # the table: (b, L) in {1, 8, 128} x {50, 200}
+    python benchmarks/bench_layer_vs_attention.py --retain-freed-memory     # glibc keeping freed memory (as training)
     python benchmarks/bench_layer_vs_attention.py --threads 2 --d-model 64 --profile 1,200
     pytest benchmarks/bench_layer_vs_attention.py --benchmark-only
 
@@ -140,8 +141,12 @@ def main():
     ap.add_argument("--modes", default="eval,train")
     ap.add_argument("--profile", default=None, metavar="B,L")
     ap.add_argument("--infer-crossover", action="store_true", help="inference path vs chunked at longer L")
+    ap.add_argument("--retain-freed-memory", action="store_true",
+                    help="glibc keeps freed memory for reuse, as `mmm4rec` training does (both models gain)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    import mmm4rec_kernels.cpu as native
+    allocator = native.retain_freed_memory() if a.retain_freed_memory else "glibc's default malloc"
     if a.infer_crossover:
         infer_crossover(a.d_model, a.reps)
         return
@@ -151,8 +156,7 @@ def main():
             print(f"## {mode}, b={b}, L={L}")
             profile(a.d_model, b, L, mode)
         return
-    import mmm4rec_kernels.cpu as native
-    print(f"# torch {torch.__version__}, {a.threads} thread(s), d_model {a.d_model}; {native.status()}")
+    print(f"# torch {torch.__version__}, {a.threads} thread(s), d_model {a.d_model}; {native.status()}; {allocator}")
     print("| mode | b | L | ours ms | attention ms | ours / attention |")
     print("|---|---|---|---|---|---|")
     for mode in a.modes.split(","):

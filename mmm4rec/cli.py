@@ -100,6 +100,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0 = auto: the cores not busy by the 1-minute load average, >= 1)")
+    p.add_argument("--free-memory", default="retain", choices=["retain", "release"],
+                   help="retain: glibc keeps freed CPU memory for the next step's tensors (no page faults on each "
+                        "step; resident memory stays at its peak; mmm4rec_kernels.cpu.retain_freed_memory); "
+                        "release: glibc's defaults")
     _common(p)
 
 
@@ -278,10 +282,15 @@ def choose_threads(requested: int = 0) -> "tuple[int, str]":
 
 
 def _set_threads(a) -> str:
+    """Sets torch's CPU threads and, unless --free-memory release, keeps freed CPU memory for reuse; says both."""
     import torch
     n, why = choose_threads(getattr(a, "threads", 0))
     torch.set_num_threads(n)
-    return f"{n} CPU thread{'s' if n > 1 else ''} ({why})"
+    said = f"{n} CPU thread{'s' if n > 1 else ''} ({why})"
+    if getattr(a, "free_memory", "release") == "retain":
+        from mmm4rec_kernels.cpu import retain_freed_memory
+        said += "; " + retain_freed_memory()
+    return said
 
 
 def _main_process() -> bool:

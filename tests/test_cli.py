@@ -2,6 +2,7 @@
 recommend -> export; bad input gives exit status 1 with one line."""
 import json
 import os
+import platform
 
 import numpy as np
 
@@ -85,6 +86,8 @@ def test_cli_demo_main_job(tmp_path, capsys, monkeypatch):
                  "--backend", "torch"]) == 0
     out = capsys.readouterr().out
     assert "[4/4] top-5 for user" in out and "popularity (exclude seen) test" in out and "preset cpu" in out
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":    # --free-memory retain (the default)
+        assert "freed CPU memory kept for reuse" in out
     for f in ("best/model.safetensors", "last/trainer.pt", "log.json", "summary.json", "convergence.png",
               "demo_metrics.json"):
         assert os.path.exists(os.path.join(r, f)), f

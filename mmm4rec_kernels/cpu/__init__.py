@@ -343,3 +343,6 @@ def norm_backward(dout, y, z, w, eps: float, group: int):
             w.data_ptr(), R, d, group, float(eps), None, R, dy.data_ptr(), None if dz is None else dz.data_ptr(), d,
             dw.data_ptr(), torch.get_num_threads())
     return dy, dz, dw
+
+
+from .memory import retain_freed_memory  # noqa: E402,F401  (process-wide allocator setting for training loops)
