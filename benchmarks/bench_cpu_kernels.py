@@ -28,6 +28,11 @@ import argparse
 import statistics
 import time
 
+try:
+    import resource                    # minor page faults (Unix)
+except ImportError:                    # pragma: no cover
+    resource = None
+
 import pytest
 import torch
 
@@ -146,25 +151,30 @@ def test_fwd_bwd(benchmark, impl, case):
 
 
 def ratios(rounds: int, reps: int = 20):
-    """{case: (native ms, floor ms, ratio median, ratio q1, ratio q3)}: per round, a block of `reps` calls of the
-    native step then of its floor (both warm); the ratio of the two block times."""
+    """{case: (native ms, floor ms, ratio median, ratio q1, ratio q3, native's minor page faults per call)}: per
+    round, a block of `reps` calls of the native step then of its floor (both warm); the ratio of the two block
+    times."""
     out = {}
     for case, (make, floor) in CASES.items():
         steps = {"native": make(), "floor": floor()}
         times = {k: [] for k in steps}
+        faults = 0
         for f in steps.values():
             for _ in range(3):
                 f()
         for _ in range(rounds):
             for k, f in steps.items():
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
                 t0 = time.perf_counter()
                 for _ in range(reps):
                     f()
                 times[k].append((time.perf_counter() - t0) / reps * 1e3)
+                if k == "native" and resource:
+                    faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         r = sorted(a / b for a, b in zip(times["native"], times["floor"]))
         q = statistics.quantiles(r, n=4)
         out[case] = (statistics.median(times["native"]), statistics.median(times["floor"]), statistics.median(r),
-                     q[0], q[2])
+                     q[0], q[2], faults / (rounds * reps))
     return out
 
 
@@ -179,10 +189,10 @@ def main():
     if native.library() is None:
         raise SystemExit(native.status())
     print("allocator:", native.retain_freed_memory() if args.retain_freed_memory else "glibc defaults")
-    print("| case | native ms | floor ms | native / floor: median of rounds (q1-q3) |")
-    print("|---|---|---|---|")
-    for case, (nat, flo, med, q1, q3) in ratios(args.rounds, args.reps).items():
-        print(f"| {case} | {nat:.2f} | {flo:.2f} | {med:.2f} ({q1:.2f}-{q3:.2f}) |", flush=True)
+    print("| case | native ms | floor ms | native / floor: median of rounds (q1-q3) | page faults per call |")
+    print("|---|---|---|---|---|")
+    for case, (nat, flo, med, q1, q3, flt) in ratios(args.rounds, args.reps).items():
+        print(f"| {case} | {nat:.2f} | {flo:.2f} | {med:.2f} ({q1:.2f}-{q3:.2f}) | {flt:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
