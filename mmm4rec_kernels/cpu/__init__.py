@@ -9,7 +9,8 @@ ctypes (no torch headers: the build takes a few seconds, once, and works with an
                          RMSNorm, forward and backward): modules/layer_cpu.py
     gated_rmsnorm.cpp    RMSNorm(y * SiLU(z)) * w over channel groups, forward and backward in one pass each
     thread_sums.h        per-thread partial sums reduced in a fixed order (weight gradients)
-    activations.h        overflow-free sigmoid / SiLU / softplus shared by the kernels
+    activations.h        overflow-free sigmoid / SiLU / softplus and the SSD's decay exp shared by the kernels
+    memory.py            retain_freed_memory(): glibc keeps freed memory for reuse (no page faults per training step)
 
 The library is built into MMM4REC_CACHE_DIR (default ~/.cache/mmm4rec_kernels; the temp dir if that is not
 writable), named by a hash of the source, the compiler, the flags and the CPU, with `-O3 -march=native`,

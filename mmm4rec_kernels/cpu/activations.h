@@ -158,8 +158,9 @@ inline typename lanes<T>::v exp_nonpositive(typename lanes<T>::v a) {
 #endif
 }
 
-// exp_nonpositive's result is exact for a > 0 too (a few ulp, inf past the overflow) where vscalef scales it
-// (AVX-512); the other builds' round-and-scale assumes a <= 0, so a positive a must be recomputed (std::exp)
+// exp_nonpositive is right for a > 0 too (a few ulp, inf past the overflow) where vscalef scales its result
+// (AVX-512); the other builds' round-and-scale assumes a <= 0 (its exponent wraps past ~177), so a positive a must be
+// recomputed (std::exp)
 #if defined(__AVX512F__)
 constexpr bool kExpAnySign = true;
 #else
@@ -186,7 +187,7 @@ inline bool any_positive(typename lanes<T>::v v) {
 // The SSD's decays e[j] = exp(s[j]) of segment sums, n values (a multiple of lanes<T>::n), inlined: 0 below
 // e^-60 (fp64: e^-600), far below the rounding of the terms they would join, while their products would be
 // denormals (~100x slower arithmetic); NaN stays NaN.  A positive s (never in the model: a = A delta <= 0, but the
-// scan kernels take any log-decay) is exact with AVX-512 and recomputed by std::exp elsewhere (kExpAnySign).
+// scan kernels take any log-decay) is right with AVX-512 and recomputed by std::exp elsewhere (kExpAnySign).
 template <typename T>
 inline void decay_exp(const T* s, int64_t n, T* e) {
     typedef typename lanes<T>::v V;

@@ -4,9 +4,9 @@ glibc's malloc returns large freed blocks to the kernel: a block above its mmap 
 up to 32 MiB as such blocks are freed) is unmapped on free, and free memory at the top of the heap beyond its trim
 threshold is released.  The next step's tensor of the same size then starts as fresh pages, and the first write to
 each 4 KiB page is a page fault (the kernel zeroes it).  A CPU training step allocates and frees its activations and
-gradients every time, so it pays this on each step: measured here (2-core box, benchmarks/bench_cpu_kernels.py,
-RESULTS.md), ~400-540 faults and up to ~1.9 ms per native TiSSD backward call at batch 256, L 20, and ~20-35% of
-a layer's whole training call at batch 8 (both for our layer and nn.MultiheadAttention).
+gradients every time, so it pays this on each step: measured on the project's 2-core box (benchmarks/RESULTS.md,
+"Kernels on CPU"), ~400-540 faults and ~1 ms per native TiSSD backward call at batch 256, L 20 (3.3 vs 2.3 ms), and
+~20-35% of a layer's training call at batch 8, L 200 (for our layer and nn.MultiheadAttention alike).
 
     from mmm4rec_kernels.cpu import retain_freed_memory
     retain_freed_memory()           # once, before training: what was set, in one line (also logged)
