@@ -7,6 +7,7 @@ preallocated it shows the kernels' own distance from it (bench_cpu_kernels.py's 
     python benchmarks/bench_native_ab.py --previous c037b3e
     python benchmarks/bench_native_ab.py --previous c037b3e --shapes 256,20,8,16,8,16 1,200,4,32,1,16 \
         --conv 256,20,384,4
+    python benchmarks/bench_native_ab.py --previous HEAD~1 --pairs 300     # single calls alternating: small changes
 
 A shape is b,L,H,P,G,n (lengths uniform in 1..L).  The scan's C entry points (mmm4rec_ssd_quadratic_fwd / _bwd) kept
 their signature since they were written; the conv's (mmm4rec_conv_fwd / _bwd) since 92c5b5f (older commits: pass
@@ -55,7 +56,11 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=SHAPES)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--conv", nargs="+", default=["256,20,384,4"], help="B,L,C,k shapes of the conv ('none': skip)")
+    ap.add_argument("--pairs", type=int, default=0, metavar="N",
+                    help="N single calls per entry, old and new alternating (medians of pair ratios; ignores --rounds)")
     args = ap.parse_args()
+    global PAIRS
+    PAIRS = args.pairs
     import mmm4rec_kernels.cpu as native
     torch.set_num_threads(1)
     new = native.library()
@@ -90,22 +95,33 @@ def main():
         med = {key: statistics.median(v) for key, v in t.items()}
         ratio = [statistics.median([nw / od for nw, od in zip(t["new", d], t["old", d])]) for d in (0, 1)]
         floor = statistics.median([(n0 + n1) / f for n0, n1, f in zip(t["new", 0], t["new", 1], t["floor", 0])])
+        floor = "–" if PAIRS else f"{floor:.2f}"     # a single cold copy is no floor: block mode only
         print(f"| {shape} | {med['new', 0]:.3f} / {med['old', 0]:.3f} | {med['new', 1]:.3f} / {med['old', 1]:.3f} | "
-              f"{ratio[0]:.2f} | {ratio[1]:.2f} | {floor:.2f} |", flush=True)
+              f"{ratio[0]:.2f} | {ratio[1]:.2f} | {floor} |", flush=True)
     if args.conv != ["none"]:
         conv_table(args, native, old)
 
 
+PAIRS = 0                               # --pairs N: N single calls per entry, alternating old / new (set in main)
+
+
 def alternate(calls, reps, rounds):
-    """{(name, i): [ms per call, one per round]}: every function of every entry timed in turn, each round"""
+    """{(name, i): [ms per call, one per round]}: every function of every entry timed in turn, each round.  With
+    --pairs N instead: N rounds of ONE call per entry (floor included), the order of old and new swapped every round,
+    so each new / old pair saw the same moment of the machine (steadier ratios on a box whose speed swings)."""
+    if PAIRS:
+        reps, rounds = 1, PAIRS
     t = {(k, d): [] for k, fns in calls.items() for d in range(len(fns))}
-    for _ in range(rounds):
-        for k, fns in calls.items():
+    for r in range(rounds):
+        order = list(calls.items())
+        if PAIRS and r % 2:
+            order.reverse()
+        for k, fns in order:
             for d, fn in enumerate(fns):
-                t0 = time.thread_time()
+                t0 = time.perf_counter() if PAIRS else time.thread_time()
                 for _ in range(reps):
                     fn()
-                t[k, d].append((time.thread_time() - t0) / reps * 1e3)
+                t[k, d].append(((time.perf_counter() if PAIRS else time.thread_time()) - t0) / reps * 1e3)
     return t
 
 
@@ -136,7 +152,8 @@ def conv_table(args, native, old):
         r = {(a, b_): statistics.median([p / q for p, q in zip(t[a, 0], t[b_, 0])])
              for a, b_ in (("new", "old"), ("new", "floor"), ("old", "floor"))}
         print(f"| {shape} | {statistics.median(t['new', 0]):.3f} / {statistics.median(t['old', 0]):.3f} | "
-              f"{r['new', 'old']:.2f} | {r['new', 'floor']:.2f} | {r['old', 'floor']:.2f} |", flush=True)
+              f"{r['new', 'old']:.2f} | "
+              + ("– | – |" if PAIRS else f"{r['new', 'floor']:.2f} | {r['old', 'floor']:.2f} |"), flush=True)
 
 
 if __name__ == "__main__":
