@@ -39,6 +39,7 @@ def test_retained_memory_is_reused_without_page_faults():
     default, _ = faults("default")
     kept, said = faults("retain")
     assert "kept for reuse" in said, said
-    assert default > 8000, default                  # 16384 pages of 4 KiB: glibc's default gives them back
-    assert kept < 500, kept
+    if default < 1000:                              # 16384 with 4 KiB pages; transparent huge pages fault per 2 MiB
+        pytest.skip(f"a fresh 64 MiB block took only {default} page faults here (huge pages?): nothing to compare")
+    assert kept < 500, (kept, default)
 
