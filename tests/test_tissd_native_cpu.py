@@ -216,8 +216,9 @@ def test_fp32_step_sizes_keep_fp32_accuracy(impl):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_rows_with_tiny_and_growing_decays(impl, dtype, L):
     """Rows (L 20: fp32's short path; L 63: the blocked path) where some heads' decays fall far below e^-60 (the
-    inlined vector exp gives 0 there) while one head's A is POSITIVE (never in the model: its decays exceed 1, the
-    std::exp fix-up): values and every gradient against the float64 recurrence."""
+    inlined vector exp gives 0 there) while one head's A is POSITIVE (never in the model: its decays exceed 1; right
+    from the AVX-512 exp, recomputed by std::exp on other builds): values and every gradient against the float64
+    recurrence."""
     name, calls = impl
     inp, lengths, mk = case(L, decay="strong", G=1, seed=5)
     inp["A"][0] = 0.02                                           # head 0 grows: exp(seg) > 1
@@ -239,8 +240,9 @@ def test_rows_with_tiny_and_growing_decays(impl, dtype, L):
 @pytest.mark.parametrize("L", [20, 48])
 def test_scan_kernel_row_with_tiny_and_positive_segments(native_cpu, L):
     """The scan kernel's own API takes any log-decay: rows (L 48: the blocked path; L 20: fp32's short path) whose
-    segment sums hold values far below e^-60 AND positive ones (alternating -40 / +1 steps) take the inlined exp with
-    its std::exp fix-up for the positive entries; float32 and float64 against the quadratic form in float64."""
+    segment sums hold values far below e^-60 AND positive ones (alternating -40 / +1 steps) take the inlined exp (the
+    positive entries recomputed by std::exp where it needs it, not with AVX-512); float32 and float64 against the
+    quadratic form in float64."""
     b, L, H, P, G, n = 2, L, 2, 16, 1, 16
     g = torch.Generator().manual_seed(3)
     x, B, C = (torch.randn(b, L, *s, generator=g, dtype=torch.float64) for s in ((H, P), (G, n), (G, n)))
