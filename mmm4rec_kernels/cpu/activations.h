@@ -112,10 +112,6 @@ inline typename lanes<T>::v exp_nonpositive(typename lanes<T>::v a) {
     const T ln2_hi = f32 ? T(0.693359375) : T(0.6931471806019545);
     const T ln2_lo = f32 ? T(-2.12194440e-4) : T(-4.2009150726810846e-11);
     const T log2e = T(1.4426950408889634);
-    const int degree = 13;                                   // (double)
-    T inv_fact[14];                                           // 1 / i!
-    inv_fact[0] = T(1);
-    for (int i = 1; i <= degree; ++i) inv_fact[i] = inv_fact[i - 1] / T(i);
     // r = (a - m ln2_hi) - m ln2_lo: the first difference is made opaque, or -fassociative-math would merge the two
     // products into a - m (ln2_hi + ln2_lo), whose rounded ln2 costs up to ~150 x 2e-9 relative (float)
     auto reduce = [&](V a, V mf) {
@@ -137,10 +133,15 @@ inline typename lanes<T>::v exp_nonpositive(typename lanes<T>::v a) {
             q = q * r + T(0.49999149520259234);
             q = q * r + T(0.9999997071784362);
             return q * r + T(1);
+        } else {                                              // sum_{i <= 13} r^i / i!
+            constexpr int degree = 13;
+            T inv_fact[degree + 1];                           // 1 / i!
+            inv_fact[0] = T(1);
+            for (int i = 1; i <= degree; ++i) inv_fact[i] = inv_fact[i - 1] / T(i);
+            V p = V{} + inv_fact[degree];
+            for (int i = degree - 1; i >= 0; --i) p = p * r + inv_fact[i];
+            return p;
         }
-        V p = V{} + inv_fact[degree];
-        for (int i = degree - 1; i >= 0; --i) p = p * r + inv_fact[i];
-        return p;
     };
 #if defined(__AVX512F__)
     const T lo = f32 ? T(-110) : T(-760);                    // 2^m exp(r) < 2^-160 / 2^-1090: rounds to 0

@@ -266,9 +266,7 @@ inline void decay_exp_row(const T* s, int64_t n, T* e) {
         std::memcpy(&v, s + j, sizeof v);
         bottom = v < bottom ? v : bottom;
     }
-    bool below = false;
-    for (int k = 0; k < W; ++k) below |= bottom[k] < lo;
-    if (!below) {                                         // every decay in range: libmvec's vector exp (its fast
+    if (!any_positive<T>(lo - bottom)) {                 // every decay in range: libmvec's vector exp (its fast
         for (int64_t j = 0; j < n; ++j) e[j] = std::exp(s[j]);   // path: no select for GCC to fold)
         return;
     }
