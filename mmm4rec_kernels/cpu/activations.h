@@ -95,7 +95,20 @@ struct lanes<double> {
     static constexpr int n = MMM4REC_VECTOR_BYTES / 8;
 };
 
-// exp(a) for a <= 0 or NaN (the sigmoid's exp(-|p|)), branch-free:
+// v as the compiler sees it afterwards: a value it cannot look into, so that -fassociative-math does not regroup
+// the products or sums it came from with those it goes into (no instruction)
+template <typename T>
+inline void opaque(typename lanes<T>::v& v) {
+#if defined(__AVX512F__)
+    __asm__("" : "+v"(v));
+#elif defined(__x86_64__) || defined(__i386__)
+    __asm__("" : "+x"(v));
+#else
+    __asm__("" : "+m"(v));
+#endif
+}
+
+// exp(a) for a <= 0 or NaN (any a with AVX-512: kExpAnySign below), branch-free:
 //   a = m ln2 + r with m = round(a / ln2), |r| <= ln2 / 2: r = (a - m ln2_hi) - m ln2_lo, where ln2_hi has few
 //   bits (m ln2_hi and the first difference are exact) and ln2_lo = ln2 - ln2_hi;
 //   exp(r): float 1 + r q(r), q of degree 4 fitted for the least relative error (9e-8, 1.7e-7 evaluated in fp32;
@@ -116,13 +129,7 @@ inline typename lanes<T>::v exp_nonpositive(typename lanes<T>::v a) {
     // products into a - m (ln2_hi + ln2_lo), whose rounded ln2 costs up to ~150 x 2e-9 relative (float)
     auto reduce = [&](V a, V mf) {
         V r = a - mf * ln2_hi;
-#if defined(__AVX512F__)
-        __asm__("" : "+v"(r));
-#elif defined(__x86_64__) || defined(__i386__)
-        __asm__("" : "+x"(r));
-#else
-        __asm__("" : "+m"(r));
-#endif
+        opaque<T>(r);
         return r - mf * ln2_lo;
     };
     auto exp_r = [&](V r) {                                   // exp(r), |r| <= ln2 / 2
@@ -217,10 +224,10 @@ inline void decay_exp(const T* s, int64_t n, T* e) {
             if (s[j] > T(0)) e[j] = std::exp(s[j]);
 }
 
-// 1 / d for d in [1, 2] or NaN (the sigmoid's 1 / (1 + e)): fp32 with AVX-512, the 14-bit estimate and one Newton
-// step r (2 - d r) (relative error ~2^-28 before rounding); otherwise a division
+// 1 / d for d >= 1 (finite) or NaN (the sigmoid's 1 / (1 + e)): fp32 with AVX-512, the 14-bit estimate and one
+// Newton step r (2 - d r) (relative error ~2^-28 before rounding); otherwise a division
 template <typename T>
-inline typename lanes<T>::v recip_1_2(typename lanes<T>::v d) {
+inline typename lanes<T>::v recip_pos(typename lanes<T>::v d) {
 #if defined(__AVX512F__)
     if constexpr (sizeof(T) == 4) {
         const typename lanes<T>::v r = (typename lanes<T>::v)_mm512_maskz_rcp14_ps(__mmask16(0xffff), (__m512)d);
@@ -230,16 +237,30 @@ inline typename lanes<T>::v recip_1_2(typename lanes<T>::v d) {
     return T(1) / d;
 }
 
-// sigmoid_pair above, on W lanes
+// sigmoid_pair above, on W lanes.  Where the exp takes either sign (AVX-512: kExpAnySign), with e = exp(p), p
+// clamped at 87 (fp64: 700) so that 1 + e stays finite: s = e / (1 + e), c = 1 / (1 + e), right at any p without
+// choosing by its sign (for p < 0, e and s fall into the subnormal range as torch's do); past the clamp s = 1 and c
+// is set to 0 (its true value is below the smallest normal; and SiLU'(+inf) = 1 + inf * 0 = NaN, as torch gives);
+// NaN propagates through p in every use.  Else e = exp(-|p|) in (0, 1] and the pair chosen by the sign of p.
 template <typename T>
 inline void sigmoid_pair_v(typename lanes<T>::v p, typename lanes<T>::v& s, typename lanes<T>::v& c) {
     typedef typename lanes<T>::v V;
-    const V e = exp_nonpositive<T>(p < T(0) ? p : -p);      // exp(-|p|); NaN stays NaN
-    const V r = recip_1_2<T>(T(1) + e);
-    const V er = e * r;
-    const auto pos = p >= T(0);
-    s = pos ? r : er;
-    c = pos ? er : r;
+    if constexpr (kExpAnySign) {
+        const T hi = sizeof(T) == 4 ? T(87) : T(700);
+        const auto inside = p < hi;                             // false past hi and for NaN
+        const V e = exp_nonpositive<T>(inside ? p : V{} + hi);
+        const V r = recip_pos<T>(T(1) + e);
+        s = e * r;
+        opaque<T>(s);                                           // p s must not become (p e) r: p e overflows
+        c = inside ? r : V{};
+    } else {
+        const V e = exp_nonpositive<T>(p < T(0) ? p : -p);      // exp(-|p|); NaN stays NaN
+        const V r = recip_pos<T>(T(1) + e);
+        const V er = e * r;
+        const auto pos = p >= T(0);
+        s = pos ? r : er;
+        c = pos ? er : r;
+    }
 }
 
 template <typename T>

@@ -8,9 +8,9 @@
 //   dw[c, j]    = sum_{b,t} g[b, t, c] * x[b, t - (k-1) + j, c],   dbias[c] = sum_{b,t} g[b, t, c]
 // Every row is one pass over its channels in blocks of W (one 64-byte vector: 16 floats / 8 doubles; the last block
 // of a row may be partial), rows in order, so x, gy, y and dx stream through memory once; the SiLU's exp is inlined
-// (activations.h: exp_nonpositive).  The backward keeps one sequence's rows of x and g in a per-thread buffer (L1 /
-// L2): dx of row t - (k-1) is written as soon as g of row t is known, and dw / dbias are then summed from the
-// buffer 8 channels at a time down the rows with their sums in registers.  Rows are addressed with a row stride
+// (activations.h: exp_nonpositive).  The backward keeps one sequence's rows of g in a per-thread buffer (L1 / L2):
+// dx of row t - (k-1) is written as soon as g of row t is known, and dw / dbias are then summed from the buffer and
+// the sequence's rows of x (just read: in cache) 16 channels at a time down the rows with their sums in registers.  Rows are addressed with a row stride
 // (elements between (b, t) and (b, t+1)), so a channel slice of a wider tensor needs no copy; channels are
 // contiguous.  Parallel over the batch with OpenMP when built with it; dw / dbias are summed per thread in double
 // (exact products of T) and the threads' sums added in a fixed order at the end, so results do not depend on the
@@ -177,28 +177,42 @@ std::vector<GySource<T>> gy_sources(int npieces, const int64_t* pieces, int64_t 
     return out;
 }
 
-// dw_j += sum_t g_t x_{t-(k-1)+j}, dbias += sum_t g_t over one sequence, from its rows of g and x (gb, xb: L rows
-// of Cp channels): exact products of T in double, 16 channels at a time down the rows with the k + 1 sums and
-// the window of x rows (each converted once) in registers; the sums are added to this thread's dwt [k, Cp], dbt [Cp]
-template <typename T, int K>
-inline void dw_sequence(const T* gb, const T* xb, int64_t L, int64_t k, int64_t Cp, double* dwt, double* dbt,
-                        d8* any_k) {
+// 8 values of T as 8 doubles (exact): with AVX-512 one vcvtps2pd from memory (GCC's generic conversion splits it
+// into halves and reinserts them: 4 instructions)
+template <typename T>
+inline d8 load8_double(const T* q) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4) return (d8)_mm512_cvtps_pd(_mm256_loadu_ps(q));
+#endif
     typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
+    t8 v;
+    std::memcpy(&v, q, sizeof v);
+    return __builtin_convertvector(v, d8);
+}
+
+// dw_j += sum_t g_t x_{t-(k-1)+j}, dbias += sum_t g_t over one sequence, from its rows of g (gb: L rows of Cp
+// channels) and of x (xs: L rows of row stride sx, channels c < C; the channels C..Cp of the last group read as 0):
+// exact products of T in double, 16 channels at a time down the rows with the k + 1 sums and the window of x rows
+// (each converted once) in registers; the sums are added to this thread's dwt [k, Cp], dbt [Cp]
+template <typename T, int K>
+inline void dw_sequence(const T* gb, const T* xs, int64_t sx, int64_t L, int64_t k, int64_t C, int64_t Cp,
+                        double* dwt, double* dbt, d8* any_k) {
     const int64_t kk = K ? K : k;
-    auto load8 = [](const T* q) {
-        t8 v;
-        std::memcpy(&v, q, sizeof v);
-        return __builtin_convertvector(v, d8);
-    };
     auto add8 = [](double* q, d8 v) {
         d8 sum;
         std::memcpy(&sum, q, sizeof sum);
         sum += v;
         std::memcpy(q, &sum, sizeof sum);
     };
+    auto load8_x = [&](const T* q, int64_t c0, auto full) {     // x's channels c0 .. c0 + 7, those >= C as 0
+        if (full) return load8_double(q);
+        d8 v = d8{};
+        for (int64_t e = 0; e < 8 && c0 + e < C; ++e) v[e] = double(q[e]);
+        return v;
+    };
     // G groups of 8 channels at once: 2 (k + 1) independent sums per row (one group's k + 1 would wait on the
     // latency of the previous row's adds)
-    auto groups = [&](int64_t c0, auto G) {
+    auto groups = [&](int64_t c0, auto G, auto full) {          // full: the G groups' channels are all < C
         d8 fixed[G ? G : 1][K ? 2 * K : 1];
         d8* xd[G];                                     // xd[h][j] = x row t - (k-1) + j (0 before row 0)
         d8* acc[G];
@@ -212,8 +226,8 @@ inline void dw_sequence(const T* gb, const T* xb, int64_t L, int64_t k, int64_t 
         for (int64_t t = 0; t < L; ++t)
             for (int h = 0; h < G; ++h) {
                 for (int64_t j = 0; j + 1 < kk; ++j) xd[h][j] = xd[h][j + 1];
-                xd[h][kk - 1] = load8(xb + t * Cp + c0 + 8 * h);
-                const d8 g = load8(gb + t * Cp + c0 + 8 * h);
+                xd[h][kk - 1] = load8_x(xs + t * sx + c0 + 8 * h, c0 + 8 * h, full);
+                const d8 g = load8_double(gb + t * Cp + c0 + 8 * h);
                 for (int64_t j = 0; j < kk; ++j) acc[h][j] += g * xd[h][j];
                 db[h] += g;
             }
@@ -223,8 +237,14 @@ inline void dw_sequence(const T* gb, const T* xb, int64_t L, int64_t k, int64_t 
         }
     };
     int64_t c0 = 0;
-    for (; c0 + 16 <= Cp; c0 += 16) groups(c0, std::integral_constant<int, 2>());
-    if (c0 < Cp) groups(c0, std::integral_constant<int, 1>());
+    using two = std::integral_constant<int, 2>;
+    using one = std::integral_constant<int, 1>;
+    for (; c0 + 16 <= C; c0 += 16) groups(c0, two(), std::true_type());
+    if (c0 + 16 <= Cp) {
+        groups(c0, two(), std::false_type());
+        c0 += 16;
+    }
+    if (c0 < Cp) groups(c0, one(), std::false_type());
 }
 
 template <typename T, int K, bool SILU>
@@ -241,8 +261,9 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t 
         double* dwt = dw_acc.data() + size_t(tid * kk * Cp);
         double* dbt = db_acc.data() + size_t(tid * Cp);
         std::vector<d8> any_k(K ? 0 : 4 * kk);
-        std::vector<T> gb(size_t(L * Cp)), xb(size_t(L * Cp));    // the sequence's rows of g and x (padding: 0)
+        std::vector<T> gb(size_t(L * Cp));                // the sequence's rows of g (padding lanes: 0)
         std::vector<const T*> rows(static_cast<size_t>(kk));
+        std::vector<const T*> gy_row(gys.size());         // a whole block's gy at the current row (b, t)
         // dx_s = sum_j w_j g_{s+(k-1)-j} over the rows of g in gb (rows >= L: 0)
         auto dx_row = [&](int64_t b, int64_t s) {
             for (int64_t j = 0; j < kk; ++j) {
@@ -258,20 +279,21 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t 
         };
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) {
+            const T* xs = x + b * sxb;                    // the sequence's rows of x (row stride sx)
+            for (size_t i = 0; i < gys.size(); ++i)
+                gy_row[i] = gys[i].whole && gys[i].base ? gys[i].base + b * gys[i].sb : nullptr;
             for (int64_t t = 0; t < L; ++t) {
-                // x row t into xb, and g_t = gy_t * SiLU'(pre_t) (an unused piece: 0 * SiLU', NaN stays NaN) into gb
-                const T* xt = x + b * sxb + t * sx;
-                T* xbt = xb.data() + t * Cp;
+                // g_t = gy_t * SiLU'(pre_t) (an unused piece: 0 * SiLU', NaN stays NaN) into gb
                 T* gbt = gb.data() + t * Cp;
-                tap_rows<T, K>(xb.data(), Cp, t, k, zeros.data(), rows.data());
+                tap_rows<T, K>(xs, sx, t, k, zeros.data(), rows.data());
                 for_blocks<T>(C, [&](int64_t c0, auto n) {
-                    const vec<T> xv = load(xt + c0, n);
-                    std::memcpy(xbt + c0, &xv, sizeof xv);
-                    vec<T> g = gys[size_t(c0 / W)].row(b, t, n);
+                    const size_t i = size_t(c0 / W);
+                    vec<T> g = gy_row[i] ? load(gy_row[i] + t * gys[i].st, n)
+                                         : gys[i].whole ? vec<T>{} : gys[i].row(b, t, n);
                     if (SILU) {
-                        vec<T> pre = load(tp.bias.data() + c0) + load(tp.wt.data() + (kk - 1) * Cp + c0) * xv;
-                        for (int64_t j = 0; j + 1 < kk; ++j)
-                            pre += load(tp.wt.data() + j * Cp + c0) * load(rows[size_t(j)] + c0);
+                        vec<T> pre = load(tp.bias.data() + c0);
+                        for (int64_t j = 0; j < kk; ++j)
+                            pre += load(tp.wt.data() + j * Cp + c0) * load(rows[size_t(j)] + c0, n);
                         g *= silu_grad_v<T>(pre);
                     }
                     std::memcpy(gbt + c0, &g, sizeof g);
@@ -279,7 +301,7 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t 
                 if (t >= kk - 1) dx_row(b, t - (kk - 1));
             }
             for (int64_t s = std::max<int64_t>(0, L - (kk - 1)); s < L; ++s) dx_row(b, s);
-            dw_sequence<T, K>(gb.data(), xb.data(), L, k, Cp, dwt, dbt, any_k.data());
+            dw_sequence<T, K>(gb.data(), xs, sx, L, k, C, Cp, dwt, dbt, any_k.data());
         }
     }
     // dw [C, k], dbias [C]: the threads' sums added in thread order
