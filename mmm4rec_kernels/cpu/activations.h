@@ -108,6 +108,27 @@ inline void opaque(typename lanes<T>::v& v) {
 #endif
 }
 
+// a < b ? a : b and a > b ? a : b, lane by lane: x86's vminps / vmaxps exactly (b where either is NaN), one
+// instruction; GCC writes the selects as a compare and a blend (two)
+template <typename T>
+inline typename lanes<T>::v min_or_second(typename lanes<T>::v a, typename lanes<T>::v b) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4) return (typename lanes<T>::v)_mm512_min_ps((__m512)a, (__m512)b);
+    else return (typename lanes<T>::v)_mm512_min_pd((__m512d)a, (__m512d)b);
+#else
+    return a < b ? a : b;
+#endif
+}
+template <typename T>
+inline typename lanes<T>::v max_or_second(typename lanes<T>::v a, typename lanes<T>::v b) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4) return (typename lanes<T>::v)_mm512_max_ps((__m512)a, (__m512)b);
+    else return (typename lanes<T>::v)_mm512_max_pd((__m512d)a, (__m512d)b);
+#else
+    return a > b ? a : b;
+#endif
+}
+
 // exp(a) for a <= 0 or NaN (any a with AVX-512: kExpAnySign below), branch-free:
 //   a = m ln2 + r with m = round(a / ln2), |r| <= ln2 / 2: r = (a - m ln2_hi) - m ln2_lo, where ln2_hi has few
 //   bits (m ln2_hi and the first difference are exact) and ln2_lo = ln2 - ln2_hi;
@@ -117,8 +138,9 @@ inline void opaque(typename lanes<T>::v& v) {
 //   times 2^m: with AVX-512 by vscalef (one rounding, into the subnormal range too; a is first clamped at lo, where
 //   2^m exp(r) rounds to exactly 0), otherwise as 2^(m/2) 2^(m - m/2), two normal powers of two built from their
 //   bits, so that results in the subnormal range are rounded once (and a < lo selects 0).
-// exp(-inf) = 0, exp(NaN) = NaN.
-template <typename T>
+// exp(-inf) = 0, exp(NaN) = NaN.  ClampLow false (AVX-512 only): no clamp at lo, for callers that replace every
+// lane below lo themselves (the lanes below lo, -inf included, are then garbage).
+template <typename T, bool ClampLow = true>
 inline typename lanes<T>::v exp_nonpositive(typename lanes<T>::v a) {
     typedef typename lanes<T>::v V;
     constexpr bool f32 = sizeof(T) == 4;
@@ -152,7 +174,7 @@ inline typename lanes<T>::v exp_nonpositive(typename lanes<T>::v a) {
     };
 #if defined(__AVX512F__)
     const T lo = f32 ? T(-110) : T(-760);                    // 2^m exp(r) < 2^-160 / 2^-1090: rounds to 0
-    const V ac = a < lo ? V{} + lo : a;                       // (NaN stays)
+    const V ac = ClampLow ? max_or_second<T>(V{} + lo, a) : a;     // lo > a ? lo : a (NaN stays)
     if constexpr (f32) {
         const V mf = (V)_mm512_roundscale_ps((__m512)(ac * log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         return (V)_mm512_scalef_ps((__m512)exp_r(reduce(ac, mf)), (__m512)mf);
@@ -214,7 +236,7 @@ inline void decay_exp(const T* s, int64_t n, T* e) {
     for (int64_t j = 0; j < n; j += W) {
         V v;
         std::memcpy(&v, s + j, sizeof v);
-        V r = exp_nonpositive<T>(v);
+        V r = exp_nonpositive<T, false>(v);                   // (the lanes below lo: 0 just below)
         r = v < lo ? V{} : r;
         std::memcpy(e + j, &r, sizeof r);
         if (!kExpAnySign) positive |= any_positive<T>(v);
@@ -247,12 +269,11 @@ inline void sigmoid_pair_v(typename lanes<T>::v p, typename lanes<T>::v& s, type
     typedef typename lanes<T>::v V;
     if constexpr (kExpAnySign) {
         const T hi = sizeof(T) == 4 ? T(87) : T(700);
-        const auto inside = p < hi;                             // false past hi and for NaN
-        const V e = exp_nonpositive<T>(inside ? p : V{} + hi);
+        const V e = exp_nonpositive<T>(min_or_second<T>(p, V{} + hi));     // (hi for NaN)
         const V r = recip_pos<T>(T(1) + e);
         s = e * r;
         opaque<T>(s);                                           // p s must not become (p e) r: p e overflows
-        c = inside ? r : V{};
+        c = p < hi ? r : V{};                                   // (dropped where c is not used: SiLU itself)
     } else {
         const V e = exp_nonpositive<T>(p < T(0) ? p : -p);      // exp(-|p|); NaN stays NaN
         const V r = recip_pos<T>(T(1) + e);

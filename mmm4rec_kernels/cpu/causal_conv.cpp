@@ -116,8 +116,10 @@ void forward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, T* y, int
                 T* yr = y + (b * L + t) * C;
                 for_blocks<T>(C, [&](int64_t c0, auto n) {
                     vec<T> pre = load(tp.bias.data() + c0);
-                    for (int64_t j = 0; j < kk; ++j)
+                    for (int64_t j = 0; j < kk; ++j) {
                         pre += load(tp.wt.data() + j * tp.Cp + c0) * load(rows[size_t(j)] + c0, n);
+                        opaque<T>(pre);                    // one FMA per tap (no regrouping into a mul and an add)
+                    }
                     store(yr + c0, SILU ? silu_of_v<T>(pre) : pre, n);
                 });
             }
@@ -273,7 +275,10 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t 
             T* dxr = dx + (b * L + s) * sdx;
             for_blocks<T>(C, [&](int64_t c0, auto n) {
                 vec<T> d = load(tp.wt.data() + c0) * load(rows[0] + c0);
-                for (int64_t j = 1; j < kk; ++j) d += load(tp.wt.data() + j * Cp + c0) * load(rows[size_t(j)] + c0);
+                for (int64_t j = 1; j < kk; ++j) {
+                    opaque<T>(d);
+                    d += load(tp.wt.data() + j * Cp + c0) * load(rows[size_t(j)] + c0);
+                }
                 store(dxr + c0, d, n);
             });
         };
@@ -292,8 +297,10 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t 
                                          : gys[i].whole ? vec<T>{} : gys[i].row(b, t, n);
                     if (SILU) {
                         vec<T> pre = load(tp.bias.data() + c0);
-                        for (int64_t j = 0; j < kk; ++j)
+                        for (int64_t j = 0; j < kk; ++j) {
                             pre += load(tp.wt.data() + j * Cp + c0) * load(rows[size_t(j)] + c0, n);
+                            opaque<T>(pre);
+                        }
                         g *= silu_grad_v<T>(pre);
                     }
                     std::memcpy(gbt + c0, &g, sizeof g);
