@@ -10,11 +10,11 @@
 // of a row may be partial), rows in order, so x, gy, y and dx stream through memory once; the SiLU's exp is inlined
 // (activations.h: exp_nonpositive).  The backward keeps one sequence's rows of g in a per-thread buffer (L1 / L2):
 // dx of row t - (k-1) is written as soon as g of row t is known, and dw / dbias are then summed from the buffer and
-// the sequence's rows of x (just read: in cache) 16 channels at a time down the rows with their sums in registers.  Rows are addressed with a row stride
-// (elements between (b, t) and (b, t+1)), so a channel slice of a wider tensor needs no copy; channels are
-// contiguous.  Parallel over the batch with OpenMP when built with it; dw / dbias are summed per thread in double
-// (exact products of T) and the threads' sums added in a fixed order at the end, so results do not depend on the
-// threads' timing.
+// the sequence's rows of x (just read: in cache) 16 channels at a time down the rows with their sums in registers.
+// Rows are addressed with a row stride (elements between (b, t) and (b, t+1)), so a channel slice of a wider tensor
+// needs no copy; channels are contiguous.  Parallel over the batch with OpenMP when built with it; dw / dbias are
+// summed per thread in double (exact products of T) and the threads' sums added in a fixed order at the end, so
+// results do not depend on the threads' timing.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
