@@ -69,9 +69,10 @@ inline void store(T* p, vec<T> v, int n) {
 // non-temporal store does not read the line before writing it (a plain store to memory not in cache reads it
 // first: one more pass over the output), and an output this large would not stay in L2 for its reader anyway.
 // Measured at the hidden-64 training shape (b 256, L 20, 384 channels: 7.9 MB): the kernels 0.90x with their
-// outputs preallocated (benchmarks/bench_native_ab.py), the whole training step 0.86x-1.08x in five runs, median
-// 0.93x (benchmarks/bench_train_step.py; the machine's neighbours swung it).  Smaller outputs (a small batch: its
-// reader takes them from cache) are stored as usual.
+// outputs preallocated (benchmarks/bench_native_ab.py), the conv call's time over the kernels' 1.07-1.10x (was
+// 1.15x); the whole training step: no change measurable on a shared machine (six runs 0.86x-1.08x, median 0.98x,
+// benchmarks/bench_train_step.py).  Smaller outputs (a small batch: its reader takes them from cache) are stored
+// as usual.
 constexpr int64_t kStreamBytes = int64_t(1) << 20;
 
 // a whole block stored past the caches where `stream`, AVX-512 and the address (64-byte aligned) allow; else
