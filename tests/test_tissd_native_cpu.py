@@ -107,6 +107,42 @@ def test_short_and_long_sequences_in_one_batch(impl, H, G, P, n, dtype):
     assert len(calls) == (0 if name == "einsum" else 1)
 
 
+@pytest.mark.parametrize("dtype,P", [(torch.float32, 16), (torch.float64, 8)])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_outputs_of_a_megabyte_or_more(impl, dtype, P, nthreads):
+    """y and dx of at least 1 MB: the short path writes their rows (one 64-byte line per step and head: P = 16
+    floats / 8 doubles) and the padded rows' zeros with non-temporal stores (tissd_quadratic.cpp: kStreamBytes).  y
+    and every gradient against the float64 recurrence, padded rows exactly 0, 1 and 2 threads."""
+    name, calls = impl
+    if name == "einsum":
+        pytest.skip("the native kernel's stores")
+    b, L, H, G, n = 136, 20, 8, 4, 16
+    assert b * L * H * P * torch.tensor([], dtype=dtype).element_size() >= 1 << 20
+    inp, lengths, mk = case(L, b=b, H=H, P=P, G=G, n=n, seed=7)
+    D = mk(H)
+    order = ("x", "dt", "A", "B", "C", "E")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(nthreads)
+        leaves = [inp[k].to(dtype).requires_grad_() for k in order] + [D.to(dtype).requires_grad_()]
+        y = torch_backend.tissd_torch(*leaves[:5], time_scale=leaves[5], D=leaves[6], lengths=lengths,
+                                      path="quadratic")
+        cot = mk(*y.shape)
+        grads = torch.autograd.grad(y, leaves, cot.to(dtype))
+    finally:
+        torch.set_num_threads(threads)
+    ref_leaves = [inp[k].clone().requires_grad_() for k in order] + [D.clone().requires_grad_()]
+    ref = reference.tissd_recurrent_ref(*ref_leaves[:5], time_scale=ref_leaves[5], D=ref_leaves[6], lengths=lengths)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, cot)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    pad = torch.arange(L)[None, :] >= lengths[:, None]
+    assert pad.any() and (y[pad] == 0).all() and (grads[0][pad] == 0).all()
+    assert rel(y, ref) < tol
+    for k, a, r in zip(order + ("D",), grads, ref_grads):
+        assert rel(a, r) < tol, (k, rel(a, r))
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("gap", [1e4, 1e9])
 def test_fp32_huge_time_gap(impl, gap):
     inp, lengths, mk = case(20, gap=gap, seed=3)
