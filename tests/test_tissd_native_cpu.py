@@ -110,9 +110,10 @@ def test_short_and_long_sequences_in_one_batch(impl, H, G, P, n, dtype):
 @pytest.mark.parametrize("dtype,P", [(torch.float32, 16), (torch.float64, 8)])
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_outputs_of_a_megabyte_or_more(impl, dtype, P, nthreads):
-    """y and dx of at least 1 MB: the short path writes their rows (one 64-byte line per step and head: P = 16
-    floats / 8 doubles) and the padded rows' zeros with non-temporal stores (tissd_quadratic.cpp: kStreamBytes).  y
-    and every gradient against the float64 recurrence, padded rows exactly 0, 1 and 2 threads."""
+    """y and dx of at least 1 MB: the fp32 short path writes their rows (one 64-byte line per step and head: P = 16
+    floats) and the padded rows' zeros with non-temporal stores (activations.h: kStreamBytes); fp64 (no short path:
+    plain stores) is the control.  y and every gradient against the float64 recurrence, padded rows exactly 0, 1 and
+    2 threads."""
     name, calls = impl
     if name == "einsum":
         pytest.skip("the native kernel's stores")

@@ -108,24 +108,51 @@ inline void opaque(typename lanes<T>::v& v) {
 #endif
 }
 
-// a < b ? a : b and a > b ? a : b, lane by lane: x86's vminps / vmaxps exactly (b where either is NaN), one
+// Max ? (a > b ? a : b) : (a < b ? a : b), lane by lane: x86's vmaxps / vminps exactly (b where either is NaN), one
 // instruction; GCC writes the selects as a compare and a blend (two)
-template <typename T>
-inline typename lanes<T>::v min_or_second(typename lanes<T>::v a, typename lanes<T>::v b) {
+template <typename T, bool Max>
+inline typename lanes<T>::v pick_or_second(typename lanes<T>::v a, typename lanes<T>::v b) {
 #if defined(__AVX512F__)
-    if constexpr (sizeof(T) == 4) return (typename lanes<T>::v)_mm512_min_ps((__m512)a, (__m512)b);
-    else return (typename lanes<T>::v)_mm512_min_pd((__m512d)a, (__m512d)b);
+    if constexpr (sizeof(T) == 4)
+        return (typename lanes<T>::v)(Max ? _mm512_max_ps((__m512)a, (__m512)b) : _mm512_min_ps((__m512)a, (__m512)b));
+    else
+        return (typename lanes<T>::v)(Max ? _mm512_max_pd((__m512d)a, (__m512d)b)
+                                          : _mm512_min_pd((__m512d)a, (__m512d)b));
 #else
-    return a < b ? a : b;
+    return Max ? (a > b ? a : b) : (a < b ? a : b);
 #endif
 }
 template <typename T>
+inline typename lanes<T>::v min_or_second(typename lanes<T>::v a, typename lanes<T>::v b) {
+    return pick_or_second<T, false>(a, b);
+}
+template <typename T>
 inline typename lanes<T>::v max_or_second(typename lanes<T>::v a, typename lanes<T>::v b) {
+    return pick_or_second<T, true>(a, b);
+}
+
+// Outputs of at least kStreamBytes are written by the kernels past the caches where they can (a non-temporal store:
+// the line is not read before it is written, as a plain store to memory not in cache does; an output this large
+// would not stay in L2 for its reader anyway; smaller ones, a small batch's, are stored as usual):
+// store_past_caches(p, v) for one 64-byte vector v at a 64-byte aligned p with AVX-512 (else a plain store), and
+// stream_fence() once at the end of each thread's stores.
+constexpr int64_t kStreamBytes = int64_t(1) << 20;
+
+template <typename V>
+inline void store_past_caches(void* p, V v) {
 #if defined(__AVX512F__)
-    if constexpr (sizeof(T) == 4) return (typename lanes<T>::v)_mm512_max_ps((__m512)a, (__m512)b);
-    else return (typename lanes<T>::v)_mm512_max_pd((__m512d)a, (__m512d)b);
-#else
-    return a > b ? a : b;
+    if constexpr (sizeof(V) == 64)
+        if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+            _mm512_stream_si512(reinterpret_cast<__m512i*>(p), (__m512i)v);
+            return;
+        }
+#endif
+    std::memcpy(p, &v, sizeof v);
+}
+
+inline void stream_fence() {
+#if defined(__AVX512F__)
+    _mm_sfence();
 #endif
 }
 

@@ -65,37 +65,21 @@ inline void store(T* p, vec<T> v, int n) {
     for (int e = 0; e < n; ++e) p[e] = v[e];
 }
 
-// Outputs of at least kStreamBytes (y of the forward, dx of the backward) are written past the caches: a
-// non-temporal store does not read the line before writing it (a plain store to memory not in cache reads it
-// first: one more pass over the output), and an output this large would not stay in L2 for its reader anyway.
-// Measured at the hidden-64 training shape (b 256, L 20, 384 channels: 7.9 MB): the kernels 0.90x with their
-// outputs preallocated (benchmarks/bench_native_ab.py), the conv call's time over the kernels' 1.07-1.10x (was
-// 1.15x); the whole training step: no change measurable on a shared machine (six runs 0.86x-1.08x, median 0.98x,
-// benchmarks/bench_train_step.py).  Smaller outputs (a small batch: its reader takes them from cache) are stored
-// as usual.
-constexpr int64_t kStreamBytes = int64_t(1) << 20;
-
-// a whole block stored past the caches where `stream`, AVX-512 and the address (64-byte aligned) allow; else
-// store().  A kernel that streams ends with stream_fence().
+// y of the forward and dx of the backward go past the caches from kStreamBytes on (activations.h).  Measured at the
+// hidden-64 training shape (b 256, L 20, 384 channels: 7.9 MB): the kernels 0.90x with their outputs preallocated
+// (benchmarks/bench_native_ab.py), the conv call's time over the kernels' 1.07-1.10x (was 1.15x); the whole
+// training step: no change measurable on a shared machine (six runs 0.86x-1.08x, median 0.98x; 15 rounds 0.96x,
+// benchmarks/bench_train_step.py).
 template <typename T>
 inline void store_stream(T* p, vec<T> v, Whole<T> w, bool stream) {
-#if defined(__AVX512F__)
-    if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
-        if constexpr (sizeof(T) == 4) _mm512_stream_ps(reinterpret_cast<float*>(p), (__m512)v);
-        else _mm512_stream_pd(reinterpret_cast<double*>(p), (__m512d)v);
-        return;
-    }
-#endif
-    store(p, v, w);
+    if (stream)
+        store_past_caches(p, v);
+    else
+        store(p, v, w);
 }
 template <typename T>
 inline void store_stream(T* p, vec<T> v, int n, bool) {
     store(p, v, n);
-}
-inline void stream_fence() {
-#if defined(__AVX512F__)
-    _mm_sfence();
-#endif
 }
 
 // f(c0, n) for the blocks of a row of C channels: the whole ones, then the partial one (if any)

@@ -66,44 +66,22 @@ struct Simd {
     static void store(T* p, v r) { std::memcpy(p, &r, sizeof r); }
 };
 
-// Outputs of at least kStreamBytes (y of the forward, dx of the backward) are written by the short path past the
-// caches: one 64-byte row of P = 16 floats (8 doubles) per (step, head), a whole cache line, stored non-temporally
-// (no read of the line before it is written), and the padded rows' zeros likewise; the next sequence's rows are then
-// not prefetched for writing.  Smaller outputs (a small batch: its reader takes them from cache) are stored as usual.
-// Measured at b 256, L 20, H 8, P 16 (y 2.6 MB; outputs preallocated, benchmarks/bench_native_ab.py --pairs 300, two
-// runs): forward 0.92x, 0.91x, backward 0.94x, 0.95x; b 1, L 200 (not streamed) 1.00x.
-constexpr int64_t kStreamBytes = int64_t(1) << 20;
+// y of the forward and dx of the backward from kStreamBytes on (activations.h): the short path (fp32) writes their
+// rows (with P = 16, one 64-byte row per step and head: a whole cache line) and the padded rows' zeros past the
+// caches, and does not prefetch the next sequence's rows for writing.  Measured at b 256, L 20, H 8, P 16 (y 2.6
+// MB; outputs preallocated, benchmarks/bench_native_ab.py --pairs 300, two runs): forward 0.92x, 0.91x, backward
+// 0.94x, 0.95x; b 1, L 200 (not streamed) 1.00x.
 
-// r at p (64 bytes) past the caches where AVX-512 and p's alignment allow, else a plain store
-template <typename T>
-inline void stream_store(T* p, typename Simd<T>::v r) {
-#if defined(__AVX512F__)
-    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
-        if constexpr (sizeof(T) == 4) _mm512_stream_ps(reinterpret_cast<float*>(p), (__m512)r);
-        else _mm512_stream_pd(reinterpret_cast<double*>(p), (__m512d)r);
-        return;
-    }
-#endif
-    Simd<T>::store(p, r);
-}
-
-// p[0..m) = 0, through stream_store when `stream` (whole 64-byte lines; the ends plainly)
+// p[0..m) = 0, past the caches when `stream` (whole 64-byte lines; the ends plainly)
 template <typename T>
 inline void fill_zero(T* p, int64_t m, bool stream) {
     constexpr int VL = Simd<T>::lanes;
     int64_t e = 0;
     if (stream) {
         for (; e < m && (reinterpret_cast<uintptr_t>(p + e) & 63) != 0; ++e) p[e] = T(0);
-        for (; e + VL <= m; e += VL) stream_store(p + e, typename Simd<T>::v{});
+        for (; e + VL <= m; e += VL) store_past_caches(p + e, typename Simd<T>::v{});
     }
     std::fill(p + e, p + m, T(0));
-}
-
-// the end of a kernel's streamed stores: they are ordered before what follows (the caller's reads of the output)
-inline void stream_fence() {
-#if defined(__AVX512F__)
-    _mm_sfence();
-#endif
 }
 
 constexpr int R = 4;                                 // rows per block
@@ -462,7 +440,7 @@ inline __attribute__((always_inline)) void combine(const T* w, int64_t ws, const
     a0 += a1;
     if (Dh) a0 += S::load(Dh) * s * S::load(xd);
     if (stream)
-        stream_store(out, a0);
+        store_past_caches(out, a0);
     else
         S::store(out, a0);
 }
@@ -474,7 +452,7 @@ struct ShortWork {
     static constexpr int64_t WM = kShort;              // a multiple of the vector width of fp32 and fp64
     std::vector<V> Bt, xT, cb, Z, md;
     int idx[kShort];                                   // 0, 1, 2, ...
-    bool stream = false;                               // y / dx rows through stream_store (kStreamBytes)
+    bool stream = false;                               // y / dx rows past the caches (kStreamBytes)
     ShortWork(const Dims<T>& d)
         : Bt(size_t(d.n) * WM / Simd<T>::lanes), xT(size_t(d.P) * WM / Simd<T>::lanes),
           cb(size_t(WM) * WM / Simd<T>::lanes), Z(cb.size()), md(cb.size()) {
