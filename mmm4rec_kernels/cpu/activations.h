@@ -95,6 +95,22 @@ struct lanes<double> {
     static constexpr int n = MMM4REC_VECTOR_BYTES / 8;
 };
 
+// 8 doubles (the exact sums of fp32 products: weight gradients, the D skip's dD)
+typedef double d8 __attribute__((vector_size(64)));
+
+// 8 values of T as 8 doubles (exact): with AVX-512 one vcvtps2pd from memory (GCC's generic conversion splits it
+// into halves and reinserts them: 4 instructions)
+template <typename T>
+inline d8 load8_double(const T* q) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4) return (d8)_mm512_cvtps_pd(_mm256_loadu_ps(q));
+#endif
+    typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
+    t8 v;
+    std::memcpy(&v, q, sizeof v);
+    return __builtin_convertvector(v, d8);
+}
+
 // v as the compiler sees it afterwards: a value it cannot look into, so that -fassociative-math does not regroup
 // the products or sums it came from with those it goes into (no instruction)
 template <typename T>

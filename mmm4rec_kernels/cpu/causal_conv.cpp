@@ -32,7 +32,6 @@ namespace {
 
 template <typename T>
 using vec = typename lanes<T>::v;
-typedef double d8 __attribute__((vector_size(64)));    // the double sums of 8 lanes
 
 // A row's channels go in blocks of W: whole blocks (lane count Whole<T>, a constant: one vector moves) and the last
 // partial block of n < W lanes (int n: lane by lane, never past the row's end; the other lanes load as 0).
@@ -196,19 +195,6 @@ std::vector<GySource<T>> gy_sources(int npieces, const int64_t* pieces, int64_t 
         }
     }
     return out;
-}
-
-// 8 values of T as 8 doubles (exact): with AVX-512 one vcvtps2pd from memory (GCC's generic conversion splits it
-// into halves and reinserts them: 4 instructions)
-template <typename T>
-inline d8 load8_double(const T* q) {
-#if defined(__AVX512F__)
-    if constexpr (sizeof(T) == 4) return (d8)_mm512_cvtps_pd(_mm256_loadu_ps(q));
-#endif
-    typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
-    t8 v;
-    std::memcpy(&v, q, sizeof v);
-    return __builtin_convertvector(v, d8);
 }
 
 // dw_j += sum_t g_t x_{t-(k-1)+j}, dbias += sum_t g_t over one sequence, from its rows of g (gb: L rows of Cp

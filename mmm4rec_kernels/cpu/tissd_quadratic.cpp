@@ -757,14 +757,9 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
                         const V dg = S::load(Dh) * gxp;
                         for (int k = 0; k < VL; ++k) gDx += dg[k];
                         for (int k0 = 0; k0 < VL; k0 += 8) {
-                            typedef double d8 __attribute__((vector_size(64)));
-                            typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
-                            t8 g8, x8;
-                            std::memcpy(&g8, gyi + k0, sizeof g8);
-                            std::memcpy(&x8, xi + k0, sizeof x8);
                             d8 acc;
                             std::memcpy(&acc, dDh + k0, sizeof acc);
-                            acc += double(si) * (__builtin_convertvector(g8, d8) * __builtin_convertvector(x8, d8));
+                            acc += double(si) * (load8_double(gyi + k0) * load8_double(xi + k0));
                             std::memcpy(dDh + k0, &acc, sizeof acc);
                         }
                     } else {
