@@ -110,15 +110,15 @@ def test_short_and_long_sequences_in_one_batch(impl, H, G, P, n, dtype):
 @pytest.mark.parametrize("dtype,P", [(torch.float32, 16), (torch.float64, 8)])
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_outputs_of_a_megabyte_or_more(impl, dtype, P, nthreads):
-    """y and dx of at least 1 MB: the fp32 short path writes their rows (one 64-byte line per step and head: P = 16
-    floats) and the padded rows' zeros with non-temporal stores (activations.h: kStreamBytes); fp64 (no short path:
-    plain stores) is the control.  y and every gradient against the float64 recurrence, padded rows exactly 0, 1 and
-    2 threads."""
+    """y, dx, dB and dC of at least 1 MB: the fp32 short path writes their rows (one 64-byte line per step and head /
+    group: P = n = 16 floats) and the padded rows' zeros with non-temporal stores (activations.h: kStreamBytes); fp64
+    (no short path: plain stores) is the control.  y and every gradient against the float64 recurrence, padded rows
+    exactly 0, 1 and 2 threads."""
     name, calls = impl
     if name == "einsum":
         pytest.skip("the native kernel's stores")
-    b, L, H, G, n = 136, 20, 8, 4, 16
-    assert b * L * H * P * torch.tensor([], dtype=dtype).element_size() >= 1 << 20
+    b, L, H, G, n = 210, 20, 8, 4, 16
+    assert b * L * min(H * P, G * n) * torch.tensor([], dtype=dtype).element_size() >= 1 << 20
     inp, lengths, mk = case(L, b=b, H=H, P=P, G=G, n=n, seed=7)
     D = mk(H)
     order = ("x", "dt", "A", "B", "C", "E")
@@ -137,11 +137,61 @@ def test_outputs_of_a_megabyte_or_more(impl, dtype, P, nthreads):
     ref_grads = torch.autograd.grad(ref, ref_leaves, cot)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     pad = torch.arange(L)[None, :] >= lengths[:, None]
-    assert pad.any() and (y[pad] == 0).all() and (grads[0][pad] == 0).all()
+    assert pad.any() and (y[pad] == 0).all() and all((grads[k][pad] == 0).all() for k in (0, 3, 4))   # x, B, C
     assert rel(y, ref) < tol
     for k, a, r in zip(order + ("D",), grads, ref_grads):
         assert rel(a, r) < tol, (k, rel(a, r))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype,L,P,b", [(torch.float32, 20, 16, 136), (torch.float32, 20, 16, 3),
+                                         (torch.float32, 20, 6, 3), (torch.float32, 45, 16, 3),
+                                         (torch.float64, 20, 16, 3)])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_native_call_flags_exactly_the_nonfinite_valid_rows(native_cpu, dtype, L, P, b, nthreads):
+    """mmm4rec_kernels.cpu.tissd_forward gives None exactly when a valid row of y is not finite: the scan checks each
+    row as it writes it (fp32's short path in registers before the store, streamed at b 136; P 6 after its plain row
+    loop; the blocked path, L 45 and fp64, per block of rows).  NaN at a random valid step of each input, inf in x, B
+    or C (the last valid step of a sequence too), and finite inputs whose y overflows, give None; NaN at every padded step, and
+    clean inputs, give y (the clean y on valid rows)."""
+    H, G, n = 8, 4, 16
+    inp, lengths, mk = case(L, b=b, H=H, P=P, G=G, n=n, seed=17)
+    lengths[-1] = max(L // 2, 1)                                 # a padded tail in the last sequence
+    g = torch.Generator().manual_seed(L * P + b)
+    order = ("x", "dt", "A", "B", "C", "E")
+    D2, bias = torch.ones(H, P, dtype=dtype), torch.zeros(H, dtype=dtype)
+
+    def call(t):
+        return native.tissd_forward(t["x"], t["dt"], t["A"], t["B"], t["C"], t["E"], bias, D2, lengths, True, True)
+
+    clean = {k: inp[k].to(dtype).contiguous() for k in order}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(nthreads)
+        y = call(clean)
+        assert y is not None and torch.isfinite(y).all()
+        padded = {k: v.clone() for k, v in clean.items()}
+        pad = torch.arange(L)[None, :] >= lengths[:, None]
+        for k in ("x", "dt", "B", "C", "E"):
+            padded[k][pad] = float("nan")
+        y_pad = call(padded)
+        assert y_pad is not None and torch.equal(y_pad, y)
+        for trial in range(12):
+            seq = int(torch.randint(b, (1,), generator=g))
+            last = int(lengths[seq]) - 1
+            step = last if trial % 3 == 0 else int(torch.randint(last + 1, (1,), generator=g))
+            bad = {k: v.clone() for k, v in clean.items()}
+            if trial % 6 == 5:                                   # finite inputs, y overflows (D s x, s > 1)
+                bad["x"][seq, step] = torch.finfo(dtype).max
+                bad["dt"][seq, step] = 10.0
+                what = "overflow"
+            else:
+                what = ("x", "dt", "B", "C", "E")[trial % 5]
+                inf_ok = what in ("x", "B", "C")                 # dt * E = -inf is a finite step size (0)
+                bad[what][seq, step] = float("inf") if inf_ok and trial % 2 == 0 else float("nan")
+            assert call(bad) is None, (what, seq, step, trial)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("gap", [1e4, 1e9])

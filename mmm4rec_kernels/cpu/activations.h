@@ -67,6 +67,7 @@ inline T softplus_of(T v) {
 // sigmoid's 1 / (1 + e) uses the fp32 reciprocal estimate with one Newton step where AVX-512 has it.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -170,6 +171,22 @@ inline void stream_fence() {
 #if defined(__AVX512F__)
     _mm_sfence();
 #endif
+}
+
+// does p[0..n) hold only finite values?  Read from the bits (exponent all ones: inf / NaN), so one vectorised
+// integer pass decides it whatever the floating-point flags (-fassociative-math folds float tricks such as
+// "sum of p * 0 is NaN": GCC dropped the vectorised part of that loop)
+template <typename T>
+inline bool all_finite(const T* p, int64_t n) {
+    typedef typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type U;
+    constexpr U mask = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+    U bad = 0;
+    for (int64_t e = 0; e < n; ++e) {
+        U bits;
+        std::memcpy(&bits, p + e, sizeof bits);
+        bad |= U((bits & mask) == mask);
+    }
+    return bad == 0;
 }
 
 // exp(a) for a <= 0 or NaN (any a with AVX-512: kExpAnySign below), branch-free:

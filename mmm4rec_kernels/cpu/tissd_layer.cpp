@@ -45,6 +45,9 @@
 #define MMM4REC_DECLARE(T, S)                                                                                         \
     void mmm4rec_ssd_quadratic_fwd_##S(const T*, const T*, const T*, const T*, const T*, const int64_t*, const T*,   \
                                        int, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int);          \
+    int mmm4rec_ssd_quadratic_fwd_checked_##S(const T*, const T*, const T*, const T*, const T*, const int64_t*,      \
+                                              const T*, int, T*, int64_t, int64_t, int64_t, int64_t, int64_t,       \
+                                              int64_t, int);                                                        \
     void mmm4rec_ssd_quadratic_bwd_##S(const T*, const T*, const T*, const T*, const T*, const int64_t*, const T*,   \
                                        int, const T*, T*, T*, T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t,    \
                                        int64_t, int64_t, int);                                                      \
@@ -63,28 +66,13 @@ template <typename T> struct Lib;
 #define MMM4REC_LIB(T, S)                                                                                             \
     template <> struct Lib<T> {                                                                                     \
         static constexpr auto scan_fwd = mmm4rec_ssd_quadratic_fwd_##S;                                             \
+        static constexpr auto scan_fwd_checked = mmm4rec_ssd_quadratic_fwd_checked_##S;                             \
         static constexpr auto scan_bwd = mmm4rec_ssd_quadratic_bwd_##S;                                             \
         static constexpr auto norm_fwd = mmm4rec_gated_rmsnorm_fwd_##S;                                             \
         static constexpr auto norm_bwd = mmm4rec_gated_rmsnorm_bwd_##S;                                             \
     };
 MMM4REC_LIB(float, f32)
 MMM4REC_LIB(double, f64)
-
-// does p[0..n) hold only finite values?  Read from the bits (exponent all ones: inf / NaN), so one vectorised
-// integer pass decides it whatever the floating-point flags (-fassociative-math folds float tricks such as
-// "sum of p * 0 is NaN": GCC dropped the vectorised part of that loop)
-template <typename T>
-inline bool all_finite(const T* p, int64_t n) {
-    using U = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
-    constexpr U mask = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
-    U bad = 0;
-    for (int64_t e = 0; e < n; ++e) {
-        U bits;
-        std::memcpy(&bits, p + e, sizeof bits);
-        bad |= U((bits & mask) == mask);
-    }
-    return bad == 0;
-}
 
 // dst[0..n) = src[0..n); false when src holds NaN / inf
 template <typename T>
@@ -531,16 +519,8 @@ int tissd_fwd(const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A
               int softplus, const T* B, const T* C, const int64_t* len, Dims d, T* y, int nthreads) {
     const std::vector<int64_t> lens = valid_lengths(len, d.nb, d.L);
     const CallSteps<T> st(dt, ts, dt_bias, A, softplus, lens, d, nthreads);
-    Lib<T>::scan_fwd(x, st.delta, st.a, B, C, lens.data(), D, skip_delta, y, d.nb, d.L, d.H, d.P, d.G, d.n,
-                     nthreads);
-    const int64_t di = d.d_inner();
-    int bad = 0;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1) reduction(| : bad)
-    for (int64_t b = 0; b < d.nb; ++b) {
-        const T* yb = y + b * d.L * di;
-        bad |= !all_finite(yb, lens[b] * di);
-    }
-    return bad;
+    return Lib<T>::scan_fwd_checked(x, st.delta, st.a, B, C, lens.data(), D, skip_delta, y, d.nb, d.L, d.H, d.P,
+                                    d.G, d.n, nthreads);        // 1: a valid row of y is not finite
 }
 
 template <typename T>

@@ -66,11 +66,12 @@ struct Simd {
     static void store(T* p, v r) { std::memcpy(p, &r, sizeof r); }
 };
 
-// y of the forward and dx of the backward from kStreamBytes on (activations.h): the short path (fp32) writes their
-// rows (with P = 16, one 64-byte row per step and head: a whole cache line) and the padded rows' zeros past the
-// caches, and does not prefetch the next sequence's rows for writing.  Measured at b 256, L 20, H 8, P 16 (y 2.6
-// MB; outputs preallocated, benchmarks/bench_native_ab.py --pairs 300, two runs): forward 0.92x, 0.91x, backward
-// 0.94x, 0.95x; b 1, L 200 (not streamed) 1.00x.
+// y of the forward, dx, dB and dC of the backward from kStreamBytes on (activations.h, each output by its own size):
+// the short path (fp32) writes their rows (with P = n = 16, one 64-byte row per step and head / group: a whole cache
+// line) and the padded rows' zeros past the caches, and does not prefetch the next sequence's rows for writing.
+// Measured at b 256, L 20, H 8, P 16 (y 2.6 MB; outputs preallocated, benchmarks/bench_native_ab.py --pairs 300):
+// y and dx: forward 0.92x, 0.91x, backward 0.94x, 0.95x (two runs); then dB and dC (2.6 MB each): backward 0.88x,
+// 0.89x, 0.87x (three runs); b 1, L 200 (not streamed) 1.00x.
 
 // p[0..m) = 0, past the caches when `stream` (whole 64-byte lines; the ends plainly)
 template <typename T>
@@ -349,6 +350,16 @@ struct Lanes {                                        // integer lanes as wide a
     typedef I v __attribute__((vector_size(64)));
 };
 
+// marks |= lanes of v that are NaN / inf (exponent bits all ones; from the bits, as all_finite)
+template <typename T>
+inline void mark_nonfinite(typename Simd<T>::v v, typename Lanes<T>::v& marks) {
+    typedef typename Lanes<T>::I I;
+    constexpr I m = sizeof(T) == 4 ? I(0x7f800000) : I(0x7ff0000000000000ll);
+    typename Lanes<T>::v bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    marks |= (bits & m) == m;
+}
+
 // v shifted up by S lanes (lane k gets v[k - S], the first S lanes 0)
 template <typename T, int S>
 inline typename Simd<T>::v shift_up(typename Simd<T>::v v) {
@@ -422,14 +433,19 @@ void combine_any(const T* w, int64_t ws, const int* idx, int cnt, const T* src, 
     }
 }
 
-// combine_any inlined for rows of one vector (P = VL: the common head size of fp32 / the short path's hot loop)
+// combine_any inlined for rows of one vector (P = VL: the common head size of fp32 / the short path's hot loop);
+// marks (if given) |= the row's NaN / inf lanes (mark_nonfinite: checked in registers, before a streamed store)
 template <typename T>
 inline __attribute__((always_inline)) void combine(const T* w, int64_t ws, const int* idx, int cnt, const T* src,
                                                    int64_t stride, int64_t P, const T* Dh, T s, const T* xd, T* out,
-                                                   bool stream = false) {
+                                                   bool stream = false, typename Lanes<T>::v* marks = nullptr) {
     using S = Simd<T>;
     using V = typename S::v;
-    if (P != S::lanes) return combine_any(w, ws, idx, cnt, src, stride, P, Dh, s, xd, out);
+    if (P != S::lanes) {
+        combine_any(w, ws, idx, cnt, src, stride, P, Dh, s, xd, out);
+        if (marks && !all_finite(out, P)) (*marks)[0] = -1;
+        return;
+    }
     V a0{}, a1{};
     int t = 0;
     for (; t + 1 < cnt; t += 2) {
@@ -439,6 +455,7 @@ inline __attribute__((always_inline)) void combine(const T* w, int64_t ws, const
     if (t < cnt) a0 += w[idx[t] * ws] * S::load(src + idx[t] * stride);
     a0 += a1;
     if (Dh) a0 += S::load(Dh) * s * S::load(xd);
+    if (marks) mark_nonfinite<T>(a0, *marks);
     if (stream)
         store_past_caches(out, a0);
     else
@@ -453,6 +470,8 @@ struct ShortWork {
     std::vector<V> Bt, xT, cb, Z, md;
     int idx[kShort];                                   // 0, 1, 2, ...
     bool stream = false;                               // y / dx rows past the caches (kStreamBytes)
+    bool stream_bc = false;                            // dB / dC rows past the caches (kStreamBytes)
+    typename Lanes<T>::v marks{};                      // the forward's y rows: lanes that held NaN / inf
     ShortWork(const Dims<T>& d)
         : Bt(size_t(d.n) * WM / Simd<T>::lanes), xT(size_t(d.P) * WM / Simd<T>::lanes),
           cb(size_t(WM) * WM / Simd<T>::lanes), Z(cb.size()), md(cb.size()) {
@@ -650,6 +669,7 @@ void forward_short(const T* x, const T* delta, const T* a, const T* B, const T* 
     for (int w = 0; w < NW; ++w)
         for (int k = 0; k < VL; ++k) lane[w][k] = w * VL + k;
     alignas(64) T dl[W], al[W];
+    typename Lanes<T>::v marks{};                    // in a register (sw.marks in memory: a chain through the store)
     for (int64_t g = 0; g < d.G; ++g) {
         next.part(g, d.G);
         short_cb<T, NW>(B + d.bc(b, 0, g), C + d.bc(b, 0, g), sb, d.n, Lb, Bt, cb);
@@ -668,10 +688,11 @@ void forward_short(const T* x, const T* delta, const T* a, const T* B, const T* 
                              lane[w] <= ii ? S::load(cb + i * W + w * VL) * e[w] * S::load(dl + w * VL) : V{});
                 const T si = skip_delta ? dl[i] : T(1);
                 combine(wr, 1, sw.idx, int(i + 1), x + d.x(b, 0, h), xs, d.P, D ? D + h * d.P : nullptr, si,
-                        x + d.x(b, i, h), y + d.x(b, i, h), sw.stream);
+                        x + d.x(b, i, h), y + d.x(b, i, h), sw.stream, &marks);
             }
         }
     }
+    sw.marks |= marks;
 }
 
 template <typename T, int NW>
@@ -799,14 +820,14 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
             T* out = dC + d.bc(b, i, g);
             if (any[i])
                 combine(Z + i * W, 1, sw.idx, int(i + 1), Bg, sb, d.n, (const T*)nullptr, T(0), (const T*)nullptr,
-                        out);
+                        out, sw.stream_bc);
             else
-                std::fill(out, out + d.n, T(0));
+                fill_zero(out, d.n, sw.stream_bc);
         }
         for (int64_t j = 0, t = 0; j < Lb; ++j) {
             while (t < nrows && rows[t] < j) ++t;
             combine(Z + j, W, rows + t, nrows - t, Cg, sb, d.n, (const T*)nullptr, T(0), (const T*)nullptr,
-                    dB + d.bc(b, j, g));
+                    dB + d.bc(b, j, g), sw.stream_bc);
         }
     }
 }
@@ -840,12 +861,15 @@ void backward_short_any(const T* x, const T* delta, const T* a, const T* B, cons
 #undef MMM4REC_SHORT_BWD
 }
 
+// Returns 1 when a valid row of y holds NaN / inf (checked as the rows are written: the short path in registers,
+// the blocked one per block of rows while they are in L1), else 0.
 template <typename T>
-void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, const int64_t* len, const T* D,
-             int skip_delta, T* y, int64_t nb, Dims<T> d, int nthreads) {
+int forward(const T* x, const T* delta, const T* a, const T* B, const T* C, const int64_t* len, const T* D,
+            int skip_delta, T* y, int64_t nb, Dims<T> d, int nthreads) {
     const int64_t r = d.H / d.G, xs = d.H * d.P;
     constexpr int VL = Simd<T>::lanes;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    int nonfinite = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1) reduction(| : nonfinite)
     {
         Work<T> wk(d, r);
         ShortWork<T> sw(d);
@@ -906,12 +930,15 @@ void forward(const T* x, const T* delta, const T* a, const T* B, const T* C, con
                                 T* yi = y + d.x(b, i, h);
                                 for (int64_t p = 0; p < d.P; ++p) yi[p] += Dh[p] * si * xi[p];
                             }
+                        for (int t = 0; t < nr; ++t) nonfinite |= !all_finite(y + d.x(b, rows[t], h), d.P);
                     }
                 }
             }
         }
         stream_fence();
+        for (int k = 0; k < VL; ++k) nonfinite |= sw.marks[k] != 0;
     }
+    return nonfinite;
 }
 
 template <typename T>
@@ -928,6 +955,7 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
         Work<T> wk(d, r);
         ShortWork<T> sw(d);
         sw.stream = nb * d.L * xs * int64_t(sizeof(T)) >= kStreamBytes;
+        sw.stream_bc = nb * d.L * d.G * d.n * int64_t(sizeof(T)) >= kStreamBytes;
         const int64_t Lp = wk.Lp;
         std::vector<T> xT(size_t(r) * d.P * Lp, T(0)), e(size_t(r) * R * Lp, T(0)), Z(size_t(R) * Lp, T(0)),
             gx(size_t(R) * Lp, T(0)), md(size_t(R) * Lp, T(0)), dseg(size_t(R) * Lp, T(0)), ssum(Lp, T(0)),
@@ -940,15 +968,17 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
                 fill_zero(dx + d.x(b, Lb, 0), (d.L - Lb) * xs, sw.stream);
                 std::fill(ddelta + d.s(b, Lb, 0), ddelta + d.s(b + 1, 0, 0), T(0));
                 std::fill(da + d.s(b, Lb, 0), da + d.s(b + 1, 0, 0), T(0));
-                std::fill(dB + d.bc(b, Lb, 0), dB + d.bc(b + 1, 0, 0), T(0));
-                std::fill(dC + d.bc(b, Lb, 0), dC + d.bc(b + 1, 0, 0), T(0));
+                fill_zero(dB + d.bc(b, Lb, 0), (d.L - Lb) * d.G * d.n, sw.stream_bc);
+                fill_zero(dC + d.bc(b, Lb, 0), (d.L - Lb) * d.G * d.n, sw.stream_bc);
                 Ahead next;
                 if (b + 1 < nb) {
                     next.inputs(x, B, C, delta, a, len, b + 1, d);
                     next.add(gy + d.x(b + 1, 0, 0), valid_steps(len, b + 1, d.L) * xs, false);
                     if (!sw.stream) next.add(dx + d.x(b + 1, 0, 0), d.L * xs, true);
-                    next.add(dB + d.bc(b + 1, 0, 0), d.L * d.G * d.n, true);
-                    next.add(dC + d.bc(b + 1, 0, 0), d.L * d.G * d.n, true);
+                    if (!sw.stream_bc) {
+                        next.add(dB + d.bc(b + 1, 0, 0), d.L * d.G * d.n, true);
+                        next.add(dC + d.bc(b + 1, 0, 0), d.L * d.G * d.n, true);
+                    }
                 }
                 if (Lb > 0)
                     backward_short_any(x, delta, a, B, C, D, skip_delta, gy, dx, ddelta, da, dB, dC,
@@ -1097,11 +1127,19 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
 
 extern "C" {
 
+// mmm4rec_ssd_quadratic_fwd: y only (its signature is kept: benchmarks/bench_native_ab.py loads older builds);
+// mmm4rec_ssd_quadratic_fwd_checked: the same, returning 1 when a valid row of y is not finite (tissd_layer.cpp)
 #define MMM4REC_SSD_ENTRIES(T, SUFFIX)                                                                                \
     void mmm4rec_ssd_quadratic_fwd_##SUFFIX(const T* x, const T* delta, const T* a, const T* B, const T* C,         \
                                             const int64_t* len, const T* D, int skip_delta, T* y, int64_t nb,        \
                                             int64_t L, int64_t H, int64_t P, int64_t G, int64_t n, int nthreads) {   \
         forward<T>(x, delta, a, B, C, len, D, skip_delta, y, nb, Dims<T>{L, H, P, G, n}, nthreads);                 \
+    }                                                                                                               \
+    int mmm4rec_ssd_quadratic_fwd_checked_##SUFFIX(const T* x, const T* delta, const T* a, const T* B, const T* C,  \
+                                                   const int64_t* len, const T* D, int skip_delta, T* y, int64_t nb, \
+                                                   int64_t L, int64_t H, int64_t P, int64_t G, int64_t n,            \
+                                                   int nthreads) {                                                  \
+        return forward<T>(x, delta, a, B, C, len, D, skip_delta, y, nb, Dims<T>{L, H, P, G, n}, nthreads);          \
     }                                                                                                               \
     void mmm4rec_ssd_quadratic_bwd_##SUFFIX(const T* x, const T* delta, const T* a, const T* B, const T* C,         \
                                             const int64_t* len, const T* D, int skip_delta, const T* gy, T* dx,      \
