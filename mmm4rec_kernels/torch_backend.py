@@ -218,44 +218,40 @@ class _NonFinite(Exception):
 
 class _TiSSDCPU(torch.autograd.Function):
     """One eager CPU tissd() call without states as one autograd node (mmm4rec_kernels.cpu.tissd_forward /
-    tissd_backward): Delta = softplus(dt * E + dt_bias), a = A Delta, y = quadratic form + D skip.  D [H] is
-    expanded to [H, P] for the kernel (its gradient summed back over P).  Raises _NonFinite from forward."""
+    tissd_backward): Delta = softplus(dt * E + dt_bias), a = A Delta, y = quadratic form + D skip (D [H] or [H, P],
+    contiguous, as every tensor here).  Raises _NonFinite from forward."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, E, dt_bias, D, valid_len, skip_delta, softplus):
-        H, P = x.shape[2], x.shape[3]
-        D2 = None if D is None else (D[:, None].expand(H, P) if D.dim() == 1 else D).contiguous()
-        y = native.tissd_forward(x, dt, A, B, C, E, dt_bias, D2, valid_len, skip_delta, softplus)
+        y = native.tissd_forward(x, dt, A, B, C, E, dt_bias, D, valid_len, skip_delta, softplus)
         if y is None:
             raise _NonFinite
-        ctx.save_for_backward(x, dt, A, B, C, E, dt_bias, D2, valid_len)
-        ctx.skip_delta, ctx.softplus, ctx.D_per_head = skip_delta, softplus, D is not None and D.dim() == 1
+        ctx.save_for_backward(x, dt, A, B, C, E, dt_bias, D, valid_len)
+        ctx.skip_delta, ctx.softplus = skip_delta, softplus
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, dt, A, B, C, E, dt_bias, D2, valid_len = ctx.saved_tensors
-        dx, ddt, dA, dB, dC, dE, ddt_bias, dD = native.tissd_backward(
-            gy.contiguous(), x, dt, A, B, C, E, dt_bias, D2, valid_len, ctx.skip_delta, ctx.softplus)
-        if dD is not None and ctx.D_per_head:
-            dD = dD.sum(1)
-        return dx, ddt, dA, dB, dC, dE, ddt_bias, dD, None, None, None
+        x, dt, A, B, C, E, dt_bias, D, valid_len = ctx.saved_tensors
+        grads = native.tissd_backward(gy.contiguous(), x, dt, A, B, C, E, dt_bias, D, valid_len, ctx.skip_delta,
+                                      ctx.softplus)
+        return (*grads, None, None, None)
 
 
 def _native_call(x, dt, A, B, C, E, dt_bias, D, d_skip, dt_softplus, lengths):
     """y of an eager CPU call through _TiSSDCPU, or None when it does not apply (traced, packed, another dtype or
     device among the tensors, empty, no native library) or an input is NaN / inf (the general path runs)."""
-    if torch.compiler.is_compiling() or not native.supports(x):
+    if torch.compiler.is_compiling() or not native.supports(x) or x.numel() == 0 or B.shape[-1] == 0 \
+            or (lengths is not None and not lengths.is_cpu):
         return None
-    tensors = (dt, A, B, C, E, dt_bias, D, lengths)
-    if x.numel() == 0 or B.shape[-1] == 0 or any(t is not None and t.device.type != "cpu" for t in tensors) \
-            or any(t is not None and t.dtype != x.dtype for t in tensors[:-1]):
-        return None
+    for t in (dt, A, B, C, E, dt_bias, D):                   # one device, one dtype (is_cpu: no device object)
+        if t is not None and (not t.is_cpu or t.dtype != x.dtype):
+            return None
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
     valid_len = None if lengths is None else lengths.to(torch.int64).contiguous()
     try:
-        return _TiSSDCPU.apply(c(x), c(dt), c(A), c(B), c(C), c(E), c(dt_bias), D, valid_len, d_skip == "delta",
+        return _TiSSDCPU.apply(c(x), c(dt), c(A), c(B), c(C), c(E), c(dt_bias), c(D), valid_len, d_skip == "delta",
                                bool(dt_softplus))
     except _NonFinite:
         return None

@@ -116,10 +116,10 @@ def _bind(lib):
                          + [i64] + [p] * 5 + [i32])
         core.restype = None
         call = getattr(lib, f"mmm4rec_tissd_fwd_{dt}")                   # tissd_layer.cpp: one tissd() call
-        call.argtypes = [p] * 6 + [i32, i32, p, p, p] + [i64] * 6 + [p, i32]
+        call.argtypes = [p] * 6 + [i32, i32, i32, p, p, p] + [i64] * 6 + [p, i32]
         call.restype = i32
         call = getattr(lib, f"mmm4rec_tissd_bwd_{dt}")
-        call.argtypes = [p] * 7 + [i32, i32, p, p, p] + [i64] * 6 + [p] * 8 + [i32]
+        call.argtypes = [p] * 7 + [i32, i32, i32, p, p, p] + [i64] * 6 + [p] * 8 + [i32]
         call.restype = None
         norm = getattr(lib, f"mmm4rec_gated_rmsnorm_fwd_{dt}")          # gated_rmsnorm.cpp
         norm.argtypes = [p, p, i64, p, i64, i64, i64, ctypes.c_double, p, i64, p, i32]
@@ -190,11 +190,11 @@ def available() -> bool:
 
 def supports(x: torch.Tensor, dtype=None) -> bool:
     """Can the native kernels run on x (CPU; float32 / float64, or computed in `dtype`) and is the library loaded?"""
-    return x.device.type == "cpu" and (dtype or x.dtype) in (torch.float32, torch.float64) and available()
+    return x.is_cpu and (dtype or x.dtype) in (torch.float32, torch.float64) and available()
 
 
 def _ptr(t):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+    return None if t is None else t.data_ptr()        # an int: the c_void_p argtypes take it as it is
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -285,20 +285,20 @@ def tissd_forward(x, dt, A, B, C, ts, dt_bias, D, valid_len, skip_delta: bool, s
     """y [b, L, H, P] of the time-aware SSD with its step sizes, or None when a valid row of y is not finite (a NaN /
     inf input at a valid step: the caller runs the general path).  Step sizes Delta = softplus(dt * ts + dt_bias)
     (softplus: else no softplus; ts [b, L, H] / dt_bias [H] optional), a = A Delta, then scan_forward's form with
-    D [H, P] (optional).  x [b, L, H, P], dt [b, L, H], B / C [b, L, G, n], valid_len [b] int64: contiguous, one
-    float dtype (supports(x) must be True); padded steps are never read and rows past valid_len are 0."""
+    D [H] or [H, P] (optional).  x [b, L, H, P], dt [b, L, H], B / C [b, L, G, n], valid_len [b] int64: contiguous,
+    one float dtype (supports(x) must be True); padded steps are never read and rows past valid_len are 0."""
     b, L, H, P = x.shape
     G, n = B.shape[2], B.shape[3]
     y = torch.empty(b, L, H, P, dtype=x.dtype)
     if y.numel() and _fn("mmm4rec_tissd_fwd", x.dtype)(
-            *[_ptr(t) for t in (x, dt, ts, dt_bias, A, D)], int(skip_delta), int(softplus), _ptr(B), _ptr(C),
-            _ptr(valid_len), b, L, H, P, G, n, _ptr(y), torch.get_num_threads()):
+            *[_ptr(t) for t in (x, dt, ts, dt_bias, A, D)], int(D is not None and D.dim() == 1), int(skip_delta),
+            int(softplus), _ptr(B), _ptr(C), _ptr(valid_len), b, L, H, P, G, n, _ptr(y), torch.get_num_threads()):
         return None
     return y
 
 
 def tissd_backward(gy, x, dt, A, B, C, ts, dt_bias, D, valid_len, skip_delta: bool, softplus: bool):
-    """Gradients of tissd_forward: (dx, ddt, dA, dB, dC, dts or None, ddt_bias or None, dD [H, P] or None), 0 on
+    """Gradients of tissd_forward: (dx, ddt, dA, dB, dC, dts or None, ddt_bias or None, dD like D or None), 0 on
     padded steps; gy [b, L, H, P] contiguous, the other arguments as tissd_forward's."""
     b, L, H, P = x.shape
     G, n = B.shape[2], B.shape[3]
@@ -306,9 +306,9 @@ def tissd_backward(gy, x, dt, A, B, C, ts, dt_bias, D, valid_len, skip_delta: bo
     dts, ddt_bias, dD = (None if t is None else torch.empty_like(t) for t in (ts, dt_bias, D))
     if gy.numel():
         _fn("mmm4rec_tissd_bwd", x.dtype)(
-            *[_ptr(t) for t in (gy, x, dt, ts, dt_bias, A, D)], int(skip_delta), int(softplus), _ptr(B), _ptr(C),
-            _ptr(valid_len), b, L, H, P, G, n, *[_ptr(t) for t in (dx, ddt, dts, ddt_bias, dA, dB, dC, dD)],
-            torch.get_num_threads())
+            *[_ptr(t) for t in (gy, x, dt, ts, dt_bias, A, D)], int(D is not None and D.dim() == 1),
+            int(skip_delta), int(softplus), _ptr(B), _ptr(C), _ptr(valid_len), b, L, H, P, G, n,
+            *[_ptr(t) for t in (dx, ddt, dts, ddt_bias, dA, dB, dC, dD)], torch.get_num_threads())
     else:
         for t in (dA, ddt_bias, dD):
             if t is not None:
@@ -317,8 +317,15 @@ def tissd_backward(gy, x, dt, A, B, C, ts, dt_bias, D, valid_len, skip_delta: bo
 
 
 # ------------------------------------------------------------------------------------------------- gated RMSNorm
+_fns: dict = {}
+
+
 def _fn(name, dtype):
-    return getattr(library(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    """The bound C function `name` for dtype (float32 -> _f32, float64 -> _f64), looked up once."""
+    fn = _fns.get((name, dtype))
+    if fn is None:
+        fn = _fns[(name, dtype)] = getattr(library(), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    return fn
 
 
 def norm_forward(y, z, w, eps: float, group: int) -> torch.Tensor:

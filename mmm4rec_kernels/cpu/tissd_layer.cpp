@@ -23,7 +23,7 @@
 //    thread in double and added in a fixed order.
 // 4. mmm4rec_tissd_fwd / _bwd: one tissd() call of the torch backend on CPU (x [b, L, H, P], B / C [b, L, G, n]
 //    contiguous, no states): v = dt * time_scale + dt_bias (each optional), Delta = softplus(v) (or v), a = A Delta,
-//    y = the quadratic form with the D skip [H, P] (optional).  The forward returns 1 when a valid row of y is not
+//    y = the quadratic form with the D skip [H] or [H, P] (optional; d_per_head: [H], its gradient summed over P).  The forward returns 1 when a valid row of y is not
 //    finite: a NaN / inf input at a valid step t always makes row t non-finite (every input of step t enters y_t
 //    through a product), so the caller then runs the general path and its NaN-causality rule (finite inputs whose
 //    y overflows take it too: same values, slower).  The backward: the scan's, then the step sizes' chain as in 3.
@@ -514,25 +514,42 @@ struct CallSteps {
     }
 };
 
+// D of a call, per head [H] (d_per_head) or per channel [H, P]: the scan takes it per channel
 template <typename T>
-int tissd_fwd(const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A, const T* D, int skip_delta,
-              int softplus, const T* B, const T* C, const int64_t* len, Dims d, T* y, int nthreads) {
+const T* channel_skip(const T* D, int d_per_head, const Dims& d, std::vector<T>& Dhp) {
+    if (!D || !d_per_head) return D;
+    Dhp.resize(size_t(d.d_inner()));
+    for (int64_t h = 0; h < d.H; ++h) std::fill(Dhp.begin() + h * d.P, Dhp.begin() + (h + 1) * d.P, D[h]);
+    return Dhp.data();
+}
+
+template <typename T>
+int tissd_fwd(const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A, const T* D, int d_per_head,
+              int skip_delta, int softplus, const T* B, const T* C, const int64_t* len, Dims d, T* y, int nthreads) {
     const std::vector<int64_t> lens = valid_lengths(len, d.nb, d.L);
     const CallSteps<T> st(dt, ts, dt_bias, A, softplus, lens, d, nthreads);
-    return Lib<T>::scan_fwd_checked(x, st.delta, st.a, B, C, lens.data(), D, skip_delta, y, d.nb, d.L, d.H, d.P,
-                                    d.G, d.n, nthreads);        // 1: a valid row of y is not finite
+    std::vector<T> Dhp;
+    return Lib<T>::scan_fwd_checked(x, st.delta, st.a, B, C, lens.data(), channel_skip(D, d_per_head, d, Dhp),
+                                    skip_delta, y, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);   // 1: y not finite
 }
 
 template <typename T>
 void tissd_bwd(const T* gy, const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A, const T* D,
-               int skip_delta, int softplus, const T* B, const T* C, const int64_t* len, Dims d, T* dx, T* ddt,
-               T* dts, T* ddt_bias, T* dA, T* dB, T* dC, T* dD, int nthreads) {
+               int d_per_head, int skip_delta, int softplus, const T* B, const T* C, const int64_t* len, Dims d, T* dx,
+               T* ddt, T* dts, T* ddt_bias, T* dA, T* dB, T* dC, T* dD, int nthreads) {
     const std::vector<int64_t> lens = valid_lengths(len, d.nb, d.L);
     const CallSteps<T> st(dt, ts, dt_bias, A, softplus, lens, d, nthreads);
     const size_t count = size_t(d.nb) * d.L * d.H;
     T *ddelta = scratch<T>(9, count), *da = scratch<T>(10, count);
-    Lib<T>::scan_bwd(x, st.delta, st.a, B, C, lens.data(), D, skip_delta, gy, dx, ddelta, da, dB, dC, dD, d.nb,
-                     d.L, d.H, d.P, d.G, d.n, nthreads);
+    std::vector<T> Dhp, dDhp(D && d_per_head ? size_t(d.d_inner()) : 0);
+    Lib<T>::scan_bwd(x, st.delta, st.a, B, C, lens.data(), channel_skip(D, d_per_head, d, Dhp), skip_delta, gy, dx,
+                     ddelta, da, dB, dC, D && d_per_head ? dDhp.data() : dD, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
+    if (D && d_per_head)                                           // dD [H] = the channels' sums over P
+        for (int64_t h = 0; h < d.H; ++h) {
+            T s = T(0);
+            for (int64_t p = 0; p < d.P; ++p) s += dDhp[h * d.P + p];
+            dD[h] = s;
+        }
     // the step sizes' chain (steps_chain_bwd), then ddt = dv ts (or dv), dts = dv dt
     const int64_t LH = d.L * d.H;
     steps_chain_bwd(ddelta, da, st.v, st.delta, st.tiled.A.data(), softplus, lens, d, nthreads, dA, ddt_bias,
@@ -589,19 +606,19 @@ extern "C" {
 
 #define MMM4REC_CALL_ENTRIES(T, SUFFIX)                                                                               \
     int mmm4rec_tissd_fwd_##SUFFIX(const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A, const T* D,   \
-                                   int skip_delta, int softplus, const T* B, const T* C, const int64_t* len,        \
-                                   int64_t nb, int64_t L, int64_t H, int64_t P, int64_t G, int64_t n, T* y,         \
-                                   int nthreads) {                                                                  \
-        return tissd_fwd<T>(x, dt, ts, dt_bias, A, D, skip_delta, softplus, B, C, len, Dims{nb, L, H, P, G, n}, y,  \
-                            nthreads);                                                                              \
+                                   int d_per_head, int skip_delta, int softplus, const T* B, const T* C,            \
+                                   const int64_t* len, int64_t nb, int64_t L, int64_t H, int64_t P, int64_t G,      \
+                                   int64_t n, T* y, int nthreads) {                                                 \
+        return tissd_fwd<T>(x, dt, ts, dt_bias, A, D, d_per_head, skip_delta, softplus, B, C, len,                  \
+                            Dims{nb, L, H, P, G, n}, y, nthreads);                                                  \
     }                                                                                                               \
     void mmm4rec_tissd_bwd_##SUFFIX(const T* gy, const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A, \
-                                    const T* D, int skip_delta, int softplus, const T* B, const T* C,               \
-                                    const int64_t* len, int64_t nb, int64_t L, int64_t H, int64_t P, int64_t G,     \
-                                    int64_t n, T* dx, T* ddt, T* dts, T* ddt_bias, T* dA, T* dB, T* dC, T* dD,      \
-                                    int nthreads) {                                                                 \
-        tissd_bwd<T>(gy, x, dt, ts, dt_bias, A, D, skip_delta, softplus, B, C, len, Dims{nb, L, H, P, G, n}, dx,    \
-                     ddt, dts, ddt_bias, dA, dB, dC, dD, nthreads);                                                 \
+                                    const T* D, int d_per_head, int skip_delta, int softplus, const T* B,           \
+                                    const T* C, const int64_t* len, int64_t nb, int64_t L, int64_t H, int64_t P,    \
+                                    int64_t G, int64_t n, T* dx, T* ddt, T* dts, T* ddt_bias, T* dA, T* dB, T* dC,  \
+                                    T* dD, int nthreads) {                                                          \
+        tissd_bwd<T>(gy, x, dt, ts, dt_bias, A, D, d_per_head, skip_delta, softplus, B, C, len,                     \
+                     Dims{nb, L, H, P, G, n}, dx, ddt, dts, ddt_bias, dA, dB, dC, dD, nthreads);                    \
     }
 
 MMM4REC_LAYER_ENTRIES(float, f32)
