@@ -284,16 +284,29 @@ def choose_gated_rmsnorm(device: torch.device, dtype: torch.dtype, backend: str 
     return Choice("fused", "torch", why.text(), "request" if backend == "torch" else "fixed")
 
 
+_CONV_CHOICES: dict = {}          # (device type, dtype, native kernels usable) -> the eager Choice (one per key)
+
+
 def choose_causal_conv(device: torch.device, dtype: torch.dtype) -> Choice:
     """The causal conv + SiLU's backend: the native CPU kernel (CPU float32 / float64 with the library loaded),
-    else torch ops (hand-written backward in eager; plain ops, fused by the compiler, while tracing)."""
+    else torch ops (hand-written backward in eager; plain ops, fused by the compiler, while tracing).  Eager choices
+    are kept per (device type, dtype, library loaded): the same answer, without rebuilding its text every call."""
+    native_ok = device.type == "cpu" and dtype in (torch.float32, torch.float64) and _native_cpu(device, dtype)
+    key = (device.type, dtype, native_ok)
+    eager = not torch.compiler.is_compiling()
+    if eager and key in _CONV_CHOICES:
+        return _CONV_CHOICES[key]
     why = _Reasons()
-    if device.type == "cpu" and dtype in (torch.float32, torch.float64) and _native_cpu(device, dtype):
+    if native_ok:
         why.add("CPU {} -> native kernel", dtype)
-        return Choice("channels_last", "native", why.text(), "fixed")
-    why.add("{} {} -> torch ops{}", device.type, dtype,
-            "" if device.type != "cpu" else " (native CPU kernels unavailable: mmm4rec_kernels.cpu.status())")
-    return Choice("channels_last", "torch", why.text(), "fixed")
+        choice = Choice("channels_last", "native", why.text(), "fixed")
+    else:
+        why.add("{} {} -> torch ops{}", device.type, dtype,
+                "" if device.type != "cpu" else " (native CPU kernels unavailable: mmm4rec_kernels.cpu.status())")
+        choice = Choice("channels_last", "torch", why.text(), "fixed")
+    if eager:
+        _CONV_CHOICES[key] = choice
+    return choice
 
 
 def log_choice(op: str, shape: str, choice: Choice) -> None:

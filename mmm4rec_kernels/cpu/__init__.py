@@ -209,11 +209,10 @@ def conv_forward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool) -> torch.Te
     y = torch.empty(b, L, C, dtype=x.dtype)
     if y.numel():
         bias = None if bias is None else bias.contiguous()
-        lib = library()
-        fn = lib.mmm4rec_conv_fwd_f32 if x.dtype == torch.float32 else lib.mmm4rec_conv_fwd_f64
-        fn(x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), w.stride(0), w.stride(1),
-           None if bias is None else bias.data_ptr(), y.data_ptr(), b, L, C, w.shape[1], int(silu),
-           torch.get_num_threads())
+        _fn("mmm4rec_conv_fwd", x.dtype)(
+            x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), w.stride(0), w.stride(1),
+            None if bias is None else bias.data_ptr(), y.data_ptr(), b, L, C, w.shape[1], int(silu),
+            torch.get_num_threads())
     return y
 
 
@@ -237,12 +236,11 @@ def conv_backward(x: torch.Tensor, w: torch.Tensor, bias, silu: bool, pieces, dx
     flat = []                                   # per piece: gy's address (0: unused), start, size, gy's strides
     for (start, size, _), g in zip(pieces, gys):
         flat += (0, start, size, 0, 0) if g is None else (g.data_ptr(), start, size, g.stride(0), g.stride(1))
-    lib = library()
-    fn = lib.mmm4rec_conv_bwd_f32 if x.dtype == torch.float32 else lib.mmm4rec_conv_bwd_f64
-    fn(x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), w.stride(0), w.stride(1),
-       None if bias is None else bias.data_ptr(), b, L, C, k, int(silu), len(pieces),
-       (ctypes.c_int64 * len(flat))(*flat), dx.data_ptr(), dx.stride(1), dw.data_ptr(),
-       None if db is None else db.data_ptr(), torch.get_num_threads())
+    _fn("mmm4rec_conv_bwd", x.dtype)(
+        x.data_ptr(), x.stride(0), x.stride(1), w.data_ptr(), w.stride(0), w.stride(1),
+        None if bias is None else bias.data_ptr(), b, L, C, k, int(silu), len(pieces),
+        (ctypes.c_int64 * len(flat))(*flat), dx.data_ptr(), dx.stride(1), dw.data_ptr(),
+        None if db is None else db.data_ptr(), torch.get_num_threads())
     return dx, dw, db
 
 
