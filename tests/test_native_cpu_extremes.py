@@ -66,14 +66,19 @@ def _boundary_values():
     return torch.cat(pts).float()
 
 
-def test_conv_silu_equals_torch_from_minus_to_plus_1e4(spy):
-    """k = 1, w = 1, no bias: the pre-activation IS x, so every value of the grid reaches SiLU exactly; y and all
+@pytest.mark.parametrize("k", [1, 4])
+def test_conv_silu_equals_torch_from_minus_to_plus_1e4(spy, k):
+    """Taps (0, .., 0, 1), no bias: the pre-activation IS x, so every value of the grid reaches SiLU exactly; y and all
     gradients equal torch's float64 F.conv1d + F.silu elementwise (rtol 1e-5), and torch's fp32 result within its
-    own rounding (fp32 torch gives -0 for -88.7 > p > -103, where exp(-p) overflows; we give the true ~-2e-37)."""
+    own rounding (fp32 torch gives -0 for -88.7 > p > -103, where exp(-p) overflows; we give the true ~-2e-37).
+    k = 4 (the layers' conv, its own compiled kernel): dw_j sums 1140 products up to ~1e4 that cancel down to ~17
+    (torch's fp32 dw is off by 1.5e-3 there, fp32 sums over blocks of 16 rows measured 6.6e-5: both fail; the
+    double sums give 6.5e-7), so it is held to float64 only."""
     v = _boundary_values()
     C = 16
     x = v.repeat_interleave(C).reshape(1, -1, C)                      # every channel sees the whole grid
-    w = torch.ones(C, 1, 1)
+    w = torch.zeros(C, 1, k)
+    w[..., -1] = 1.0
     bias = torch.zeros(C)
     gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     ours, exact = _conv_both(x, w, bias, gy, torch.float64)
@@ -82,7 +87,8 @@ def test_conv_silu_equals_torch_from_minus_to_plus_1e4(spy):
     for name, a, b, c in zip(("y", "dx", "dw", "dbias"), ours, exact, fp32):
         assert torch.isfinite(a).all(), f"{name}: {(~torch.isfinite(a)).sum().item()} non-finite entries"
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-30, msg=name)
-        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-30, msg=name)
+        if k == 1:
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-30, msg=name)
 
 
 @pytest.mark.parametrize("scale", [30.0, 3e3])
