@@ -11,8 +11,7 @@
 //   dC_i += sum_j G_ij exp(seg_ij) B_j,  dB_j += sum_i G_ij exp(seg_ij) C_i  (summed over the group's heads),
 //   da_k = sum over pairs (i >= k > j) of G_ij M_ij;
 //   skip: dx_i += D s_i gy_i, ddelta_i += D gy_i . x_i (if s = delta), dD += sum over (b, i) of s_i gy_i x_i
-//   (dD per thread in double, added in a fixed order; fp32's short path with P = 16 first sums a sequence's <= 32
-//   terms per channel in fp32, then adds them in double).
+//   (dD per thread in double, added in a fixed order).
 // Inputs contiguous: x [b, L, H, P], delta / a [b, L, H], B / C [b, L, G, n], len [b] int64, D [H, P] or null.
 // Padded steps are never read, so they need not be clean.  NaN / inf at a valid step t: the forward only sums pairs
 // j <= i, so it reaches rows >= t only; the backward skips every output row whose gradient gy_i is exactly 0 (all
@@ -735,7 +734,6 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
                     for (int64_t p = 0; p < d.P; ++p) xT[p * W + j] = xh[j * xs + p];
             }
             V seg[NW] = {}, ddv[NW] = {}, dav[NW] = {}, e[NW], gx[NW], ds[NW], pre[NW];
-            V dDq = V{};                                     // P = VL: this sequence's dD_h sums (<= kShort rows)
             na = 0;
             for (int64_t i = 0; i < Lb; ++i) {
                 const I ii = I{} + typename Lanes<T>::I(i);
@@ -775,11 +773,16 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
                     const T si = skip_delta ? dl[i] : T(1);
                     double* dDh = dDt + h * d.P;
                     T gDx = T(0);
-                    if (d.P == VL) {                         // one vector; dD summed over the sequence in T, then
-                        const V gv = S::load(gyi), xv = S::load(xi), gxp = gv * xv;   // added in double
+                    if (d.P == VL) {                         // one vector; dD's sums in double, 8 lanes at a time
+                        const V gv = S::load(gyi), xv = S::load(xi), gxp = gv * xv;
                         const V dg = S::load(Dh) * gxp;
                         for (int k = 0; k < VL; ++k) gDx += dg[k];
-                        dDq += si * gxp;
+                        for (int k0 = 0; k0 < VL; k0 += 8) {
+                            d8 acc;
+                            std::memcpy(&acc, dDh + k0, sizeof acc);
+                            acc += double(si) * (load8_double(gyi + k0) * load8_double(xi + k0));
+                            std::memcpy(dDh + k0, &acc, sizeof acc);
+                        }
                     } else {
                         for (int64_t p = 0; p < d.P; ++p) {
                             gDx += Dh[p] * gyi[p] * xi[p];
@@ -787,17 +790,6 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
                         }
                     }
                     if (skip_delta) dskip[i] = gDx;
-                }
-            }
-            if (D && d.P == VL) {                            // the sequence's dD_h into the thread's double sums
-                alignas(64) T part[VL];
-                S::store(part, dDq);
-                double* dDh = dDt + h * d.P;
-                for (int k0 = 0; k0 < VL; k0 += 8) {
-                    d8 acc;
-                    std::memcpy(&acc, dDh + k0, sizeof acc);
-                    acc += load8_double(part + k0);
-                    std::memcpy(dDh + k0, &acc, sizeof acc);
                 }
             }
             // dx_j = sum_{active i >= j} md_ij gy_i  (+ D s_j gy_j if j is active)
