@@ -386,19 +386,21 @@ inline void exclusive_prefix(const typename Simd<T>::v* v, int nv, typename Simd
     }
 }
 
-// out[0..P) = sum_t w[idx[t] ws] src[idx[t] stride + 0..P)  (+ Dh[p] s xd[p] if Dh): one output row, written whole
+// out[0..P) = sum_t w[idx[t] ws] src[idx[t] stride + 0..P)  (+ Dh[p] s xd[p] if Dh): one output row, written whole;
+// idx null: the steps 0 .. cnt-1 themselves
 template <typename T>
 void combine_any(const T* w, int64_t ws, const int* idx, int cnt, const T* src, int64_t stride, int64_t P,
                  const T* Dh, T s, const T* xd, T* out) {
     using S = Simd<T>;
     using V = typename S::v;
     constexpr int VL = S::lanes;
+    auto step = [idx](int t) { return idx ? idx[t] : t; };
     int64_t p = 0;
     for (; p + 2 * VL <= P; p += 2 * VL) {
         V a0{}, a1{};
         for (int t = 0; t < cnt; ++t) {
-            const T wt = w[idx[t] * ws];
-            const T* sj = src + idx[t] * stride + p;
+            const T wt = w[step(t) * ws];
+            const T* sj = src + step(t) * stride + p;
             a0 += wt * S::load(sj);
             a1 += wt * S::load(sj + VL);
         }
@@ -413,10 +415,10 @@ void combine_any(const T* w, int64_t ws, const int* idx, int cnt, const T* src, 
         V a0{}, a1{};
         int t = 0;
         for (; t + 1 < cnt; t += 2) {
-            a0 += w[idx[t] * ws] * S::load(src + idx[t] * stride + p);
-            a1 += w[idx[t + 1] * ws] * S::load(src + idx[t + 1] * stride + p);
+            a0 += w[step(t) * ws] * S::load(src + step(t) * stride + p);
+            a1 += w[step(t + 1) * ws] * S::load(src + step(t + 1) * stride + p);
         }
-        if (t < cnt) a0 += w[idx[t] * ws] * S::load(src + idx[t] * stride + p);
+        if (t < cnt) a0 += w[step(t) * ws] * S::load(src + step(t) * stride + p);
         a0 += a1;
         if (Dh) a0 += S::load(Dh + p) * s * S::load(xd + p);
         S::store(out + p, a0);
@@ -425,8 +427,8 @@ void combine_any(const T* w, int64_t ws, const int* idx, int cnt, const T* src, 
     if (p < P) {                                       // P not a multiple of the vector width: the rest lane by lane
         T acc[VL] = {};
         for (int t = 0; t < cnt; ++t) {
-            const T wt = w[idx[t] * ws];
-            const T* sj = src + idx[t] * stride;
+            const T wt = w[step(t) * ws];
+            const T* sj = src + step(t) * stride;
             for (int64_t e = p; e < P; ++e) acc[e - p] += wt * sj[e];
         }
         for (int64_t e = p; e < P; ++e) out[e] = acc[e - p] + (Dh ? Dh[e] * s * xd[e] : T(0));
@@ -446,13 +448,14 @@ inline __attribute__((always_inline)) void combine(const T* w, int64_t ws, const
         if (marks && !all_finite(out, P)) (*marks)[0] = -1;
         return;
     }
+    auto step = [idx](int t) { return idx ? idx[t] : t; };    // idx null: steps 0 .. cnt-1 (no index loads)
     V a0{}, a1{};
     int t = 0;
     for (; t + 1 < cnt; t += 2) {
-        a0 += w[idx[t] * ws] * S::load(src + idx[t] * stride);
-        a1 += w[idx[t + 1] * ws] * S::load(src + idx[t + 1] * stride);
+        a0 += w[step(t) * ws] * S::load(src + step(t) * stride);
+        a1 += w[step(t + 1) * ws] * S::load(src + step(t + 1) * stride);
     }
-    if (t < cnt) a0 += w[idx[t] * ws] * S::load(src + idx[t] * stride);
+    if (t < cnt) a0 += w[step(t) * ws] * S::load(src + step(t) * stride);
     a0 += a1;
     if (Dh) a0 += S::load(Dh) * s * S::load(xd);
     if (marks) mark_nonfinite<T>(a0, *marks);
@@ -468,15 +471,12 @@ struct ShortWork {
     typedef typename Simd<T>::v V;
     static constexpr int64_t WM = kShort;              // a multiple of the vector width of fp32 and fp64
     std::vector<V> Bt, xT, cb, Z, md;
-    int idx[kShort];                                   // 0, 1, 2, ...
     bool stream = false;                               // y / dx rows past the caches (kStreamBytes)
     bool stream_bc = false;                            // dB / dC rows past the caches (kStreamBytes)
     typename Lanes<T>::v marks{};                      // the forward's y rows: lanes that held NaN / inf
     ShortWork(const Dims<T>& d)
         : Bt(size_t(d.n) * WM / Simd<T>::lanes), xT(size_t(d.P) * WM / Simd<T>::lanes),
-          cb(size_t(WM) * WM / Simd<T>::lanes), Z(cb.size()), md(cb.size()) {
-        for (int k = 0; k < kShort; ++k) idx[k] = k;
-    }
+          cb(size_t(WM) * WM / Simd<T>::lanes), Z(cb.size()), md(cb.size()) {}
     static T* at(std::vector<V>& v) { return reinterpret_cast<T*>(v.data()); }
 };
 
@@ -687,7 +687,7 @@ void forward_short(const T* x, const T* delta, const T* a, const T* B, const T* 
                     S::store(wr + w * VL,
                              lane[w] <= ii ? S::load(cb + i * W + w * VL) * e[w] * S::load(dl + w * VL) : V{});
                 const T si = skip_delta ? dl[i] : T(1);
-                combine(wr, 1, sw.idx, int(i + 1), x + d.x(b, 0, h), xs, d.P, D ? D + h * d.P : nullptr, si,
+                combine(wr, 1, (const int*)nullptr, int(i + 1), x + d.x(b, 0, h), xs, d.P, D ? D + h * d.P : nullptr, si,
                         x + d.x(b, i, h), y + d.x(b, i, h), sw.stream, &marks);
             }
         }
@@ -819,7 +819,7 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
         for (int64_t i = 0; i < Lb; ++i) {
             T* out = dC + d.bc(b, i, g);
             if (any[i])
-                combine(Z + i * W, 1, sw.idx, int(i + 1), Bg, sb, d.n, (const T*)nullptr, T(0), (const T*)nullptr,
+                combine(Z + i * W, 1, (const int*)nullptr, int(i + 1), Bg, sb, d.n, (const T*)nullptr, T(0), (const T*)nullptr,
                         out, sw.stream_bc);
             else
                 fill_zero(out, d.n, sw.stream_bc);
