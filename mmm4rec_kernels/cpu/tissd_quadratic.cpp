@@ -687,8 +687,8 @@ void forward_short(const T* x, const T* delta, const T* a, const T* B, const T* 
                     S::store(wr + w * VL,
                              lane[w] <= ii ? S::load(cb + i * W + w * VL) * e[w] * S::load(dl + w * VL) : V{});
                 const T si = skip_delta ? dl[i] : T(1);
-                combine(wr, 1, (const int*)nullptr, int(i + 1), x + d.x(b, 0, h), xs, d.P, D ? D + h * d.P : nullptr, si,
-                        x + d.x(b, i, h), y + d.x(b, i, h), sw.stream, &marks);
+                combine(wr, 1, (const int*)nullptr, int(i + 1), x + d.x(b, 0, h), xs, d.P,
+                        D ? D + h * d.P : nullptr, si, x + d.x(b, i, h), y + d.x(b, i, h), sw.stream, &marks);
             }
         }
     }
@@ -819,8 +819,8 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
         for (int64_t i = 0; i < Lb; ++i) {
             T* out = dC + d.bc(b, i, g);
             if (any[i])
-                combine(Z + i * W, 1, (const int*)nullptr, int(i + 1), Bg, sb, d.n, (const T*)nullptr, T(0), (const T*)nullptr,
-                        out, sw.stream_bc);
+                combine(Z + i * W, 1, (const int*)nullptr, int(i + 1), Bg, sb, d.n, (const T*)nullptr, T(0),
+                        (const T*)nullptr, out, sw.stream_bc);
             else
                 fill_zero(out, d.n, sw.stream_bc);
         }
@@ -861,11 +861,11 @@ void backward_short_any(const T* x, const T* delta, const T* a, const T* B, cons
 #undef MMM4REC_SHORT_BWD
 }
 
-// Returns 1 when a valid row of y holds NaN / inf (checked as the rows are written: the short path in registers,
-// the blocked one per block of rows while they are in L1), else 0.
+// check: return 1 when a valid row of y holds NaN / inf (checked as the rows are written: the short path in
+// registers, the blocked one per block of rows while they are in L1), else 0
 template <typename T>
 int forward(const T* x, const T* delta, const T* a, const T* B, const T* C, const int64_t* len, const T* D,
-            int skip_delta, T* y, int64_t nb, Dims<T> d, int nthreads) {
+            int skip_delta, T* y, int64_t nb, Dims<T> d, int nthreads, bool check) {
     const int64_t r = d.H / d.G, xs = d.H * d.P;
     constexpr int VL = Simd<T>::lanes;
     int nonfinite = 0;
@@ -930,7 +930,8 @@ int forward(const T* x, const T* delta, const T* a, const T* B, const T* C, cons
                                 T* yi = y + d.x(b, i, h);
                                 for (int64_t p = 0; p < d.P; ++p) yi[p] += Dh[p] * si * xi[p];
                             }
-                        for (int t = 0; t < nr; ++t) nonfinite |= !all_finite(y + d.x(b, rows[t], h), d.P);
+                        if (check)
+                            for (int t = 0; t < nr; ++t) nonfinite |= !all_finite(y + d.x(b, rows[t], h), d.P);
                     }
                 }
             }
@@ -938,7 +939,7 @@ int forward(const T* x, const T* delta, const T* a, const T* B, const T* C, cons
         stream_fence();
         for (int k = 0; k < VL; ++k) nonfinite |= sw.marks[k] != 0;
     }
-    return nonfinite;
+    return check && nonfinite;
 }
 
 template <typename T>
@@ -1133,13 +1134,13 @@ extern "C" {
     void mmm4rec_ssd_quadratic_fwd_##SUFFIX(const T* x, const T* delta, const T* a, const T* B, const T* C,         \
                                             const int64_t* len, const T* D, int skip_delta, T* y, int64_t nb,        \
                                             int64_t L, int64_t H, int64_t P, int64_t G, int64_t n, int nthreads) {   \
-        forward<T>(x, delta, a, B, C, len, D, skip_delta, y, nb, Dims<T>{L, H, P, G, n}, nthreads);                 \
+        forward<T>(x, delta, a, B, C, len, D, skip_delta, y, nb, Dims<T>{L, H, P, G, n}, nthreads, false);          \
     }                                                                                                               \
     int mmm4rec_ssd_quadratic_fwd_checked_##SUFFIX(const T* x, const T* delta, const T* a, const T* B, const T* C,  \
                                                    const int64_t* len, const T* D, int skip_delta, T* y, int64_t nb, \
                                                    int64_t L, int64_t H, int64_t P, int64_t G, int64_t n,            \
                                                    int nthreads) {                                                  \
-        return forward<T>(x, delta, a, B, C, len, D, skip_delta, y, nb, Dims<T>{L, H, P, G, n}, nthreads);          \
+        return forward<T>(x, delta, a, B, C, len, D, skip_delta, y, nb, Dims<T>{L, H, P, G, n}, nthreads, true);    \
     }                                                                                                               \
     void mmm4rec_ssd_quadratic_bwd_##SUFFIX(const T* x, const T* delta, const T* a, const T* B, const T* C,         \
                                             const int64_t* len, const T* D, int skip_delta, const T* gy, T* dx,      \
