@@ -152,8 +152,8 @@ def test_native_call_flags_exactly_the_nonfinite_valid_rows(native_cpu, dtype, L
     """mmm4rec_kernels.cpu.tissd_forward gives None exactly when a valid row of y is not finite: the scan checks each
     row as it writes it (fp32's short path in registers before the store, streamed at b 136; P 6 after its plain row
     loop; the blocked path, L 45 and fp64, per block of rows).  NaN at a random valid step of each input, inf in x, B
-    or C (the last valid step of a sequence too), and finite inputs whose y overflows, give None; NaN at every padded step, and
-    clean inputs, give y (the clean y on valid rows)."""
+    or C (the last valid step of a sequence too), and finite inputs whose y overflows, give None; NaN at every padded
+    step, and clean inputs, give y (the clean y on valid rows)."""
     H, G, n = 8, 4, 16
     inp, lengths, mk = case(L, b=b, H=H, P=P, G=G, n=n, seed=17)
     lengths[-1] = max(L // 2, 1)                                 # a padded tail in the last sequence
