@@ -23,10 +23,11 @@
 //    thread in double and added in a fixed order.
 // 4. mmm4rec_tissd_fwd / _bwd: one tissd() call of the torch backend on CPU (x [b, L, H, P], B / C [b, L, G, n]
 //    contiguous, no states): v = dt * time_scale + dt_bias (each optional), Delta = softplus(v) (or v), a = A Delta,
-//    y = the quadratic form with the D skip [H] or [H, P] (optional; d_per_head: [H], its gradient summed over P).  The forward returns 1 when a valid row of y is not
-//    finite: a NaN / inf input at a valid step t always makes row t non-finite (every input of step t enters y_t
-//    through a product), so the caller then runs the general path and its NaN-causality rule (finite inputs whose
-//    y overflows take it too: same values, slower).  The backward: the scan's, then the step sizes' chain as in 3.
+//    y = the quadratic form with the D skip [H] or [H, P] (optional; d_per_head: [H], its gradient summed over P).
+//    The forward returns 1 when a valid row of y is not finite (the scan checks each row as it writes it): a NaN /
+//    inf input at a valid step t always makes row t non-finite (every input of step t enters y_t through a
+//    product), so the caller then runs the general path and its NaN-causality rule (finite inputs whose y overflows
+//    take it too: same values, slower).  The backward: the scan's, then the step sizes' chain as in 3.
 // Same math as the torch modules; sums run in other orders (rounding only).  T = float or double.
 #include <algorithm>
 #include <cmath>
