@@ -155,6 +155,12 @@ inline typename lanes<T>::v max_or_second(typename lanes<T>::v a, typename lanes
 // stream_fence() once at the end of each thread's stores.
 constexpr int64_t kStreamBytes = int64_t(1) << 20;
 
+// is an output of `count` values of T written past the caches (kStreamBytes or more)?
+template <typename T>
+inline bool goes_past_caches(int64_t count) {
+    return count * int64_t(sizeof(T)) >= kStreamBytes;
+}
+
 template <typename V>
 inline void store_past_caches(void* p, V v) {
 #if defined(__AVX512F__)

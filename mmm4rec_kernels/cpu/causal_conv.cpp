@@ -122,7 +122,7 @@ void forward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, T* y, int
                int64_t k, int nthreads) {
     const int64_t kk = K ? K : k;
     const std::vector<T> zeros(size_t(tp.Cp), T(0));
-    const bool stream = B * L * C * int64_t(sizeof(T)) >= kStreamBytes;
+    const bool stream = goes_past_caches<T>(B * L * C);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         std::vector<const T*> rows(static_cast<size_t>(kk));
@@ -262,7 +262,7 @@ void backward_k(const T* x, int64_t sxb, int64_t sx, const Taps<T>& tp, int64_t 
     const int nt = nthreads > 1 ? nthreads : 1;
     std::vector<double> dw_acc(size_t(nt * kk * Cp), 0.0), db_acc(size_t(nt * Cp), 0.0);   // [thread][j][c]
     const std::vector<T> zeros(size_t(Cp), T(0));
-    const bool stream = B * L * C * int64_t(sizeof(T)) >= kStreamBytes;
+    const bool stream = goes_past_caches<T>(B * L * C);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int tid = thread_index();

@@ -365,6 +365,25 @@ void steps_chain_bwd(const T* ddelta, const T* da, const T* v, const T* delta, c
     fold_step_sums(acc, nt, LH, d.H, dA, ddt_bias);
 }
 
+// D per head [H] (d_per_head) or per channel [H, P]: the scan takes it per channel (Dhp: the expanded copy)
+template <typename T>
+const T* channel_skip(const T* D, int d_per_head, const Dims& d, std::vector<T>& Dhp) {
+    if (!D || !d_per_head) return D;
+    Dhp.resize(size_t(d.d_inner()));
+    for (int64_t h = 0; h < d.H; ++h) std::fill(Dhp.begin() + h * d.P, Dhp.begin() + (h + 1) * d.P, D[h]);
+    return Dhp.data();
+}
+
+// dD [H] from the scan's per-channel dDhp [H, P]: each head's sum over P
+template <typename T>
+void head_sums(const std::vector<T>& dDhp, const Dims& d, T* dD) {
+    for (int64_t h = 0; h < d.H; ++h) {
+        T s = T(0);
+        for (int64_t p = 0; p < d.P; ++p) s += dDhp[h * d.P + p];
+        dD[h] = s;
+    }
+}
+
 // The scan's contiguous inputs gathered from xBC and the step sizes, valid rows only (the scan never reads the
 // others): x / B / C copied row by row, the step sizes flat per sequence (steps_flat).  gather returns true when a
 // valid step holds NaN / inf in x, B, C, dt or time_scale (v = dt ts + dt_bias is then non-finite).
@@ -409,10 +428,7 @@ struct Steps {
             steps_flat(vb, m, tiled.A.data(), 1, delta + o, a + o);
             bad |= !ok;
         }
-        if (D) {                                          // the scan takes D per channel [H, P]
-            Dhp.resize(size_t(di));
-            for (int64_t h = 0; h < H; ++h) std::fill(Dhp.begin() + h * d.P, Dhp.begin() + (h + 1) * d.P, D[h]);
-        }
+        channel_skip(D, 1, d, Dhp);                       // the scan takes D per channel [H, P]
         return bad != 0;
     }
 };
@@ -477,12 +493,7 @@ void core_bwd(const T* dout, const T* xbc, int64_t s_xbc, const T* z, const T* d
                 for (int64_t h = 0; h < H; ++h) g_ts[h] = dvr[h] * dtr[h];
         }
     });
-    if (dD)
-        for (int64_t h = 0; h < H; ++h) {
-            T s = T(0);
-            for (int64_t p = 0; p < d.P; ++p) s += dDhp[h * d.P + p];
-            dD[h] = s;
-        }
+    if (dD) head_sums(dDhp, d, dD);
 }
 
 // The step sizes of a tissd() call over each sequence's valid rows as ONE flat loop of lens[b] * H values (dt, ts
@@ -515,15 +526,6 @@ struct CallSteps {
     }
 };
 
-// D of a call, per head [H] (d_per_head) or per channel [H, P]: the scan takes it per channel
-template <typename T>
-const T* channel_skip(const T* D, int d_per_head, const Dims& d, std::vector<T>& Dhp) {
-    if (!D || !d_per_head) return D;
-    Dhp.resize(size_t(d.d_inner()));
-    for (int64_t h = 0; h < d.H; ++h) std::fill(Dhp.begin() + h * d.P, Dhp.begin() + (h + 1) * d.P, D[h]);
-    return Dhp.data();
-}
-
 template <typename T>
 int tissd_fwd(const T* x, const T* dt, const T* ts, const T* dt_bias, const T* A, const T* D, int d_per_head,
               int skip_delta, int softplus, const T* B, const T* C, const int64_t* len, Dims d, T* y, int nthreads) {
@@ -545,12 +547,7 @@ void tissd_bwd(const T* gy, const T* x, const T* dt, const T* ts, const T* dt_bi
     std::vector<T> Dhp, dDhp(D && d_per_head ? size_t(d.d_inner()) : 0);
     Lib<T>::scan_bwd(x, st.delta, st.a, B, C, lens.data(), channel_skip(D, d_per_head, d, Dhp), skip_delta, gy, dx,
                      ddelta, da, dB, dC, D && d_per_head ? dDhp.data() : dD, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
-    if (D && d_per_head)                                           // dD [H] = the channels' sums over P
-        for (int64_t h = 0; h < d.H; ++h) {
-            T s = T(0);
-            for (int64_t p = 0; p < d.P; ++p) s += dDhp[h * d.P + p];
-            dD[h] = s;
-        }
+    if (D && d_per_head) head_sums(dDhp, d, dD);
     // the step sizes' chain (steps_chain_bwd), then ddt = dv ts (or dv), dts = dv dt
     const int64_t LH = d.L * d.H;
     steps_chain_bwd(ddelta, da, st.v, st.delta, st.tiled.A.data(), softplus, lens, d, nthreads, dA, ddt_bias,

@@ -386,6 +386,9 @@ inline void exclusive_prefix(const typename Simd<T>::v* v, int nv, typename Simd
     }
 }
 
+// step t of an index list; idx null: the steps 0, 1, 2, ... themselves (no index loads)
+inline int step_at(const int* idx, int t) { return idx ? idx[t] : t; }
+
 // out[0..P) = sum_t w[idx[t] ws] src[idx[t] stride + 0..P)  (+ Dh[p] s xd[p] if Dh): one output row, written whole;
 // idx null: the steps 0 .. cnt-1 themselves
 template <typename T>
@@ -394,13 +397,12 @@ void combine_any(const T* w, int64_t ws, const int* idx, int cnt, const T* src, 
     using S = Simd<T>;
     using V = typename S::v;
     constexpr int VL = S::lanes;
-    auto step = [idx](int t) { return idx ? idx[t] : t; };
     int64_t p = 0;
     for (; p + 2 * VL <= P; p += 2 * VL) {
         V a0{}, a1{};
         for (int t = 0; t < cnt; ++t) {
-            const T wt = w[step(t) * ws];
-            const T* sj = src + step(t) * stride + p;
+            const T wt = w[step_at(idx, t) * ws];
+            const T* sj = src + step_at(idx, t) * stride + p;
             a0 += wt * S::load(sj);
             a1 += wt * S::load(sj + VL);
         }
@@ -415,10 +417,10 @@ void combine_any(const T* w, int64_t ws, const int* idx, int cnt, const T* src, 
         V a0{}, a1{};
         int t = 0;
         for (; t + 1 < cnt; t += 2) {
-            a0 += w[step(t) * ws] * S::load(src + step(t) * stride + p);
-            a1 += w[step(t + 1) * ws] * S::load(src + step(t + 1) * stride + p);
+            a0 += w[step_at(idx, t) * ws] * S::load(src + step_at(idx, t) * stride + p);
+            a1 += w[step_at(idx, t + 1) * ws] * S::load(src + step_at(idx, t + 1) * stride + p);
         }
-        if (t < cnt) a0 += w[step(t) * ws] * S::load(src + step(t) * stride + p);
+        if (t < cnt) a0 += w[step_at(idx, t) * ws] * S::load(src + step_at(idx, t) * stride + p);
         a0 += a1;
         if (Dh) a0 += S::load(Dh + p) * s * S::load(xd + p);
         S::store(out + p, a0);
@@ -427,8 +429,8 @@ void combine_any(const T* w, int64_t ws, const int* idx, int cnt, const T* src, 
     if (p < P) {                                       // P not a multiple of the vector width: the rest lane by lane
         T acc[VL] = {};
         for (int t = 0; t < cnt; ++t) {
-            const T wt = w[step(t) * ws];
-            const T* sj = src + step(t) * stride;
+            const T wt = w[step_at(idx, t) * ws];
+            const T* sj = src + step_at(idx, t) * stride;
             for (int64_t e = p; e < P; ++e) acc[e - p] += wt * sj[e];
         }
         for (int64_t e = p; e < P; ++e) out[e] = acc[e - p] + (Dh ? Dh[e] * s * xd[e] : T(0));
@@ -448,14 +450,13 @@ inline __attribute__((always_inline)) void combine(const T* w, int64_t ws, const
         if (marks && !all_finite(out, P)) (*marks)[0] = -1;
         return;
     }
-    auto step = [idx](int t) { return idx ? idx[t] : t; };    // idx null: steps 0 .. cnt-1 (no index loads)
     V a0{}, a1{};
     int t = 0;
     for (; t + 1 < cnt; t += 2) {
-        a0 += w[step(t) * ws] * S::load(src + step(t) * stride);
-        a1 += w[step(t + 1) * ws] * S::load(src + step(t + 1) * stride);
+        a0 += w[step_at(idx, t) * ws] * S::load(src + step_at(idx, t) * stride);
+        a1 += w[step_at(idx, t + 1) * ws] * S::load(src + step_at(idx, t + 1) * stride);
     }
-    if (t < cnt) a0 += w[step(t) * ws] * S::load(src + step(t) * stride);
+    if (t < cnt) a0 += w[step_at(idx, t) * ws] * S::load(src + step_at(idx, t) * stride);
     a0 += a1;
     if (Dh) a0 += S::load(Dh) * s * S::load(xd);
     if (marks) mark_nonfinite<T>(a0, *marks);
@@ -873,7 +874,7 @@ int forward(const T* x, const T* delta, const T* a, const T* B, const T* C, cons
     {
         Work<T> wk(d, r);
         ShortWork<T> sw(d);
-        sw.stream = nb * d.L * xs * int64_t(sizeof(T)) >= kStreamBytes;
+        sw.stream = goes_past_caches<T>(nb * d.L * xs);
         const int64_t Lp = wk.Lp;
         std::vector<T> wbuf(size_t(R) * Lp, T(0));
 #pragma omp for schedule(static)
@@ -955,8 +956,8 @@ void backward(const T* x, const T* delta, const T* a, const T* B, const T* C, co
         const int tid = thread_index();
         Work<T> wk(d, r);
         ShortWork<T> sw(d);
-        sw.stream = nb * d.L * xs * int64_t(sizeof(T)) >= kStreamBytes;
-        sw.stream_bc = nb * d.L * d.G * d.n * int64_t(sizeof(T)) >= kStreamBytes;
+        sw.stream = goes_past_caches<T>(nb * d.L * xs);
+        sw.stream_bc = goes_past_caches<T>(nb * d.L * d.G * d.n);
         const int64_t Lp = wk.Lp;
         std::vector<T> xT(size_t(r) * d.P * Lp, T(0)), e(size_t(r) * R * Lp, T(0)), Z(size_t(R) * Lp, T(0)),
             gx(size_t(R) * Lp, T(0)), md(size_t(R) * Lp, T(0)), dseg(size_t(R) * Lp, T(0)), ssum(Lp, T(0)),
