@@ -5,14 +5,16 @@
      reciprocal, recomputed by the backward from x: it stores no pre-activation);
   2. autograd: one tissd() call of the torch backend (one native autograd node) and the conv call vs the same native
      forward + backward without autograd (outputs kept alive as autograd keeps them);
-  3. that autograd + Python cost at batch 1 (kernels of a few us), run as a micro-benchmark does (warm caches) and
-     with a 32 MB copy after each native call (as the kernels at batch 256 sweep L1 / L2 between two Python steps).
+  3. that autograd + Python cost at batch 1 (native calls of ~0.1 ms), run as a micro-benchmark does (warm caches)
+     and with a copy of 16 MB after each native call (as the kernels at batch 256 sweep L1 / L2 between two Python
+     steps).
 
     python benchmarks/bench_call_overhead.py --rounds 300
 
 Each round runs every case once, in turn (interleaved: a busy neighbour slows all of them alike); the table gives
 each case's median and best round, and its difference to the row above as the median of the per-round
-differences.  "bytes floor": bench_cpu_kernels.py's (one copy_ of every byte the call reads and writes).
+differences.  "bytes floor": bench_cpu_kernels.py's (one copy_ of every byte the call reads and writes), here one
+copy per round between the other cases (slower than that script's blocks of back-to-back copies).
 """
 import argparse
 import statistics
@@ -137,7 +139,7 @@ def main():
     ssd = tissd_cases(256)
     ssd = interleaved({"bytes floor": ssd_floor(), "native": ssd["native"], "autograd": ssd["autograd"]}, args.rounds)
     print("\n".join(rows("tissd b 256", ssd)), flush=True)
-    src, dst = torch.randn(4 << 20), torch.empty(4 << 20)        # 16 MB read + 16 MB written
+    src, dst = torch.randn(4 << 20), torch.empty(4 << 20)        # 16 MB read, 16 MB written
 
     def sweep():
         dst.copy_(src)
