@@ -269,9 +269,9 @@ inline typename lanes<T>::v exp_nonpositive(typename lanes<T>::v a) {
 }
 
 // exp_nonpositive is right for a > 0 too (a few ulp, inf past the overflow) where vscalef scales its result
-// (AVX-512), up to a / ln2 = 2^22 (2^51), where adding 1.5 2^mant still rounds it to an integer (callers clamp
-// above: sigmoid_pair_v at 87, decay_exp at 100; fp64 700, 750); the other builds' round-and-scale assumes a <= 0 (its exponent
-// wraps past ~177), so a positive a must be recomputed (std::exp)
+// (AVX-512), up to a / ln2 = 2^22 (fp64 2^51), where adding 1.5 2^mant still rounds it to an integer (callers clamp
+// above: sigmoid_pair_v at 87, decay_exp at 100; fp64 700, 750); the other builds' round-and-scale assumes a <= 0
+// (its exponent wraps past ~177), so a positive a must be recomputed (std::exp)
 #if defined(__AVX512F__)
 constexpr bool kExpAnySign = true;
 #else
