@@ -544,10 +544,11 @@ void tissd_bwd(const T* gy, const T* x, const T* dt, const T* ts, const T* dt_bi
     const CallSteps<T> st(dt, ts, dt_bias, A, softplus, lens, d, nthreads);
     const size_t count = size_t(d.nb) * d.L * d.H;
     T *ddelta = scratch<T>(9, count), *da = scratch<T>(10, count);
-    std::vector<T> Dhp, dDhp(D && d_per_head ? size_t(d.d_inner()) : 0);
+    const bool per_head = D && d_per_head;            // the scan's dD per channel, then summed per head
+    std::vector<T> Dhp, dDhp(per_head ? size_t(d.d_inner()) : 0);
     Lib<T>::scan_bwd(x, st.delta, st.a, B, C, lens.data(), channel_skip(D, d_per_head, d, Dhp), skip_delta, gy, dx,
-                     ddelta, da, dB, dC, D && d_per_head ? dDhp.data() : dD, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
-    if (D && d_per_head) head_sums(dDhp, d, dD);
+                     ddelta, da, dB, dC, per_head ? dDhp.data() : dD, d.nb, d.L, d.H, d.P, d.G, d.n, nthreads);
+    if (per_head) head_sums(dDhp, d, dD);
     // the step sizes' chain (steps_chain_bwd), then ddt = dv ts (or dv), dts = dv dt
     const int64_t LH = d.L * d.H;
     steps_chain_bwd(ddelta, da, st.v, st.delta, st.tiled.A.data(), softplus, lens, d, nthreads, dA, ddt_bias,
