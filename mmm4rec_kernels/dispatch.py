@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu as native
 from .limits import BACKENDS, PATHS, QUADRATIC_MAX_LEN
 
 logger = logging.getLogger("mmm4rec_kernels")
@@ -138,7 +139,6 @@ def _native_cpu(device: torch.device, dtype: torch.dtype) -> bool:
     """The native CPU kernels run on this device and compute dtype (float32 / float64)?"""
     if device.type != "cpu":
         return False
-    from . import cpu as native
     return native.available()             # computes float32 (fp16/bf16/fp32 inputs) or float64
 
 

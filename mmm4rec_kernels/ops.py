@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import cpu as native
+from .cpu import nodes as native_nodes
 
 _EMPTY = (0,)
 
@@ -192,13 +193,20 @@ class _ConvCPU(torch.autograd.Function):
 
 
 def causal_conv(x, w, bias, silu, sizes):
-    """The native conv with autograd: x [b, L, C] (channel stride 1), w [C, k], bias [C] or None, sizes: channel
-    pieces -> a tuple of [b, L, size] (one piece: a tensor)."""
+    """The native conv with autograd: x [b, L, C] (channel stride 1), w [C, k] or [C, 1, k], bias [C] or None, sizes:
+    channel pieces -> a tuple of [b, L, size] (one piece: a tensor)."""
+    if not torch.compiler.is_compiling():
+        cpp = native_nodes.get()             # the same node in C++ (cpu/nodes.py), once built; else the Python one
+        if cpp is not None:                  # (it takes w [C, 1, k] by its strides: no reshape node)
+            y = cpp.causal_conv(x, w, bias, silu, sizes)
+            return tuple(y) if len(sizes) > 1 else y[0]
+    w = w.reshape(w.shape[0], -1).contiguous()
+    bias = None if bias is None else bias.contiguous()
     sizes = tuple(int(s) for s in sizes)
     if torch.compiler.is_compiling():    # one output; split as views (the compiler fuses the backward's concat)
-        y = torch.ops.mmm4rec.causal_conv_cpu(x, w.contiguous(), None if bias is None else bias.contiguous(), silu)
+        y = torch.ops.mmm4rec.causal_conv_cpu(x, w, bias, silu)
         return tuple(y.split(list(sizes), dim=-1)) if len(sizes) > 1 else y
-    return _ConvCPU.apply(x, w.contiguous(), None if bias is None else bias.contiguous(), silu, sizes)
+    return _ConvCPU.apply(x, w, bias, silu, sizes)
 
 
 # -------------------------------------------------------------------------------- Triton / CUDA fused TiSSD kernels

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu as native
+from .cpu import nodes as native_nodes
 from . import ops
 
 
@@ -250,6 +251,10 @@ def _native_call(x, dt, A, B, C, E, dt_bias, D, d_skip, dt_softplus, lengths):
             return None
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
     valid_len = None if lengths is None else lengths.to(torch.int64).contiguous()
+    cpp = native_nodes.get()                 # the same node in C++ (cpu/nodes.py), once built; else the Python one
+    if cpp is not None:                      # (None when a valid row is not finite)
+        return cpp.tissd(c(x), c(dt), c(A), c(B), c(C), c(E), c(dt_bias), c(D), valid_len, d_skip == "delta",
+                         bool(dt_softplus))
     try:
         return _TiSSDCPU.apply(c(x), c(dt), c(A), c(B), c(C), c(E), c(dt_bias), c(D), valid_len, d_skip == "delta",
                                bool(dt_softplus))

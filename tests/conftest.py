@@ -4,7 +4,8 @@
 pytest_cmdline_main).  Torch CPU threads are fixed for the whole session (MMM4REC_TEST_THREADS, default 1: the suite's ops are small, and
 on a shared 2-core machine one thread was many times faster than two) and restored after every test, because the
 CLI's `main()` sets its own thread count and would otherwise make the suite's speed depend on test order.  Autograd
-anomaly detection must be off after every test (RecBole's model import switches it on process-wide)."""
+anomaly detection must be off after every test (RecBole's model import switches it on process-wide).  The C++
+autograd nodes of the eager CPU calls are built before their first use (MMM4REC_CPP_NODES=wait)."""
 import os
 import shutil
 
@@ -13,6 +14,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# the eager CPU calls' C++ autograd nodes (mmm4rec_kernels/cpu/nodes.py) are built before the first call that uses
+# them, not in the background: every test sees the same nodes from its first call on (tests that need the Python
+# nodes ask for them: the python_nodes fixture)
+os.environ.setdefault("MMM4REC_CPP_NODES", "wait")
 
 TEST_THREADS = int(os.environ.get("MMM4REC_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
@@ -76,3 +81,31 @@ def native_cpu():
             pytest.fail(f"a C++ compiler exists but {native.status()}")
         pytest.skip(native.status())
     return native
+
+
+@pytest.fixture
+def cpp_nodes(native_cpu):
+    """The eager CPU calls' C++ autograd nodes module (mmm4rec_kernels.cpu.nodes), built if needed.  Skips where it
+    cannot be built here (no Python headers, MMM4REC_CPP_NODES=0); FAILS where everything it needs is present but it
+    does not build or load."""
+    import sysconfig
+
+    from mmm4rec_kernels.cpu import nodes
+    if nodes.mode() == "0":
+        pytest.skip(nodes.status())
+    mod = nodes.get(wait=True)
+    if mod is None:
+        if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+            pytest.fail(f"the C++ nodes' inputs exist but: {nodes.status()}")
+        pytest.skip(nodes.status())
+    return mod
+
+
+@pytest.fixture
+def python_nodes(native_cpu, monkeypatch):
+    """The eager CPU calls use their Python autograd nodes (ops._ConvCPU, torch_backend._TiSSDCPU) during the test,
+    whether or not the C++ ones are loaded."""
+    from mmm4rec_kernels.cpu import nodes
+    nodes.get()                                  # (a first call decides the nodes' status; then set them aside)
+    monkeypatch.setattr(nodes, "_module", None)
+    return native_cpu

@@ -2,25 +2,43 @@
 (torch.ops.mmm4rec.ssd_scan_cpu through mmm4rec_kernels.ops.ssd_scan, D skip fused) and the einsum path, each against the float64 recurrence of
 reference.py: y and every gradient (x, dt, A, B, C, E, D, dt_bias), awkward lengths, weak / strong decay, a huge time
 gap, NaN garbage in padded steps, groups, D as [H] / [H, P] / none, both skip kinds, with and without softplus; the
-eager call as one native node (torch_backend._TiSSDCPU) and the scan op with torch ops around it."""
+eager call as one native node (in C++: mmm4rec_kernels.cpu.nodes; in Python: torch_backend._TiSSDCPU) and the scan op
+with torch ops around it."""
 import pytest
 import torch
 
 import mmm4rec_kernels.cpu as native
 from mmm4rec_kernels import ops, reference, torch_backend
 
-@pytest.fixture(params=["native-call", "native-scan", "einsum"])
+class _CountingNodes:
+    """The C++ nodes module with its tissd() calls counted."""
+
+    def __init__(self, module, calls):
+        self._module, self._calls = module, calls
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+    def tissd(self, *args):
+        self._calls.append(1)
+        return self._module.tissd(*args)
+
+
+@pytest.fixture(params=["cpp-node", "native-call", "native-scan", "einsum"])
 def impl(request, monkeypatch):
-    """native-call: the eager call as one native node (torch_backend._TiSSDCPU); native-scan: the registered scan op
-    with torch step sizes around it (what torch.compile traces); einsum: no native library.  calls: the native
-    kernel's uses."""
+    """cpp-node: the eager call as one native node in C++ (mmm4rec_kernels.cpu.nodes); native-call: the same node in
+    Python (torch_backend._TiSSDCPU); native-scan: the registered scan op with torch step sizes around it (what
+    torch.compile traces); einsum: no native library.  calls: the native kernel's uses."""
     calls = []
-    if request.param.startswith("native"):
-        request.getfixturevalue("native_cpu")                   # skip without a compiler, fail if it does not load
-    if request.param == "native-call":
+    if request.param == "cpp-node":
+        from mmm4rec_kernels.cpu import nodes
+        monkeypatch.setattr(nodes, "_module", _CountingNodes(request.getfixturevalue("cpp_nodes"), calls))
+    elif request.param == "native-call":
+        request.getfixturevalue("python_nodes")                 # skip without a compiler, fail if it does not load
         fwd = native.tissd_forward
         monkeypatch.setattr(native, "tissd_forward", lambda *a, **k: calls.append(1) or fwd(*a, **k))
     elif request.param == "native-scan":
+        request.getfixturevalue("native_cpu")
         monkeypatch.setattr(torch_backend, "_native_call", lambda *a, **k: None)
         scan = ops.ssd_scan
         monkeypatch.setattr(ops, "ssd_scan", lambda *a, **k: calls.append(1) or scan(*a, **k))
@@ -281,7 +299,7 @@ def test_nonfinite_input_takes_the_general_path(impl, where):
                                   lengths=lengths, path="quadratic")
     assert rel(y[1:], clean[1:]) < 1e-12 and rel(y[0, :5], clean[0, :5]) < 1e-12      # (paths differ: rounding)
     assert torch.isnan(y[0, 5:]).any(dim=(1, 2)).all()
-    if name == "native-call":
+    if name in ("native-call", "cpp-node"):
         assert len(calls) == 2                                  # tried twice, the NaN call fell back
 
 

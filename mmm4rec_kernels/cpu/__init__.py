@@ -48,6 +48,7 @@ _OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"
 _lock = threading.Lock()
 _lib = None
 _status: str | None = None          # one line: what was loaded, or why not
+_folder: str | None = None          # where the loaded library is
 
 
 def _cpu_signature() -> str:
@@ -131,9 +132,20 @@ def _bind(lib):
     return lib
 
 
+def _compiler() -> str | None:
+    """The C++ compiler: $CXX, else g++ / c++ / clang++ on PATH (None: none found)."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def library_folder() -> str | None:
+    """The folder the loaded library was built in (None: not loaded); the C++ nodes (nodes.py) are built there too."""
+    library()
+    return _folder
+
+
 def library():
     """The loaded ctypes library, or None (status() says why).  Builds it on the first call if needed."""
-    global _lib, _status
+    global _lib, _status, _folder
     if _status is not None:
         return _lib
     with _lock:
@@ -142,7 +154,7 @@ def library():
         if os.environ.get("MMM4REC_NATIVE_CPU", "1") == "0":
             _status = "native CPU kernels off (MMM4REC_NATIVE_CPU=0): torch path"
             return None
-        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+        compiler = _compiler()
         if compiler is None:
             _status = "native CPU kernels unavailable (no C++ compiler: set CXX): torch path"
             logger.warning("mmm4rec_kernels: %s", _status)
@@ -162,6 +174,7 @@ def library():
                 err = None if os.path.exists(path) else _compile(compiler, path)
                 if err is None:
                     _lib = _bind(ctypes.CDLL(path))
+                    _folder = folder
                     break
             except OSError as e:
                 err = str(e)

@@ -107,19 +107,22 @@ def causal_conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias=None
     CPU float32 / float64 with the native library: torch.ops.mmm4rec.causal_conv_cpu; otherwise torch ops."""
     if x.dim() != 3:
         raise ValueError(f"x must be [b, L, C], got shape {tuple(x.shape)}")
-    w = weight.reshape(weight.shape[0], -1)
-    if w.shape[0] != x.shape[2]:
-        raise ValueError(f"weight has {w.shape[0]} channels, x has {x.shape[2]} (x must be [b, L, C])")
+    if weight.shape[0] != x.shape[2]:
+        raise ValueError(f"weight has {weight.shape[0]} channels, x has {x.shape[2]} (x must be [b, L, C])")
     if split is not None:
         split = tuple(int(c) for c in split)
         if sum(split) != x.shape[2]:
             raise ValueError(f"split {list(split)} sums to {sum(split)}, x has {x.shape[2]} channels")
-    w, bias = w.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     choice = choose_causal_conv(x.device, x.dtype)
     if not torch.compiler.is_compiling() and logger.isEnabledFor(10):   # logging.DEBUG
-        log_choice("causal_conv", f"{tuple(x.shape)} {x.dtype} k={w.shape[1]} silu={silu}", choice)
-    if choice.backend == "native":
-        return ops.causal_conv(native.rows(x), w, bias, bool(silu), split if split is not None else (x.shape[2],))
+        log_choice("causal_conv", f"{tuple(x.shape)} {x.dtype} k={weight.shape[-1]} silu={silu}", choice)
+    if choice.backend == "native":                     # (weight [C, 1, k] as it is: no view node in autograd)
+        return ops.causal_conv(native.rows(x), weight, bias, bool(silu), split or (x.shape[2],))
+    w = weight.reshape(weight.shape[0], -1)
     if torch.compiler.is_compiling():
         return _causal_conv_traced(x, w, bias, bool(silu), split)
     return _CausalConvChannelsLast.apply(x, w, bias, bool(silu), split)
