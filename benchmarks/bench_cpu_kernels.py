@@ -23,7 +23,8 @@ kernels and the memory-bound floor by different amounts, so the per-round ratio 
 test_causal_conv_kernel_fwd_bwd and test_tissd_scan_kernel_fwd_bwd time the native kernels alone
 (mmm4rec_kernels.cpu.conv_forward + conv_backward; scan_forward + scan_backward on the same shape, D [H, P] skip,
 step sizes given): the calls above also run what surrounds them (autograd, fresh gradient tensors; for the TiSSD call
-the step sizes, the time scale and the finiteness check, in one native node on CPU), which the floor does not count.
+the step sizes, the time scale and the finiteness check, in one native node on CPU: in C++, built first if needed,
+mmm4rec_kernels/cpu/nodes.py), which the floor does not count.
 """
 import argparse
 import statistics
@@ -38,6 +39,7 @@ import pytest
 import torch
 
 import mmm4rec_kernels.cpu as native
+from mmm4rec_kernels.cpu import nodes as native_nodes
 from mmm4rec_kernels import torch_backend
 from mmm4rec_kernels.modules.conv import causal_conv1d_channels_last
 
@@ -131,6 +133,7 @@ def impl(request, monkeypatch):
     if request.param == "native":
         if native.library() is None:
             pytest.skip(native.status())
+        native_nodes.get(wait=True)          # the calls' C++ autograd nodes (the Python ones where they do not build)
     else:
         monkeypatch.setattr(native, "supports", lambda x, dtype=None: False)   # the TiSSD's torch backend
         monkeypatch.setattr(native, "available", lambda: False)               # the conv's dispatch
@@ -190,6 +193,8 @@ def main():
     torch.set_num_threads(1)
     if native.library() is None:
         raise SystemExit(native.status())
+    native_nodes.get(wait=True)
+    print(native_nodes.status())
     print("allocator:", native.retain_freed_memory() if args.retain_freed_memory else "glibc defaults")
     print("| case | native ms | floor ms | native / floor: median of rounds (q1-q3) | best / best | page faults per "
           "call |")

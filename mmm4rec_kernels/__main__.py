@@ -26,6 +26,10 @@ def main():
     print("torch backend: always available (CPU tensors, float64, or no triton; direct decay sums, where-masking)")
     print(f"CPU quadratic scan and causal conv + SiLU (torch backend, SSD blocks): "
           f"{native_cpu.status()}")
+    if native_cpu.library() is not None:              # builds them now if needed (~20 s, once per torch build)
+        from .cpu import nodes
+        nodes.get(wait=True)
+        print(f"eager CPU conv and tissd() calls' autograd nodes: {nodes.status()}")
     print(f"path='auto' on GPU: quadratic up to a longest sequence of {crossover_length(64, 64)} at P = n = 64 "
           f"({crossover_length(512, 64)} at P = 512; kernel limit {QUADRATIC_MAX_LEN}), chunked above or with states "
           f"(cost model)")

@@ -9,7 +9,7 @@ float64 reference:
     gradients (rows with a zero gradient are skipped);
   - loading the library leaves the process's floating point state alone (a -ffast-math build links crtfastmath.o,
     which turns on flush-to-zero / denormals-are-zero for every later torch op).
-Every test checks that the native kernel ran (spies on mmm4rec_kernels.cpu's entry points)."""
+Every test checks that the native kernel ran (spies on mmm4rec_kernels.cpu's entry points, under the Python nodes)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,11 @@ from mmm4rec_kernels.modules.conv import causal_conv1d_channels_last
 
 
 @pytest.fixture
-def spy(native_cpu, monkeypatch):
-    """Counts the calls of the native entry points (the library is loaded: native_cpu fails or skips otherwise)."""
+def spy(python_nodes, monkeypatch):
+    """Counts the calls of the native entry points (the library is loaded: native_cpu fails or skips otherwise),
+    through the calls' Python autograd nodes (the C++ ones call the same C entries with the same arguments, bit for
+    bit: test_cpp_nodes.py)."""
+    native_cpu = python_nodes
     calls = {}
 
     def wrap(name):

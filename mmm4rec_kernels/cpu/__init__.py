@@ -11,6 +11,8 @@ ctypes (no torch headers: the build takes a few seconds, once, and works with an
     thread_sums.h        per-thread partial sums reduced in a fixed order (weight gradients)
     activations.h        overflow-free sigmoid / SiLU / softplus and the SSD's decay exp shared by the kernels
     memory.py            retain_freed_memory(): glibc keeps freed memory for reuse (no page faults per training step)
+    autograd_nodes.cpp   the eager conv and tissd() calls' autograd nodes in C++ around the C entries above, built with
+                         torch's headers by nodes.py (in the background at first use; the Python nodes until then)
 
 The library is built into MMM4REC_CACHE_DIR (default ~/.cache/mmm4rec_kernels; the temp dir if that is not
 writable), named by a hash of the source, the compiler, the flags and the CPU, with `-O3 -march=native`,
