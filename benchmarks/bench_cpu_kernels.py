@@ -164,8 +164,8 @@ def ratios(rounds: int, reps: int = 20):
         steps = {"native": make(), "floor": floor()}
         times = {k: [] for k in steps}
         faults = 0
-        for f in steps.values():
-            for _ in range(3):
+        for f in steps.values():             # warm: the heap settles (the conv call grew it for ~15 calls, each
+            for _ in range(30):              # growth a fresh 7.9 MB of page faults)
                 f()
         for _ in range(rounds):
             for k, f in steps.items():
