@@ -1,8 +1,9 @@
 """The eager CPU calls' autograd nodes in C++ (autograd_nodes.cpp): the causal conv + SiLU (ops._ConvCPU) and the
 tissd() call (torch_backend._TiSSDCPU) as torch C++ autograd Functions around the same C entries of the native
-library, so the same values bit for bit, without the Python interpreter on their forward and backward.  Measured
-at batch 256, L 20, 1 thread (benchmarks/bench_call_overhead.py): ~0.16 ms less per tissd() call, ~0.4 ms per conv
-call; the calls then run within ~1-3% of their two native kernel calls (benchmarks/RESULTS.md, "Kernels on CPU").
+library, so the same values bit for bit, without the Python interpreter in their forward and backward.  Measured
+(benchmarks/bench_call_overhead.py, 1 thread, 3 runs; benchmarks/RESULTS.md): at batch 256, L 20 the C++ node is
+0.15-0.22 ms faster per conv call and 0.14-0.16 ms per tissd() call than the Python one (after a kernel has swept
+the caches, the interpreter runs from memory); at batch 1 0.04-0.05 ms warm, 0.10-0.14 ms with swept caches.
 
 The module is compiled once per torch build, Python and source (~20 s with g++: torch's headers) into the native
 library's cache folder (MMM4REC_CACHE_DIR, see mmm4rec_kernels.cpu) and loaded from there afterwards.
@@ -55,14 +56,17 @@ def mode() -> str:
 
 
 def _flags() -> list:
-    from torch.utils.cpp_extension import include_paths, library_paths
-    inc = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    lib = library_paths()
+    """Compiler flags: torch's and Python's headers, torch's libraries (the paths torch.utils.cpp_extension would
+    give, without importing it: it imports setuptools into the process)."""
+    root = os.path.dirname(os.path.abspath(torch.__file__))
+    inc = [os.path.join(root, "include"), os.path.join(root, "include", "torch", "csrc", "api", "include"),
+           sysconfig.get_paths()["include"]]
+    lib = os.path.join(root, "lib")
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
     return (["-O2", "-std=c++20", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-             "-DTORCH_API_INCLUDE_EXTENSION_H", f"-DTORCH_EXTENSION_NAME={_NAME}"] + inc
-            + [f"-L{p}" for p in lib] + [f"-Wl,-rpath,{p}" for p in lib]
-            + ["-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"])
+             "-DTORCH_API_INCLUDE_EXTENSION_H"] + [f"-I{p}" for p in inc]
+            + [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
+            + (["-undefined", "dynamic_lookup"] if sys.platform == "darwin" else []))   # Python's symbols at load
 
 
 def _target(compiler: str, flags: list) -> str:
