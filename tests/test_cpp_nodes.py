@@ -86,6 +86,40 @@ def test_conv_node_pieces_strides_and_threads(cpp_nodes, threads):
     assert len(both[0][0]) == 3
 
 
+@pytest.mark.parametrize("shape", [(24, 1, 3), (24, 3), (24,), (24, 3, 1)])
+def test_conv_node_weight_shapes(cpp_nodes, shape):
+    """weight [C, 1, k] goes to the node as it is, [C, k] too; other shapes as reshape(C, -1) (k = 1 for [C]); the
+    weight's gradient keeps its shape."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 9, 24, generator=g, requires_grad=True)
+    w = torch.randn(*shape, generator=g, requires_grad=True)
+    both = run_both(lambda x, w: causal_conv1d_channels_last(x, w, silu=True), [x, w], [torch.randn(2, 9, 24)])
+    assert_equal(both)
+    assert both[0][1][1].shape == w.shape
+    ref = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (w[0].numel() - 1, 0)),
+                                     w.reshape(24, 1, -1), groups=24)
+    assert torch.allclose(both[0][0][0], torch.nn.functional.silu(ref).transpose(1, 2), atol=1e-5)
+
+
+def test_nodes_refuse_wrong_arguments(cpp_nodes):
+    """The module's own checks: a wrong call raises (the callers check first; the node must not read out of bounds)."""
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        cpp_nodes.causal_conv(x, torch.randn(8), None, True, [8])
+    with pytest.raises(RuntimeError, match="sizes must sum"):
+        cpp_nodes.causal_conv(x, torch.randn(8, 4), None, True, [4])
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpp_nodes.causal_conv(x, torch.randn(8, 4, dtype=torch.float64), None, True, [8])
+    x, dt, A, B, C, E, dt_bias, Dh, _, lengths, _ = tissd_inputs(torch.float32)
+    with pytest.raises(RuntimeError, match="D must be"):
+        cpp_nodes.tissd(x, dt, A, B, C, E, dt_bias, torch.ones(3, 2), lengths, True, True)
+    with pytest.raises(RuntimeError, match="lengths"):
+        cpp_nodes.tissd(x, dt, A, B, C, E, dt_bias, Dh, lengths.int(), True, True)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpp_nodes.tissd(x.transpose(0, 1).contiguous().transpose(0, 1), dt, A, B, C, E, dt_bias, Dh, lengths, True,
+                        True)
+
+
 def test_conv_node_empty_batch(cpp_nodes):
     x = torch.zeros(0, 5, 8, requires_grad=True)
     w, bi = torch.randn(8, 1, 4, requires_grad=True), torch.randn(8, requires_grad=True)

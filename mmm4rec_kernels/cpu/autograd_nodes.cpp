@@ -76,11 +76,32 @@ variable_list once_differentiable(variable_list grads, const variable_list& grad
 // ---------------------------------------------------------------------------------- causal conv (+ SiLU) node
 // x [b, L, C] with unit channel stride, w [C, k] or [C, 1, k] (any strides), bias [C] or none; sizes: channel pieces
 // (one piece: y itself; else its split, whose gradients are taken piece by piece, never concatenated)
+// the callers check their arguments; these checks keep a wrong call from reading out of bounds (an error instead)
+void check_same(const Tensor& t, const Tensor& x, const char* name) {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device().is_cpu(), "mmm4rec native node: ", name,
+                " must be a CPU tensor of x's dtype ", x.scalar_type(), ", got ", t.scalar_type());
+}
+
+void check_conv(const Tensor& x, const Tensor& w, const Tensor& bias, const std::vector<int64_t>& sizes) {
+    TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "mmm4rec conv node: x must be [b, L, C] with unit channel stride");
+    const int64_t C = x.size(2);
+    TORCH_CHECK((w.dim() == 2 || (w.dim() == 3 && w.size(1) == 1)) && w.size(0) == C && w.size(-1) >= 1,
+                "mmm4rec conv node: weight must be [C, k] or [C, 1, k] with C = ", C, ", got ", w.sizes());
+    check_same(w, x, "weight");
+    TORCH_CHECK(!bias.defined() || (bias.dim() == 1 && bias.size(0) == C && bias.is_contiguous()),
+                "mmm4rec conv node: bias must be a contiguous [", C, "]");
+    if (bias.defined()) check_same(bias, x, "bias");
+    int64_t total = 0;
+    for (int64_t c : sizes) total += c;
+    TORCH_CHECK(!sizes.empty() && total == C, "mmm4rec conv node: sizes must sum to C = ", C);
+}
+
 struct ConvNode : public torch::autograd::Function<ConvNode> {
     static variable_list forward(AutogradContext* ctx, Tensor x, Tensor w, std::optional<Tensor> bias_or_none,
                                  bool silu, std::vector<int64_t> sizes) {
         ctx->set_materialize_grads(false);
         const Tensor bias = bias_or_none.value_or(Tensor());
+        check_conv(x, w, bias, sizes);
         const int64_t b = x.size(0), L = x.size(1), C = x.size(2);
         Tensor y = at::empty({b, L, C}, x.options());
         if (y.numel())
@@ -136,12 +157,35 @@ struct NonFinite {};                                      // thrown out of the f
 // dt / ts [b, L, H], A / dt_bias [H], B / C [b, L, G, n], D [H] or [H, P], valid_len [b] int64: contiguous, one
 // float dtype; ts, dt_bias, D, valid_len may be none.  When a valid row of y is not finite the call returns an
 // undefined tensor (None in Python; no node is recorded): the caller then runs the general path.
+void check_tissd(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
+                 const Tensor& ts, const Tensor& dt_bias, const Tensor& D, const Tensor& valid_len) {
+    TORCH_CHECK(x.dim() == 4 && B.dim() == 4 && C.dim() == 4, "mmm4rec tissd node: x, B, C must be 4-D");
+    const int64_t b = x.size(0), L = x.size(1), H = x.size(2), P = x.size(3), G = B.size(2), n = B.size(3);
+    TORCH_CHECK(G >= 1 && H % G == 0 && B.sizes() == C.sizes() && B.size(0) == b && B.size(1) == L,
+                "mmm4rec tissd node: B, C must be [", b, ", ", L, ", G, n] with G dividing H = ", H);
+    auto bLH = [&](const Tensor& t) { return t.dim() == 3 && t.size(0) == b && t.size(1) == L && t.size(2) == H; };
+    TORCH_CHECK(bLH(dt) && (!ts.defined() || bLH(ts)), "mmm4rec tissd node: dt / time_scale must be [b, L, H]");
+    TORCH_CHECK(A.dim() == 1 && A.size(0) == H && (!dt_bias.defined() || (dt_bias.dim() == 1 && dt_bias.size(0) == H)),
+                "mmm4rec tissd node: A / dt_bias must be [H]");
+    TORCH_CHECK(!D.defined() || (D.dim() == 1 && D.size(0) == H) || (D.dim() == 2 && D.size(0) == H && D.size(1) == P),
+                "mmm4rec tissd node: D must be [H] or [H, P]");
+    TORCH_CHECK(!valid_len.defined() || (valid_len.dim() == 1 && valid_len.size(0) == b &&
+                                         valid_len.scalar_type() == at::kLong && valid_len.is_contiguous()),
+                "mmm4rec tissd node: lengths must be a contiguous int64 [b]");
+    for (const Tensor* t : {&x, &dt, &A, &B, &C, &ts, &dt_bias, &D})
+        if (t->defined()) {
+            check_same(*t, x, "every tensor");
+            TORCH_CHECK(t->is_contiguous(), "mmm4rec tissd node: inputs must be contiguous");
+        }
+}
+
 struct TiSSDNode : public torch::autograd::Function<TiSSDNode> {
     static Tensor forward(AutogradContext* ctx, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C,
                           std::optional<Tensor> ts_, std::optional<Tensor> dt_bias_, std::optional<Tensor> D_,
                           std::optional<Tensor> valid_len_, bool skip_delta, bool softplus) {
         const Tensor ts = ts_.value_or(Tensor()), dt_bias = dt_bias_.value_or(Tensor()), D = D_.value_or(Tensor()),
                      valid_len = valid_len_.value_or(Tensor());
+        check_tissd(x, dt, A, B, C, ts, dt_bias, D, valid_len);
         const int64_t b = x.size(0), L = x.size(1), H = x.size(2), P = x.size(3), G = B.size(2), n = B.size(3);
         Tensor y = at::empty({b, L, H, P}, x.options());
         const int d_per_head = D.defined() && D.dim() == 1;

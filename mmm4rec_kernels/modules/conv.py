@@ -113,6 +113,8 @@ def causal_conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias=None
         split = tuple(int(c) for c in split)
         if sum(split) != x.shape[2]:
             raise ValueError(f"split {list(split)} sums to {sum(split)}, x has {x.shape[2]} channels")
+    if weight.dim() != 2 and not (weight.dim() == 3 and weight.shape[1] == 1):
+        weight = weight.reshape(weight.shape[0], -1)          # [C, k] (the native node takes [C, 1, k] as it is)
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
     if bias is not None and bias.dtype != x.dtype:
