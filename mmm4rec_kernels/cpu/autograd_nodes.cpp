@@ -1,10 +1,11 @@
 // Two eager CPU calls as torch C++ autograd nodes around the native library's C entries (causal_conv.cpp,
 // tissd_layer.cpp), the twins of the Python nodes ops._ConvCPU and torch_backend._TiSSDCPU: the same kernels with
 // the same arguments (so the same values, bit for bit), without the Python interpreter on the call's forward and
-// backward (measured: ~0.2 ms per call at batch 256 after a kernel has swept the caches; benchmarks/
+// backward (measured: 0.14-0.22 ms less per call at batch 256, where a kernel has swept the caches; benchmarks/
 // bench_call_overhead.py).  Built by mmm4rec_kernels/cpu/nodes.py with torch's headers (pybind11 module
 // _mmm4rec_nodes); the C entries are passed in as addresses (bind), so this file does not depend on the kernels'
-// build.  Inputs arrive checked and contiguous from the Python callers; nothing here decides a path.
+// build.  The Python callers decide the path and check the arguments; the checks here only turn a wrong direct
+// call into an error instead of an out-of-bounds read.
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/utils/pybind.h>
@@ -74,9 +75,6 @@ variable_list once_differentiable(variable_list grads, const variable_list& grad
 }
 
 // ---------------------------------------------------------------------------------- causal conv (+ SiLU) node
-// x [b, L, C] with unit channel stride, w [C, k] or [C, 1, k] (any strides), bias [C] or none; sizes: channel pieces
-// (one piece: y itself; else its split, whose gradients are taken piece by piece, never concatenated)
-// the callers check their arguments; these checks keep a wrong call from reading out of bounds (an error instead)
 void check_same(const Tensor& t, const Tensor& x, const char* name) {
     TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device().is_cpu(), "mmm4rec native node: ", name,
                 " must be a CPU tensor of x's dtype ", x.scalar_type(), ", got ", t.scalar_type());
@@ -96,6 +94,8 @@ void check_conv(const Tensor& x, const Tensor& w, const Tensor& bias, const std:
     TORCH_CHECK(!sizes.empty() && total == C, "mmm4rec conv node: sizes must sum to C = ", C);
 }
 
+// x [b, L, C] with unit channel stride, w [C, k] or [C, 1, k] (any strides), bias [C] or none; sizes: channel pieces
+// (one piece: y itself; else its split, whose gradients are taken piece by piece, never concatenated)
 struct ConvNode : public torch::autograd::Function<ConvNode> {
     static variable_list forward(AutogradContext* ctx, Tensor x, Tensor w, std::optional<Tensor> bias_or_none,
                                  bool silu, std::vector<int64_t> sizes) {
