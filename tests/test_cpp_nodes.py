@@ -256,3 +256,17 @@ def test_a_failed_build_leaves_the_python_nodes(cpp_nodes, tmp_path):
     first, then, status = r.stdout.strip().splitlines()
     assert "ConvNode" not in first + then and "no torch headers here" in status and "Python nodes" in status
     assert "WARNING" in r.stderr and "C++ autograd nodes unavailable" in r.stderr
+
+
+def test_stale_build_outputs_are_removed(tmp_path):
+    """A build's temporary output left by a process that exited mid-build goes after an hour; fresh temporaries (a
+    build in progress) and built modules stay."""
+    stale, fresh = tmp_path / "_mmm4rec_nodes-abc.tmp.so", tmp_path / "_mmm4rec_nodes-def.tmp.so"
+    built, other = tmp_path / "_mmm4rec_nodes-0123.cpython-311-x86_64-linux-gnu.so", tmp_path / "mmm4rec_cpu-1.so"
+    for p in (stale, fresh, built, other):
+        p.write_bytes(b"x")
+    old = os.path.getmtime(stale) - 7200
+    for p in (stale, built, other):
+        os.utime(p, (old, old))
+    nodes._remove_stale_temporaries(str(tmp_path))
+    assert not stale.exists() and fresh.exists() and built.exists() and other.exists()

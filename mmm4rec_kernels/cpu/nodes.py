@@ -79,6 +79,20 @@ def _target(compiler: str, flags: list) -> str:
     return os.path.join(library_folder(), f"{_NAME}-{h.hexdigest()[:16]}{sysconfig.get_config_var('EXT_SUFFIX')}")
 
 
+def _remove_stale_temporaries(folder: str, age_s: float = 3600.0) -> None:
+    """Remove this module's temporary outputs older than an hour (a process that exited during a background build
+    leaves the compiler's output behind)."""
+    now = time.time()
+    for name in os.listdir(folder):
+        if name.startswith(f"{_NAME}-") and name.endswith(".tmp.so"):
+            path = os.path.join(folder, name)
+            try:
+                if now - os.path.getmtime(path) > age_s:
+                    os.unlink(path)
+            except OSError:
+                pass
+
+
 def _compile(compiler: str, flags: list, out: str) -> str | None:
     """Build `out` atomically (another process's build of the same file is waited for); None or the last error
     line."""
@@ -92,7 +106,8 @@ def _compile(compiler: str, flags: list, out: str) -> str | None:
             fcntl.flock(lock, fcntl.LOCK_EX)                  # released when the file closes
         if os.path.exists(out):
             return None
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
+        _remove_stale_temporaries(os.path.dirname(out))
+        fd, tmp = tempfile.mkstemp(prefix=f"{_NAME}-", suffix=".tmp.so", dir=os.path.dirname(out))
         os.close(fd)
         try:
             r = subprocess.run([compiler, _SOURCE, "-o", tmp, *flags], capture_output=True, text=True, timeout=600)
