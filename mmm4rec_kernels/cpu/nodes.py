@@ -159,7 +159,7 @@ def get(wait: bool = False):
     global _status, _thread
     if _module is not None or (_status is not None and not wait):
         return _module
-    with _lock:                                  # (in wait mode another thread's first call waits here for the build)
+    with _lock:                                  # (another thread's call during a build here runs the Python node)
         if _status is None:
             m = mode()
             from . import _compiler, library
@@ -178,8 +178,7 @@ def get(wait: bool = False):
                 _thread = threading.Thread(target=_build_and_load, args=(lib, compiler), daemon=True,
                                            name="mmm4rec-cpp-nodes")
                 _thread.start()
-                if not wait:
-                    return None                  # the call that starts the build runs the Python node, always
+                return None                      # the call that starts the build runs the Python node, always
     if wait and _thread is not None:
         _thread.join()
     return _module
