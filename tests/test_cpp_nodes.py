@@ -270,3 +270,27 @@ def test_stale_build_outputs_are_removed(tmp_path):
         os.utime(p, (old, old))
     nodes._remove_stale_temporaries(str(tmp_path))
     assert not stale.exists() and fresh.exists() and built.exists() and other.exists()
+
+
+def test_exit_during_a_background_build_stops_it(cpp_nodes, tmp_path):
+    """A process that exits while its background build runs stops the compiler (its whole process group) and leaves
+    no output behind; the next process builds afresh.  (The kernel library is copied into the fresh cache: no kernel
+    build.)"""
+    import glob
+    import shutil
+    import time
+
+    import mmm4rec_kernels.cpu as native
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for lib in glob.glob(os.path.join(native.library_folder(), "mmm4rec_cpu-*.so")):
+        shutil.copy(lib, cache)
+    code = ("import torch, time; from mmm4rec_kernels.modules.conv import causal_conv1d_channels_last as f; "
+            "x = torch.randn(2, 5, 3, requires_grad=True); print(f(x, torch.randn(3, 1, 4)).grad_fn.name()); "
+            "time.sleep(1)")
+    r = _run(code, MMM4REC_CPP_NODES="auto", MMM4REC_CACHE_DIR=str(cache))
+    assert "ConvNode" not in r.stdout and "unavailable" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    time.sleep(0.5)
+    assert not list(cache.glob("*.tmp.so")) and not list(cache.glob("_mmm4rec_nodes-*.so")), list(cache.iterdir())
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(cache) not in ps, "a compiler of the exited process still runs"

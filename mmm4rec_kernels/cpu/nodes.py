@@ -18,6 +18,7 @@ says which nodes run.  The nodes are eager only: torch.compile / export trace th
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import hashlib
@@ -25,6 +26,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -45,6 +47,8 @@ _lock = threading.Lock()
 _module = None                                # the loaded module (its entries bound), or None
 _status: str | None = None                    # None: not started; else one line (building / in use / why not)
 _thread: threading.Thread | None = None
+_building = None                              # (compiler process, its output file) while a build runs
+_exiting = False                              # set at exit (a stopped build is not a failure to report)
 
 
 def mode() -> str:
@@ -109,18 +113,49 @@ def _compile(compiler: str, flags: list, out: str) -> str | None:
         _remove_stale_temporaries(os.path.dirname(out))
         fd, tmp = tempfile.mkstemp(prefix=f"{_NAME}-", suffix=".tmp.so", dir=os.path.dirname(out))
         os.close(fd)
+        global _building
         try:
-            r = subprocess.run([compiler, _SOURCE, "-o", tmp, *flags], capture_output=True, text=True, timeout=600)
+            proc = subprocess.Popen([compiler, _SOURCE, "-o", tmp, *flags], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=os.name == "posix")   # its own group: stopped whole
+            _building = (proc, tmp)
+            stdout, stderr = proc.communicate(timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
-            os.unlink(tmp)
+            _stop_build()                                     # (a timeout: the compiler is stopped)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
             return f"{type(e).__name__}: {e}"
-        if r.returncode != 0:
-            os.unlink(tmp)
-            lines = [ln for ln in (r.stderr or r.stdout).splitlines() if "error" in ln] or \
-                (r.stderr or r.stdout).strip().splitlines()
-            return lines[0].strip() if lines else f"exit {r.returncode}"
+        finally:
+            _building = None
+        if proc.returncode != 0:
+            if os.path.exists(tmp):                           # (not there when _stop_build removed it)
+                os.unlink(tmp)
+            lines = [ln for ln in (stderr or stdout).splitlines() if "error" in ln] or \
+                (stderr or stdout).strip().splitlines()
+            return lines[0].strip() if lines else f"exit {proc.returncode}"
         os.replace(tmp, out)
         return None
+
+
+@atexit.register
+def _stop_build():
+    """A build still running when the process exits (or timed out) is stopped and its output removed."""
+    global _exiting
+    _exiting = True
+    if _building is not None:
+        proc, tmp = _building
+        try:
+            if os.name == "posix":
+                os.killpg(proc.pid, signal.SIGKILL)     # the driver and the compiler proper it started
+            else:
+                proc.kill()
+        except OSError:
+            pass
+        proc.wait()
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def _load(path: str, lib):
@@ -146,7 +181,8 @@ def _build_and_load(lib, compiler: str):
         err, mod = f"{type(e).__name__}: {e}", None
     if mod is None:
         _status = f"C++ autograd nodes unavailable ({err}): Python nodes"
-        logger.warning("mmm4rec_kernels: %s", _status)
+        if not _exiting:                                     # (a build stopped at exit says nothing)
+            logger.warning("mmm4rec_kernels: %s", _status)
         return
     _module = mod
     _status = f"C++ autograd nodes: {path} (ready after {time.perf_counter() - t0:.1f} s)"
