@@ -14,7 +14,8 @@ MMM4REC_CPP_NODES chooses when:
                      C++ nodes from the first on (the test suite and `python -m mmm4rec_kernels` do this);
     0                never: the Python nodes.
 A failed build (no compiler, no torch headers) leaves the Python nodes and says why in one WARNING line; `status()`
-says which nodes run.  The nodes are eager only: torch.compile / export trace the registered ops (mmm4rec_kernels.ops).
+says which nodes run.  Processes building at once build once (a file lock); one that exits mid-build stops its
+compiler and leaves nothing behind (the next one builds).  The nodes are eager only: torch.compile / export trace the registered ops (mmm4rec_kernels.ops).
 """
 from __future__ import annotations
 
