@@ -17,8 +17,9 @@ Unlike `reference.py` (the float64 oracle the tests trust), this is product code
   `mmm4rec_kernels.ops.ssd_scan` (torch.ops.mmm4rec.ssd_scan_cpu) instead (same sums, each sequence over its valid steps only, no intermediate
   tensors; it never reads padded x / B / C, so only dt and E are cleaned); without a C++ compiler, the einsums.
   Eager (not traced), with every tensor in x's float32 / float64 dtype and no packing, the whole call (step sizes,
-  scan, D skip, and their backward) is ONE native autograd node instead (`_TiSSDCPU`: ~30 torch ops and nodes
-  fewer); a NaN / inf input sends it back to the path above (its NaN-causality rule).
+  scan, D skip, and their backward) is ONE native autograd node instead (~30 torch ops and nodes fewer; in C++ once
+  mmm4rec_kernels.cpu.nodes has built it, else `_TiSSDCPU`: the same C entries, equal values); a NaN / inf input
+  sends it back to the path above (its NaN-causality rule).
 
 Shapes (padded batch): x [b, L, H, P], dt / time_scale [b, L, H], A / dt_bias [H], D [H] or [H, P],
 B, C [b, L, G, n] (head h reads group h // (H // G)), lengths [b]; packed: x [1, T, H, P] with cu_seqlens [nseq+1].
