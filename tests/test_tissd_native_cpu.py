@@ -10,6 +10,7 @@ import torch
 import mmm4rec_kernels.cpu as native
 from mmm4rec_kernels import ops, reference, torch_backend
 
+
 class _CountingNodes:
     """The C++ nodes module with its tissd() calls counted."""
 
