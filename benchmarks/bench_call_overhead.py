@@ -30,9 +30,9 @@ from mmm4rec_kernels import torch_backend
 from mmm4rec_kernels.modules.conv import causal_conv1d_channels_last
 
 try:                                    # pytest imports this as benchmarks.bench_call_overhead; the script runs alone
-    from benchmarks.bench_cpu_kernels import conv_floor, ssd_floor
+    from benchmarks.bench_cpu_kernels import conv_floor, native_setup, ssd_floor
 except ImportError:
-    from bench_cpu_kernels import conv_floor, ssd_floor
+    from bench_cpu_kernels import conv_floor, native_setup, ssd_floor
 
 L, H, P, G, N, CONV_C = 20, 8, 16, 8, 16, 384
 
@@ -142,11 +142,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=300)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    if native.library() is None:
-        raise SystemExit(native.status())
-    native_nodes.get(wait=True)
-    print(native_nodes.status())
+    native_setup()
     print("allocator:", native.retain_freed_memory())
     print("| shape | case | median us | best us | minus the row above (median of per-round differences) |")
     print("|---|---|---|---|---|")

@@ -183,6 +183,16 @@ def ratios(rounds: int, reps: int = 20):
     return out
 
 
+def native_setup():
+    """Script mode: 1 thread, the native library loaded (exits saying why not) and the calls' C++ autograd nodes built
+    if they can be (their status printed)."""
+    torch.set_num_threads(1)
+    if native.library() is None:
+        raise SystemExit(native.status())
+    native_nodes.get(wait=True)
+    print(native_nodes.status())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=40)
@@ -190,11 +200,7 @@ def main():
     ap.add_argument("--retain-freed-memory", action="store_true",
                     help="glibc keeps freed memory for reuse (mmm4rec_kernels.cpu.retain_freed_memory)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    if native.library() is None:
-        raise SystemExit(native.status())
-    native_nodes.get(wait=True)
-    print(native_nodes.status())
+    native_setup()
     print("allocator:", native.retain_freed_memory() if args.retain_freed_memory else "glibc defaults")
     print("| case | native ms | floor ms | native / floor: median of rounds (q1-q3) | best / best | page faults per "
           "call |")

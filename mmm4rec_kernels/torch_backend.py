@@ -252,13 +252,12 @@ def _native_call(x, dt, A, B, C, E, dt_bias, D, d_skip, dt_softplus, lengths):
             return None
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
     valid_len = None if lengths is None else lengths.to(torch.int64).contiguous()
+    args = (c(x), c(dt), c(A), c(B), c(C), c(E), c(dt_bias), c(D), valid_len, d_skip == "delta", bool(dt_softplus))
     cpp = native_nodes.get()                 # the same node in C++ (cpu/nodes.py), once built; else the Python one
-    if cpp is not None:                      # (None when a valid row is not finite)
-        return cpp.tissd(c(x), c(dt), c(A), c(B), c(C), c(E), c(dt_bias), c(D), valid_len, d_skip == "delta",
-                         bool(dt_softplus))
+    if cpp is not None:
+        return cpp.tissd(*args)              # (None when a valid row is not finite)
     try:
-        return _TiSSDCPU.apply(c(x), c(dt), c(A), c(B), c(C), c(E), c(dt_bias), c(D), valid_len, d_skip == "delta",
-                               bool(dt_softplus))
+        return _TiSSDCPU.apply(*args)
     except _NonFinite:
         return None
 
