@@ -685,10 +685,14 @@ void forward_short(const T* x, const T* delta, const T* a, const T* B, const T* 
                 for (int w = 0; w < NW; ++w) seg[w] = lane[w] < ii ? seg[w] + al[i] : V{};
                 row_exp<T, NW>(seg, nv, e);
                 for (int w = 0; w < nv && w < NW; ++w)      // w_ij = (C_i . B_j) exp(seg_ij) delta_j, j <= i
-                    S::store(wr + w * VL,
+                    S::store(wr + i * W + w * VL,
                              lane[w] <= ii ? S::load(cb + i * W + w * VL) * e[w] * S::load(dl + w * VL) : V{});
+            }
+            // y_i = sum_j w_ij x_j once all rows are stored (their lanes read back one by one: no load waits on a
+            // store of the same row still in flight)
+            for (int64_t i = 0; i < Lb; ++i) {
                 const T si = skip_delta ? dl[i] : T(1);
-                combine(wr, 1, (const int*)nullptr, int(i + 1), x + d.x(b, 0, h), xs, d.P,
+                combine(wr + i * W, 1, (const int*)nullptr, int(i + 1), x + d.x(b, 0, h), xs, d.P,
                         D ? D + h * d.P : nullptr, si, x + d.x(b, i, h), y + d.x(b, i, h), sw.stream, &marks);
             }
         }
