@@ -90,8 +90,10 @@ def test_conv_silu_equals_torch_from_minus_to_plus_1e4(spy, k):
     for name, a, b, c in zip(("y", "dx", "dw", "dbias"), ours, exact, fp32):
         assert torch.isfinite(a).all(), f"{name}: {(~torch.isfinite(a)).sum().item()} non-finite entries"
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-30, msg=name)
-        if k == 1:
-            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-30, msg=name)
+        if k == 1:                     # torch's fp32 within its own error: its dw sums cancel too (1 thread on
+            own = (c.double() - b).abs()   # the Zen 5 box: -109.5 for -109.4777, 2e-4 off; ours: 1.4e-7)
+            bad = (a.double() - c.double()).abs() > 1e-4 * c.double().abs() + own + 1e-30
+            assert not bad.any(), f"{name}: {bad.sum().item()} entries off torch's fp32 by more than its own error"
 
 
 @pytest.mark.parametrize("scale", [30.0, 3e3])
