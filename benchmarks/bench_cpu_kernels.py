@@ -10,6 +10,9 @@ torch backend (H 8, P 16, G 8, n 16, D skip, time scale).  1 CPU thread, float32
 "floor" copies the bytes the call must move once (every input it reads, forward and backward, and every output and
 gradient it writes, float32) with one tensor copy_ of (read + written) / 2 bytes: what the kernels would take if they
 were bound by this thread's memory bandwidth alone (the ratio native / floor is how far they are from it).
+Where the L3 holds the call's ~30-40 MB (a 32 MB L3: the Zen 5 box), that copy runs from and to the cache (~70 GB/s
+there, vs ~40 from DRAM): script mode also reports the "DRAM floor", the same bytes at the rate this thread copies a
+256 MiB buffer in the same round (the issue's first floor was bytes / a single thread's copy rate, then ~20 GB/s).
 Gradients are set to None before each step, as optimizer.zero_grad() does (else every round would also time the
 accumulation into .grad: one more read-read-write pass over each input, not part of the call).
 The calls and kernels allocate their outputs (as they must: autograd keeps them); with glibc's default malloc a
@@ -49,10 +52,30 @@ SSD_INPUTS = B * L * H * P + 2 * B * L * H + 2 * B * L * G * N          # x, dt,
 
 
 def floor_copy(read_elems: int, written_elems: int):
-    """A step that moves (read + written) float32 elements once: copy_ of half of them (a copy reads and writes)."""
+    """A step that moves (read + written) float32 elements once: copy_ of half of them (a copy reads and writes);
+    its .bytes: the bytes it moves."""
     half = (read_elems + written_elems + 1) // 2
     src, dst = torch.randn(half), torch.empty(half)
-    return lambda: dst.copy_(src)
+
+    def step():
+        dst.copy_(src)
+    step.bytes = 8 * half
+    return step
+
+
+def dram_copy(mib: int = 256):
+    """A step that copies `mib` MiB (src and dst each 8x a 32 MB L3: from and to DRAM), returning its GB/s: the rate at
+    which this thread moves bytes that are in no cache (the floors above copy the call's own ~30-40 MB, which a large
+    L3 holds between calls: there they time the cache, not DRAM)."""
+    n = mib * 2 ** 20 // 4
+    src, dst = torch.randn(n), torch.empty(n)
+    dst.copy_(src)
+
+    def rate():
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        return 8 * n / (time.perf_counter() - t0) / 1e9
+    return rate
 
 
 def conv_floor():              # fwd reads x, writes y; bwd reads gy, x, writes dx (w, bias: negligible)
@@ -160,9 +183,12 @@ def ratios(rounds: int, reps: int = 20):
     of the two block times.  The ratio of the best blocks (each side's fastest round) is what the two reach when the
     neighbours leave them alone: they slow compute (the kernels) and memory (the floor) by different amounts."""
     out = {}
+    dram = dram_copy()
     for case, (make, floor) in CASES.items():
         steps = {"native": make(), "floor": floor()}
+        nbytes = steps["floor"].bytes
         times = {k: [] for k in steps}
+        dram_ms = []                         # the call's bytes at this round's DRAM copy rate
         faults = 0
         for f in steps.values():             # warm: the heap settles (the conv call grew it for ~15 calls, each
             for _ in range(30):              # growth a fresh 7.9 MB of page faults)
@@ -176,10 +202,13 @@ def ratios(rounds: int, reps: int = 20):
                 times[k].append((time.perf_counter() - t0) / reps * 1e3)
                 if k == "native" and resource:
                     faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            dram_ms.append(nbytes / dram() / 1e6)
         r = sorted(a / b for a, b in zip(times["native"], times["floor"]))
+        rd = [a / b for a, b in zip(times["native"], dram_ms)]
         q = statistics.quantiles(r, n=4)
         out[case] = (statistics.median(times["native"]), statistics.median(times["floor"]), statistics.median(r),
-                     q[0], q[2], min(times["native"]) / min(times["floor"]), faults / (rounds * reps))
+                     q[0], q[2], min(times["native"]) / min(times["floor"]), faults / (rounds * reps),
+                     statistics.median(dram_ms), statistics.median(rd), min(times["native"]) / min(dram_ms))
     return out
 
 
@@ -203,11 +232,11 @@ def main():
     native_setup()
     print("allocator:", native.retain_freed_memory() if args.retain_freed_memory else "glibc defaults")
     print("| case | native ms | floor ms | native / floor: median of rounds (q1-q3) | best / best | page faults per "
-          "call |")
-    print("|---|---|---|---|---|---|")
-    for case, (nat, flo, med, q1, q3, best, flt) in ratios(args.rounds, args.reps).items():
-        print(f"| {case} | {nat:.2f} | {flo:.2f} | {med:.2f} ({q1:.2f}-{q3:.2f}) | {best:.2f} | {flt:.0f} |",
-              flush=True)
+          "call | DRAM floor ms | native / DRAM floor: median, best / best |")
+    print("|---|---|---|---|---|---|---|---|")
+    for case, (nat, flo, med, q1, q3, best, flt, dr, dmed, dbest) in ratios(args.rounds, args.reps).items():
+        print(f"| {case} | {nat:.2f} | {flo:.2f} | {med:.2f} ({q1:.2f}-{q3:.2f}) | {best:.2f} | {flt:.0f} | "
+              f"{dr:.2f} | {dmed:.2f}, {dbest:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

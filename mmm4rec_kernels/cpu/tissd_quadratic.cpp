@@ -739,6 +739,8 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
                     for (int64_t p = 0; p < d.P; ++p) xT[p * W + j] = xh[j * xs + p];
             }
             V seg[NW] = {}, ddv[NW] = {}, dav[NW] = {}, e[NW], gx[NW], ds[NW], pre[NW];
+            constexpr int ND = VL / 8;                    // dD of this head's rows (P = VL) in registers, added
+            d8 dsum[ND] = {};                             // to the thread's sums after the rows
             na = 0;
             for (int64_t i = 0; i < Lb; ++i) {
                 const I ii = I{} + typename Lanes<T>::I(i);
@@ -782,12 +784,8 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
                         const V gv = S::load(gyi), xv = S::load(xi), gxp = gv * xv;
                         const V dg = S::load(Dh) * gxp;
                         for (int k = 0; k < VL; ++k) gDx += dg[k];
-                        for (int k0 = 0; k0 < VL; k0 += 8) {
-                            d8 acc;
-                            std::memcpy(&acc, dDh + k0, sizeof acc);
-                            acc += double(si) * (load8_double(gyi + k0) * load8_double(xi + k0));
-                            std::memcpy(dDh + k0, &acc, sizeof acc);
-                        }
+                        for (int k0 = 0; k0 < VL; k0 += 8)
+                            dsum[k0 / 8] += double(si) * (load8_double(gyi + k0) * load8_double(xi + k0));
                     } else {
                         for (int64_t p = 0; p < d.P; ++p) {
                             gDx += Dh[p] * gyi[p] * xi[p];
@@ -797,6 +795,13 @@ void backward_short(const T* x, const T* delta, const T* a, const T* B, const T*
                     if (skip_delta) dskip[i] = gDx;
                 }
             }
+            if (D && d.P == VL)
+                for (int k0 = 0; k0 < VL; k0 += 8) {
+                    d8 acc;
+                    std::memcpy(&acc, dDt + h * d.P + k0, sizeof acc);
+                    acc += dsum[k0 / 8];
+                    std::memcpy(dDt + h * d.P + k0, &acc, sizeof acc);
+                }
             // dx_j = sum_{active i >= j} md_ij gy_i  (+ D s_j gy_j if j is active)
             for (int64_t j = 0, t = 0; j < Lb; ++j) {
                 while (t < na && act[t] < j) ++t;
