@@ -587,23 +587,41 @@ void short_cb(const T* Bg, const T* Cg, int64_t sb, int64_t n, int64_t Lb, T* Bt
         for (int64_t j = 0; j < Lb; ++j)
             for (int64_t k = 0; k < n; ++k) Bt[k * W + j] = Bg[j * sb + k];
     }
+    // 4 rows share each Bt load; with one vector a row (NW 1) each row sums even and odd k apart: 8 FMA chains in
+    // flight, what two FMA pipes of 4 cycles' latency need (4 chains left the loop waiting on its own sums)
+    constexpr int KS = NW == 1 ? 2 : 1;
     int64_t i = 0;
-    for (; i + 4 <= Lb; i += 4) {                      // 4 rows share each Bt load (and 4 FMA chains run at once)
-        V acc[4][NW] = {};
-        for (int64_t k = 0; k < n; ++k)
+    for (; i + 4 <= Lb; i += 4) {
+        V acc[KS][4][NW] = {};
+        int64_t k = 0;
+        for (; k + KS <= n; k += KS)
+            for (int u = 0; u < KS; ++u)
+                for (int w = 0; w < NW; ++w) {
+                    const V bt = S::load(Bt + (k + u) * W + w * VL);
+                    for (int t = 0; t < 4; ++t) acc[u][t][w] += Cg[(i + t) * sb + k + u] * bt;
+                }
+        for (; k < n; ++k)
             for (int w = 0; w < NW; ++w) {
                 const V bt = S::load(Bt + k * W + w * VL);
-                for (int t = 0; t < 4; ++t) acc[t][w] += Cg[(i + t) * sb + k] * bt;
+                for (int t = 0; t < 4; ++t) acc[0][t][w] += Cg[(i + t) * sb + k] * bt;
             }
         for (int t = 0; t < 4; ++t)
-            for (int w = 0; w < NW; ++w) S::store(cb + (i + t) * W + w * VL, acc[t][w]);
+            for (int w = 0; w < NW; ++w) {
+                V sum = acc[0][t][w];
+                for (int u = 1; u < KS; ++u) sum += acc[u][t][w];
+                S::store(cb + (i + t) * W + w * VL, sum);
+            }
     }
-    for (; i < Lb; ++i) {
+    for (; i < Lb; ++i) {                              // the last rows: 4 chains each (k mod 4)
         const T* ci = Cg + i * sb;
-        V acc[NW] = {};
-        for (int64_t k = 0; k < n; ++k)
-            for (int w = 0; w < NW; ++w) acc[w] += ci[k] * S::load(Bt + k * W + w * VL);
-        for (int w = 0; w < NW; ++w) S::store(cb + i * W + w * VL, acc[w]);
+        V acc[4][NW] = {};
+        int64_t k = 0;
+        for (; k + 4 <= n; k += 4)
+            for (int u = 0; u < 4; ++u)
+                for (int w = 0; w < NW; ++w) acc[u][w] += ci[k + u] * S::load(Bt + (k + u) * W + w * VL);
+        for (; k < n; ++k)
+            for (int w = 0; w < NW; ++w) acc[0][w] += ci[k] * S::load(Bt + k * W + w * VL);
+        for (int w = 0; w < NW; ++w) S::store(cb + i * W + w * VL, (acc[0][w] + acc[1][w]) + (acc[2][w] + acc[3][w]));
     }
 }
 
