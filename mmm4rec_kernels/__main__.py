@@ -4,8 +4,8 @@ import torch
 from . import cpu as native_cpu
 from . import ops
 from . import cuda as cuda_backend
-from .dispatch import (_triton_importable, cpu_crossover_length, crossover_length, interpreter_on,
-                       torch_allows_tf32)
+from .dispatch import (CPU_CLASS, CPU_INFER_MAX_LEN, _triton_importable, cpu_crossover_length, cpu_vendor,
+                       crossover_length, interpreter_on, torch_allows_tf32)
 from .limits import QUADRATIC_MAX_LEN
 
 
@@ -34,7 +34,8 @@ def main():
           f"({crossover_length(512, 64)} at P = 512; kernel limit {QUADRATIC_MAX_LEN}), chunked above or with states "
           f"(cost model)")
     print(f"path='auto' on CPU: native quadratic scan up to {cpu_crossover_length(64, 64)} at P = n = 64 "
-          f"({cpu_crossover_length(16, 16)} at P = n = 16), chunked einsums above (measured table)")
+          f"({cpu_crossover_length(16, 16)} at P = n = 16), chunked einsums above; inference path up to "
+          f"{CPU_INFER_MAX_LEN} (measured tables of class {CPU_CLASS}; this CPU: {cpu_vendor() or 'vendor unknown'})")
     print(f"registered ops: {', '.join('torch.ops.mmm4rec.' + name for name in ops.OPS)}")
     print(f"allow_tf32=None follows torch's matmul TF32 setting: currently {torch_allows_tf32()}")
 

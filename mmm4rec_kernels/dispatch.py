@@ -10,7 +10,8 @@ TiSSD path tables (path='auto', no states):
                    capped by QUADRATIC_MAX_LEN (limits.py).  QUADRATIC_DISCOUNT = 0.75 until measured on H100/H200
                    (tools/gpu_check.py prints the crossover).
   cpu-measured     CPU tensors with the native kernels: CPU_CROSSOVER, the longest L at which the native quadratic
-                   scan measured no slower than the chunked einsums (benchmarks/bench_cpu_crossover.py), by P + n.
+                   scan measured no slower than the chunked einsums (benchmarks/bench_cpu_crossover.py), by P + n,
+                   from the table of this CPU's class (CPU_TABLES: by vendor; MMM4REC_CPU_CLASS picks one).
   env              MMM4REC_QUADRATIC_MAX_L: a fixed threshold for every device (MMM4REC_QUADRATIC_DISCOUNT changes
                    the GPU model's constant).
 Initial / final states always take the chunked path.
@@ -40,17 +41,51 @@ QUADRATIC_DISCOUNT = float(os.environ.get("MMM4REC_QUADRATIC_DISCOUNT", "0.75"))
 FORCED_CROSSOVER = int(os.environ["MMM4REC_QUADRATIC_MAX_L"]) if os.environ.get("MMM4REC_QUADRATIC_MAX_L") else None
 # Chunk length the GPU cost model assumes for the chunked path.
 COST_CHUNK = 64
-# CPU table: (P + n, longest L where the native quadratic scan measured no slower than the chunked einsums), fp32
-# fwd+bwd, 1 thread, 8192 tokens (benchmarks/bench_cpu_crossover.py; values recorded in benchmarks/RESULTS.md).
-# Between the points the crossover is interpolated linearly in P + n; outside them it is clamped.  Re-measured with
-# the row-blocked native scan (2026-12-06, --reps 3, lengths 64..512 by 64): quadratic / chunked 0.94 at L 256 and
-# 1.24 at 320 (H 4, P 16, n 16); 0.98 at 320 and 1.63 at 384 (H 2, P 64, n 64).  Was ((32, 140), (128, 210)).
-CPU_CROSSOVER = ((32, 256), (128, 320))
-# CPU inference (no autograd): TimeAwareSSD's native inference path (quadratic form, modules/layer_cpu.py) runs up to
-# this longest length under path="auto".  Measured against the general path's chunked einsums, eval, 1 thread,
-# for_recsys(64) (P 32, n 16), b 8: time ratio 0.33 at L 200, 0.54 at 400, 1.55 at 800; b 64, L 400: 0.46 (CPU box,
-# 2026-12-06, benchmarks/bench_layer_vs_attention.py --infer-crossover --reps 5; recorded in benchmarks/RESULTS.md).
-CPU_INFER_MAX_LEN = 512
+# CPU tables, one per class of CPU (its vendor: where the native scan and torch's einsums measured different speeds
+# relative to each other), each (CPU_CROSSOVER, CPU_INFER_MAX_LEN); values and commands in benchmarks/RESULTS.md.
+#   CPU_CROSSOVER: (P + n, longest L where the native quadratic scan measured no slower than the chunked einsums), fp32
+#     fwd+bwd, 1 thread, 8192 tokens (benchmarks/bench_cpu_crossover.py); between the points interpolated linearly in
+#     P + n, clamped outside them.
+#   CPU_INFER_MAX_LEN: under no_grad, TimeAwareSSD's native inference path (quadratic form, modules/layer_cpu.py) runs
+#     up to this longest length with path="auto" (benchmarks/bench_layer_vs_attention.py --infer-crossover: eval,
+#     1 thread, for_recsys(64), b 8).
+# GenuineIntel (the 2-vCPU Xeon AVX-512 box, 2026-12-06): quadratic / chunked 0.94 at L 256, 1.24 at 320 (H 4, P 16,
+#   n 16); 0.98 at 320, 1.63 at 384 (H 2, P 64, n 64); inference 0.54 at L 400, 1.55 at 800.
+# AuthenticAMD (the 2-vCPU EPYC Zen 5 box, 2026-12-07): 0.88 at L 1024, 1.36 at 1536 (P 16, n 16); 0.93 at 768
+#   (P 64, n 64); inference 0.72 at L 1600, 0.97 at 2400.
+# Other CPUs take the Intel table (the shorter lengths: the native scan is the one measured everywhere);
+# MMM4REC_CPU_CLASS=<a key> picks a table by hand (run the two benchmarks above to see which fits).
+CPU_TABLES = {
+    "GenuineIntel": (((32, 256), (128, 320)), 512),
+    "AuthenticAMD": (((32, 1024), (128, 768)), 2048),
+}
+CPU_DEFAULT_CLASS = "GenuineIntel"
+
+
+def cpu_vendor() -> str:
+    """This CPU's vendor_id (/proc/cpuinfo: 'GenuineIntel', 'AuthenticAMD', ...); '' where none is readable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_class(vendor: str, env: str | None = None) -> str:
+    """The CPU_TABLES key for a CPU of `vendor`: `env` (MMM4REC_CPU_CLASS) if set, else the vendor's own table, else
+    CPU_DEFAULT_CLASS."""
+    if env:
+        if env not in CPU_TABLES:
+            raise ValueError(f"MMM4REC_CPU_CLASS={env!r}: expected one of {', '.join(CPU_TABLES)}")
+        return env
+    return vendor if vendor in CPU_TABLES else CPU_DEFAULT_CLASS
+
+
+CPU_CLASS = cpu_class(cpu_vendor(), os.environ.get("MMM4REC_CPU_CLASS"))
+CPU_CROSSOVER, CPU_INFER_MAX_LEN = CPU_TABLES[CPU_CLASS]
 # Per (device class, path): which fused GPU backend measured faster.  Empty until GPU measurements land in
 # benchmarks/RESULTS.md; then e.g. {("H100", "quadratic"): "cuda"}.
 MEASURED_FASTEST: dict = {}
@@ -185,7 +220,7 @@ def _auto_path(L, P, n, dtype, device, has_states, why):
         rule = f"MMM4REC_QUADRATIC_MAX_L={FORCED_CROSSOVER}"
     elif _native_cpu(device, dtype):
         L_star, table = cpu_crossover_length(P, n), "cpu-measured"
-        rule = "CPU table: native quadratic scan vs chunked einsums (benchmarks/bench_cpu_crossover.py)"
+        rule = f"CPU table {CPU_CLASS}: native quadratic scan vs chunked einsums (benchmarks/bench_cpu_crossover.py)"
     else:
         L_star, table = crossover_length(P, n), "gpu-cost-model"
         rule = f"cost model: {QUADRATIC_DISCOUNT}*L^2(P+n) vs LQ(P+n)+4LPn, P={P} n={n} Q={COST_CHUNK}"

@@ -1,4 +1,8 @@
 """Public API: argument checks, dispatch, layouts, and the torch backend against the float64 recurrence and mamba_ssm."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -128,6 +132,42 @@ def test_auto_path_on_cpu_follows_the_measured_table(P, n, native_cpu):
         t = make(L=L, b=1, H=1, P=P, G=1, n=n, dtype=torch.float32)
         e = mk.explain(t["x"], t["dt"], t["A"], t["B"], t["C"])
         assert (e["path"], e["backend"], e["table"]) == (path, "torch", "cpu-measured"), (P, n, L, e)
+
+
+def test_cpu_table_follows_the_cpu_class():
+    """One measured CPU table per CPU vendor; other vendors (ARM: no vendor_id) take the default, the shorter; the
+    environment picks one by name and a name without a table is refused naming the variable."""
+    from mmm4rec_kernels import dispatch
+    assert dispatch.cpu_class("AuthenticAMD") == "AuthenticAMD"
+    assert dispatch.cpu_class("GenuineIntel") == "GenuineIntel"
+    assert dispatch.cpu_class("") == dispatch.cpu_class("HygonGenuine") == dispatch.CPU_DEFAULT_CLASS
+    assert dispatch.cpu_class("GenuineIntel", "AuthenticAMD") == "AuthenticAMD"
+    with pytest.raises(ValueError, match="MMM4REC_CPU_CLASS='zen5'"):
+        dispatch.cpu_class("AuthenticAMD", "zen5")
+    assert dispatch.CPU_CLASS == dispatch.cpu_class(dispatch.cpu_vendor(), os.environ.get("MMM4REC_CPU_CLASS"))
+    assert (dispatch.CPU_CROSSOVER, dispatch.CPU_INFER_MAX_LEN) == dispatch.CPU_TABLES[dispatch.CPU_CLASS]
+    default = dispatch.CPU_TABLES[dispatch.CPU_DEFAULT_CLASS][0]
+    assert all(w == dw and L >= dL for (w, L), (dw, dL) in zip(dispatch.CPU_CROSSOVER, default))
+
+
+@pytest.mark.parametrize("cls", ["GenuineIntel", "AuthenticAMD"])
+def test_cpu_class_from_the_environment_reaches_explain(cls):
+    """MMM4REC_CPU_CLASS picks the table that explain() names and whose length it compares (a fresh process: the
+    table is read at import)."""
+    code = ("import torch, mmm4rec_kernels as mk\n"
+            "from mmm4rec_kernels import dispatch\n"
+            "L = mk.cpu_crossover_length(16, 16) + 1\n"
+            "t = [torch.randn(1, L, 1, 16), torch.rand(1, L, 1), -torch.rand(1), torch.randn(1, L, 1, 16),\n"
+            "     torch.randn(1, L, 1, 16)]\n"
+            "print(dispatch.CPU_CLASS, L - 1, mk.explain(*t)['path'])\n")
+    env = dict(os.environ, MMM4REC_CPU_CLASS=cls, MMM4REC_CPP_NODES="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from mmm4rec_kernels import dispatch
+    got_cls, got_L, got_path = out.stdout.split()
+    assert got_cls == cls and int(got_L) == dispatch.CPU_TABLES[cls][0][0][1]
+    if native.library() is not None:                      # the measured table decides only with the native kernels
+        assert got_path == "chunked"
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import cpu as native
-from ..dispatch import CPU_INFER_MAX_LEN, cpu_crossover_length
+from ..dispatch import CPU_CLASS, CPU_INFER_MAX_LEN, cpu_crossover_length
 from .time_encoding import CausalTimeEncoding
 
 logger = logging.getLogger("mmm4rec_kernels")
@@ -59,7 +59,7 @@ def reason_not_covered(layer, hidden, lengths, return_state, times=None) -> str 
     if layer.path == "auto" and hidden.shape[1] > limit:
         longest = hidden.shape[1] if lengths is None or not lengths.numel() else int(lengths.max())
         if longest > limit:
-            table = "CPU_CROSSOVER" if training else "CPU_INFER_MAX_LEN"
+            table = f"{'CPU_CROSSOVER' if training else 'CPU_INFER_MAX_LEN'} of the {CPU_CLASS} table"
             return f"longest sequence {longest} > {limit} ({table}: chunked is faster there)"
     if not native.available():
         return "no native library"
