@@ -213,7 +213,8 @@ def test_packed_batch_dispatches_on_the_longest_sequence():
 
 
 def test_padded_batch_dispatches_on_the_longest_length():
-    inp = make32(b=2, L=QUADRATIC_MAX_LEN + 44, H=1, P=2, n=2, seed=6)
+    L = max(QUADRATIC_MAX_LEN, mk.cpu_crossover_length(2, 2)) + 44      # past both tables (the CPU one by CPU class)
+    inp = make32(b=2, L=L, H=1, P=2, n=2, seed=6)
     args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
     lengths = torch.tensor([12, 30])
     assert mk.explain(*args)["path"] == "chunked"
