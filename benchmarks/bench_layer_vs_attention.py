@@ -12,7 +12,7 @@ uses it. Ours: TimeAwareSSD.for_recsys(d_model) with timestamps and lengths (rig
 repetitions (both see the same machine state); the ratio is ours / attention.
 --profile B,L prints where our time goes for one call (torch.profiler, top ops by self CPU time).
 --infer-crossover times our eval call on the CPU inference path (quadratic form, modules/layer_cpu.py) against the
-general path's chunked form at longer L: the data behind dispatch.CPU_INFER_MAX_LEN.
+general path's chunked form at longer L (--infer-shapes 8,1600 8,2400: others): the data behind CPU_INFER_MAX_LEN.
 Under no_grad on CPU our layer takes the inference path (4 torch ops + 3 native calls) up to that length; training
 calls take the general path (torch backend: native conv, native quadratic scan up to dispatch.CPU_CROSSOVER,
 native gated RMSNorm).
@@ -141,6 +141,8 @@ def main():
     ap.add_argument("--modes", default="eval,train")
     ap.add_argument("--profile", default=None, metavar="B,L")
     ap.add_argument("--infer-crossover", action="store_true", help="inference path vs chunked at longer L")
+    ap.add_argument("--infer-shapes", nargs="+", default=["8,200", "8,400", "8,800", "64,400"], metavar="B,L",
+                    help="the (batch, length) pairs of --infer-crossover")
     ap.add_argument("--retain-freed-memory", action="store_true",
                     help="glibc keeps freed memory for reuse, as `mmm4rec` training does (both models gain)")
     a = ap.parse_args()
@@ -148,7 +150,7 @@ def main():
     import mmm4rec_kernels.cpu as native
     allocator = native.retain_freed_memory() if a.retain_freed_memory else "glibc's default malloc"
     if a.infer_crossover:
-        infer_crossover(a.d_model, a.reps)
+        infer_crossover(a.d_model, a.reps, [tuple(map(int, x.split(","))) for x in a.infer_shapes])
         return
     if a.profile:
         b, L = map(int, a.profile.split(","))
