@@ -159,15 +159,16 @@ def test_cpu_class_from_the_environment_reaches_explain(cls):
             "L = mk.cpu_crossover_length(16, 16) + 1\n"
             "t = [torch.randn(1, L, 1, 16), torch.rand(1, L, 1), -torch.rand(1), torch.randn(1, L, 1, 16),\n"
             "     torch.randn(1, L, 1, 16)]\n"
-            "print(dispatch.CPU_CLASS, L - 1, mk.explain(*t)['path'])\n")
+            "e = mk.explain(*t)\n"
+            "print(dispatch.CPU_CLASS, L - 1, e['path'], e['reason'].count('CPU table ' + dispatch.CPU_CLASS))\n")
     env = dict(os.environ, MMM4REC_CPU_CLASS=cls, MMM4REC_CPP_NODES="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     from mmm4rec_kernels import dispatch
-    got_cls, got_L, got_path = out.stdout.split()
+    got_cls, got_L, got_path, named = out.stdout.split()
     assert got_cls == cls and int(got_L) == dispatch.CPU_TABLES[cls][0][0][1]
     if native.library() is not None:                      # the measured table decides only with the native kernels
-        assert got_path == "chunked"
+        assert (got_path, named) == ("chunked", "1")
 
 
 @pytest.mark.parametrize("bad,match", [
