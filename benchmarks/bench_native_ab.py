@@ -94,8 +94,10 @@ def main():
         t = alternate(calls, max(1, int(2e6 / (b * L * L * H))), args.rounds)
         med = {key: statistics.median(v) for key, v in t.items()}
         ratio = [statistics.median([nw / od for nw, od in zip(t["new", d], t["old", d])]) for d in (0, 1)]
-        floor = "–" if PAIRS else \
-            f'{statistics.median([(n0 + n1) / f for n0, n1, f in zip(t["new", 0], t["new", 1], t["floor", 0])]):.2f}'
+        floor = "–"                          # pair mode times no floor
+        if not PAIRS:
+            per_round = [(n0 + n1) / f for n0, n1, f in zip(t["new", 0], t["new", 1], t["floor", 0])]
+            floor = f"{statistics.median(per_round):.2f}"
         print(f"| {shape} | {med['new', 0]:.3f} / {med['old', 0]:.3f} | {med['new', 1]:.3f} / {med['old', 1]:.3f} | "
               f"{ratio[0]:.2f} | {ratio[1]:.2f} | {floor} |", flush=True)
     if args.conv != ["none"]:

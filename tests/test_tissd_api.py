@@ -9,6 +9,7 @@ import torch
 import mmm4rec_kernels.cpu as native
 
 import mmm4rec_kernels as mk
+from mmm4rec_kernels import dispatch
 from mmm4rec_kernels import reference as ref
 from mmm4rec_kernels.limits import QUADRATIC_MAX_LEN
 from benchmarks._rivals import load_mamba_module
@@ -137,7 +138,6 @@ def test_auto_path_on_cpu_follows_the_measured_table(P, n, native_cpu):
 def test_cpu_table_follows_the_cpu_class():
     """One measured CPU table per CPU vendor; other vendors (ARM: no vendor_id) take the default, the shorter; the
     environment picks one by name and a name without a table is refused naming the variable."""
-    from mmm4rec_kernels import dispatch
     assert dispatch.cpu_class("AuthenticAMD") == "AuthenticAMD"
     assert dispatch.cpu_class("GenuineIntel") == "GenuineIntel"
     assert dispatch.cpu_class("") == dispatch.cpu_class("HygonGenuine") == dispatch.CPU_DEFAULT_CLASS
@@ -164,7 +164,6 @@ def test_cpu_class_from_the_environment_reaches_explain(cls):
     env = dict(os.environ, MMM4REC_CPU_CLASS=cls, MMM4REC_CPP_NODES="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    from mmm4rec_kernels import dispatch
     got_cls, got_L, got_path, named = out.stdout.split()
     assert got_cls == cls and int(got_L) == dispatch.CPU_TABLES[cls][0][0][1]
     if native.library() is not None:                      # the measured table decides only with the native kernels
