@@ -102,10 +102,10 @@ def cpp_nodes(native_cpu):
 
 
 @pytest.fixture
-def python_nodes(native_cpu, monkeypatch):
+def python_nodes(native_cpu):
     """The eager CPU calls use their Python autograd nodes (ops._ConvCPU, torch_backend._TiSSDCPU) during the test,
     whether or not the C++ ones are loaded."""
     from mmm4rec_kernels.cpu import nodes
     nodes.get()                                  # (a first call decides the nodes' status; then set them aside)
-    monkeypatch.setattr(nodes, "_module", None)
-    return native_cpu
+    with nodes.python_nodes():
+        yield native_cpu
